@@ -1,0 +1,7 @@
+//! Audio in and out: WAV files, resampling, μ-law coding and signal measurements.
+//! No tensors here: everything is plain `f32` samples or `u8` codes.
+
+pub mod analysis;
+pub mod mulaw;
+pub mod resample;
+pub mod wav;

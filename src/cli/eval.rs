@@ -1,0 +1,108 @@
+//! `wavegen eval` and `wavegen info`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use wavegen::models::ModelConfig;
+use wavegen::tasks::{eval, info};
+
+use super::report::Bars;
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// WAV files or folders of them.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Label to condition on (for models trained with --labels).
+    #[arg(long)]
+    label: Option<String>,
+    /// Print per-file and total bits per sample as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Checkpoint directory.
+    #[arg(required_unless_present = "checkpoint")]
+    dir: Option<PathBuf>,
+    /// Checkpoint directory (the same as the positional argument).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Print everything as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    let mut bars = Bars::new(0, a.json);
+    let report = eval::eval(&a.checkpoint, &a.paths, a.label.as_deref(), &mut bars);
+    bars.finish();
+    let report = report?;
+    if a.json {
+        super::print_json(&report)?;
+    } else {
+        for f in &report.files {
+            println!(
+                "{:.4}\t{}\t{}",
+                f.bits_per_sample,
+                f.samples,
+                f.path.display()
+            );
+        }
+        println!(
+            "{:.4}\t{}\ttotal (bits/sample, samples)",
+            report.bits_per_sample, report.samples
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
+    let dir = a
+        .checkpoint
+        .or(a.dir)
+        .expect("invariant: clap requires one");
+    let i = info(&dir)?;
+    if a.json {
+        super::print_json(&i)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let m = &i.manifest;
+    let ModelConfig::Wavenet(cfg) = &m.model;
+    println!("checkpoint      {}", dir.display());
+    println!("model           WaveNet: {cfg:?}");
+    println!("parameters      {}", i.parameters);
+    if let Some(audio) = &m.audio {
+        println!(
+            "receptive field {} samples ({:.1} ms at {} Hz)",
+            i.receptive_field_samples, i.receptive_field_ms, audio.settings.sample_rate
+        );
+        println!(
+            "data            {} ({} training files, {} validation files{})",
+            audio.train_dir.display(),
+            audio.train_files.len(),
+            audio.val_files.len(),
+            audio
+                .val_dir
+                .as_ref()
+                .map_or(String::new(), |d| format!(" from {}", d.display()))
+        );
+        if !audio.labels.is_empty() {
+            println!("labels          {}", audio.labels.join(", "));
+        }
+    }
+    println!(
+        "trained         {} steps, {:.0} s, {} samples",
+        m.state.step, m.state.seconds, m.state.tokens_seen
+    );
+    match i.last_val_bits_per_sample {
+        Some(b) => println!("validation NLL  {b:.4} bits/sample (last evaluation)"),
+        None => println!("validation NLL  - (never evaluated)"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,68 @@
+//! The command line: clap definitions and one `run` that dispatches to the library. Files in
+//! this folder parse, validate and resolve defaults, then call one function of
+//! `wavegen::tasks`; they hold no model code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod eval;
+mod generate;
+mod report;
+mod train;
+
+/// Autoregressive generative models of audio (WaveNet) and images, on the CPU.
+#[derive(Debug, Parser)]
+#[command(name = "wavegen", version, about, long_about = None)]
+pub struct Cli {
+    /// Threads for tensor operations (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a WaveNet on a folder of WAV files (any rate, depth, channels).
+    Train(train::TrainArgs),
+    /// Generate audio from a checkpoint and write it as WAV.
+    Generate(generate::GenerateArgs),
+    /// Score WAV files under a checkpoint: NLL in bits per sample.
+    Eval(eval::EvalArgs),
+    /// Describe a checkpoint: config, parameters, receptive field, training.
+    Info(eval::InfoArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(n) = cli.threads {
+        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        // candle's CPU kernels use the global rayon pool, sized from this variable when first used.
+        // SAFETY: set before any other thread exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run_eval(args),
+        Command::Info(args) => eval::run_info(args),
+    }
+}
+
+/// The data folder: `--data`, else `$WAVEGEN_DATA`, else `datasets/`.
+pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("WAVEGEN_DATA").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("datasets"))
+}
+
+/// Prints a summary as one JSON object on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! Progress bars (indicatif, on stderr) for the library's [`Reporter`].
+
+use indicatif::{ProgressBar, ProgressStyle};
+use wavegen::core::train::Event;
+use wavegen::tasks::Reporter;
+
+/// Draws one bar per phase and a training bar with loss and throughput.
+pub struct Bars {
+    bar: Option<(String, ProgressBar)>,
+    train_bar: Option<ProgressBar>,
+    total_steps: u64,
+    quiet: bool,
+}
+
+impl Bars {
+    /// A reporter for a run of `total_steps` training steps (0 if not training). `quiet`
+    /// hides notes and bars (for `--json`).
+    pub fn new(total_steps: u64, quiet: bool) -> Self {
+        Bars {
+            bar: None,
+            train_bar: None,
+            total_steps,
+            quiet,
+        }
+    }
+
+    fn println(&self, line: &str) {
+        match (&self.train_bar, &self.bar) {
+            (Some(b), _) | (None, Some((_, b))) if !b.is_hidden() => b.println(line),
+            _ => eprintln!("{line}"),
+        }
+    }
+
+    /// Removes any bar.
+    pub fn finish(&mut self) {
+        if let Some((_, b)) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        if let Some(b) = self.train_bar.take() {
+            b.finish();
+        }
+    }
+}
+
+impl Reporter for Bars {
+    fn note(&mut self, message: &str) {
+        if !self.quiet {
+            self.println(message);
+        }
+    }
+
+    fn progress(&mut self, phase: &str, done: u64, total: u64) {
+        if self.quiet {
+            return;
+        }
+        if self.bar.as_ref().is_none_or(|(p, _)| p != phase) {
+            if let Some((_, b)) = self.bar.take() {
+                b.finish_and_clear();
+            }
+            let b = ProgressBar::new(total).with_prefix(phase.to_string());
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+                )
+                .expect("invariant: valid template")
+                .progress_chars("=> "),
+            );
+            self.bar = Some((phase.to_string(), b));
+        }
+        let (_, b) = self.bar.as_ref().expect("invariant: just set");
+        b.set_position(done);
+        if done >= total {
+            b.finish_and_clear();
+            self.bar = None;
+        }
+    }
+
+    fn train_event(&mut self, event: &Event) {
+        if self.quiet {
+            return;
+        }
+        let bar = self.train_bar.get_or_insert_with(|| {
+            let b = ProgressBar::new(self.total_steps).with_prefix("training");
+            b.set_style(
+                ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                    .expect("invariant: valid template")
+                    .progress_chars("=> "),
+            );
+            b
+        });
+        match event {
+            Event::Step {
+                step,
+                loss,
+                lr,
+                tokens_per_second,
+                ..
+            } => {
+                bar.set_position(*step);
+                bar.set_message(format!(
+                    "loss {:.3} bits  lr {lr:.1e}  {:.0} samples/s",
+                    loss / std::f64::consts::LN_2,
+                    tokens_per_second
+                ));
+            }
+            Event::Eval(e) => {
+                let line = format!(
+                    "step {:>6}  train {:.4} bits/sample  val {:.4} bits/sample  ({:.0} s)",
+                    e.step,
+                    e.train_nats / std::f64::consts::LN_2,
+                    e.val_nats / std::f64::consts::LN_2,
+                    e.seconds
+                );
+                if bar.is_hidden() {
+                    eprintln!("{line}")
+                } else {
+                    bar.println(line)
+                }
+            }
+            Event::Saved { .. } => {}
+        }
+    }
+}

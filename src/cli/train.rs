@@ -1,0 +1,215 @@
+//! `wavegen train`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Args, ValueEnum};
+use wavegen::core::optim::AdamWConfig;
+use wavegen::core::train::TrainConfig;
+use wavegen::data::wav_folder::AudioSettings;
+use wavegen::models::wavenet;
+use wavegen::tasks::train::{TrainOptions, train};
+
+use super::report::Bars;
+
+/// Named model sizes.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Preset {
+    /// 4 layers, 8 channels: 50 steps in seconds (smoke tests).
+    Tiny,
+    /// 2 cycles of 10 layers, 32 residual/gate and 128 skip/head channels.
+    Default,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Folder of WAV files, searched recursively [default: DATA/fsdd/recordings].
+    dir: Option<PathBuf>,
+    /// Checkpoint directory to write (model.safetensors, optimizer.safetensors, config.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the checkpoint in --out (weights, optimizer, step, data position).
+    #[arg(long)]
+    resume: bool,
+    /// Model size; the flags below override single settings.
+    #[arg(long, value_enum, default_value = "default")]
+    preset: Preset,
+    /// Train until this many steps in total [default: 2000, tiny: 50].
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Stop after this many minutes of this run (a checkpoint is written on stopping).
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Length of the cosine learning-rate decay in steps [default: --steps].
+    #[arg(long)]
+    decay_steps: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Windows per batch [default: 8, tiny: 4].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Target samples per window (each window also carries the receptive field as context)
+    /// [default: 2048, tiny: 256].
+    #[arg(long)]
+    window: Option<usize>,
+    /// Fraction of the files held out for validation (chosen from the file names).
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Use this folder for validation instead of holding files out.
+    #[arg(long)]
+    val_dir: Option<PathBuf>,
+    /// Validation windows per evaluation.
+    #[arg(long, default_value_t = 48)]
+    val_windows: usize,
+    /// Evaluate every N steps [default: 100, tiny: 25].
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Checkpoint every N steps [default: 100, tiny: 25].
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Condition on a label: the name of each file's first-level subfolder.
+    #[arg(long)]
+    labels: bool,
+    /// Model sample rate in Hz (files are resampled to it).
+    #[arg(long, default_value_t = 16000)]
+    sample_rate: u32,
+    /// Trim leading/trailing audio quieter than this many dB below the file's peak.
+    #[arg(long, default_value_t = 40.0)]
+    trim_db: f32,
+    /// Layers per dilation cycle (dilations 1, 2, 4, …).
+    #[arg(long)]
+    layers_per_cycle: Option<usize>,
+    /// Dilation cycles.
+    #[arg(long)]
+    cycles: Option<usize>,
+    /// Width of the dilated convolutions.
+    #[arg(long)]
+    kernel_width: Option<usize>,
+    /// Residual channels.
+    #[arg(long)]
+    residual_channels: Option<usize>,
+    /// Gate channels.
+    #[arg(long)]
+    gate_channels: Option<usize>,
+    /// Skip channels.
+    #[arg(long)]
+    skip_channels: Option<usize>,
+    /// Head channels.
+    #[arg(long)]
+    head_channels: Option<usize>,
+    /// Seed of the initial weights and of the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Data folder for the default dataset [env: WAVEGEN_DATA; default: datasets].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Where decoded corpora are cached [env: WAVEGEN_CACHE; default: ~/.cache/wavegen].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Print the final summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn cache_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("WAVEGEN_CACHE").map(PathBuf::from))
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("wavegen")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/wavegen")))
+        .unwrap_or_else(|| std::env::temp_dir().join("wavegen-cache"))
+}
+
+pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    let tiny = matches!(a.preset, Preset::Tiny);
+    let mut model = if tiny {
+        wavenet::Config::tiny()
+    } else {
+        wavenet::Config::default()
+    };
+    let overrides = [
+        (&mut model.layers_per_cycle, a.layers_per_cycle),
+        (&mut model.cycles, a.cycles),
+        (&mut model.kernel_width, a.kernel_width),
+        (&mut model.residual_channels, a.residual_channels),
+        (&mut model.gate_channels, a.gate_channels),
+        (&mut model.skip_channels, a.skip_channels),
+        (&mut model.head_channels, a.head_channels),
+    ];
+    for (field, value) in overrides {
+        if let Some(v) = value {
+            *field = v;
+        }
+    }
+    let steps = a.steps.unwrap_or(if tiny { 50 } else { 2000 });
+    let every = if tiny { 25 } else { 100 };
+    let train_cfg = TrainConfig {
+        max_steps: steps,
+        max_minutes: a.minutes,
+        lr: a.lr,
+        min_lr: a.lr / 20.0,
+        warmup_steps: (steps / 50).clamp(1, 200),
+        decay_steps: a.decay_steps.unwrap_or(steps),
+        adamw: AdamWConfig::default(),
+        eval_every: a.eval_every.unwrap_or(every),
+        checkpoint_every: a.checkpoint_every.unwrap_or(every),
+    };
+    let opts = TrainOptions {
+        data_dir: a
+            .dir
+            .unwrap_or_else(|| super::data_dir(a.data).join("fsdd/recordings")),
+        val_dir: a.val_dir,
+        val_fraction: a.val_fraction,
+        out: a.out,
+        resume: a.resume,
+        model,
+        labels: a.labels,
+        audio: AudioSettings {
+            sample_rate: a.sample_rate,
+            trim_db: a.trim_db,
+            ..AudioSettings::default()
+        },
+        train: train_cfg,
+        window: a.window.unwrap_or(if tiny { 256 } else { 2048 }),
+        batch_size: a.batch_size.unwrap_or(if tiny { 4 } else { 8 }),
+        max_val_windows: a.val_windows,
+        seed: a.seed,
+        cache_dir: cache_dir(a.cache_dir),
+    };
+    // First Ctrl-C: finish the step, evaluate, write the checkpoint, exit. Second: exit now
+    // (checkpoint files are written atomically, so nothing is left half-written).
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step (Ctrl-C again to quit at once)");
+    })?;
+    let mut bars = Bars::new(steps, a.json);
+    let summary = train(&opts, &mut bars, &STOP);
+    bars.finish();
+    let summary = summary?;
+    if a.json {
+        super::print_json(&summary)?;
+    } else {
+        println!(
+            "{} steps ({:?}), validation {} bits/sample (best {}), {:.0} s of training; checkpoint in {}",
+            summary.steps,
+            summary.stopped,
+            summary
+                .val_bits_per_sample
+                .map_or("-".into(), |b| format!("{b:.4}")),
+            summary
+                .best_val_bits_per_sample
+                .map_or("-".into(), |b| format!("{b:.4}")),
+            summary.seconds,
+            summary.checkpoint.display()
+        );
+    }
+    Ok(if STOP.load(Ordering::SeqCst) {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,161 @@
+//! Properties every model of the core must have, written once and run over every model by the
+//! tests: causality, cached stepping equal to the parallel pass, and gradients equal to finite
+//! differences (candle 0.11 computes some gradients wrongly on the CPU, so each model's
+//! formulation is checked, at batch ≥ 2).
+
+use candle_core::{DType, Device, Tensor};
+
+use super::params::Params;
+use super::{Autoregressive, masked_nll};
+use crate::Result;
+use crate::rng::Rng;
+
+/// Random tokens `(B, T)` in `0..vocab`.
+pub fn random_tokens(batch: usize, len: usize, vocab: usize, rng: &mut Rng) -> Result<Tensor> {
+    let v: Vec<u32> = (0..batch * len).map(|_| rng.below(vocab) as u32).collect();
+    Ok(Tensor::from_vec(v, (batch, len), &Device::Cpu)?)
+}
+
+fn to_rows(t: &Tensor) -> Result<Vec<Vec<Vec<f64>>>> {
+    Ok(t.to_dtype(DType::F64)?.to_vec3::<f64>()?)
+}
+
+/// Changes the token at each position t in turn and checks that no logit at a position ≤ t
+/// moves, while the logits at t + 1 do (so the check cannot pass on a model that ignores its
+/// input). Returns a description of the first violation.
+pub fn causality<M: Autoregressive>(
+    model: &M,
+    tokens: &Tensor,
+    labels: Option<&Tensor>,
+) -> Result<std::result::Result<(), String>> {
+    let (_b, len) = tokens.dims2()?;
+    let base = to_rows(&model.forward(tokens, labels)?)?;
+    let mut rows = tokens.to_vec2::<u32>()?;
+    let mut moved_next = 0;
+    for t in 0..len {
+        let old = rows[0][t];
+        rows[0][t] = (old + 1) % model.vocab_size() as u32;
+        let changed = Tensor::new(rows.clone(), &Device::Cpu)?;
+        let out = to_rows(&model.forward(&changed, labels)?)?;
+        rows[0][t] = old;
+        for s in 0..=t {
+            let diff = max_abs_diff(&base[0][s], &out[0][s]);
+            if diff > 0.0 {
+                return Ok(Err(format!(
+                    "changing token {t} changed the logits at position {s} by {diff:e}"
+                )));
+            }
+        }
+        if t + 1 < len && max_abs_diff(&base[0][t + 1], &out[0][t + 1]) > 0.0 {
+            moved_next += 1;
+        }
+        for other in 1..base.len() {
+            if max_abs_diff(&base[other][t], &out[other][t]) > 0.0 {
+                return Ok(Err(format!("changing sequence 0 changed sequence {other}")));
+            }
+        }
+    }
+    if moved_next == 0 && len > 1 {
+        return Ok(Err(
+            "no logit depends on the previous token: the check would be vacuous".into(),
+        ));
+    }
+    Ok(Ok(()))
+}
+
+/// The largest absolute difference between the parallel logits and those of the stepper fed
+/// the same tokens.
+pub fn stepper_vs_forward<M: Autoregressive>(
+    model: &M,
+    tokens: &Tensor,
+    labels: Option<&Tensor>,
+) -> Result<f64> {
+    let (b, len) = tokens.dims2()?;
+    let full = to_rows(&model.forward(tokens, labels)?)?;
+    let rows = tokens.to_vec2::<u32>()?;
+    let mut state = model.start(b, labels)?;
+    let mut worst: f64 = 0.0;
+    for t in 0..len {
+        let prev = if t == 0 {
+            None
+        } else {
+            Some(Tensor::new(
+                rows.iter().map(|r| r[t - 1]).collect::<Vec<u32>>(),
+                &Device::Cpu,
+            )?)
+        };
+        let step = model
+            .step(&mut state, prev.as_ref())?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?;
+        for i in 0..b {
+            worst = worst.max(max_abs_diff(&step[i], &full[i][t]));
+        }
+    }
+    Ok(worst)
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Compares the gradient of the mean NLL with central finite differences at `per_tensor`
+/// random entries of every parameter (the model must be built in f64 from `params`).
+/// Returns the largest relative error, |g − g_fd| / max(1e-6, |g| + |g_fd|)... as (name, error).
+pub fn gradient_check<M: Autoregressive>(
+    model: &M,
+    params: &Params,
+    tokens: &Tensor,
+    mask: &Tensor,
+    labels: Option<&Tensor>,
+    per_tensor: usize,
+    rng: &mut Rng,
+) -> Result<(String, f64)> {
+    let loss_of = || -> Result<f64> {
+        let logits = model.forward(tokens, labels)?;
+        Ok(masked_nll(&logits, tokens, mask)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
+    };
+    let logits = model.forward(tokens, labels)?;
+    let grads = masked_nll(&logits, tokens, mask)?.backward()?;
+    let eps = 1e-6;
+    let mut worst = (String::new(), 0.0f64);
+    for (name, var) in params.named() {
+        let shape = var.shape().clone();
+        let analytic = match grads.get(&var) {
+            Some(g) => g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            None => vec![0.0; shape.elem_count()],
+        };
+        let values = var.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for _ in 0..per_tensor {
+            let i = rng.below(values.len());
+            let probe = |delta: f64| -> Result<f64> {
+                let mut v = values.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, shape.clone(), &Device::Cpu)?.to_dtype(var.dtype())?)?;
+                loss_of()
+            };
+            let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
+            var.set(
+                &Tensor::from_vec(values.clone(), shape.clone(), &Device::Cpu)?
+                    .to_dtype(var.dtype())?,
+            )?;
+            let error =
+                (analytic[i] - numeric).abs() / (analytic[i].abs() + numeric.abs()).max(1e-4);
+            if error > worst.1 {
+                worst = (
+                    format!(
+                        "{name}[{i}]: autograd {:e}, finite difference {numeric:e}",
+                        analytic[i]
+                    ),
+                    error,
+                );
+            }
+        }
+    }
+    Ok(worst)
+}

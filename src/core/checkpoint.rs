@@ -1,0 +1,175 @@
+//! Checkpoints: a directory holding
+//! - `model.safetensors`: the weights, named as each model file documents;
+//! - `optimizer.safetensors`: AdamW's moments (`m.NAME`, `v.NAME`), needed only to resume;
+//! - `config.json`: the [`Manifest`] — model config, audio settings, file split, training
+//!   settings and state (step, data generator, log).
+//!
+//! Each file is written atomically, config.json last; both safetensors files record the step
+//! in their metadata, and loading checks it against config.json, so a checkpoint whose writing
+//! was cut short is reported, never silently mixed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamW;
+use super::params::{Params, read_safetensors, safetensors_bytes};
+use super::train::{TrainConfig, TrainState};
+use crate::data::wav_folder::AudioSettings;
+use crate::models::ModelConfig;
+use crate::{Error, Result};
+
+/// The `format` field of every config.json this version writes.
+pub const FORMAT: &str = "wavegen-checkpoint/1";
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const MANIFEST_FILE: &str = "config.json";
+
+/// Where the training audio came from and how it was split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AudioData {
+    /// Resampling, trimming and coding settings (the sample rate is the model's).
+    pub settings: AudioSettings,
+    /// Global-conditioning labels, in the order of their index.
+    pub labels: Vec<String>,
+    /// The training folder.
+    pub train_dir: PathBuf,
+    /// The validation folder, when it is not a split of the training folder.
+    pub val_dir: Option<PathBuf>,
+    /// The fraction of files held out (when `val_dir` is not given).
+    pub val_fraction: f64,
+    /// Training files, relative to `train_dir`.
+    pub train_files: Vec<String>,
+    /// Validation files, relative to `val_dir` or `train_dir`.
+    pub val_files: Vec<String>,
+    /// Target positions per training window (the left context is the receptive field).
+    pub window: usize,
+    /// Windows per batch.
+    pub batch_size: usize,
+    /// Validation windows evaluated during training.
+    pub max_val_windows: usize,
+}
+
+/// The content of config.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// The model and its hyper-parameters.
+    pub model: ModelConfig,
+    /// The seed of the initial weights.
+    pub seed: u64,
+    /// Audio settings and data, for audio models.
+    pub audio: Option<AudioData>,
+    /// Training settings.
+    pub train: TrainConfig,
+    /// Training state.
+    pub state: TrainState,
+    /// AdamW's update count.
+    pub optimizer_steps: u64,
+}
+
+/// Resolves what the user passed as `--checkpoint`: the directory, or a file inside it.
+pub fn resolve_dir(path: &Path) -> PathBuf {
+    let is_member = path
+        .file_name()
+        .is_some_and(|n| n == MANIFEST_FILE || n == MODEL_FILE || n == OPTIMIZER_FILE);
+    if is_member && path.is_file() {
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Reads config.json of the checkpoint directory `dir`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let dir = resolve_dir(dir);
+    if !dir.is_dir() {
+        return Err(Error::checkpoint(
+            &dir,
+            "no such directory (train one with `wavegen train DIR --out DIR`)",
+        ));
+    }
+    let path = dir.join(MANIFEST_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        Error::checkpoint(
+            &dir,
+            format!("cannot read {MANIFEST_FILE} ({e}); is this a wavegen checkpoint directory?"),
+        )
+    })?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        path: path.clone(),
+        source: e,
+    })?;
+    if manifest.format != FORMAT {
+        return Err(Error::checkpoint(
+            &path,
+            format!(
+                "format {:?}, this wavegen reads {FORMAT:?}",
+                manifest.format
+            ),
+        ));
+    }
+    Ok(manifest)
+}
+
+/// Loads the weights of `dir` into `params` (whose model was built from the manifest).
+pub fn load_weights(dir: &Path, manifest: &Manifest, params: &Params) -> Result<()> {
+    let path = resolve_dir(dir).join(MODEL_FILE);
+    let (tensors, meta) = read_safetensors(&path)?;
+    check_step(&path, &meta, manifest)?;
+    params.assign(&tensors, &path)
+}
+
+/// Restores the optimizer moments of `dir`; fails if they are missing (a checkpoint saved
+/// without them cannot be resumed exactly).
+pub fn load_optimizer(dir: &Path, manifest: &Manifest, opt: &mut AdamW) -> Result<()> {
+    let path = resolve_dir(dir).join(OPTIMIZER_FILE);
+    let (tensors, meta) = read_safetensors(&path)?;
+    check_step(&path, &meta, manifest)?;
+    opt.load_state(&tensors, manifest.optimizer_steps)
+        .ok_or_else(|| {
+            Error::checkpoint(
+                &path,
+                "optimizer state does not match the model's parameters",
+            )
+        })
+}
+
+fn check_step(path: &Path, meta: &HashMap<String, String>, manifest: &Manifest) -> Result<()> {
+    match meta.get("step").map(|s| s.parse::<u64>()) {
+        Some(Ok(step)) if step == manifest.state.step => Ok(()),
+        Some(Ok(step)) => Err(Error::checkpoint(
+            path,
+            format!(
+                "holds step {step} but config.json says step {}: the checkpoint was interrupted while being written",
+                manifest.state.step
+            ),
+        )),
+        _ => Ok(()), // written by another tool: nothing to check against
+    }
+}
+
+/// Writes the checkpoint directory `dir`: weights, optimizer (if given), then config.json.
+pub fn save(dir: &Path, manifest: &Manifest, params: &Params, opt: Option<&AdamW>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let meta = || {
+        HashMap::from([
+            ("step".to_string(), manifest.state.step.to_string()),
+            ("format".into(), FORMAT.into()),
+        ])
+    };
+    if let Some(opt) = opt {
+        crate::fsutil::write_bytes_atomically(
+            &dir.join(OPTIMIZER_FILE),
+            &safetensors_bytes(&opt.state_tensors(), meta())?,
+        )?;
+    }
+    crate::fsutil::write_bytes_atomically(
+        &dir.join(MODEL_FILE),
+        &safetensors_bytes(&params.tensors(), meta())?,
+    )?;
+    let json = serde_json::to_vec_pretty(manifest).expect("invariant: plain data serialises");
+    crate::fsutil::write_bytes_atomically(&dir.join(MANIFEST_FILE), &json)
+}

@@ -1,0 +1,86 @@
+//! The generic autoregressive core: every model (WaveNet, and the image models) is a model of
+//! token sequences that gives p(x_t | x_<t) for all t in one parallel pass, and the same
+//! probabilities one step at a time from an incremental state. The trainer, the sampler, the
+//! checkpoints and the property checks are written once against [`Autoregressive`].
+//!
+//! Conventions: tokens are `u32` in `0..vocab_size()`; `logits[b, t]` scores x_t given
+//! x_<t (so the model shifts its input internally); a model may take one global-conditioning
+//! label per sequence.
+
+use candle_core::{D, DType, Tensor};
+
+use crate::Result;
+
+pub mod check;
+pub mod checkpoint;
+pub mod optim;
+pub mod params;
+pub mod sample;
+pub mod train;
+
+/// A model of token sequences.
+pub trait Autoregressive {
+    /// The incremental state of one batch of sequences being generated.
+    type State;
+
+    /// The number of distinct tokens.
+    fn vocab_size(&self) -> usize;
+
+    /// How many previous tokens the logits at t depend on: x_{t−R} … x_{t−1}. `None` when
+    /// they depend on the whole prefix.
+    fn receptive_field(&self) -> Option<usize>;
+
+    /// The number of distinct global-conditioning labels (0: the model takes none).
+    fn num_labels(&self) -> usize {
+        0
+    }
+
+    /// Logits of every position: tokens `(B, T)` u32, labels `(B,)` u32 → `(B, T, V)`, where
+    /// `[b, t]` depends only on `tokens[b, ..t]`.
+    fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor>;
+
+    /// A fresh state for `batch` sequences.
+    fn start(&self, batch: usize, labels: Option<&Tensor>) -> Result<Self::State>;
+
+    /// Advances the state by the previous token of each sequence (`(B,)` u32; `None` at the
+    /// first position) and returns the logits of the next one, `(B, V)`.
+    fn step(&self, state: &mut Self::State, prev: Option<&Tensor>) -> Result<Tensor>;
+}
+
+/// Negative log-likelihood in nats of `tokens` under `logits`, averaged over the positions
+/// where `mask` is 1 (`logits (B, T, V)`, `tokens (B, T)` u32, `mask (B, T)`).
+pub fn masked_nll(logits: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (sum, count) = masked_nll_sum(logits, tokens, mask)?;
+    Ok((sum / count)?)
+}
+
+/// The summed NLL (a scalar tensor) and the number of counted positions.
+pub fn masked_nll_sum(logits: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<(Tensor, f64)> {
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?; // (B, T, V)
+    let picked = log_p
+        .gather(&tokens.unsqueeze(2)?.contiguous()?, 2)?
+        .squeeze(2)?; // (B, T)
+    let mask = mask.to_dtype(picked.dtype())?;
+    let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(((picked * mask)?.sum_all()?.neg()?, count.max(1.0)))
+}
+
+/// The logits of the next token of each history, recomputed from scratch by the parallel
+/// pass over the last `receptive_field` tokens: the slow reference the cached stepper is
+/// compared with (`--naive`). All histories must have the same length.
+pub fn naive_next_logits<M: Autoregressive>(
+    model: &M,
+    histories: &[Vec<u32>],
+    labels: Option<&Tensor>,
+) -> Result<Tensor> {
+    let len = histories.first().map_or(0, |h| h.len());
+    let keep = model.receptive_field().map_or(len, |r| r.min(len));
+    // Any token will do in the last slot: logits at the last position never see it.
+    let rows: Vec<u32> = histories
+        .iter()
+        .flat_map(|h| h[len - keep..].iter().copied().chain([0]))
+        .collect();
+    let tokens = Tensor::from_vec(rows, (histories.len(), keep + 1), &candle_core::Device::Cpu)?;
+    let logits = model.forward(&tokens, labels)?; // (B, keep + 1, V)
+    Ok(logits.narrow(1, keep, 1)?.squeeze(1)?)
+}

@@ -1,0 +1,141 @@
+//! AdamW (Loshchilov & Hutter, 2019) with global-norm gradient clipping. Written here rather
+//! than taken from candle-nn because exact resume needs the moment estimates saved and loaded,
+//! and candle's `AdamW` keeps them private.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::params::Params;
+use crate::Result;
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// β₁, the decay of the first moment.
+    pub beta1: f64,
+    /// β₂, the decay of the second moment.
+    pub beta2: f64,
+    /// ε added to the root of the second moment.
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices only (not to biases or gains).
+    pub weight_decay: f64,
+    /// Gradients are scaled down so their global L2 norm is at most this (0: no clipping).
+    pub grad_clip: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// The optimizer and its state.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+    /// Updates taken so far (for the bias correction).
+    pub t: u64,
+}
+
+impl AdamW {
+    /// Fresh state (zero moments) for every parameter of `params`.
+    pub fn new(params: &Params, cfg: AdamWConfig) -> Result<Self> {
+        let slots = params
+            .named()
+            .into_iter()
+            .map(|(name, var)| {
+                let m = var.zeros_like()?;
+                let v = var.zeros_like()?;
+                Ok(Slot { name, var, m, v })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW { cfg, slots, t: 0 })
+    }
+
+    /// One update with learning rate `lr`; returns the gradient norm before clipping.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<f64> {
+        let mut sq = 0.0;
+        for s in &self.slots {
+            if let Some(g) = grads.get(&s.var) {
+                sq += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+            }
+        }
+        let norm = sq.sqrt();
+        let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
+            self.cfg.grad_clip / norm
+        } else {
+            1.0
+        };
+        self.t += 1;
+        let c = &self.cfg;
+        let (bc1, bc2) = (
+            1.0 - c.beta1.powi(self.t as i32),
+            1.0 - c.beta2.powi(self.t as i32),
+        );
+        for s in &mut self.slots {
+            let Some(g) = grads.get(&s.var) else { continue };
+            // Detached: otherwise each moment would hold the autograd graph of every past step.
+            let g = (g.detach() * scale)?;
+            s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&s.m / bc1)? / ((&s.v / bc2)?.sqrt()? + c.eps)?)?;
+            let decay = if s.var.rank() >= 2 {
+                1.0 - lr * c.weight_decay
+            } else {
+                1.0
+            };
+            let next = ((s.var.as_tensor() * decay)? - (update * lr)?)?;
+            s.var.set(&next)?;
+        }
+        Ok(norm)
+    }
+
+    /// The moment estimates as named tensors (`m.NAME`, `v.NAME`), for the checkpoint.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .flat_map(|s| {
+                [
+                    (format!("m.{}", s.name), s.m.clone()),
+                    (format!("v.{}", s.name), s.v.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Restores the moments saved by [`AdamW::state_tensors`]; `None` if any is missing or
+    /// has the wrong shape.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Option<()> {
+        for s in &mut self.slots {
+            let m = tensors.get(&format!("m.{}", s.name))?;
+            let v = tensors.get(&format!("v.{}", s.name))?;
+            if m.shape() != s.var.shape() || v.shape() != s.var.shape() {
+                return None;
+            }
+            s.m = m.to_dtype(s.var.dtype()).ok()?;
+            s.v = v.to_dtype(s.var.dtype()).ok()?;
+        }
+        self.t = t;
+        Some(())
+    }
+}

@@ -1,0 +1,333 @@
+//! The one training loop, for every model (nanoGPT's shape): set the learning rate → forward
+//! and backward → clip and step → evaluate and checkpoint → log → stop. Resuming from a
+//! checkpoint continues bit for bit: weights, optimizer moments, step, and the generator
+//! that draws the data are all restored.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::{AdamW, AdamWConfig};
+use super::{Autoregressive, masked_nll, masked_nll_sum};
+use crate::data::{Batch, BatchSource};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Settings of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Stop after this many optimizer steps in total (counting those before a resume).
+    pub max_steps: u64,
+    /// Stop after this many minutes of this run, whatever the step.
+    pub max_minutes: Option<f64>,
+    /// Peak learning rate, reached after the warm-up.
+    pub lr: f64,
+    /// Final learning rate, reached at `decay_steps` (cosine decay from `lr`).
+    pub min_lr: f64,
+    /// Linear warm-up from 0 over this many steps.
+    pub warmup_steps: u64,
+    /// Length of the cosine decay; the rate stays at `min_lr` after it.
+    pub decay_steps: u64,
+    /// The optimizer.
+    pub adamw: AdamWConfig,
+    /// Evaluate on the validation batches every this many steps.
+    pub eval_every: u64,
+    /// Write a checkpoint every this many steps (and always at the end).
+    pub checkpoint_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            max_steps: 10_000,
+            max_minutes: None,
+            lr: 2e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            decay_steps: 10_000,
+            adamw: AdamWConfig::default(),
+            eval_every: 250,
+            checkpoint_every: 250,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The learning rate at `step`: linear warm-up, then cosine decay to `min_lr`, then flat.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        // 1) warm-up
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        // 2) after the decay: the floor
+        if step >= self.decay_steps {
+            return self.min_lr;
+        }
+        // 3) in between: cosine from lr down to min_lr
+        let span = (self.decay_steps - self.warmup_steps).max(1) as f64;
+        let progress = (step - self.warmup_steps) as f64 / span;
+        self.min_lr
+            + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (self.lr - self.min_lr)
+    }
+
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return Err(Error::Config(format!(
+                "need 0 ≤ min-lr ≤ lr and lr > 0 (lr {}, min-lr {})",
+                self.lr, self.min_lr
+            )));
+        }
+        if self.eval_every == 0 || self.checkpoint_every == 0 {
+            return Err(Error::Config(
+                "--eval-every and --checkpoint-every must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One line of the training log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Mean training loss (nats per token) since the previous entry.
+    pub train_nats: f64,
+    /// Validation NLL in nats per token.
+    pub val_nats: f64,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// Training seconds so far, over all runs.
+    pub seconds: f64,
+}
+
+/// Everything about a run that changes as it trains (saved in every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Tokens that counted in the loss so far.
+    pub tokens_seen: u64,
+    /// The generator that draws training batches: saving it saves the data position.
+    pub rng: Rng,
+    /// Best validation NLL so far (nats per token).
+    pub best_val_nats: Option<f64>,
+    /// Training seconds so far, over all runs.
+    pub seconds: f64,
+    /// The log: one entry per evaluation.
+    pub history: Vec<LogEntry>,
+}
+
+impl TrainState {
+    /// The state before the first step.
+    pub fn new(seed: u64) -> Self {
+        TrainState {
+            step: 0,
+            tokens_seen: 0,
+            rng: Rng::derived(seed, "data"),
+            best_val_nats: None,
+            seconds: 0.0,
+            history: vec![],
+        }
+    }
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A step finished.
+    Step {
+        /// Steps done.
+        step: u64,
+        /// Its loss, nats per token.
+        loss: f64,
+        /// Its learning rate.
+        lr: f64,
+        /// Gradient norm before clipping.
+        grad_norm: f64,
+        /// Counted tokens per second over this run.
+        tokens_per_second: f64,
+    },
+    /// A validation pass finished.
+    Eval(LogEntry),
+    /// A checkpoint was written.
+    Saved {
+        /// At this step.
+        step: u64,
+    },
+}
+
+/// Why training stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Stop {
+    /// `max_steps` reached.
+    Steps,
+    /// `max_minutes` reached.
+    Time,
+    /// Interrupted (Ctrl-C).
+    Interrupted,
+}
+
+/// The mean NLL (nats per token) of `model` over `batches`.
+pub fn evaluate<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<f64> {
+    let (mut sum, mut count) = (0.0, 0.0);
+    for b in batches {
+        let logits = model.forward(&b.tokens, b.labels.as_ref())?;
+        let (s, c) = masked_nll_sum(&logits, &b.tokens, &b.mask)?;
+        sum += s.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        count += c;
+    }
+    Ok(sum / count.max(1.0))
+}
+
+/// Trains `model` (whose parameters `opt` updates) until a stop condition holds. `save` writes
+/// a checkpoint of the current state; `stop` is raised from outside (Ctrl-C).
+pub fn train<M: Autoregressive>(
+    model: &M,
+    opt: &mut AdamW,
+    data: &mut dyn BatchSource,
+    cfg: &TrainConfig,
+    state: &mut TrainState,
+    save: &mut dyn FnMut(&TrainState, &AdamW) -> Result<()>,
+    observe: &mut dyn FnMut(Event),
+    stop: &AtomicBool,
+) -> Result<Stop> {
+    cfg.validate()?;
+    let val = data.val_batches()?;
+    let started = Instant::now();
+    let seconds_before = state.seconds;
+    let tokens_before = state.tokens_seen;
+    let (mut loss_sum, mut loss_steps, mut lr) = (0.0, 0u64, cfg.lr_at(state.step));
+    let mut evaluated_at = None;
+    let why = loop {
+        // stop?
+        if state.step >= cfg.max_steps {
+            break Stop::Steps;
+        }
+        if stop.load(Ordering::SeqCst) {
+            break Stop::Interrupted;
+        }
+        if cfg
+            .max_minutes
+            .is_some_and(|m| started.elapsed().as_secs_f64() >= m * 60.0)
+        {
+            break Stop::Time;
+        }
+        // learning rate
+        lr = cfg.lr_at(state.step);
+        // forward, backward
+        let batch = data.train_batch(&mut state.rng)?;
+        let logits = model.forward(&batch.tokens, batch.labels.as_ref())?;
+        let loss = masked_nll(&logits, &batch.tokens, &batch.mask)?;
+        let grads = loss.backward()?;
+        let loss = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if !loss.is_finite() {
+            return Err(Error::Config(format!(
+                "the loss became {loss} at step {}: lower --lr",
+                state.step + 1
+            )));
+        }
+        // clip, step
+        let grad_norm = opt.step(&grads, lr)?;
+        state.step += 1;
+        state.tokens_seen += batch.counted_positions()? as u64;
+        state.seconds = seconds_before + started.elapsed().as_secs_f64();
+        loss_sum += loss;
+        loss_steps += 1;
+        let tokens_per_second =
+            (state.tokens_seen - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        observe(Event::Step {
+            step: state.step,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_second,
+        });
+        // evaluate, checkpoint
+        if state.step % cfg.eval_every == 0 {
+            log_eval(
+                model,
+                &val,
+                state,
+                lr,
+                &mut loss_sum,
+                &mut loss_steps,
+                observe,
+            )?;
+            evaluated_at = Some(state.step);
+        }
+        if state.step % cfg.checkpoint_every == 0 {
+            save(state, opt)?;
+            observe(Event::Saved { step: state.step });
+        }
+    };
+    // A final evaluation and checkpoint, unless this very step already had them.
+    if evaluated_at != Some(state.step) && loss_steps > 0 {
+        log_eval(
+            model,
+            &val,
+            state,
+            lr,
+            &mut loss_sum,
+            &mut loss_steps,
+            observe,
+        )?;
+    }
+    save(state, opt)?;
+    observe(Event::Saved { step: state.step });
+    Ok(why)
+}
+
+fn log_eval<M: Autoregressive>(
+    model: &M,
+    val: &[Batch],
+    state: &mut TrainState,
+    lr: f64,
+    loss_sum: &mut f64,
+    loss_steps: &mut u64,
+    observe: &mut dyn FnMut(Event),
+) -> Result<()> {
+    let val_nats = evaluate(model, val)?;
+    let entry = LogEntry {
+        step: state.step,
+        train_nats: *loss_sum / (*loss_steps).max(1) as f64,
+        val_nats,
+        lr,
+        seconds: state.seconds,
+    };
+    (*loss_sum, *loss_steps) = (0.0, 0);
+    state.best_val_nats = Some(state.best_val_nats.map_or(val_nats, |b| b.min(val_nats)));
+    state.history.push(entry.clone());
+    observe(Event::Eval(entry));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learning_rate_warms_up_decays_and_floors() {
+        let cfg = TrainConfig {
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 10,
+            decay_steps: 110,
+            ..Default::default()
+        };
+        assert!((cfg.lr_at(0) - 0.1).abs() < 1e-12);
+        assert!((cfg.lr_at(9) - 1.0).abs() < 1e-12);
+        assert!((cfg.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!(
+            (cfg.lr_at(60) - 0.55).abs() < 1e-12,
+            "halfway down the cosine"
+        );
+        assert!((cfg.lr_at(110) - 0.1).abs() < 1e-12);
+        assert!((cfg.lr_at(1_000) - 0.1).abs() < 1e-12);
+        for s in 10..110 {
+            assert!(cfg.lr_at(s + 1) <= cfg.lr_at(s));
+        }
+    }
+}

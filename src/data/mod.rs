@@ -1,0 +1,54 @@
+//! Datasets as token sequences. A [`Batch`] is what every model of the core trains on; a
+//! [`BatchSource`] hands them to the trainer (random training batches, fixed validation ones).
+
+use candle_core::{Device, Tensor};
+
+use crate::Result;
+use crate::rng::Rng;
+
+pub mod wav_folder;
+
+/// A batch of token sequences.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Tokens, `(B, T)` u32.
+    pub tokens: Tensor,
+    /// Which positions count in the loss, `(B, T)` f32 of 0 and 1 (0 for left context that only
+    /// gives the model its receptive field, and for padding past the end of a file).
+    pub mask: Tensor,
+    /// One global-conditioning label per sequence, `(B,)` u32, for models that take one.
+    pub labels: Option<Tensor>,
+}
+
+impl Batch {
+    /// Builds a batch from rows of equal length.
+    pub fn from_rows(
+        tokens: &[Vec<u32>],
+        mask: &[Vec<f32>],
+        labels: Option<Vec<u32>>,
+        device: &Device,
+    ) -> Result<Self> {
+        let (b, t) = (tokens.len(), tokens.first().map_or(0, |r| r.len()));
+        let flat_tokens: Vec<u32> = tokens.concat();
+        let flat_mask: Vec<f32> = mask.concat();
+        Ok(Batch {
+            tokens: Tensor::from_vec(flat_tokens, (b, t), device)?,
+            mask: Tensor::from_vec(flat_mask, (b, t), device)?,
+            labels: labels.map(|l| Tensor::from_vec(l, b, device)).transpose()?,
+        })
+    }
+
+    /// The number of positions that count in the loss.
+    pub fn counted_positions(&self) -> Result<f64> {
+        Ok(self.mask.sum_all()?.to_scalar::<f32>()? as f64)
+    }
+}
+
+/// Where the trainer gets its data.
+pub trait BatchSource {
+    /// A random training batch; all randomness comes from `rng`, so that resuming with the
+    /// saved generator continues the same data stream.
+    fn train_batch(&mut self, rng: &mut Rng) -> Result<Batch>;
+    /// The fixed validation batches (the same ones every time).
+    fn val_batches(&self) -> Result<Vec<Batch>>;
+}

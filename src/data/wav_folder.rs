@@ -1,0 +1,565 @@
+//! A folder of WAV files as one μ-law coded corpus.
+//!
+//! Files are found recursively, decoded, mixed to mono, resampled to the model rate, trimmed of
+//! leading and trailing silence and μ-law encoded. The codes of all kept files are stored once
+//! in a cache file that later runs read through memmap2; its name is a hash of every file's
+//! path, size and modification time and of the audio settings, so any change rebuilds it.
+//!
+//! The train/validation split is by file, and deterministic from the file names: no
+//! validation audio is ever part of a training window.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+
+use super::{Batch, BatchSource};
+use crate::audio::{mulaw, resample, wav};
+use crate::rng::{Rng, fnv1a};
+use crate::{Error, Result};
+
+/// How audio is turned into codes. Stored in every checkpoint: generation and evaluation must
+/// use the settings the model was trained with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AudioSettings {
+    /// The model's sample rate in Hz; files at other rates are resampled.
+    pub sample_rate: u32,
+    /// Leading and trailing samples quieter than this many dB below the file's peak are cut.
+    pub trim_db: f32,
+    /// Files shorter than this after trimming are dropped (seconds).
+    pub min_seconds: f32,
+}
+
+impl Default for AudioSettings {
+    fn default() -> Self {
+        AudioSettings {
+            sample_rate: 16000,
+            trim_db: 40.0,
+            min_seconds: 0.05,
+        }
+    }
+}
+
+impl AudioSettings {
+    /// Turns one decoded file into codes: resample, trim, encode. `Err` holds why the file was dropped.
+    pub fn encode(&self, audio: &wav::Mono) -> std::result::Result<Vec<u8>, String> {
+        let samples = resample::resample(&audio.samples, audio.sample_rate, self.sample_rate)
+            .map_err(|e| e.to_string())?;
+        let peak = samples.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+        if peak == 0.0 {
+            return Err("digital silence".into());
+        }
+        let threshold = peak * 10f32.powf(-self.trim_db / 20.0);
+        let first = samples
+            .iter()
+            .position(|&x| x.abs() >= threshold)
+            .unwrap_or(0);
+        let last = samples
+            .iter()
+            .rposition(|&x| x.abs() >= threshold)
+            .unwrap_or(0);
+        let kept = &samples[first..=last];
+        let seconds = kept.len() as f32 / self.sample_rate as f32;
+        if seconds < self.min_seconds {
+            return Err(format!(
+                "only {seconds:.3} s above the silence threshold (minimum {} s)",
+                self.min_seconds
+            ));
+        }
+        Ok(mulaw::encode_all(kept))
+    }
+}
+
+/// One file of the corpus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CorpusFile {
+    /// Path relative to the corpus root, with `/` separators.
+    pub name: String,
+    /// Offset of its codes in the cache file.
+    pub offset: usize,
+    /// Number of codes (samples at the model rate, after trimming).
+    pub len: usize,
+    /// Seconds removed by trimming.
+    pub trimmed_seconds: f64,
+}
+
+impl CorpusFile {
+    /// Its first-level subfolder: the global-conditioning label, if it has one.
+    pub fn label(&self) -> Option<&str> {
+        self.name.split_once('/').map(|(first, _)| first)
+    }
+}
+
+/// What happened to the files of a folder.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ScanReport {
+    /// `.wav` files found.
+    pub found: usize,
+    /// Seconds of audio kept (after trimming, at the model rate).
+    pub kept_seconds: f64,
+    /// Seconds trimmed away as leading or trailing silence.
+    pub trimmed_seconds: f64,
+    /// Files dropped, and why.
+    pub dropped: Vec<(String, String)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheIndex {
+    fingerprint: u64,
+    files: Vec<CorpusFile>,
+    report: ScanReport,
+}
+
+/// A folder's audio as μ-law codes, memory-mapped.
+pub struct Corpus {
+    /// The folder.
+    pub root: PathBuf,
+    /// The kept files, sorted by name.
+    pub files: Vec<CorpusFile>,
+    /// What was kept and dropped.
+    pub report: ScanReport,
+    codes: Mmap,
+}
+
+impl std::fmt::Debug for Corpus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Corpus")
+            .field("root", &self.root)
+            .field("files", &self.files.len())
+            .finish()
+    }
+}
+
+/// Every `.wav` file under `root` (any case of the extension), as sorted relative names.
+pub fn find_wav_files(root: &Path) -> Result<Vec<String>> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) -> Result<()> {
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(dir, e))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
+            if kind.is_dir() || (kind.is_symlink() && path.is_dir()) {
+                walk(&path, root, out)?;
+            } else if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("wav"))
+            {
+                let rel = path
+                    .strip_prefix(root)
+                    .expect("invariant: walked from root");
+                out.push(
+                    rel.components()
+                        .map(|c| c.as_os_str().to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join("/"),
+                );
+            }
+        }
+        Ok(())
+    }
+    if !root.is_dir() {
+        return Err(Error::NoAudio {
+            path: root.into(),
+            reason: "not a folder (pass a folder of .wav files)".into(),
+        });
+    }
+    let mut names = Vec::new();
+    walk(root, root, &mut names)?;
+    names.sort();
+    Ok(names)
+}
+
+impl Corpus {
+    /// Opens the corpus of `root`, decoding it only if `cache_dir` holds no up-to-date cache.
+    /// `progress(done, total)` is called while files are decoded.
+    pub fn open(
+        root: &Path,
+        settings: &AudioSettings,
+        cache_dir: &Path,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let names = find_wav_files(root)?;
+        if names.is_empty() {
+            return Err(Error::NoAudio {
+                path: root.into(),
+                reason: "no .wav files found (searched all subfolders)".into(),
+            });
+        }
+        let fingerprint = fingerprint(root, &names, settings)?;
+        let stem = cache_dir.join(format!("corpus-{fingerprint:016x}"));
+        let (index_path, codes_path) = (stem.with_extension("json"), stem.with_extension("codes"));
+        let index = match read_index(&index_path, fingerprint) {
+            Some(index) => index,
+            None => {
+                let (index, codes) = build(root, &names, settings, fingerprint, progress);
+                crate::fsutil::write_bytes_atomically(&codes_path, &codes)?;
+                let json = serde_json::to_vec(&index).expect("invariant: plain data serialises");
+                crate::fsutil::write_bytes_atomically(&index_path, &json)?;
+                index
+            }
+        };
+        if index.files.is_empty() {
+            let reasons: Vec<String> = index
+                .report
+                .dropped
+                .iter()
+                .take(3)
+                .map(|(f, why)| format!("{f}: {why}"))
+                .collect();
+            return Err(Error::NoAudio {
+                path: root.into(),
+                reason: format!(
+                    "none of the {} .wav files is usable ({})",
+                    index.report.found,
+                    reasons.join("; ")
+                ),
+            });
+        }
+        let file = std::fs::File::open(&codes_path).map_err(|e| Error::io(&codes_path, e))?;
+        // SAFETY: the cache file is written once, atomically, and never modified in place.
+        let codes = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&codes_path, e))?;
+        let expected: usize = index.files.iter().map(|f| f.len).sum();
+        if codes.len() != expected {
+            return Err(Error::io(
+                &codes_path,
+                std::io::Error::other(format!(
+                    "cache holds {} codes, its index says {expected}: delete the file to rebuild it",
+                    codes.len()
+                )),
+            ));
+        }
+        Ok(Corpus {
+            root: root.into(),
+            files: index.files,
+            report: index.report,
+            codes,
+        })
+    }
+
+    /// The codes of file `i`.
+    pub fn codes(&self, i: usize) -> &[u8] {
+        let f = &self.files[i];
+        &self.codes[f.offset..f.offset + f.len]
+    }
+
+    /// Total seconds of the files `indices` at `rate`.
+    pub fn seconds(&self, indices: &[usize], rate: u32) -> f64 {
+        indices.iter().map(|&i| self.files[i].len).sum::<usize>() as f64 / rate as f64
+    }
+
+    /// The sorted distinct labels (first-level subfolders) of the files.
+    pub fn labels(&self) -> Vec<String> {
+        let mut labels: Vec<String> = self
+            .files
+            .iter()
+            .filter_map(|f| f.label().map(String::from))
+            .collect();
+        labels.dedup();
+        labels.sort();
+        labels.dedup();
+        labels
+    }
+}
+
+fn fingerprint(root: &Path, names: &[String], settings: &AudioSettings) -> Result<u64> {
+    const CACHE_FORMAT: u32 = 1;
+    let mut key = format!("v{CACHE_FORMAT} {:?} {}\n", settings, mulaw::MU);
+    key.push_str(
+        &root
+            .canonicalize()
+            .unwrap_or_else(|_| root.to_path_buf())
+            .to_string_lossy(),
+    );
+    for name in names {
+        let path = root.join(name);
+        let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        key.push_str(&format!("\n{name} {} {mtime}", meta.len()));
+    }
+    Ok(fnv1a(key.as_bytes()))
+}
+
+fn read_index(path: &Path, fingerprint: u64) -> Option<CacheIndex> {
+    let index: CacheIndex = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    (index.fingerprint == fingerprint).then_some(index)
+}
+
+fn build(
+    root: &Path,
+    names: &[String],
+    settings: &AudioSettings,
+    fingerprint: u64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> (CacheIndex, Vec<u8>) {
+    let mut codes = Vec::new();
+    let mut files = Vec::new();
+    let mut report = ScanReport {
+        found: names.len(),
+        ..Default::default()
+    };
+    for (i, name) in names.iter().enumerate() {
+        progress(i, names.len());
+        let encoded = wav::read_mono(&root.join(name))
+            .map_err(|e| e.to_string())
+            .and_then(|audio| {
+                let c = settings.encode(&audio)?;
+                Ok((c, audio.seconds()))
+            });
+        match encoded {
+            Ok((c, seconds_in)) => {
+                let seconds_kept = c.len() as f64 / settings.sample_rate as f64;
+                let trimmed_seconds = (seconds_in - seconds_kept).max(0.0);
+                report.kept_seconds += seconds_kept;
+                report.trimmed_seconds += trimmed_seconds;
+                files.push(CorpusFile {
+                    name: name.clone(),
+                    offset: codes.len(),
+                    len: c.len(),
+                    trimmed_seconds,
+                });
+                codes.extend_from_slice(&c);
+            }
+            Err(why) => report.dropped.push((name.clone(), why)),
+        }
+    }
+    progress(names.len(), names.len());
+    (
+        CacheIndex {
+            fingerprint,
+            files,
+            report,
+        },
+        codes,
+    )
+}
+
+/// Splits file names into (train, validation) indices: the validation files are the
+/// `max(1, round(fraction · n))` names with the smallest stable hash, so the split depends
+/// only on the names, not on their order or on the machine.
+pub fn split_by_name(names: &[&str], fraction: f64) -> Result<(Vec<usize>, Vec<usize>)> {
+    if !(0.0..1.0).contains(&fraction) {
+        return Err(Error::Config(format!(
+            "--val-fraction must be in [0, 1), got {fraction}"
+        )));
+    }
+    if names.len() < 2 {
+        return Err(Error::Config(format!(
+            "{} usable file(s): a validation split needs at least 2 files (or pass --val-dir)",
+            names.len()
+        )));
+    }
+    let n_val = ((fraction * names.len() as f64).round() as usize).clamp(1, names.len() - 1);
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by_key(|&i| (fnv1a(names[i].as_bytes()), i));
+    let mut val: Vec<usize> = order[..n_val].to_vec();
+    let mut train: Vec<usize> = order[n_val..].to_vec();
+    val.sort();
+    train.sort();
+    Ok((train, val))
+}
+
+/// A window of `context + len` tokens whose targets start at position `start` of `codes`:
+/// positions before the file are the silence code (generation starts from silence too) and
+/// count nowhere; positions past its end are padding and masked out.
+pub fn window(codes: &[u8], start: usize, context: usize, len: usize) -> (Vec<u32>, Vec<f32>) {
+    let silence = mulaw::silence() as u32;
+    let mut tokens = Vec::with_capacity(context + len);
+    let mut mask = Vec::with_capacity(context + len);
+    for i in 0..context + len {
+        let p = (start + i).checked_sub(context);
+        let code = p.and_then(|p| codes.get(p));
+        tokens.push(code.map_or(silence, |&c| c as u32));
+        mask.push(if i >= context && code.is_some() {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    (tokens, mask)
+}
+
+/// Training and validation windows drawn from a corpus (or from two: `--val-dir`).
+pub struct AudioBatches<'a> {
+    train: &'a Corpus,
+    train_files: Vec<usize>,
+    /// Cumulative lengths of the training files, for drawing a file in proportion to its length.
+    cumulative: Vec<usize>,
+    val: &'a Corpus,
+    val_files: Vec<usize>,
+    /// Left context of every window: the model's receptive field.
+    pub context: usize,
+    /// Target positions per window.
+    pub window: usize,
+    /// Windows per training batch.
+    pub batch_size: usize,
+    /// At most this many validation windows, spread evenly over the validation files.
+    pub max_val_windows: usize,
+    /// The label index of each file of `train` and `val`, when the model is conditioned.
+    labels: Option<(Vec<u32>, Vec<u32>)>,
+    device: Device,
+}
+
+impl<'a> AudioBatches<'a> {
+    /// Batches of `batch_size` windows of `context + window` codes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        train: &'a Corpus,
+        train_files: Vec<usize>,
+        val: &'a Corpus,
+        val_files: Vec<usize>,
+        context: usize,
+        window: usize,
+        batch_size: usize,
+        max_val_windows: usize,
+        label_names: Option<&[String]>,
+    ) -> Result<Self> {
+        let mut total = 0;
+        let cumulative = train_files
+            .iter()
+            .map(|&i| {
+                total += train.files[i].len;
+                total
+            })
+            .collect();
+        let labels = match label_names {
+            None => None,
+            Some(names) => Some((label_indices(train, names)?, label_indices(val, names)?)),
+        };
+        Ok(AudioBatches {
+            train,
+            train_files,
+            cumulative,
+            val,
+            val_files,
+            context,
+            window,
+            batch_size,
+            max_val_windows,
+            labels,
+            device: Device::Cpu,
+        })
+    }
+
+    /// All validation windows (file index, target start), before capping.
+    fn all_val_windows(&self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for &f in &self.val_files {
+            let mut start = 0;
+            while start < self.val.files[f].len {
+                out.push((f, start));
+                start += self.window;
+            }
+        }
+        out
+    }
+}
+
+fn label_indices(corpus: &Corpus, names: &[String]) -> Result<Vec<u32>> {
+    corpus
+        .files
+        .iter()
+        .map(|f| {
+            let label = f.label().ok_or_else(|| {
+                Error::Config(format!("{}: not in a subfolder, so it has no label (conditioning needs one subfolder per label)", f.name))
+            })?;
+            names.iter().position(|n| n == label).map(|i| i as u32).ok_or_else(|| {
+                Error::Config(format!("{}: label {label:?} is not one of the model's labels {names:?}", f.name))
+            })
+        })
+        .collect()
+}
+
+impl BatchSource for AudioBatches<'_> {
+    fn train_batch(&mut self, rng: &mut Rng) -> Result<Batch> {
+        let total = *self
+            .cumulative
+            .last()
+            .expect("invariant: at least one training file");
+        let (mut tokens, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.batch_size {
+            let pos = rng.below(total);
+            let k = self.cumulative.partition_point(|&c| c <= pos);
+            let file = self.train_files[k];
+            let len = self.train.files[file].len;
+            let start = rng.below(len.saturating_sub(self.window) + 1);
+            let (t, m) = window(self.train.codes(file), start, self.context, self.window);
+            tokens.push(t);
+            mask.push(m);
+            if let Some((train_labels, _)) = &self.labels {
+                labels.push(train_labels[file]);
+            }
+        }
+        Batch::from_rows(
+            &tokens,
+            &mask,
+            self.labels.as_ref().map(|_| labels),
+            &self.device,
+        )
+    }
+
+    fn val_batches(&self) -> Result<Vec<Batch>> {
+        let all = self.all_val_windows();
+        let n = all.len().min(self.max_val_windows);
+        // Evenly spaced picks, so a capped validation set still covers every part of the files.
+        let picks: Vec<(usize, usize)> = (0..n).map(|i| all[i * all.len() / n]).collect();
+        picks
+            .chunks(self.batch_size)
+            .map(|chunk| {
+                let (tokens, mask): (Vec<_>, Vec<_>) = chunk
+                    .iter()
+                    .map(|&(f, s)| window(self.val.codes(f), s, self.context, self.window))
+                    .unzip();
+                let labels = self
+                    .labels
+                    .as_ref()
+                    .map(|(_, val_labels)| chunk.iter().map(|&(f, _)| val_labels[f]).collect());
+                Batch::from_rows(&tokens, &mask, labels, &self.device)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_pads_with_silence_and_masks_context_and_padding() {
+        let codes = [10u8, 11, 12];
+        let (t, m) = window(&codes, 0, 2, 4);
+        let s = mulaw::silence() as u32;
+        assert_eq!(t, vec![s, s, 10, 11, 12, s]);
+        assert_eq!(m, vec![0.0, 0.0, 1.0, 1.0, 1.0, 0.0]);
+        let (t, m) = window(&codes, 2, 2, 1);
+        assert_eq!(t, vec![10, 11, 12]);
+        assert_eq!(m, vec![0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn split_is_deterministic_disjoint_and_order_free() {
+        let names: Vec<String> = (0..100).map(|i| format!("f{i}.wav")).collect();
+        let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+        let (train, val) = split_by_name(&refs, 0.05).unwrap();
+        assert_eq!(val.len(), 5);
+        assert_eq!(train.len() + val.len(), 100);
+        assert!(val.iter().all(|v| !train.contains(v)));
+        let mut reversed = refs.clone();
+        reversed.reverse();
+        let (_, val_rev) = split_by_name(&reversed, 0.05).unwrap();
+        let a: Vec<&str> = val.iter().map(|&i| refs[i]).collect();
+        let mut b: Vec<&str> = val_rev.iter().map(|&i| reversed[i]).collect();
+        b.sort();
+        assert_eq!(a, b);
+        assert_eq!(
+            split_by_name(&refs[..2], 0.0).unwrap().1.len(),
+            1,
+            "at least one validation file"
+        );
+        assert!(split_by_name(&refs[..1], 0.05).is_err());
+    }
+}

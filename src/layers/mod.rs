@@ -1,0 +1,74 @@
+//! Building blocks candle-nn lacks or computes wrongly on this CPU. Activations are
+//! channels-last and contiguous, `(B, T, C)`, and every product is a plain 2-D matmul of a
+//! contiguous `(B·T, C_in)` matrix by a `(C_in, C_out)` weight: candle 0.11's conv1d backward
+//! and its batched matmul on transposed views give wrong gradients (see
+//! `shared/notes/candle-cpu.md`), and this formulation is checked by finite differences in
+//! `core::check`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::Result;
+
+pub mod gated;
+pub use gated::gated_unit;
+
+/// An affine map over the last dimension, weight stored `(in, out)` (the transpose of
+/// PyTorch's `nn.Linear.weight`).
+#[derive(Debug, Clone)]
+pub struct ChannelLinear {
+    /// `(in, out)`.
+    pub weight: Tensor,
+    /// `(out,)`.
+    pub bias: Tensor,
+}
+
+impl ChannelLinear {
+    /// Loads or creates `weight` and `bias` under `vb`; fresh weights are N(0, gain²/in).
+    pub fn new(in_dim: usize, out_dim: usize, gain: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (in_dim, out_dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: gain / (in_dim as f64).sqrt(),
+            },
+        )?;
+        let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+        Ok(ChannelLinear { weight, bias })
+    }
+}
+
+impl Module for ChannelLinear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = xs.dims();
+        let in_dim = *dims.last().expect("invariant: at least one dimension");
+        let rows = xs.elem_count() / in_dim.max(1);
+        let ys = xs
+            .contiguous()?
+            .reshape((rows, in_dim))?
+            .matmul(&self.weight)?
+            .broadcast_add(&self.bias)?; // (N, out)
+        let mut out_dims = dims.to_vec();
+        *out_dims
+            .last_mut()
+            .expect("invariant: at least one dimension") = self.weight.dim(1)?;
+        ys.reshape(out_dims)
+    }
+}
+
+/// The `k` taps of a causal dilated convolution, stacked on the channel axis:
+/// `(B, T, C)` → `(B, T, k·C)` whose block `j` is `x[t − (k−1−j)·d]` (zeros before the start).
+/// Multiplying by a `(k·C, C_out)` weight then is the convolution.
+pub fn causal_taps(xs: &Tensor, kernel: usize, dilation: usize) -> Result<Tensor> {
+    let (_b, t, _c) = xs.dims3()?;
+    if kernel == 1 {
+        return Ok(xs.clone());
+    }
+    let span = (kernel - 1) * dilation;
+    let padded = xs.pad_with_zeros(1, span, 0)?; // (B, T + span, C)
+    let taps = (0..kernel)
+        .map(|j| padded.narrow(1, j * dilation, t))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&taps, 2)?) // (B, T, k·C)
+}

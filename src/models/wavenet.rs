@@ -1,0 +1,365 @@
+//! WaveNet: "WaveNet: A Generative Model for Raw Audio", van den Oord et al., 2016,
+//! <https://arxiv.org/abs/1609.03499>; incremental generation after "Fast Wavenet Generation
+//! Algorithm", Paine et al., 2016, <https://arxiv.org/abs/1611.09482>.
+//!
+//! A stack of causal dilated convolutions (dilations 1, 2, 4, … per cycle), each followed by
+//! the gated unit z = tanh(W_f ∗ x + V_f h) ⊙ σ(W_g ∗ x + V_g h) (eq. 2 and 3, h the optional
+//! global label), a 1×1 residual connection back into the stack and a 1×1 skip connection to
+//! the head: ReLU → 1×1 → ReLU → 1×1 → logits over the 256 μ-law codes.
+//!
+//! Tensor names and shapes (weights are stored `(in, out)`; `k` kernel width, `C` residual,
+//! `G` gate, `S` skip, `H` head channels, `L` labels, `i` the layer):
+//!
+//! | name | shape | role |
+//! |---|---|---|
+//! | `embed.weight` | `(256, C)` | input code → residual channels (a 1×1 conv of the one-hot input) |
+//! | `layers.{i}.dilated.weight` | `(k, C, 2G)` | tap `j` multiplies `x[t − (k−1−j)·d]`; columns `..G` filter, `G..` gate |
+//! | `layers.{i}.dilated.bias` | `(2G,)` | |
+//! | `layers.{i}.label.weight` | `(L, 2G)` | only with labels: `V_f h`, `V_g h` |
+//! | `layers.{i}.residual.weight` / `.bias` | `(G, C)` / `(C,)` | |
+//! | `layers.{i}.skip.weight` / `.bias` | `(G, S)` / `(S,)` | |
+//! | `head.0.weight` / `.bias` | `(S, H)` / `(H,)` | |
+//! | `head.1.weight` / `.bias` | `(H, 256)` / `(256,)` | |
+//!
+//! The input is shifted right by one position (zeros first), so the logits at t see x_<t.
+
+use std::collections::VecDeque;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Embedding, Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::core::Autoregressive;
+use crate::layers::{ChannelLinear, causal_taps, gated_unit};
+use crate::{Error, Result};
+
+/// WaveNet hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// Layers per dilation cycle; dilations run 1, 2, 4, …, 2^(layers_per_cycle − 1).
+    pub layers_per_cycle: usize,
+    /// Number of dilation cycles.
+    pub cycles: usize,
+    /// Width of the dilated convolutions.
+    pub kernel_width: usize,
+    /// Channels of the residual stream (C).
+    pub residual_channels: usize,
+    /// Channels of the gated unit (G).
+    pub gate_channels: usize,
+    /// Channels of the skip connections (S).
+    pub skip_channels: usize,
+    /// Channels of the hidden head layer (H).
+    pub head_channels: usize,
+    /// Output classes (μ-law codes).
+    pub classes: usize,
+    /// Number of global-conditioning labels (0: unconditioned).
+    pub num_labels: usize,
+}
+
+impl Default for Config {
+    /// Two cycles of ten layers: a receptive field of 2,047 samples (256 ms at 8 kHz, 128 ms
+    /// at 16 kHz). Narrower than the paper's (which does not give its channel counts) so that
+    /// it trains on two CPU cores.
+    fn default() -> Self {
+        Config {
+            layers_per_cycle: 10,
+            cycles: 2,
+            kernel_width: 2,
+            residual_channels: 32,
+            gate_channels: 32,
+            skip_channels: 128,
+            head_channels: 128,
+            classes: 256,
+            num_labels: 0,
+        }
+    }
+}
+
+impl Config {
+    /// A model small enough that 50 training steps take seconds (tests, smoke runs).
+    pub fn tiny() -> Self {
+        Config {
+            layers_per_cycle: 4,
+            cycles: 1,
+            kernel_width: 2,
+            residual_channels: 8,
+            gate_channels: 8,
+            skip_channels: 16,
+            head_channels: 16,
+            classes: 256,
+            num_labels: 0,
+        }
+    }
+
+    /// The dilation of layer `i`.
+    pub fn dilation(&self, i: usize) -> usize {
+        1 << (i % self.layers_per_cycle)
+    }
+
+    /// The number of layers.
+    pub fn layers(&self) -> usize {
+        self.layers_per_cycle * self.cycles
+    }
+
+    /// How many past samples the logits of a sample see: 1 (the shift) + (k−1)·Σ dilations.
+    pub fn receptive_field(&self) -> usize {
+        1 + (self.kernel_width - 1) * (0..self.layers()).map(|i| self.dilation(i)).sum::<usize>()
+    }
+
+    /// Checks that every size is usable.
+    pub fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("layers-per-cycle", self.layers_per_cycle),
+            ("cycles", self.cycles),
+            ("kernel-width", self.kernel_width),
+            ("residual-channels", self.residual_channels),
+            ("gate-channels", self.gate_channels),
+            ("skip-channels", self.skip_channels),
+            ("head-channels", self.head_channels),
+            ("classes", self.classes),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Config(format!(
+                "WaveNet --{name} must be at least 1"
+            )));
+        }
+        if self.layers_per_cycle > 24 {
+            return Err(Error::Config(format!(
+                "WaveNet --layers-per-cycle {} gives dilations past 2^23",
+                self.layers_per_cycle
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One residual layer: dilated convolution, gated unit, residual and skip 1×1s.
+#[derive(Debug, Clone)]
+pub struct ResidualLayer {
+    /// Dilated convolution as one `(k·C, 2G)` matrix over stacked taps.
+    pub dilated: ChannelLinear,
+    /// Label embedding into the filter and gate pre-activations, `(L, 2G)`.
+    pub label: Option<Embedding>,
+    /// 1×1 from the gated unit back to the residual stream.
+    pub residual: ChannelLinear,
+    /// 1×1 from the gated unit to the skip sum.
+    pub skip: ChannelLinear,
+    /// Dilation of this layer.
+    pub dilation: usize,
+    /// Kernel width.
+    pub kernel: usize,
+    gate: usize,
+}
+
+impl ResidualLayer {
+    fn new(cfg: &Config, dilation: usize, vb: VarBuilder) -> Result<Self> {
+        let (k, c, g) = (cfg.kernel_width, cfg.residual_channels, cfg.gate_channels);
+        // Stored (k, C, 2G) so that each tap's matrix is one slice; `apply` multiplies by it
+        // as one (k·C, 2G) matrix over the stacked taps.
+        let vd = vb.pp("dilated");
+        let dilated = ChannelLinear {
+            weight: vd.get_with_hints(
+                (k, c, 2 * g),
+                "weight",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0 / ((k * c) as f64).sqrt(),
+                },
+            )?,
+            bias: vd.get_with_hints(2 * g, "bias", Init::Const(0.0))?,
+        };
+        let label = (cfg.num_labels > 0)
+            .then(|| -> Result<Embedding> {
+                let w = vb.pp("label").get_with_hints(
+                    (cfg.num_labels, 2 * g),
+                    "weight",
+                    Init::Randn {
+                        mean: 0.0,
+                        stdev: 1.0,
+                    },
+                )?;
+                Ok(Embedding::new(w, 2 * g))
+            })
+            .transpose()?;
+        Ok(ResidualLayer {
+            dilated,
+            label,
+            residual: ChannelLinear::new(g, c, 1.0, vb.pp("residual"))?,
+            skip: ChannelLinear::new(g, cfg.skip_channels, 1.0, vb.pp("skip"))?,
+            dilation,
+            kernel: k,
+            gate: g,
+        })
+    }
+
+    /// From stacked taps `(B, T, k·C)` and the layer input `x (B, T, C)` to the next residual
+    /// stream `(B, T, C)` and this layer's skip output `(B, T, S)`. `cond` is `(B, 1, 2G)`.
+    fn apply(&self, taps: &Tensor, x: &Tensor, cond: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let (b, t, kc) = taps.dims3()?;
+        let w = self.dilated.weight.reshape((kc, 2 * self.gate))?; // (k·C, 2G)
+        let mut pre = taps
+            .reshape((b * t, kc))?
+            .matmul(&w)?
+            .broadcast_add(&self.dilated.bias)?
+            .reshape((b, t, 2 * self.gate))?;
+        if let Some(c) = cond {
+            pre = pre.broadcast_add(c)?; // (B, T, 2G)
+        }
+        let z = gated_unit(&pre)?; // (B, T, G): tanh(filter) ⊙ σ(gate)
+        let next = (x + self.residual.forward(&z)?)?; // (B, T, C)
+        Ok((next, self.skip.forward(&z)?))
+    }
+
+    fn condition(&self, labels: Option<&Tensor>) -> Result<Option<Tensor>> {
+        match (&self.label, labels) {
+            (Some(emb), Some(l)) => Ok(Some(emb.forward(l)?.unsqueeze(1)?)), // (B, 1, 2G)
+            (Some(_), None) => Err(Error::Config(
+                "this model is conditioned on a label: pass --label".into(),
+            )),
+            (None, Some(_)) => Err(Error::Config("this model takes no label".into())),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// The WaveNet model.
+#[derive(Debug, Clone)]
+pub struct WaveNet {
+    /// Hyper-parameters.
+    pub cfg: Config,
+    /// Input code → residual channels.
+    pub embed: Embedding,
+    /// The residual layers.
+    pub layers: Vec<ResidualLayer>,
+    /// Head: skip → hidden.
+    pub head0: ChannelLinear,
+    /// Head: hidden → logits.
+    pub head1: ChannelLinear,
+}
+
+impl WaveNet {
+    /// Loads or creates the weights under `vb`.
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let embed_w = vb.pp("embed").get_with_hints(
+            (cfg.classes, cfg.residual_channels),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        )?;
+        let layers = (0..cfg.layers())
+            .map(|i| ResidualLayer::new(cfg, cfg.dilation(i), vb.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(WaveNet {
+            cfg: cfg.clone(),
+            embed: Embedding::new(embed_w, cfg.residual_channels),
+            layers,
+            head0: ChannelLinear::new(cfg.skip_channels, cfg.head_channels, 1.0, vb.pp("head.0"))?,
+            head1: ChannelLinear::new(cfg.head_channels, cfg.classes, 1.0, vb.pp("head.1"))?,
+        })
+    }
+
+    fn head(&self, skip: &Tensor) -> Result<Tensor> {
+        let h = self.head0.forward(&skip.relu()?)?.relu()?;
+        Ok(self.head1.forward(&h)?)
+    }
+}
+
+/// The incremental state of the cached generator: per layer, a queue of its last (k−1)·d
+/// inputs, so one step costs O(layers) whatever the receptive field.
+pub struct State {
+    queues: Vec<VecDeque<Tensor>>,
+    cond: Vec<Option<Tensor>>,
+    batch: usize,
+}
+
+impl Autoregressive for WaveNet {
+    type State = State;
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.classes
+    }
+
+    fn receptive_field(&self) -> Option<usize> {
+        Some(self.cfg.receptive_field())
+    }
+
+    fn num_labels(&self) -> usize {
+        self.cfg.num_labels
+    }
+
+    fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        let (_b, t) = tokens.dims2()?;
+        let x = self.embed.forward(tokens)?; // (B, T, C)
+        let mut x = x.pad_with_zeros(1, 1, 0)?.narrow(1, 0, t)?.contiguous()?; // shifted: position t holds x_{t−1}
+        let mut skip: Option<Tensor> = None;
+        for layer in &self.layers {
+            let taps = causal_taps(&x, layer.kernel, layer.dilation)?; // (B, T, k·C)
+            let (next, s) = layer.apply(&taps, &x, layer.condition(labels)?.as_ref())?;
+            x = next;
+            skip = Some(match skip {
+                Some(acc) => (acc + s)?,
+                None => s,
+            });
+        }
+        self.head(&skip.expect("invariant: validated to have at least one layer"))
+    }
+
+    fn start(&self, batch: usize, labels: Option<&Tensor>) -> Result<State> {
+        let zeros = Tensor::zeros(
+            (batch, 1, self.cfg.residual_channels),
+            self.embed.embeddings().dtype(),
+            &candle_core::Device::Cpu,
+        )?;
+        let queues = self
+            .layers
+            .iter()
+            .map(|l| vec![zeros.clone(); (l.kernel - 1) * l.dilation].into())
+            .collect();
+        let cond = self
+            .layers
+            .iter()
+            .map(|l| l.condition(labels))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(State {
+            queues,
+            cond,
+            batch,
+        })
+    }
+
+    fn step(&self, state: &mut State, prev: Option<&Tensor>) -> Result<Tensor> {
+        let mut x = match prev {
+            Some(p) => self.embed.forward(&p.reshape((state.batch, 1))?)?, // (B, 1, C)
+            None => Tensor::zeros(
+                (state.batch, 1, self.cfg.residual_channels),
+                self.embed.embeddings().dtype(),
+                &candle_core::Device::Cpu,
+            )?,
+        };
+        let mut skip: Option<Tensor> = None;
+        for ((layer, queue), cond) in self.layers.iter().zip(&mut state.queues).zip(&state.cond) {
+            // Tap j reads x[t − (k−1−j)·d]: the queue holds the last (k−1)·d inputs, oldest first.
+            let mut taps: Vec<Tensor> = (0..layer.kernel - 1)
+                .map(|j| queue[j * layer.dilation].clone())
+                .collect();
+            taps.push(x.clone());
+            let stacked = Tensor::cat(&taps, 2)?; // (B, 1, k·C)
+            if !queue.is_empty() {
+                queue.pop_front();
+                queue.push_back(x.clone());
+            }
+            let (next, s) = layer.apply(&stacked, &x, cond.as_ref())?;
+            x = next;
+            skip = Some(match skip {
+                Some(acc) => (acc + s)?,
+                None => s,
+            });
+        }
+        Ok(self
+            .head(&skip.expect("invariant: at least one layer"))?
+            .squeeze(1)?) // (B, V)
+    }
+}

@@ -1,0 +1,135 @@
+//! What the commands do, as library functions: train a WaveNet on a folder, generate audio,
+//! score files, describe a checkpoint. Each takes an options struct and a [`Reporter`] for
+//! progress, and returns a summary that the CLI prints (or prints as JSON).
+
+use std::path::Path;
+
+use candle_core::DType;
+use serde::Serialize;
+
+use crate::core::checkpoint::{self, Manifest};
+use crate::core::params::Params;
+use crate::core::train::Event;
+use crate::models::ModelConfig;
+use crate::models::wavenet::WaveNet;
+use crate::{Error, Result};
+
+pub mod eval;
+pub mod generate;
+pub mod train;
+
+/// Receives progress from long-running work (the CLI draws progress bars; tests ignore it).
+pub trait Reporter {
+    /// A line for the user (what was found, kept, dropped, resumed ...).
+    fn note(&mut self, message: &str);
+    /// `done` of `total` items of a named phase (decoding files, generating samples).
+    fn progress(&mut self, phase: &str, done: u64, total: u64);
+    /// A training event.
+    fn train_event(&mut self, event: &Event);
+}
+
+/// A reporter that discards everything.
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn note(&mut self, _: &str) {}
+    fn progress(&mut self, _: &str, _: u64, _: u64) {}
+    fn train_event(&mut self, _: &Event) {}
+}
+
+/// A trained audio model with everything needed to use it.
+pub struct AudioModel {
+    /// config.json.
+    pub manifest: Manifest,
+    /// The network.
+    pub model: WaveNet,
+    /// Its parameters.
+    pub params: Params,
+}
+
+impl AudioModel {
+    /// Loads the checkpoint directory `dir` (or a file in it).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let manifest = checkpoint::read_manifest(dir)?;
+        if manifest.audio.is_none() {
+            return Err(Error::checkpoint(
+                dir,
+                "not an audio model (no audio settings in config.json)",
+            ));
+        }
+        let ModelConfig::Wavenet(cfg) = &manifest.model;
+        let params = Params::new(manifest.seed);
+        let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
+        checkpoint::load_weights(dir, &manifest, &params)?;
+        Ok(AudioModel {
+            manifest,
+            model,
+            params,
+        })
+    }
+
+    /// The audio settings.
+    pub fn audio(&self) -> &checkpoint::AudioData {
+        self.manifest
+            .audio
+            .as_ref()
+            .expect("invariant: checked at load")
+    }
+
+    /// The index of a label name, or an error listing the model's labels.
+    pub fn label_index(&self, label: Option<&str>) -> Result<Option<u32>> {
+        let labels = &self.audio().labels;
+        match label {
+            None if labels.is_empty() => Ok(None),
+            None => Err(Error::Config(format!(
+                "this model is conditioned: pass --label, one of {labels:?}"
+            ))),
+            Some(_) if labels.is_empty() => Err(Error::Config(
+                "this model was trained without labels: drop --label".into(),
+            )),
+            Some(name) => labels
+                .iter()
+                .position(|l| l == name)
+                .map(|i| Some(i as u32))
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "unknown label {name:?}; the model knows {labels:?}"
+                    ))
+                }),
+        }
+    }
+}
+
+/// What `wavegen info` reports.
+#[derive(Debug, Serialize)]
+pub struct Info {
+    /// config.json as saved.
+    pub manifest: Manifest,
+    /// Trainable scalars.
+    pub parameters: usize,
+    /// Receptive field in samples.
+    pub receptive_field_samples: usize,
+    /// Receptive field in milliseconds.
+    pub receptive_field_ms: f64,
+    /// Last validation NLL in bits per sample.
+    pub last_val_bits_per_sample: Option<f64>,
+}
+
+/// Describes a checkpoint.
+pub fn info(dir: &Path) -> Result<Info> {
+    let m = AudioModel::load(dir)?;
+    let ModelConfig::Wavenet(cfg) = &m.manifest.model;
+    let rf = cfg.receptive_field();
+    Ok(Info {
+        parameters: m.params.count(),
+        receptive_field_samples: rf,
+        receptive_field_ms: 1000.0 * rf as f64 / m.audio().settings.sample_rate as f64,
+        last_val_bits_per_sample: m
+            .manifest
+            .state
+            .history
+            .last()
+            .map(|e| e.val_nats / std::f64::consts::LN_2),
+        manifest: m.manifest,
+    })
+}

@@ -1,0 +1,319 @@
+//! `wavegen train`: a WaveNet on a folder of WAV files, with a file-level validation split,
+//! periodic checkpoints and exact resume.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use candle_core::DType;
+use serde::Serialize;
+
+use super::Reporter;
+use crate::core::checkpoint::{self, AudioData, FORMAT, Manifest};
+use crate::core::optim::AdamW;
+use crate::core::params::Params;
+use crate::core::train::{self, Stop, TrainConfig, TrainState};
+use crate::data::wav_folder::{AudioBatches, AudioSettings, Corpus, split_by_name};
+use crate::models::ModelConfig;
+use crate::models::wavenet::{self, WaveNet};
+use crate::{Error, Result};
+
+/// Everything `wavegen train` needs.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Folder of WAV files (searched recursively).
+    pub data_dir: PathBuf,
+    /// Optional separate validation folder.
+    pub val_dir: Option<PathBuf>,
+    /// Fraction of files held out when there is no validation folder.
+    pub val_fraction: f64,
+    /// Checkpoint directory.
+    pub out: PathBuf,
+    /// Continue the checkpoint in `out` if there is one.
+    pub resume: bool,
+    /// The model (ignored when resuming: the checkpoint's config is used).
+    pub model: wavenet::Config,
+    /// Condition on first-level subfolder names.
+    pub labels: bool,
+    /// Audio preprocessing (ignored when resuming).
+    pub audio: AudioSettings,
+    /// Optimisation settings (on resume only `max_steps` and `max_minutes` are taken from here).
+    pub train: TrainConfig,
+    /// Target samples per training window.
+    pub window: usize,
+    /// Windows per batch.
+    pub batch_size: usize,
+    /// Validation windows per evaluation.
+    pub max_val_windows: usize,
+    /// Seed of the weights and of the data order.
+    pub seed: u64,
+    /// Where decoded corpora are cached.
+    pub cache_dir: PathBuf,
+}
+
+/// What a training run did.
+#[derive(Debug, Serialize)]
+pub struct TrainSummary {
+    /// The checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// Steps done in total.
+    pub steps: u64,
+    /// Why it stopped.
+    pub stopped: Stop,
+    /// Last validation NLL, nats per sample.
+    pub val_nats: Option<f64>,
+    /// Last validation NLL, bits per sample.
+    pub val_bits_per_sample: Option<f64>,
+    /// Best validation NLL so far, bits per sample.
+    pub best_val_bits_per_sample: Option<f64>,
+    /// Training seconds in total.
+    pub seconds: f64,
+    /// Trainable scalars.
+    pub parameters: usize,
+    /// Receptive field in samples.
+    pub receptive_field: usize,
+}
+
+fn open_corpus(
+    dir: &Path,
+    settings: &AudioSettings,
+    cache: &Path,
+    reporter: &mut dyn Reporter,
+) -> Result<Corpus> {
+    let corpus = Corpus::open(dir, settings, cache, &mut |done, total| {
+        reporter.progress("decoding", done as u64, total as u64)
+    })?;
+    let r = &corpus.report;
+    reporter.note(&format!(
+        "{}: {} of {} files kept, {:.1} s of audio at {} Hz ({:.1} s of leading/trailing silence trimmed), {} dropped",
+        dir.display(),
+        corpus.files.len(),
+        r.found,
+        r.kept_seconds,
+        settings.sample_rate,
+        r.trimmed_seconds,
+        r.dropped.len()
+    ));
+    for (file, why) in r.dropped.iter().take(10) {
+        reporter.note(&format!("  dropped {file}: {why}"));
+    }
+    if r.dropped.len() > 10 {
+        reporter.note(&format!("  ... and {} more dropped", r.dropped.len() - 10));
+    }
+    Ok(corpus)
+}
+
+fn indices_of(corpus: &Corpus, names: &[String]) -> Result<Vec<usize>> {
+    names
+        .iter()
+        .map(|n| {
+            corpus.files.iter().position(|f| &f.name == n).ok_or_else(|| {
+                Error::Config(format!(
+                    "{n}: in the checkpoint's file split but no longer usable under {}: restore it, or train a new checkpoint",
+                    corpus.root.display()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Trains (or resumes) a WaveNet; `stop` is raised by Ctrl-C.
+pub fn train(
+    opts: &TrainOptions,
+    reporter: &mut dyn Reporter,
+    stop: &AtomicBool,
+) -> Result<TrainSummary> {
+    let existing = opts.out.join("config.json").exists();
+    if existing && !opts.resume {
+        return Err(Error::Config(format!(
+            "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+            opts.out.display()
+        )));
+    }
+    // The run's settings: from the checkpoint when resuming, from the options otherwise.
+    let mut manifest = if existing {
+        let mut m = checkpoint::read_manifest(&opts.out)?;
+        m.train.max_steps = opts.train.max_steps;
+        m.train.max_minutes = opts.train.max_minutes;
+        if m.audio.is_none() {
+            return Err(Error::checkpoint(&opts.out, "not an audio checkpoint"));
+        }
+        reporter.note(&format!(
+            "resuming {} at step {}",
+            opts.out.display(),
+            m.state.step
+        ));
+        m
+    } else {
+        if opts.resume {
+            reporter.note(&format!(
+                "no checkpoint in {} yet: starting a new one",
+                opts.out.display()
+            ));
+        }
+        new_manifest(opts)?
+    };
+    let audio = manifest.audio.clone().expect("invariant: audio manifest");
+    let train_corpus = open_corpus(&audio.train_dir, &audio.settings, &opts.cache_dir, reporter)?;
+    let val_corpus = match &audio.val_dir {
+        Some(dir) => Some(open_corpus(
+            dir,
+            &audio.settings,
+            &opts.cache_dir,
+            reporter,
+        )?),
+        None => None,
+    };
+    // The file split: computed once, then always read back from the checkpoint.
+    let (train_files, val_files) = if existing {
+        (
+            indices_of(&train_corpus, &audio.train_files)?,
+            indices_of(
+                val_corpus.as_ref().unwrap_or(&train_corpus),
+                &audio.val_files,
+            )?,
+        )
+    } else {
+        split(&train_corpus, val_corpus.as_ref(), audio.val_fraction)?
+    };
+    let val = val_corpus.as_ref().unwrap_or(&train_corpus);
+    let mut audio = audio;
+    audio.train_files = train_files
+        .iter()
+        .map(|&i| train_corpus.files[i].name.clone())
+        .collect();
+    audio.val_files = val_files
+        .iter()
+        .map(|&i| val.files[i].name.clone())
+        .collect();
+    if !existing && opts.labels {
+        audio.labels = train_corpus.labels();
+        if audio.labels.is_empty() {
+            return Err(Error::Config(format!(
+                "--labels: no subfolders under {}: put each label's files in a folder named after it",
+                audio.train_dir.display()
+            )));
+        }
+        let ModelConfig::Wavenet(cfg) = &mut manifest.model;
+        cfg.num_labels = audio.labels.len();
+    }
+    reporter.note(&format!(
+        "split: {} training files ({:.1} s), {} validation files ({:.1} s)",
+        train_files.len(),
+        train_corpus.seconds(&train_files, audio.settings.sample_rate),
+        val_files.len(),
+        val.seconds(&val_files, audio.settings.sample_rate)
+    ));
+    manifest.audio = Some(audio.clone());
+
+    // Model and optimizer, fresh or restored.
+    let ModelConfig::Wavenet(cfg) = &manifest.model;
+    let params = Params::new(manifest.seed);
+    let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
+    let mut opt = AdamW::new(&params, manifest.train.adamw.clone())?;
+    if existing {
+        checkpoint::load_weights(&opts.out, &manifest, &params)?;
+        checkpoint::load_optimizer(&opts.out, &manifest, &mut opt)?;
+    }
+    let receptive_field = cfg.receptive_field();
+    reporter.note(&format!(
+        "WaveNet: {} layers, {} parameters, receptive field {} samples ({:.0} ms)",
+        cfg.layers(),
+        params.count(),
+        receptive_field,
+        1000.0 * receptive_field as f64 / audio.settings.sample_rate as f64
+    ));
+    let label_names = (!audio.labels.is_empty()).then_some(audio.labels.as_slice());
+    let mut batches = AudioBatches::new(
+        &train_corpus,
+        train_files,
+        val,
+        val_files,
+        receptive_field,
+        audio.window,
+        audio.batch_size,
+        audio.max_val_windows,
+        label_names,
+    )?;
+
+    let mut state = manifest.state.clone();
+    let train_cfg = manifest.train.clone();
+    let out = opts.out.clone();
+    let mut save = |state: &TrainState, opt: &AdamW| -> Result<()> {
+        let mut m = manifest.clone();
+        m.state = state.clone();
+        m.optimizer_steps = opt.t;
+        checkpoint::save(&out, &m, &params, Some(opt))
+    };
+    let stopped = train::train(
+        &model,
+        &mut opt,
+        &mut batches,
+        &train_cfg,
+        &mut state,
+        &mut save,
+        &mut |e| reporter.train_event(&e),
+        stop,
+    )?;
+    let val_nats = state.history.last().map(|e| e.val_nats);
+    let bits = |n: f64| n / std::f64::consts::LN_2;
+    Ok(TrainSummary {
+        checkpoint: opts.out.clone(),
+        steps: state.step,
+        stopped,
+        val_nats,
+        val_bits_per_sample: val_nats.map(bits),
+        best_val_bits_per_sample: state.best_val_nats.map(bits),
+        seconds: state.seconds,
+        parameters: params.count(),
+        receptive_field,
+    })
+}
+
+fn new_manifest(opts: &TrainOptions) -> Result<Manifest> {
+    opts.model.validate()?;
+    opts.train.validate()?;
+    if opts.window == 0 || opts.batch_size == 0 || opts.max_val_windows == 0 {
+        return Err(Error::Config(
+            "--window, --batch-size and --val-windows must be at least 1".into(),
+        ));
+    }
+    if opts.audio.sample_rate < 1000 {
+        return Err(Error::Config(format!(
+            "--sample-rate {} is too low (at least 1000 Hz)",
+            opts.audio.sample_rate
+        )));
+    }
+    Ok(Manifest {
+        format: FORMAT.into(),
+        model: ModelConfig::Wavenet(opts.model.clone()),
+        seed: opts.seed,
+        audio: Some(AudioData {
+            settings: opts.audio.clone(),
+            labels: vec![],
+            train_dir: opts.data_dir.clone(),
+            val_dir: opts.val_dir.clone(),
+            val_fraction: opts.val_fraction,
+            train_files: vec![],
+            val_files: vec![],
+            window: opts.window,
+            batch_size: opts.batch_size,
+            max_val_windows: opts.max_val_windows,
+        }),
+        train: opts.train.clone(),
+        state: TrainState::new(opts.seed),
+        optimizer_steps: 0,
+    })
+}
+
+fn split(train: &Corpus, val: Option<&Corpus>, fraction: f64) -> Result<(Vec<usize>, Vec<usize>)> {
+    match val {
+        Some(v) => Ok((
+            (0..train.files.len()).collect(),
+            (0..v.files.len()).collect(),
+        )),
+        None => {
+            let names: Vec<&str> = train.files.iter().map(|f| f.name.as_str()).collect();
+            split_by_name(&names, fraction)
+        }
+    }
+}
