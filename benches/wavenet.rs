@@ -1,0 +1,77 @@
+//! WaveNet speed on the CPU: generation (cached queues vs naive recomputation, at two
+//! receptive fields) and training throughput of the default config.
+//!
+//! Run: `RAYON_NUM_THREADS=1 cargo bench --bench wavenet`. Throughput is in samples/s
+//! (generated samples, or target samples per training step).
+
+use std::hint::black_box;
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use wavegen::core::params::Params;
+use wavegen::core::sample::{self, Method, SamplerConfig};
+use wavegen::core::{Autoregressive, masked_nll};
+use wavegen::models::wavenet::{Config, WaveNet};
+use wavegen::rng::Rng;
+
+fn model(cfg: &Config) -> WaveNet {
+    WaveNet::new(cfg, Params::new(0).var_builder(DType::F32)).unwrap()
+}
+
+fn generation(c: &mut Criterion) {
+    let mut group = c.benchmark_group("generate");
+    group.sample_size(10);
+    let configs = [("rf256", Config { layers_per_cycle: 8, cycles: 1, ..Config::default() }), ("rf2047", Config::default())];
+    for (name, cfg) in configs {
+        let m = model(&cfg);
+        let rf = cfg.receptive_field();
+        // The stepper's cost per sample does not depend on the history, so it gets a one-sample
+        // prime (priming would be timed too); the naive path gets a full receptive field.
+        for (method, steps, prime_len) in [(Method::Cached, 512, 1), (Method::Naive, if rf > 1000 { 16 } else { 64 }, rf)] {
+            let prime = vec![vec![128u32; prime_len]];
+            group.throughput(Throughput::Elements(steps as u64));
+            let id = BenchmarkId::new(format!("{method:?}").to_lowercase(), name);
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    let mut rng = Rng::new(1);
+                    let out = sample::generate(&m, &prime, None, steps, &SamplerConfig::default(), &mut rng, method, &mut |_| {});
+                    black_box(out.unwrap())
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn training(c: &mut Criterion) {
+    let mut group = c.benchmark_group("train_step");
+    group.sample_size(10);
+    let cfg = Config::default();
+    let params = Params::new(0);
+    let m = WaveNet::new(&cfg, params.var_builder(DType::F32)).unwrap();
+    let mut opt = wavegen::core::optim::AdamW::new(&params, Default::default()).unwrap();
+    let (batch, window) = (4, 4096);
+    let len = cfg.receptive_field() + window;
+    let mut rng = Rng::new(2);
+    let tokens: Vec<u32> = (0..batch * len).map(|_| rng.below(256) as u32).collect();
+    let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
+    let mask: Vec<f32> = (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
+    group.throughput(Throughput::Elements((batch * window) as u64));
+    group.bench_function("default_b4_w4096", |b| {
+        b.iter(|| {
+            let loss = masked_nll(&m.forward(&tokens, None).unwrap(), &tokens, &mask).unwrap();
+            let grads = loss.backward().unwrap();
+            black_box(opt.step(&grads, 1e-4).unwrap())
+        })
+    });
+    group.finish();
+}
+
+fn setup() -> Criterion {
+    wavegen::keep_freed_memory();
+    Criterion::default().configure_from_args()
+}
+
+criterion_group! { name = benches; config = setup(); targets = generation, training }
+criterion_main!(benches);
