@@ -21,21 +21,73 @@ fn model(cfg: &Config) -> WaveNet {
 fn generation(c: &mut Criterion) {
     let mut group = c.benchmark_group("generate");
     group.sample_size(10);
-    let configs = [("rf256", Config { layers_per_cycle: 8, cycles: 1, ..Config::default() }), ("rf2047", Config::default())];
+    let configs = [
+        (
+            "rf256",
+            Config {
+                layers_per_cycle: 8,
+                cycles: 1,
+                ..Config::default()
+            },
+        ),
+        ("rf2047", Config::default()),
+    ];
     for (name, cfg) in configs {
         let m = model(&cfg);
         let rf = cfg.receptive_field();
         // The stepper's cost per sample does not depend on the history, so it gets a one-sample
         // prime (priming would be timed too); the naive path gets a full receptive field.
-        for (method, steps, prime_len) in [(Method::Cached, 512, 1), (Method::Naive, if rf > 1000 { 16 } else { 64 }, rf)] {
+        for (method, steps, prime_len) in [
+            (Method::Cached, 512, 1),
+            (Method::Naive, if rf > 1000 { 16 } else { 64 }, rf),
+        ] {
             let prime = vec![vec![128u32; prime_len]];
             group.throughput(Throughput::Elements(steps as u64));
             let id = BenchmarkId::new(format!("{method:?}").to_lowercase(), name);
             group.bench_function(id, |b| {
                 b.iter(|| {
                     let mut rng = Rng::new(1);
-                    let out = sample::generate(&m, &prime, None, steps, &SamplerConfig::default(), &mut rng, method, &mut |_| {});
+                    let out = sample::generate(
+                        &m,
+                        &prime,
+                        None,
+                        steps,
+                        &SamplerConfig::default(),
+                        &mut rng,
+                        method,
+                        &mut |_| {},
+                    );
                     black_box(out.unwrap())
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn engine(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine");
+    group.sample_size(10);
+    let cfg = Config::default();
+    let m = model(&cfg);
+    for kernels in wavegen::engine::Kernels::available() {
+        let e = wavegen::engine::Engine::new(&m, kernels, false).unwrap();
+        for streams in [1usize, 16] {
+            let steps = 2048;
+            group.throughput(Throughput::Elements((steps * streams) as u64));
+            group.bench_function(BenchmarkId::new(kernels.name, format!("b{streams}")), |b| {
+                b.iter(|| {
+                    let mut specs: Vec<_> = (0..streams)
+                        .map(|i| wavegen::engine::StreamSpec {
+                            sampler: SamplerConfig::default(),
+                            rng: Rng::new(i as u64),
+                            label: 0,
+                        })
+                        .collect();
+                    black_box(
+                        wavegen::engine::generate(&e, &mut specs, &[128], steps, &mut |_| {})
+                            .unwrap(),
+                    )
                 })
             });
         }
@@ -55,7 +107,15 @@ fn training(c: &mut Criterion) {
     let mut rng = Rng::new(2);
     let tokens: Vec<u32> = (0..batch * len).map(|_| rng.below(256) as u32).collect();
     let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
-    let mask: Vec<f32> = (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
+    let mask: Vec<f32> = (0..batch * len)
+        .map(|i| {
+            if i % len >= cfg.receptive_field() {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
     let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
     group.throughput(Throughput::Elements((batch * window) as u64));
     group.bench_function("default_b4_w4096", |b| {
@@ -73,5 +133,5 @@ fn setup() -> Criterion {
     Criterion::default().configure_from_args()
 }
 
-criterion_group! { name = benches; config = setup(); targets = generation, training }
+criterion_group! { name = benches; config = setup(); targets = generation, engine, training }
 criterion_main!(benches);

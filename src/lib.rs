@@ -15,6 +15,7 @@
 pub mod audio;
 pub mod core;
 pub mod data;
+pub mod engine;
 mod error;
 pub mod fsutil;
 pub mod layers;

@@ -277,20 +277,103 @@ fn labels_from_subfolders_condition_training_and_generation() {
     let data = dir.path().join("speakers");
     for (label, freq) in [("alice", 200.0), ("bob", 700.0)] {
         for i in 0..2 {
-            common::write_wav(&data.join(label).join(format!("{i}.wav")), &common::sine(freq, 8000, 0.3, 0.5), 8000, 1, 16, false);
+            common::write_wav(
+                &data.join(label).join(format!("{i}.wav")),
+                &common::sine(freq, 8000, 0.3, 0.5),
+                8000,
+                1,
+                16,
+                false,
+            );
         }
     }
     let ckpt = dir.path().join("ckpt");
     let (d, c) = (data.to_str().unwrap(), ckpt.to_str().unwrap());
-    json(&wavegen(&["train", d, "--out", c, "--preset", "tiny", "--steps", "10", "--labels", "--val-fraction", "0.25", "--sample-rate", "8000", "--json"], &cache));
+    json(&wavegen(
+        &[
+            "train",
+            d,
+            "--out",
+            c,
+            "--preset",
+            "tiny",
+            "--steps",
+            "10",
+            "--labels",
+            "--val-fraction",
+            "0.25",
+            "--sample-rate",
+            "8000",
+            "--json",
+        ],
+        &cache,
+    ));
     let i = json(&wavegen(&["info", c, "--json"], &cache));
-    assert_eq!(i["manifest"]["audio"]["labels"], serde_json::json!(["alice", "bob"]));
+    assert_eq!(
+        i["manifest"]["audio"]["labels"],
+        serde_json::json!(["alice", "bob"])
+    );
     assert_eq!(i["manifest"]["model"]["num_labels"], 2);
     let out = dir.path().join("bob.wav");
     let o = out.to_str().unwrap();
-    json(&wavegen(&["generate", "--checkpoint", c, "--seconds", "0.05", "--out", o, "--label", "bob", "--json"], &cache));
-    assert_clear_error(&wavegen(&["generate", "--checkpoint", c, "--seconds", "0.05", "--out", o], &cache), "--label");
-    assert_clear_error(&wavegen(&["generate", "--checkpoint", c, "--seconds", "0.05", "--out", o, "--label", "carol"], &cache), "carol");
-    let e = json(&wavegen(&["eval", "--checkpoint", c, "--label", "alice", data.join("alice/0.wav").to_str().unwrap(), "--json"], &cache));
+    json(&wavegen(
+        &[
+            "generate",
+            "--checkpoint",
+            c,
+            "--seconds",
+            "0.05",
+            "--out",
+            o,
+            "--label",
+            "bob",
+            "--json",
+        ],
+        &cache,
+    ));
+    assert_clear_error(
+        &wavegen(
+            &[
+                "generate",
+                "--checkpoint",
+                c,
+                "--seconds",
+                "0.05",
+                "--out",
+                o,
+            ],
+            &cache,
+        ),
+        "--label",
+    );
+    assert_clear_error(
+        &wavegen(
+            &[
+                "generate",
+                "--checkpoint",
+                c,
+                "--seconds",
+                "0.05",
+                "--out",
+                o,
+                "--label",
+                "carol",
+            ],
+            &cache,
+        ),
+        "carol",
+    );
+    let e = json(&wavegen(
+        &[
+            "eval",
+            "--checkpoint",
+            c,
+            "--label",
+            "alice",
+            data.join("alice/0.wav").to_str().unwrap(),
+            "--json",
+        ],
+        &cache,
+    ));
     assert!(e["bits_per_sample"].as_f64().unwrap() > 0.0);
 }

@@ -255,7 +255,6 @@ impl Corpus {
             .iter()
             .filter_map(|f| f.label().map(String::from))
             .collect();
-        labels.dedup();
         labels.sort();
         labels.dedup();
         labels

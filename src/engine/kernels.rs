@@ -1,0 +1,263 @@
+//! The engine's arithmetic on plain `f32` slices: `y += x·W` for a few rows `x`, and the
+//! activations. Each kernel is compiled several times, for AVX-512, for AVX2 with FMA and for
+//! any CPU, and [`Kernels::detect`] picks the best one the machine has at run time, so one
+//! binary runs everywhere and uses what it finds.
+
+/// The kernels chosen for this CPU.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    /// `y (rows × out) += x (rows × in) · w (in × out)`.
+    pub matmul_acc: fn(y: &mut [f32], x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize),
+    /// The gated unit of `rows` rows: `pre (rows × 2g)` → `z (rows × g)`, z = tanh(f)·σ(g).
+    pub gate: fn(pre: &[f32], z: &mut [f32], g: usize, exact: bool),
+    /// The instruction set in use.
+    pub name: &'static str,
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// Width of the output tile kept in registers: 64 floats = four AVX-512 or eight AVX2 registers.
+const TILE: usize = 64;
+
+/// The body of `matmul_acc`, instantiated per instruction set. `$madd(a, b, c)` is a·b + c.
+macro_rules! matmul_body {
+    ($y:ident, $x:ident, $w:ident, $rows:ident, $inp:ident, $out:ident, $madd:expr) => {{
+        let madd = $madd;
+        let mut o = 0;
+        while o < $out {
+            let width = TILE.min($out - o);
+            // One tile of W (inp × width) is read once per row of x; it stays in L1.
+            for r in 0..$rows {
+                let xr = &$x[r * $inp..(r + 1) * $inp];
+                let yr = &mut $y[r * $out + o..r * $out + o + width];
+                if width == TILE {
+                    let mut acc = [0f32; TILE];
+                    acc.copy_from_slice(yr);
+                    for (i, &xi) in xr.iter().enumerate() {
+                        let wr = &$w[i * $out + o..i * $out + o + TILE];
+                        for k in 0..TILE {
+                            acc[k] = madd(xi, wr[k], acc[k]);
+                        }
+                    }
+                    yr.copy_from_slice(&acc);
+                } else {
+                    for (i, &xi) in xr.iter().enumerate() {
+                        let wr = &$w[i * $out + o..i * $out + o + width];
+                        for k in 0..width {
+                            yr[k] = madd(xi, wr[k], yr[k]);
+                        }
+                    }
+                }
+            }
+            o += width;
+        }
+    }};
+}
+
+/// e^x for x in about [−87, 88], relative error below 2e-7: x = n·ln2 + r, e^r by a degree-6
+/// polynomial, 2^n by building the exponent bits. Plain arithmetic, so it vectorises.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    // ln 2 in two parts (Cody–Waite), so that n·ln2 is exact enough for large |n|.
+    let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn gate_one(f: f32, g: f32, exact: bool) -> f32 {
+    if exact {
+        f.tanh() * (1.0 / (1.0 + (-g).exp()))
+    } else {
+        // tanh(f) = 1 − 2/(e^{2f} + 1), σ(g) = 1/(1 + e^{−g})
+        let t = 1.0 - 2.0 / (fast_exp(2.0 * f) + 1.0);
+        t / (1.0 + fast_exp(-g))
+    }
+}
+
+macro_rules! gate_body {
+    ($pre:ident, $z:ident, $g:ident, $exact:ident) => {{
+        for (row, zr) in $pre.chunks_exact(2 * $g).zip($z.chunks_exact_mut($g)) {
+            let (f, gt) = row.split_at($g);
+            for k in 0..$g {
+                zr[k] = gate_one(f[k], gt[k], $exact);
+            }
+        }
+    }};
+}
+
+fn matmul_portable(y: &mut [f32], x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) {
+    matmul_body!(y, x, w, rows, inp, out, |a: f32, b: f32, c: f32| a * b + c)
+}
+
+fn gate_portable(pre: &[f32], z: &mut [f32], g: usize, exact: bool) {
+    gate_body!(pre, z, g, exact)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn matmul_avx2(
+        y: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) {
+        matmul_body!(y, x, w, rows, inp, out, |a: f32, b: f32, c: f32| a
+            .mul_add(b, c))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gate_avx2(pre: &[f32], z: &mut [f32], g: usize, exact: bool) {
+        gate_body!(pre, z, g, exact)
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn matmul_avx512(
+        y: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) {
+        matmul_body!(y, x, w, rows, inp, out, |a: f32, b: f32, c: f32| a
+            .mul_add(b, c))
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn gate_avx512(pre: &[f32], z: &mut [f32], g: usize, exact: bool) {
+        gate_body!(pre, z, g, exact)
+    }
+
+    pub fn avx512() -> Option<Kernels> {
+        let ok = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("fma");
+        // SAFETY: only called after the features were detected.
+        ok.then_some(Kernels {
+            matmul_acc: |y, x, w, r, i, o| unsafe { matmul_avx512(y, x, w, r, i, o) },
+            gate: |p, z, g, e| unsafe { gate_avx512(p, z, g, e) },
+            name: "avx512",
+        })
+    }
+
+    pub fn avx2() -> Option<Kernels> {
+        let ok = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        // SAFETY: only called after the features were detected.
+        ok.then_some(Kernels {
+            matmul_acc: |y, x, w, r, i, o| unsafe { matmul_avx2(y, x, w, r, i, o) },
+            gate: |p, z, g, e| unsafe { gate_avx2(p, z, g, e) },
+            name: "avx2+fma",
+        })
+    }
+}
+
+impl Kernels {
+    /// Kernels without any instruction-set extension beyond the target's baseline.
+    pub fn portable() -> Self {
+        Kernels {
+            matmul_acc: matmul_portable,
+            gate: gate_portable,
+            name: "portable",
+        }
+    }
+
+    /// The best kernels for this CPU (`WAVEGEN_KERNELS=portable|avx2` forces a lesser set).
+    pub fn detect() -> Self {
+        let wanted = std::env::var("WAVEGEN_KERNELS").unwrap_or_default();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if wanted.is_empty() || wanted == "avx512" {
+                if let Some(k) = x86::avx512() {
+                    return k;
+                }
+            }
+            if wanted.is_empty() || wanted == "avx512" || wanted == "avx2" {
+                if let Some(k) = x86::avx2() {
+                    return k;
+                }
+            }
+        }
+        let _ = wanted;
+        Kernels::portable()
+    }
+
+    /// Every kernel set this CPU can run (for tests and benchmarks).
+    pub fn available() -> Vec<Self> {
+        let mut all = vec![Kernels::portable()];
+        #[cfg(target_arch = "x86_64")]
+        all.extend([x86::avx2(), x86::avx512()].into_iter().flatten());
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_set_computes_the_same_product_and_gate() {
+        let (rows, inp, out) = (3, 37, 150); // a full tile, a partial tile, odd sizes
+        let x: Vec<f32> = (0..rows * inp)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
+            .collect();
+        let w: Vec<f32> = (0..inp * out)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0)
+            .collect();
+        let mut expected = vec![0.5f32; rows * out];
+        for r in 0..rows {
+            for o in 0..out {
+                expected[r * out + o] += (0..inp)
+                    .map(|i| x[r * inp + i] * w[i * out + o])
+                    .sum::<f32>();
+            }
+        }
+        let pre: Vec<f32> = (0..2 * 40).map(|i| (i as f32 - 40.0) / 4.0).collect();
+        for k in Kernels::available() {
+            let mut y = vec![0.5f32; rows * out];
+            (k.matmul_acc)(&mut y, &x, &w, rows, inp, out);
+            let err = y
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(err < 1e-4, "{}: {err}", k.name);
+            for exact in [true, false] {
+                let mut z = vec![0f32; 40];
+                (k.gate)(&pre, &mut z, 40, exact);
+                for i in 0..40 {
+                    let want = (pre[i] as f64).tanh() / (1.0 + (-pre[40 + i] as f64).exp());
+                    assert!(
+                        (z[i] as f64 - want).abs() < 1e-6,
+                        "{} exact={exact}: {} vs {want}",
+                        k.name,
+                        z[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        for i in -8000..8000 {
+            let x = i as f32 / 100.0;
+            let rel = ((fast_exp(x) as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
+            assert!(rel < 3e-7, "x = {x}: {rel}");
+        }
+    }
+}
