@@ -17,6 +17,7 @@ pub mod core;
 pub mod data;
 pub mod engine;
 mod error;
+pub mod fastmath;
 pub mod fsutil;
 pub mod layers;
 pub mod models;

@@ -6,6 +6,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{Autoregressive, naive_next_logits};
+use crate::fastmath::fast_exp;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -91,20 +92,57 @@ impl SamplerConfig {
         p
     }
 
-    /// Draws one token.
+    /// Draws one token. Without top-k and top-p this allocates nothing (it runs once per audio
+    /// sample in real time): one pass for the normaliser, a second up to the drawn token.
     pub fn sample(&self, logits: &[f32], rng: &mut Rng) -> u32 {
-        let p = self.distribution(logits);
-        let u = rng.uniform();
+        if self.top_k.is_some() || self.top_p.is_some() {
+            return draw_from(&self.distribution(logits), rng);
+        }
+        let best = (0..logits.len())
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .unwrap_or(0);
+        if self.temperature == 0.0 {
+            return best as u32;
+        }
+        let (max, inv_t) = (logits[best], 1.0 / self.temperature);
+        let weight = |l: f32| fast_exp((l - max) * inv_t);
+        // Eight partial sums, so that the compiler can vectorise the first pass.
+        let mut lanes = [0f32; 8];
+        let mut chunks = logits.chunks_exact(8);
+        for chunk in &mut chunks {
+            for k in 0..8 {
+                lanes[k] += weight(chunk[k]);
+            }
+        }
+        let total = lanes.iter().map(|&x| x as f64).sum::<f64>()
+            + chunks
+                .remainder()
+                .iter()
+                .map(|&l| weight(l) as f64)
+                .sum::<f64>();
+        let target = rng.uniform() * total;
         let mut acc = 0.0;
-        for (i, &pi) in p.iter().enumerate() {
-            acc += pi;
-            if u < acc {
+        for (i, &l) in logits.iter().enumerate() {
+            acc += weight(l) as f64;
+            if target < acc {
                 return i as u32;
             }
         }
-        // Rounding left u above the last partial sum: take the last token with mass.
-        p.iter().rposition(|&x| x > 0.0).unwrap_or(0) as u32
+        best as u32 // only reachable through rounding at the very top of the range
     }
+}
+
+fn draw_from(p: &[f64], rng: &mut Rng) -> u32 {
+    let u = rng.uniform();
+    let mut acc = 0.0;
+    for (i, &pi) in p.iter().enumerate() {
+        acc += pi;
+        if u < acc {
+            return i as u32;
+        }
+    }
+    // Rounding left u above the last partial sum: take the last token with mass.
+    p.iter().rposition(|&x| x > 0.0).unwrap_or(0) as u32
 }
 
 /// How the next logits are computed during generation.

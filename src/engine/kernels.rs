@@ -3,6 +3,8 @@
 //! any CPU, and [`Kernels::detect`] picks the best one the machine has at run time, so one
 //! binary runs everywhere and uses what it finds.
 
+use crate::fastmath::fast_exp;
+
 /// The kernels chosen for this CPU.
 #[derive(Clone, Copy)]
 pub struct Kernels {
@@ -20,57 +22,54 @@ impl std::fmt::Debug for Kernels {
     }
 }
 
-/// Width of the output tile kept in registers: 64 floats = four AVX-512 or eight AVX2 registers.
-const TILE: usize = 64;
-
 /// The body of `matmul_acc`, instantiated per instruction set. `$madd(a, b, c)` is a·b + c.
+/// Outputs are done in tiles of 64, 32 or 16 columns whose accumulators stay in registers
+/// while the whole input row is read; one tile of W (in × width) is then reused from L1 by
+/// every row of x.
 macro_rules! matmul_body {
     ($y:ident, $x:ident, $w:ident, $rows:ident, $inp:ident, $out:ident, $madd:expr) => {{
         let madd = $madd;
-        let mut o = 0;
-        while o < $out {
-            let width = TILE.min($out - o);
-            // One tile of W (inp × width) is read once per row of x; it stays in L1.
-            for r in 0..$rows {
-                let xr = &$x[r * $inp..(r + 1) * $inp];
-                let yr = &mut $y[r * $out + o..r * $out + o + width];
-                if width == TILE {
-                    let mut acc = [0f32; TILE];
+        macro_rules! tile {
+            ($o:expr, $width:literal) => {{
+                for r in 0..$rows {
+                    let xr = &$x[r * $inp..(r + 1) * $inp];
+                    let yr = &mut $y[r * $out + $o..r * $out + $o + $width];
+                    let mut acc = [0f32; $width];
                     acc.copy_from_slice(yr);
                     for (i, &xi) in xr.iter().enumerate() {
-                        let wr = &$w[i * $out + o..i * $out + o + TILE];
-                        for k in 0..TILE {
+                        let wr = &$w[i * $out + $o..i * $out + $o + $width];
+                        for k in 0..$width {
                             acc[k] = madd(xi, wr[k], acc[k]);
                         }
                     }
                     yr.copy_from_slice(&acc);
-                } else {
-                    for (i, &xi) in xr.iter().enumerate() {
-                        let wr = &$w[i * $out + o..i * $out + o + width];
-                        for k in 0..width {
-                            yr[k] = madd(xi, wr[k], yr[k]);
-                        }
+                }
+            }};
+        }
+        let mut o = 0;
+        while o + 64 <= $out {
+            tile!(o, 64);
+            o += 64;
+        }
+        if o + 32 <= $out {
+            tile!(o, 32);
+            o += 32;
+        }
+        while o + 16 <= $out {
+            tile!(o, 16);
+            o += 16;
+        }
+        if o < $out {
+            for r in 0..$rows {
+                for i in 0..$inp {
+                    let xi = $x[r * $inp + i];
+                    for k in o..$out {
+                        $y[r * $out + k] = madd(xi, $w[i * $out + k], $y[r * $out + k]);
                     }
                 }
             }
-            o += width;
         }
     }};
-}
-
-/// e^x for x in about [−87, 88], relative error below 2e-7: x = n·ln2 + r, e^r by a degree-6
-/// polynomial, 2^n by building the exponent bits. Plain arithmetic, so it vectorises.
-#[inline(always)]
-fn fast_exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    // ln 2 in two parts (Cody–Waite), so that n·ln2 is exact enough for large |n|.
-    let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 #[inline(always)]
@@ -249,15 +248,6 @@ mod tests {
                     );
                 }
             }
-        }
-    }
-
-    #[test]
-    fn fast_exp_is_accurate() {
-        for i in -8000..8000 {
-            let x = i as f32 / 100.0;
-            let rel = ((fast_exp(x) as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
-            assert!(rel < 3e-7, "x = {x}: {rel}");
         }
     }
 }

@@ -50,7 +50,6 @@ pub struct Streams {
     /// Per layer, the label's contribution to the pre-activation (N × 2G), or empty.
     cond: Vec<Vec<f32>>,
     x: Vec<f32>,
-    taps: Vec<f32>,
     pre: Vec<f32>,
     z: Vec<f32>,
     skip: Vec<f32>,
@@ -139,7 +138,6 @@ impl Engine {
             heads: vec![0; self.layers.len()],
             cond,
             x: vec![0.0; n * c],
-            taps: vec![0.0; n * k * c],
             pre: vec![0.0; n * 2 * g],
             z: vec![0.0; n * g],
             skip: vec![0.0; n * self.cfg.skip_channels],
@@ -178,28 +176,39 @@ impl Engine {
             let slots = (k - 1) * d;
             let ring = &mut s.rings[li];
             let head = s.heads[li];
-            // Stack the taps per stream: x[t − (k−1−j)·d] for j < k−1 (ring slot head + j·d), then x_t.
-            for r in 0..n {
-                let row = &mut s.taps[r * k * c..(r + 1) * k * c];
-                for j in 0..k - 1 {
-                    let slot = (head + j * d) % slots;
-                    row[j * c..(j + 1) * c]
-                        .copy_from_slice(&ring[(slot * n + r) * c..(slot * n + r + 1) * c]);
-                }
-                row[(k - 1) * c..].copy_from_slice(&s.x[r * c..(r + 1) * c]);
-            }
-            // The current input becomes the newest slot (overwriting the oldest).
-            if slots > 0 {
-                ring[head * n * c..(head + 1) * n * c].copy_from_slice(&s.x);
-                s.heads[li] = (head + 1) % slots;
-            }
             for r in 0..n {
                 s.pre[r * 2 * g..(r + 1) * 2 * g].copy_from_slice(&layer.dilated_bias);
             }
             if !s.cond[li].is_empty() {
                 s.pre.iter_mut().zip(&s.cond[li]).for_each(|(p, c)| *p += c);
             }
-            mm(&mut s.pre, &s.taps, &layer.dilated, n, k * c, 2 * g);
+            // Tap j < k−1 reads x[t − (k−1−j)·d], ring slot head + j·d (all N rows of a slot are
+            // contiguous, so each tap is one product); the last tap is the current input.
+            let w_tap = c * 2 * g;
+            for j in 0..k - 1 {
+                let slot = (head + j * d) % slots;
+                mm(
+                    &mut s.pre,
+                    &ring[slot * n * c..(slot + 1) * n * c],
+                    &layer.dilated[j * w_tap..(j + 1) * w_tap],
+                    n,
+                    c,
+                    2 * g,
+                );
+            }
+            mm(
+                &mut s.pre,
+                &s.x,
+                &layer.dilated[(k - 1) * w_tap..],
+                n,
+                c,
+                2 * g,
+            );
+            // The current input becomes the newest slot, over the oldest.
+            if slots > 0 {
+                ring[head * n * c..(head + 1) * n * c].copy_from_slice(&s.x);
+                s.heads[li] = (head + 1) % slots;
+            }
             (self.kernels.gate)(&s.pre, &mut s.z, g, self.exact);
             for r in 0..n {
                 s.x[r * c..(r + 1) * c]
