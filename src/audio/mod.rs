@@ -3,5 +3,6 @@
 
 pub mod analysis;
 pub mod mulaw;
+pub mod output;
 pub mod resample;
 pub mod wav;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod eval;
 mod generate;
+mod play;
 mod report;
 mod train;
 
@@ -30,6 +31,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Generate audio from a checkpoint and write it as WAV.
     Generate(generate::GenerateArgs),
+    /// Generate in real time and play through the speakers.
+    Play(play::PlayArgs),
     /// Score WAV files under a checkpoint: NLL in bits per sample.
     Eval(eval::EvalArgs),
     /// Describe a checkpoint: config, parameters, receptive field, training.
@@ -47,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Play(args) => play::run(args),
         Command::Eval(args) => eval::run_eval(args),
         Command::Info(args) => eval::run_info(args),
     }

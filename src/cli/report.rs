@@ -75,6 +75,14 @@ impl Reporter for Bars {
         }
     }
 
+    fn live(&mut self, line: &str) {
+        use std::io::{IsTerminal, Write};
+        if !self.quiet && std::io::stderr().is_terminal() {
+            eprint!("\r{line}  ");
+            let _ = std::io::stderr().flush();
+        }
+    }
+
     fn train_event(&mut self, event: &Event) {
         if self.quiet {
             return;

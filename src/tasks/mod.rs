@@ -16,6 +16,7 @@ use crate::{Error, Result};
 
 pub mod eval;
 pub mod generate;
+pub mod play;
 pub mod train;
 
 /// Receives progress from long-running work (the CLI draws progress bars; tests ignore it).
@@ -26,6 +27,8 @@ pub trait Reporter {
     fn progress(&mut self, phase: &str, done: u64, total: u64);
     /// A training event.
     fn train_event(&mut self, event: &Event);
+    /// A one-line live status that replaces the previous one (playback).
+    fn live(&mut self, _line: &str) {}
 }
 
 /// A reporter that discards everything.

@@ -1,0 +1,185 @@
+//! `wavegen play` through a real ALSA device with no sound card: a JACK server with its dummy
+//! driver paces playback in real time, and ALSA's `file` plugin records what was played.
+//! Needs `jackd2`, `libasound2-plugins` and `alsa-utils` (installed by `.ci/run`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const JACK_RATE: u32 = 16000;
+
+struct Jack(Child);
+
+impl Drop for Jack {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a dummy-driver JACK server and writes an ALSA config whose default device plays
+/// into it and records to `raw`. Returns the server and the config path.
+fn headless_audio(dir: &Path, raw: &Path) -> (Jack, PathBuf) {
+    let server = format!("wavegen-test-{}", std::process::id());
+    let child = Command::new("jackd")
+        .args([
+            "--no-realtime",
+            "-n",
+            &server,
+            "-d",
+            "dummy",
+            "-r",
+            &JACK_RATE.to_string(),
+            "-p",
+            "256",
+            "-P",
+            "2",
+            "-C",
+            "0",
+        ])
+        .env("JACK_NO_AUDIO_RESERVATION", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect(
+            "jackd is needed for this test: apt-get install jackd2 libasound2-plugins alsa-utils",
+        );
+    let jack = Jack(child);
+    let conf = dir.join("asound.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"pcm.jackmono {{ type jack playback_ports {{ 0 system:playback_1 }} }}
+pcm.jacktee {{ type file slave.pcm "jackmono" file "{}" format "raw" }}
+pcm.!default {{ type plug slave.pcm "jacktee" }}
+ctl.!default {{ type hw card 0 }}
+"#,
+            raw.display()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    while Command::new("jack_lsp")
+        .env("JACK_DEFAULT_SERVER", &server)
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "jackd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unsafe { std::env::set_var("JACK_DEFAULT_SERVER", &server) };
+    (jack, conf)
+}
+
+fn wavegen(args: &[&str], alsa_conf: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wavegen"))
+        .args(args)
+        .env(
+            "ALSA_CONFIG_PATH",
+            format!("/usr/share/alsa/alsa.conf:{}", alsa_conf.display()),
+        )
+        .output()
+        .unwrap()
+}
+
+fn checkpoint() -> String {
+    format!("{}/checkpoints/fsdd", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn play_streams_in_real_time_without_underruns_and_records_what_it_played() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("played.raw");
+    let (_jack, conf) = headless_audio(dir.path(), &raw);
+    let out = dir.path().join("played.wav");
+    let seconds = 2.0;
+    let started = Instant::now();
+    let o = wavegen(
+        &[
+            "play",
+            "--checkpoint",
+            &checkpoint(),
+            "--seconds",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+        &conf,
+    );
+    let wall = started.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["underruns"], 0, "{summary}");
+    assert!(
+        summary["realtime_factor"].as_f64().unwrap() > 1.0,
+        "{summary}"
+    );
+    assert!(
+        wall >= seconds,
+        "playback is paced in real time: took {wall:.2} s for {seconds} s"
+    );
+
+    // What the device received, at the JACK rate.
+    let bytes = std::fs::read(&raw).unwrap();
+    let played: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let captured = played.len() as f64 / JACK_RATE as f64;
+    assert!(
+        (captured - seconds).abs() < 0.15,
+        "captured {captured:.3} s for {seconds} s"
+    );
+    let rms = (played.iter().map(|x| (x * x) as f64).sum::<f64>() / played.len() as f64).sqrt();
+    assert!(rms > 1e-4, "silence (RMS {rms:.2e})");
+
+    // --out holds the same audio at the model rate.
+    let wav = wavegen::audio::wav::read_mono(&out).unwrap();
+    assert_eq!(wav.sample_rate, 8000);
+    assert!(
+        (wav.seconds() - seconds).abs() < 0.1,
+        "{} s in --out",
+        wav.seconds()
+    );
+}
+
+#[test]
+fn no_output_device_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("asound.conf");
+    std::fs::write(
+        &conf,
+        "pcm.!default { type hw card 97 }\nctl.!default { type hw card 97 }\n",
+    )
+    .unwrap();
+    let o = wavegen(
+        &["play", "--checkpoint", &checkpoint(), "--seconds", "1"],
+        &conf,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.contains("--out") && line.contains("--list-devices"),
+        "{line}"
+    );
+    let o = wavegen(
+        &[
+            "play",
+            "--checkpoint",
+            &checkpoint(),
+            "--device",
+            "no-such-device-xyz",
+        ],
+        &conf,
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no-such-device-xyz"));
+}
