@@ -25,38 +25,55 @@ impl std::fmt::Debug for Kernels {
 /// The body of `matmul_acc`, instantiated per instruction set. `$madd(a, b, c)` is a·b + c.
 /// Outputs are done in tiles of 64, 32 or 16 columns whose accumulators stay in registers
 /// while the whole input row is read; one tile of W (in × width) is then reused from L1 by
-/// every row of x.
+/// every row of x. `$split` independent accumulator sets, each taking every `$split`-th
+/// input, keep enough FMAs in flight to hide their latency (16 registers of AVX2 fit one
+/// set of 64 columns; the 32 of AVX-512 fit two).
 macro_rules! matmul_body {
-    ($y:ident, $x:ident, $w:ident, $rows:ident, $inp:ident, $out:ident, $madd:expr) => {{
+    ($y:ident, $x:ident, $w:ident, $rows:ident, $inp:ident, $out:ident, $split:literal, $madd:expr) => {{
         let madd = $madd;
         macro_rules! tile {
-            ($o:expr, $width:literal) => {{
+            ($o:expr, $width:literal, $s:literal) => {{
                 for r in 0..$rows {
                     let xr = &$x[r * $inp..(r + 1) * $inp];
                     let yr = &mut $y[r * $out + $o..r * $out + $o + $width];
-                    let mut acc = [0f32; $width];
-                    acc.copy_from_slice(yr);
-                    for (i, &xi) in xr.iter().enumerate() {
-                        let wr = &$w[i * $out + $o..i * $out + $o + $width];
-                        for k in 0..$width {
-                            acc[k] = madd(xi, wr[k], acc[k]);
+                    let mut acc = [[0f32; $width]; $s];
+                    acc[0].copy_from_slice(yr);
+                    let full = $inp / $s * $s;
+                    for i in (0..full).step_by($s) {
+                        for s in 0..$s {
+                            let xi = xr[i + s];
+                            let wr = &$w[(i + s) * $out + $o..(i + s) * $out + $o + $width];
+                            for k in 0..$width {
+                                acc[s][k] = madd(xi, wr[k], acc[s][k]);
+                            }
                         }
                     }
-                    yr.copy_from_slice(&acc);
+                    for i in full..$inp {
+                        let wr = &$w[i * $out + $o..i * $out + $o + $width];
+                        for k in 0..$width {
+                            acc[0][k] = madd(xr[i], wr[k], acc[0][k]);
+                        }
+                    }
+                    for s in 1..$s {
+                        for k in 0..$width {
+                            acc[0][k] += acc[s][k];
+                        }
+                    }
+                    yr.copy_from_slice(&acc[0]);
                 }
             }};
         }
         let mut o = 0;
         while o + 64 <= $out {
-            tile!(o, 64);
+            tile!(o, 64, $split);
             o += 64;
         }
         if o + 32 <= $out {
-            tile!(o, 32);
+            tile!(o, 32, 2);
             o += 32;
         }
         while o + 16 <= $out {
-            tile!(o, 16);
+            tile!(o, 16, 4);
             o += 16;
         }
         if o < $out {
@@ -95,7 +112,7 @@ macro_rules! gate_body {
 }
 
 fn matmul_portable(y: &mut [f32], x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) {
-    matmul_body!(y, x, w, rows, inp, out, |a: f32, b: f32, c: f32| a * b + c)
+    matmul_body!(y, x, w, rows, inp, out, 1, |a: f32, b: f32, c: f32| a * b + c)
 }
 
 fn gate_portable(pre: &[f32], z: &mut [f32], g: usize, exact: bool) {
@@ -115,8 +132,7 @@ mod x86 {
         inp: usize,
         out: usize,
     ) {
-        matmul_body!(y, x, w, rows, inp, out, |a: f32, b: f32, c: f32| a
-            .mul_add(b, c))
+        matmul_body!(y, x, w, rows, inp, out, 1, |a: f32, b: f32, c: f32| a.mul_add(b, c))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -133,8 +149,7 @@ mod x86 {
         inp: usize,
         out: usize,
     ) {
-        matmul_body!(y, x, w, rows, inp, out, |a: f32, b: f32, c: f32| a
-            .mul_add(b, c))
+        matmul_body!(y, x, w, rows, inp, out, 2, |a: f32, b: f32, c: f32| a.mul_add(b, c))
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
