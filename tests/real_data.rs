@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 
 use wavegen::audio::analysis::check_plausible_audio;
-use wavegen::core::sample::SamplerConfig;
 use wavegen::tasks::generate::{GenerateOptions, generate};
 use wavegen::tasks::{AudioModel, Silent, eval};
 
@@ -21,18 +20,9 @@ fn data_dir() -> PathBuf {
 
 #[test]
 fn the_fsdd_model_generates_plausible_audio() {
-    let opts = GenerateOptions {
-        checkpoint: checkpoint(),
-        seconds: 1.5,
-        out: None,
-        sampler: SamplerConfig::default(),
-        seed: 0,
-        prime: None,
-        label: None,
-        naive: false,
-    };
+    let opts = GenerateOptions::new(checkpoint(), 1.5);
     let g = generate(&opts, &mut Silent).unwrap();
-    match check_plausible_audio(&g.audio) {
+    match check_plausible_audio(&g.audio[0]) {
         Ok(report) => eprintln!("generated audio: {report:?}"),
         Err(why) => panic!("the generated audio is {why}"),
     }

@@ -34,8 +34,6 @@ fn a_tiny_wavenet_learns_a_periodic_signal_and_generates_it_back() {
     assert!(bits < 0.5, "validation NLL {bits} bits/sample");
 
     let opts = GenerateOptions {
-        checkpoint: out.clone(),
-        seconds: 0.1,
         out: Some(dir.path().join("gen.wav")),
         sampler: SamplerConfig {
             temperature: 0.7,
@@ -43,12 +41,11 @@ fn a_tiny_wavenet_learns_a_periodic_signal_and_generates_it_back() {
         },
         seed: 3,
         prime: Some(data.join("p0.wav")),
-        label: None,
-        naive: false,
+        ..GenerateOptions::new(out.clone(), 0.1)
     };
     let g = generate(&opts, &mut Silent).unwrap();
     assert_eq!(g.samples, 800);
-    let c = &g.codes;
+    let c = &g.codes[0];
     let repeats = (0..c.len() - PERIOD)
         .filter(|&t| c[t] == c[t + PERIOD])
         .count() as f64
@@ -58,7 +55,7 @@ fn a_tiny_wavenet_learns_a_periodic_signal_and_generates_it_back() {
         "only {:.0}% of samples repeat with period {PERIOD}",
         100.0 * repeats
     );
-    let f = wavegen::audio::analysis::dominant_frequency(&g.audio, 8000);
+    let f = wavegen::audio::analysis::dominant_frequency(&g.audio[0], 8000);
     assert!(
         (f - 8000.0 / PERIOD as f64).abs() < 5.0,
         "dominant frequency {f} Hz"

@@ -5,4 +5,5 @@ pub mod analysis;
 pub mod mulaw;
 pub mod output;
 pub mod resample;
+pub mod spectrogram;
 pub mod wav;

@@ -5,14 +5,14 @@ use std::process::ExitCode;
 
 use clap::Args;
 use wavegen::core::sample::SamplerConfig;
-use wavegen::tasks::generate::{GenerateOptions, generate};
+use wavegen::tasks::generate::{GenerateOptions, Method, generate};
 
 use super::report::Bars;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory.
-    #[arg(long)]
+    /// Checkpoint directory [default: the shipped real-time model].
+    #[arg(long, default_value = "checkpoints/default")]
     checkpoint: PathBuf,
     /// Seconds of audio to generate.
     #[arg(long, default_value_t = 2.0)]
@@ -38,12 +38,36 @@ pub struct GenerateArgs {
     /// Label to condition on (for models trained with --labels).
     #[arg(long)]
     label: Option<String>,
-    /// Recompute the whole receptive field for every sample (slow; for comparison).
+    /// How to compute: engine (fast f32 kernels), stepper (cached queues on candle tensors)
+    /// or naive (the whole receptive field recomputed for every sample).
+    #[arg(long, value_enum, default_value = "engine")]
+    method: MethodArg,
+    /// The same as --method naive.
     #[arg(long)]
     naive: bool,
+    /// Generate this many independent streams together (seeds SEED, SEED+1, …); one file each
+    /// (OUT-0.wav, …) unless --multichannel.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// Write the streams as the channels of one file.
+    #[arg(long)]
+    multichannel: bool,
+    /// Exact tanh and exp in the engine instead of the fast approximations.
+    #[arg(long)]
+    exact: bool,
+    /// Also draw a log-magnitude spectrogram of the (first) stream to this PNG.
+    #[arg(long)]
+    spectrogram: Option<PathBuf>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    Engine,
+    Stepper,
+    Naive,
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
@@ -59,7 +83,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         seed: a.seed,
         prime: a.prime,
         label: a.label,
-        naive: a.naive,
+        method: match (a.naive, a.method) {
+            (true, _) | (_, MethodArg::Naive) => Method::Naive,
+            (_, MethodArg::Stepper) => Method::Stepper,
+            (_, MethodArg::Engine) => Method::Engine,
+        },
+        streams: a.streams,
+        multichannel: a.multichannel,
+        exact: a.exact,
+        spectrogram: a.spectrogram,
     };
     let mut bars = Bars::new(0, a.json);
     let summary = generate(&opts, &mut bars);
@@ -68,16 +100,17 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         super::print_json(&s)?;
     } else {
+        let files: Vec<String> = s.out.iter().map(|p| p.display().to_string()).collect();
         println!(
-            "wrote {} ({:.2} s at {} Hz): {:.0} samples/s, {:.3}× real time ({})",
-            s.out
-                .as_ref()
-                .map_or("-".into(), |p| p.display().to_string()),
+            "wrote {} ({:.2} s at {} Hz, {} stream(s)): {:.0} samples/s, {:.2}× real time ({:?}{})",
+            files.join(", "),
             s.seconds,
             s.sample_rate,
+            s.streams,
             s.samples_per_second,
             s.realtime_factor,
-            s.method
+            s.method,
+            s.kernels.map_or(String::new(), |k| format!(", {k}"))
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -20,6 +20,9 @@ pub enum Preset {
     Tiny,
     /// 2 cycles of 10 layers, 32 residual/gate and 128 skip/head channels.
     Default,
+    /// 1 cycle of 12 layers (receptive field 4,096), 32 residual/gate, 64 skip/head channels:
+    /// the model `wavegen play` runs in real time.
+    Realtime,
 }
 
 #[derive(Debug, Args)]
@@ -124,10 +127,10 @@ fn cache_dir(flag: Option<PathBuf>) -> PathBuf {
 
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let tiny = matches!(a.preset, Preset::Tiny);
-    let mut model = if tiny {
-        wavenet::Config::tiny()
-    } else {
-        wavenet::Config::default()
+    let mut model = match a.preset {
+        Preset::Tiny => wavenet::Config::tiny(),
+        Preset::Default => wavenet::Config::default(),
+        Preset::Realtime => wavenet::Config::realtime(),
     };
     let overrides = [
         (&mut model.layers_per_cycle, a.layers_per_cycle),

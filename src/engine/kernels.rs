@@ -112,7 +112,8 @@ macro_rules! gate_body {
 }
 
 fn matmul_portable(y: &mut [f32], x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) {
-    matmul_body!(y, x, w, rows, inp, out, 1, |a: f32, b: f32, c: f32| a * b + c)
+    matmul_body!(y, x, w, rows, inp, out, 1, |a: f32, b: f32, c: f32| a * b
+        + c)
 }
 
 fn gate_portable(pre: &[f32], z: &mut [f32], g: usize, exact: bool) {
@@ -132,7 +133,8 @@ mod x86 {
         inp: usize,
         out: usize,
     ) {
-        matmul_body!(y, x, w, rows, inp, out, 1, |a: f32, b: f32, c: f32| a.mul_add(b, c))
+        matmul_body!(y, x, w, rows, inp, out, 1, |a: f32, b: f32, c: f32| a
+            .mul_add(b, c))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -149,7 +151,8 @@ mod x86 {
         inp: usize,
         out: usize,
     ) {
-        matmul_body!(y, x, w, rows, inp, out, 2, |a: f32, b: f32, c: f32| a.mul_add(b, c))
+        matmul_body!(y, x, w, rows, inp, out, 2, |a: f32, b: f32, c: f32| a
+            .mul_add(b, c))
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]

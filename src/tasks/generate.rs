@@ -1,18 +1,34 @@
-//! `wavegen generate`: sample audio from a checkpoint, with the cached stepper (or the naive
-//! recomputation, for comparison), and write it as WAV.
+//! `wavegen generate`: sample audio from a checkpoint and write it as WAV. Three ways to
+//! compute it, giving the same distribution: the streaming engine (default, fastest), the
+//! candle stepper (cached queues on tensors) and the naive recomputation of the whole receptive
+//! field for every sample (the reference).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use super::{AudioModel, Reporter};
-use crate::audio::{mulaw, resample, wav};
+use crate::audio::{mulaw, resample, spectrogram, wav};
 use crate::core::Autoregressive;
-use crate::core::sample::{self, Method, SamplerConfig};
+use crate::core::sample::{self, SamplerConfig};
+use crate::engine::{self, Engine, Kernels, StreamSpec};
 use crate::rng::Rng;
 use crate::{Error, Result};
+
+/// How the logits are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The streaming engine (plain f32 kernels).
+    #[default]
+    Engine,
+    /// The candle model's incremental state.
+    Stepper,
+    /// The candle model's parallel pass over the receptive field, for every sample.
+    Naive,
+}
 
 /// Everything `wavegen generate` needs.
 #[derive(Debug, Clone)]
@@ -21,43 +37,89 @@ pub struct GenerateOptions {
     pub checkpoint: PathBuf,
     /// Seconds of audio to make.
     pub seconds: f64,
-    /// Output WAV (None: keep the audio in memory only).
+    /// Output WAV (None: keep the audio in memory only). With several streams, one file per
+    /// stream (`NAME-0.wav`, …) unless `multichannel`.
     pub out: Option<PathBuf>,
     /// Temperature, top-k, top-p.
     pub sampler: SamplerConfig,
-    /// Seed of the sampler.
+    /// Seed of the sampler; stream i of several uses seed + i.
     pub seed: u64,
     /// A WAV whose last receptive field of samples starts the generation.
     pub prime: Option<PathBuf>,
     /// Global-conditioning label.
     pub label: Option<String>,
-    /// Recompute the whole receptive field for every sample.
-    pub naive: bool,
+    /// How to compute.
+    pub method: Method,
+    /// Independent streams generated together.
+    pub streams: usize,
+    /// Write the streams as the channels of one file.
+    pub multichannel: bool,
+    /// Exact tanh/exp in the engine instead of the fast approximations.
+    pub exact: bool,
+    /// Also draw a spectrogram (of the first stream) to this PNG.
+    pub spectrogram: Option<PathBuf>,
+}
+
+impl GenerateOptions {
+    /// Defaults for everything but the checkpoint and length.
+    pub fn new(checkpoint: PathBuf, seconds: f64) -> Self {
+        GenerateOptions {
+            checkpoint,
+            seconds,
+            out: None,
+            sampler: SamplerConfig::default(),
+            seed: 0,
+            prime: None,
+            label: None,
+            method: Method::Engine,
+            streams: 1,
+            multichannel: false,
+            exact: false,
+            spectrogram: None,
+        }
+    }
 }
 
 /// What was generated.
 #[derive(Debug, Serialize)]
 pub struct GenerateSummary {
-    /// Where the WAV went.
-    pub out: Option<PathBuf>,
-    /// Samples generated.
+    /// The files written.
+    pub out: Vec<PathBuf>,
+    /// Samples generated per stream.
     pub samples: usize,
-    /// Seconds of audio.
+    /// Seconds of audio per stream.
     pub seconds: f64,
     /// Sample rate.
     pub sample_rate: u32,
-    /// Generation speed (samples per wall-clock second, priming excluded).
+    /// Streams generated together.
+    pub streams: usize,
+    /// Samples per wall-clock second over all streams (priming excluded).
     pub samples_per_second: f64,
-    /// Generation speed over the sample rate: above 1 is faster than real time.
+    /// `samples_per_second` over the sample rate: above 1 is faster than real time.
     pub realtime_factor: f64,
-    /// "cached" or "naive".
-    pub method: &'static str,
-    /// The generated audio (not printed).
+    /// How the logits were computed.
+    pub method: Method,
+    /// The engine's kernels (for the engine).
+    pub kernels: Option<&'static str>,
+    /// The generated audio of each stream (not printed).
     #[serde(skip)]
-    pub audio: Vec<f32>,
-    /// The generated codes (not printed).
+    pub audio: Vec<Vec<f32>>,
+    /// The generated codes of each stream (not printed).
     #[serde(skip)]
-    pub codes: Vec<u32>,
+    pub codes: Vec<Vec<u32>>,
+}
+
+/// `out.wav` → `out-3.wav`.
+fn numbered(path: &Path, i: usize) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    path.with_file_name(format!("{stem}-{i}{ext}"))
 }
 
 /// Generates audio.
@@ -69,10 +131,12 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
             opts.seconds
         )));
     }
+    if opts.streams == 0 {
+        return Err(Error::Config("--streams must be at least 1".into()));
+    }
     let m = AudioModel::load(&opts.checkpoint)?;
     let rate = m.audio().settings.sample_rate;
     let label = m.label_index(opts.label.as_deref())?;
-    let labels = label.map(|l| Tensor::new(&[l], &Device::Cpu)).transpose()?;
     let rf = m
         .model
         .receptive_field()
@@ -82,47 +146,89 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
         Some(path) => {
             let audio = wav::read_mono(path)?;
             let samples = resample::resample(&audio.samples, audio.sample_rate, rate)?;
-            let tail = &samples[samples.len().saturating_sub(rf)..];
-            tail.iter().map(|&x| mulaw::encode(x) as u32).collect()
+            samples[samples.len().saturating_sub(rf)..]
+                .iter()
+                .map(|&x| mulaw::encode(x) as u32)
+                .collect()
         }
         None => vec![mulaw::silence() as u32; rf],
     };
     let steps = (opts.seconds * rate as f64).round().max(1.0) as usize;
-    let method = if opts.naive {
-        Method::Naive
-    } else {
-        Method::Cached
-    };
-    let mut rng = Rng::derived(opts.seed, "sample");
+    let n = opts.streams;
     let mut primed_at = None;
-    let codes = sample::generate(
-        &m.model,
-        &[prime],
-        labels.as_ref(),
-        steps,
-        &opts.sampler,
-        &mut rng,
-        method,
-        &mut |done| {
-            primed_at.get_or_insert_with(Instant::now);
-            reporter.progress("generating", done as u64, steps as u64);
-        },
-    )?
-    .remove(0);
+    let mut progress = |done: usize| {
+        primed_at.get_or_insert_with(Instant::now);
+        reporter.progress("generating", done as u64, steps as u64);
+    };
+    let mut kernels = None;
+    let codes = match opts.method {
+        Method::Engine => {
+            let engine = Engine::new(&m.model, Kernels::detect(), opts.exact)?;
+            kernels = Some(engine.kernels().name);
+            let mut specs: Vec<StreamSpec> = (0..n)
+                .map(|i| StreamSpec {
+                    sampler: opts.sampler.clone(),
+                    rng: Rng::derived(opts.seed + i as u64, "sample"),
+                    label: label.unwrap_or(0),
+                })
+                .collect();
+            engine::generate(&engine, &mut specs, &prime, steps, &mut progress)?
+        }
+        Method::Stepper | Method::Naive => {
+            let labels = label
+                .map(|l| Tensor::new(vec![l; n], &Device::Cpu))
+                .transpose()?;
+            let method = if opts.method == Method::Naive {
+                sample::Method::Naive
+            } else {
+                sample::Method::Cached
+            };
+            let mut rng = Rng::derived(opts.seed, "sample");
+            sample::generate(
+                &m.model,
+                &vec![prime; n],
+                labels.as_ref(),
+                steps,
+                &opts.sampler,
+                &mut rng,
+                method,
+                &mut progress,
+            )?
+        }
+    };
     let elapsed = primed_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
-    let samples_per_second = steps as f64 / elapsed.max(1e-9);
-    let audio: Vec<f32> = codes.iter().map(|&c| mulaw::decode(c as u8)).collect();
+    let samples_per_second = (steps * n) as f64 / elapsed.max(1e-9);
+    let audio: Vec<Vec<f32>> = codes
+        .iter()
+        .map(|c| c.iter().map(|&x| mulaw::decode(x as u8)).collect())
+        .collect();
+    let mut written = Vec::new();
     if let Some(out) = &opts.out {
-        wav::write_pcm16(out, rate, &[&audio])?;
+        if n == 1 || opts.multichannel {
+            let channels: Vec<&[f32]> = audio.iter().map(|a| a.as_slice()).collect();
+            wav::write_pcm16(out, rate, &channels)?;
+            written.push(out.clone());
+        } else {
+            for (i, a) in audio.iter().enumerate() {
+                let path = numbered(out, i);
+                wav::write_pcm16(&path, rate, &[a])?;
+                written.push(path);
+            }
+        }
+    }
+    if let Some(png) = &opts.spectrogram {
+        spectrogram::write_png(png, &audio[0])?;
     }
     Ok(GenerateSummary {
-        out: opts.out.clone(),
+        out: written,
         samples: steps,
         seconds: steps as f64 / rate as f64,
         sample_rate: rate,
+        streams: n,
         samples_per_second,
         realtime_factor: samples_per_second / rate as f64,
-        method: if opts.naive { "naive" } else { "cached" },
+        method: opts.method,
+        kernels,
         audio,
         codes,
     })
