@@ -70,7 +70,7 @@ enum MethodArg {
     Naive,
 }
 
-pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
+pub fn run(a: GenerateArgs, threads: Option<usize>) -> anyhow::Result<ExitCode> {
     let opts = GenerateOptions {
         checkpoint: a.checkpoint,
         seconds: a.seconds,
@@ -92,6 +92,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
         multichannel: a.multichannel,
         exact: a.exact,
         spectrogram: a.spectrogram,
+        threads: threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
     let mut bars = Bars::new(0, a.json);
     let summary = generate(&opts, &mut bars);

@@ -17,7 +17,7 @@ mod train;
 #[derive(Debug, Parser)]
 #[command(name = "wavegen", version, about, long_about = None)]
 pub struct Cli {
-    /// Threads for tensor operations (default: all cores).
+    /// Threads for tensor operations and for the engine's streams (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
 
@@ -49,7 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Train(args) => train::run(args),
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(args, cli.threads),
         Command::Play(args) => play::run(args),
         Command::Eval(args) => eval::run_eval(args),
         Command::Info(args) => eval::run_info(args),

@@ -22,6 +22,40 @@ pub struct StreamSpec {
     pub label: u32,
 }
 
+/// Generates `steps` codes for each stream on `threads` threads (streams are split between
+/// them; each stream's output does not depend on the split). `progress` is reported by the
+/// first group only.
+pub fn generate_parallel(
+    engine: &Engine,
+    specs: &mut [StreamSpec],
+    prime: &[u32],
+    steps: usize,
+    threads: usize,
+    progress: &mut dyn FnMut(usize),
+) -> crate::Result<Vec<Vec<u32>>> {
+    let threads = threads.clamp(1, specs.len().max(1));
+    if threads == 1 {
+        return generate(engine, specs, prime, steps, progress);
+    }
+    let per = specs.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut groups = specs.chunks_mut(per);
+        let first = groups.next().expect("invariant: at least one stream");
+        let others: Vec<_> = groups
+            .map(|g| scope.spawn(move || generate(engine, g, prime, steps, &mut |_| {})))
+            .collect();
+        let mut out = generate(engine, first, prime, steps, progress)?;
+        for handle in others {
+            out.extend(
+                handle
+                    .join()
+                    .map_err(|_| crate::Error::Config("a generator thread panicked".into()))??,
+            );
+        }
+        Ok(out)
+    })
+}
+
 /// Generates `steps` codes for each stream after feeding the shared `prime`; `progress(done)`
 /// is called with 0 once primed, then every 1,024 steps.
 pub fn generate(

@@ -58,6 +58,8 @@ pub struct GenerateOptions {
     pub exact: bool,
     /// Also draw a spectrogram (of the first stream) to this PNG.
     pub spectrogram: Option<PathBuf>,
+    /// Threads the engine splits the streams over.
+    pub threads: usize,
 }
 
 impl GenerateOptions {
@@ -76,6 +78,7 @@ impl GenerateOptions {
             multichannel: false,
             exact: false,
             spectrogram: None,
+            threads: 1,
         }
     }
 }
@@ -172,7 +175,14 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
                     label: label.unwrap_or(0),
                 })
                 .collect();
-            engine::generate(&engine, &mut specs, &prime, steps, &mut progress)?
+            engine::generate_parallel(
+                &engine,
+                &mut specs,
+                &prime,
+                steps,
+                opts.threads,
+                &mut progress,
+            )?
         }
         Method::Stepper | Method::Naive => {
             let labels = label
