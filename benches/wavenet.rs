@@ -2,7 +2,8 @@
 //! receptive fields) and training throughput of the default config.
 //!
 //! Run: `RAYON_NUM_THREADS=1 cargo bench --bench wavenet`. Throughput is in samples/s
-//! (generated samples, or target samples per training step).
+//! (generated samples over all streams, or target samples per training step); divide by the
+//! sample rate for the real-time factor.
 
 use std::hint::black_box;
 
@@ -65,6 +66,49 @@ fn generation(c: &mut Criterion) {
     group.finish();
 }
 
+/// The default real-time config (issue 3): naive, candle stepper and engine, batch 1 and 16.
+fn realtime(c: &mut Criterion) {
+    let mut group = c.benchmark_group("realtime");
+    group.sample_size(10);
+    let cfg = Config::realtime();
+    let m = model(&cfg);
+    let rf = cfg.receptive_field();
+    let sampler = SamplerConfig::default();
+    for streams in [1usize, 16] {
+        // naive: a full receptive field of history; stepper: a one-sample prime (its cost per
+        // sample does not depend on the history).
+        let naive_steps = 8;
+        group.throughput(Throughput::Elements((naive_steps * streams) as u64));
+        group.bench_function(BenchmarkId::new("naive", format!("b{streams}")), |b| {
+            let prime = vec![vec![128u32; rf]; streams];
+            b.iter(|| black_box(sample::generate(&m, &prime, None, naive_steps, &sampler, &mut Rng::new(1), Method::Naive, &mut |_| {}).unwrap()))
+        });
+        let steps = 256;
+        group.throughput(Throughput::Elements((steps * streams) as u64));
+        group.bench_function(BenchmarkId::new("stepper", format!("b{streams}")), |b| {
+            let prime = vec![vec![128u32; 1]; streams];
+            b.iter(|| black_box(sample::generate(&m, &prime, None, steps, &sampler, &mut Rng::new(1), Method::Cached, &mut |_| {}).unwrap()))
+        });
+        let e = wavegen::engine::Engine::new(&m, wavegen::engine::Kernels::detect(), false).unwrap();
+        let steps = 8192;
+        for threads in [1usize, 2] {
+            if streams == 1 && threads > 1 {
+                continue;
+            }
+            group.throughput(Throughput::Elements((steps * streams) as u64));
+            group.bench_function(BenchmarkId::new(format!("engine_{threads}t"), format!("b{streams}")), |b| {
+                b.iter(|| {
+                    let mut specs: Vec<_> =
+                        (0..streams).map(|i| wavegen::engine::StreamSpec { sampler: sampler.clone(), rng: Rng::new(i as u64), label: 0 }).collect();
+                    black_box(wavegen::engine::generate_parallel(&e, &mut specs, &[128], steps, threads, &mut |_| {}).unwrap())
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+/// The engine's kernel sets on the default (non-real-time) config.
 fn engine(c: &mut Criterion) {
     let mut group = c.benchmark_group("engine");
     group.sample_size(10);
@@ -133,5 +177,5 @@ fn setup() -> Criterion {
     Criterion::default().configure_from_args()
 }
 
-criterion_group! { name = benches; config = setup(); targets = generation, engine, training }
+criterion_group! { name = benches; config = setup(); targets = generation, realtime, engine, training }
 criterion_main!(benches);
