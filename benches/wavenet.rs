@@ -22,26 +22,16 @@ fn model(cfg: &Config) -> WaveNet {
 fn generation(c: &mut Criterion) {
     let mut group = c.benchmark_group("generate");
     group.sample_size(10);
-    let configs = [
-        (
-            "rf256",
-            Config {
-                layers_per_cycle: 8,
-                cycles: 1,
-                ..Config::default()
-            },
-        ),
-        ("rf2047", Config::default()),
-    ];
+    let configs =
+        [("rf256", Config { layers_per_cycle: 8, cycles: 1, ..Config::default() }), ("rf2047", Config::default())];
     for (name, cfg) in configs {
         let m = model(&cfg);
         let rf = cfg.receptive_field();
         // The stepper's cost per sample does not depend on the history, so it gets a one-sample
         // prime (priming would be timed too); the naive path gets a full receptive field.
-        for (method, steps, prime_len) in [
-            (Method::Cached, 512, 1),
-            (Method::Naive, if rf > 1000 { 16 } else { 64 }, rf),
-        ] {
+        for (method, steps, prime_len) in
+            [(Method::Cached, 512, 1), (Method::Naive, if rf > 1000 { 16 } else { 64 }, rf)]
+        {
             let prime = vec![vec![128u32; prime_len]];
             group.throughput(Throughput::Elements(steps as u64));
             let id = BenchmarkId::new(format!("{method:?}").to_lowercase(), name);
@@ -81,13 +71,32 @@ fn realtime(c: &mut Criterion) {
         group.throughput(Throughput::Elements((naive_steps * streams) as u64));
         group.bench_function(BenchmarkId::new("naive", format!("b{streams}")), |b| {
             let prime = vec![vec![128u32; rf]; streams];
-            b.iter(|| black_box(sample::generate(&m, &prime, None, naive_steps, &sampler, &mut Rng::new(1), Method::Naive, &mut |_| {}).unwrap()))
+            b.iter(|| {
+                black_box(
+                    sample::generate(
+                        &m,
+                        &prime,
+                        None,
+                        naive_steps,
+                        &sampler,
+                        &mut Rng::new(1),
+                        Method::Naive,
+                        &mut |_| {},
+                    )
+                    .unwrap(),
+                )
+            })
         });
         let steps = 256;
         group.throughput(Throughput::Elements((steps * streams) as u64));
         group.bench_function(BenchmarkId::new("stepper", format!("b{streams}")), |b| {
             let prime = vec![vec![128u32; 1]; streams];
-            b.iter(|| black_box(sample::generate(&m, &prime, None, steps, &sampler, &mut Rng::new(1), Method::Cached, &mut |_| {}).unwrap()))
+            b.iter(|| {
+                black_box(
+                    sample::generate(&m, &prime, None, steps, &sampler, &mut Rng::new(1), Method::Cached, &mut |_| {})
+                        .unwrap(),
+                )
+            })
         });
         let e = wavegen::engine::Engine::new(&m, wavegen::engine::Kernels::detect(), false).unwrap();
         let steps = 8192;
@@ -98,9 +107,17 @@ fn realtime(c: &mut Criterion) {
             group.throughput(Throughput::Elements((steps * streams) as u64));
             group.bench_function(BenchmarkId::new(format!("engine_{threads}t"), format!("b{streams}")), |b| {
                 b.iter(|| {
-                    let mut specs: Vec<_> =
-                        (0..streams).map(|i| wavegen::engine::StreamSpec { sampler: sampler.clone(), rng: Rng::new(i as u64), label: 0 }).collect();
-                    black_box(wavegen::engine::generate_parallel(&e, &mut specs, &[128], steps, threads, &mut |_| {}).unwrap())
+                    let mut specs: Vec<_> = (0..streams)
+                        .map(|i| wavegen::engine::StreamSpec {
+                            sampler: sampler.clone(),
+                            rng: Rng::new(i as u64),
+                            label: 0,
+                        })
+                        .collect();
+                    black_box(
+                        wavegen::engine::generate_parallel(&e, &mut specs, &[128], steps, threads, &mut |_| {})
+                            .unwrap(),
+                    )
                 })
             });
         }
@@ -128,10 +145,7 @@ fn engine(c: &mut Criterion) {
                             label: 0,
                         })
                         .collect();
-                    black_box(
-                        wavegen::engine::generate(&e, &mut specs, &[128], steps, &mut |_| {})
-                            .unwrap(),
-                    )
+                    black_box(wavegen::engine::generate(&e, &mut specs, &[128], steps, &mut |_| {}).unwrap())
                 })
             });
         }
@@ -151,15 +165,7 @@ fn training(c: &mut Criterion) {
     let mut rng = Rng::new(2);
     let tokens: Vec<u32> = (0..batch * len).map(|_| rng.below(256) as u32).collect();
     let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
-    let mask: Vec<f32> = (0..batch * len)
-        .map(|i| {
-            if i % len >= cfg.receptive_field() {
-                1.0
-            } else {
-                0.0
-            }
-        })
-        .collect();
+    let mask: Vec<f32> = (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
     group.throughput(Throughput::Elements((batch * window) as u64));
     group.bench_function("default_b4_w4096", |b| {

@@ -16,9 +16,7 @@ pub enum Error {
     },
 
     /// A WAV file could not be decoded.
-    #[error(
-        "{path}: not a readable WAV file ({reason}); re-export it as PCM or float WAV, or remove it"
-    )]
+    #[error("{path}: not a readable WAV file ({reason}); re-export it as PCM or float WAV, or remove it")]
     BadWav {
         /// The file.
         path: PathBuf,
@@ -81,17 +79,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     /// A checkpoint error on `path`.
     pub fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::Checkpoint {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Error::Checkpoint { path: path.into(), reason: reason.into() }
     }
 }

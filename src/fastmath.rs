@@ -11,10 +11,7 @@ pub fn fast_exp(x: f32) -> f32 {
     let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
     // ln 2 in two parts (Cody–Waite), so that n·ln2 is exact enough for large |n|.
     let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 

@@ -9,19 +9,13 @@ use std::path::{Path, PathBuf};
 use crate::{Error, Result};
 
 /// Writes `path` atomically; `fill` writes the content into the temporary file.
-pub fn write_atomically(
-    path: &Path,
-    fill: impl FnOnce(&File) -> std::io::Result<()>,
-) -> Result<()> {
+pub fn write_atomically(path: &Path, fill: impl FnOnce(&File) -> std::io::Result<()>) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let file = File::create(&tmp)?;

@@ -15,17 +15,9 @@ fn wavegen(args: &[&str], cache: &Path) -> Output {
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
-    assert_eq!(
-        stdout.lines().count(),
-        1,
-        "one JSON object on stdout: {stdout}"
-    );
+    assert_eq!(stdout.lines().count(), 1, "one JSON object on stdout: {stdout}");
     serde_json::from_str(&stdout).unwrap()
 }
 
@@ -34,14 +26,8 @@ fn assert_clear_error(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "should have failed");
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line in {stderr}"));
-    assert!(
-        line.contains(needle),
-        "error {line:?} should mention {needle:?}"
-    );
+    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in {stderr}"));
+    assert!(line.contains(needle), "error {line:?} should mention {needle:?}");
 }
 
 #[test]
@@ -52,36 +38,15 @@ fn train_info_generate_eval_with_json() {
     let ckpt = dir.path().join("ckpt");
     let (d, c) = (data.to_str().unwrap(), ckpt.to_str().unwrap());
 
-    let t = json(&wavegen(
-        &[
-            "train",
-            d,
-            "--out",
-            c,
-            "--preset",
-            "tiny",
-            "--sample-rate",
-            "8000",
-            "--json",
-        ],
-        &cache,
-    ));
+    let t = json(&wavegen(&["train", d, "--out", c, "--preset", "tiny", "--sample-rate", "8000", "--json"], &cache));
     assert_eq!(t["steps"], 50);
     assert!(t["val_bits_per_sample"].as_f64().unwrap() > 0.0);
     for f in ["model.safetensors", "optimizer.safetensors", "config.json"] {
         assert!(ckpt.join(f).is_file(), "{f}");
     }
     // Training again into the same directory needs --resume.
-    assert_clear_error(
-        &wavegen(&["train", d, "--out", c, "--preset", "tiny"], &cache),
-        "--resume",
-    );
-    let r = json(&wavegen(
-        &[
-            "train", d, "--out", c, "--resume", "--steps", "60", "--json",
-        ],
-        &cache,
-    ));
+    assert_clear_error(&wavegen(&["train", d, "--out", c, "--preset", "tiny"], &cache), "--resume");
+    let r = json(&wavegen(&["train", d, "--out", c, "--resume", "--steps", "60", "--json"], &cache));
     assert_eq!(r["steps"], 60);
 
     let i = json(&wavegen(&["info", c, "--json"], &cache));
@@ -91,18 +56,7 @@ fn train_info_generate_eval_with_json() {
 
     let wav = dir.path().join("g.wav");
     let g = json(&wavegen(
-        &[
-            "generate",
-            "--checkpoint",
-            c,
-            "--seconds",
-            "0.25",
-            "--out",
-            wav.to_str().unwrap(),
-            "--seed",
-            "4",
-            "--json",
-        ],
+        &["generate", "--checkpoint", c, "--seconds", "0.25", "--out", wav.to_str().unwrap(), "--seed", "4", "--json"],
         &cache,
     ));
     assert_eq!(g["samples"], 2000);
@@ -111,38 +65,13 @@ fn train_info_generate_eval_with_json() {
     assert!(g["realtime_factor"].as_f64().unwrap() > 0.0);
     let first = std::fs::read(&wav).unwrap();
     json(&wavegen(
-        &[
-            "generate",
-            "--checkpoint",
-            c,
-            "--seconds",
-            "0.25",
-            "--out",
-            wav.to_str().unwrap(),
-            "--seed",
-            "4",
-            "--json",
-        ],
+        &["generate", "--checkpoint", c, "--seconds", "0.25", "--out", wav.to_str().unwrap(), "--seed", "4", "--json"],
         &cache,
     ));
     assert_eq!(first, std::fs::read(&wav).unwrap(), "same seed, same audio");
 
-    let e = json(&wavegen(
-        &[
-            "eval",
-            "--checkpoint",
-            c,
-            data.join("p0.wav").to_str().unwrap(),
-            d,
-            "--json",
-        ],
-        &cache,
-    ));
-    assert_eq!(
-        e["files"].as_array().unwrap().len(),
-        4,
-        "one file plus the three of the folder"
-    );
+    let e = json(&wavegen(&["eval", "--checkpoint", c, data.join("p0.wav").to_str().unwrap(), d, "--json"], &cache));
+    assert_eq!(e["files"].as_array().unwrap().len(), 4, "one file plus the three of the folder");
     assert!(e["bits_per_sample"].as_f64().unwrap() > 0.0);
     assert!(e["files"][0]["bits_per_sample"].as_f64().unwrap() > 0.0);
 }
@@ -157,17 +86,7 @@ fn bad_input_gets_a_clear_error() {
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     assert_clear_error(
-        &wavegen(
-            &[
-                "train",
-                empty.to_str().unwrap(),
-                "--out",
-                o,
-                "--preset",
-                "tiny",
-            ],
-            &cache,
-        ),
+        &wavegen(&["train", empty.to_str().unwrap(), "--out", o, "--preset", "tiny"], &cache),
         "no .wav files",
     );
 
@@ -175,42 +94,19 @@ fn bad_input_gets_a_clear_error() {
     std::fs::create_dir(&fake).unwrap();
     std::fs::write(fake.join("song.wav"), "this is a text file").unwrap();
     assert_clear_error(
-        &wavegen(
-            &[
-                "train",
-                fake.to_str().unwrap(),
-                "--out",
-                o,
-                "--preset",
-                "tiny",
-            ],
-            &cache,
-        ),
+        &wavegen(&["train", fake.to_str().unwrap(), "--out", o, "--preset", "tiny"], &cache),
         "song.wav",
     );
 
     // A real WAV cut short: the header promises more samples than the file holds.
     let good = dir.path().join("good.wav");
-    common::write_wav(
-        &good,
-        &common::sine(200.0, 8000, 0.5, 0.5),
-        8000,
-        1,
-        16,
-        false,
-    );
+    common::write_wav(&good, &common::sine(200.0, 8000, 0.5, 0.5), 8000, 1, 16, false);
     let bytes = std::fs::read(&good).unwrap();
     let truncated = dir.path().join("truncated.wav");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
 
-    assert_clear_error(
-        &wavegen(&["info", dir.path().join("nope").to_str().unwrap()], &cache),
-        "no such directory",
-    );
-    assert_clear_error(
-        &wavegen(&["generate", "--checkpoint", o, "--out", "x.wav"], &cache),
-        "no such directory",
-    );
+    assert_clear_error(&wavegen(&["info", dir.path().join("nope").to_str().unwrap()], &cache), "no such directory");
+    assert_clear_error(&wavegen(&["generate", "--checkpoint", o, "--out", "x.wav"], &cache), "no such directory");
 
     // A checkpoint whose weights do not fit its config.
     let data = common::periodic_folder(dir.path(), 2, 16, 8000, 0.2);
@@ -218,54 +114,23 @@ fn bad_input_gets_a_clear_error() {
     let c = ckpt.to_str().unwrap();
     assert!(
         wavegen(
-            &[
-                "train",
-                data.to_str().unwrap(),
-                "--out",
-                c,
-                "--preset",
-                "tiny",
-                "--steps",
-                "2",
-                "--sample-rate",
-                "8000"
-            ],
+            &["train", data.to_str().unwrap(), "--out", c, "--preset", "tiny", "--steps", "2", "--sample-rate", "8000"],
             &cache
         )
         .status
         .success()
     );
-    assert_clear_error(
-        &wavegen(
-            &["eval", "--checkpoint", c, truncated.to_str().unwrap()],
-            &cache,
-        ),
-        "truncated.wav",
-    );
+    assert_clear_error(&wavegen(&["eval", "--checkpoint", c, truncated.to_str().unwrap()], &cache), "truncated.wav");
     let config = ckpt.join("config.json");
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("\"residual_channels\": 8", "\"residual_channels\": 12"),
-    )
-    .unwrap();
+    std::fs::write(&config, text.replace("\"residual_channels\": 8", "\"residual_channels\": 12")).unwrap();
     assert_clear_error(&wavegen(&["info", c], &cache), "embed.weight");
     std::fs::write(&config, "{ not json").unwrap();
     assert_clear_error(&wavegen(&["info", c], &cache), "config.json");
 
     // Settings out of range.
     assert_clear_error(
-        &wavegen(
-            &[
-                "generate",
-                "--checkpoint",
-                c,
-                "--out",
-                "x.wav",
-                "--temperature=-1",
-            ],
-            &cache,
-        ),
+        &wavegen(&["generate", "--checkpoint", c, "--out", "x.wav", "--temperature=-1"], &cache),
         "temperature",
     );
 }
@@ -309,70 +174,21 @@ fn labels_from_subfolders_condition_training_and_generation() {
         &cache,
     ));
     let i = json(&wavegen(&["info", c, "--json"], &cache));
-    assert_eq!(
-        i["manifest"]["audio"]["labels"],
-        serde_json::json!(["alice", "bob"])
-    );
+    assert_eq!(i["manifest"]["audio"]["labels"], serde_json::json!(["alice", "bob"]));
     assert_eq!(i["manifest"]["model"]["num_labels"], 2);
     let out = dir.path().join("bob.wav");
     let o = out.to_str().unwrap();
     json(&wavegen(
-        &[
-            "generate",
-            "--checkpoint",
-            c,
-            "--seconds",
-            "0.05",
-            "--out",
-            o,
-            "--label",
-            "bob",
-            "--json",
-        ],
+        &["generate", "--checkpoint", c, "--seconds", "0.05", "--out", o, "--label", "bob", "--json"],
         &cache,
     ));
+    assert_clear_error(&wavegen(&["generate", "--checkpoint", c, "--seconds", "0.05", "--out", o], &cache), "--label");
     assert_clear_error(
-        &wavegen(
-            &[
-                "generate",
-                "--checkpoint",
-                c,
-                "--seconds",
-                "0.05",
-                "--out",
-                o,
-            ],
-            &cache,
-        ),
-        "--label",
-    );
-    assert_clear_error(
-        &wavegen(
-            &[
-                "generate",
-                "--checkpoint",
-                c,
-                "--seconds",
-                "0.05",
-                "--out",
-                o,
-                "--label",
-                "carol",
-            ],
-            &cache,
-        ),
+        &wavegen(&["generate", "--checkpoint", c, "--seconds", "0.05", "--out", o, "--label", "carol"], &cache),
         "carol",
     );
     let e = json(&wavegen(
-        &[
-            "eval",
-            "--checkpoint",
-            c,
-            "--label",
-            "alice",
-            data.join("alice/0.wav").to_str().unwrap(),
-            "--json",
-        ],
+        &["eval", "--checkpoint", c, "--label", "alice", data.join("alice/0.wav").to_str().unwrap(), "--json"],
         &cache,
     ));
     assert!(e["bits_per_sample"].as_f64().unwrap() > 0.0);

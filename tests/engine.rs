@@ -12,52 +12,13 @@ use wavegen::models::wavenet::{Config, WaveNet};
 use wavegen::rng::Rng;
 
 fn configs() -> Vec<(&'static str, Config)> {
-    let base = Config {
-        residual_channels: 16,
-        gate_channels: 12,
-        skip_channels: 70,
-        head_channels: 40,
-        ..Config::tiny()
-    };
+    let base =
+        Config { residual_channels: 16, gate_channels: 12, skip_channels: 70, head_channels: 40, ..Config::tiny() };
     vec![
-        (
-            "k2",
-            Config {
-                layers_per_cycle: 5,
-                cycles: 2,
-                kernel_width: 2,
-                ..base.clone()
-            },
-        ),
-        (
-            "k3",
-            Config {
-                layers_per_cycle: 3,
-                cycles: 2,
-                kernel_width: 3,
-                ..base.clone()
-            },
-        ),
-        (
-            "k2 labels",
-            Config {
-                layers_per_cycle: 4,
-                cycles: 1,
-                kernel_width: 2,
-                num_labels: 3,
-                ..base.clone()
-            },
-        ),
-        (
-            "k4 labels",
-            Config {
-                layers_per_cycle: 2,
-                cycles: 2,
-                kernel_width: 4,
-                num_labels: 2,
-                ..base
-            },
-        ),
+        ("k2", Config { layers_per_cycle: 5, cycles: 2, kernel_width: 2, ..base.clone() }),
+        ("k3", Config { layers_per_cycle: 3, cycles: 2, kernel_width: 3, ..base.clone() }),
+        ("k2 labels", Config { layers_per_cycle: 4, cycles: 1, kernel_width: 2, num_labels: 3, ..base.clone() }),
+        ("k4 labels", Config { layers_per_cycle: 2, cycles: 2, kernel_width: 4, num_labels: 2, ..base }),
     ]
 }
 
@@ -65,19 +26,11 @@ fn configs() -> Vec<(&'static str, Config)> {
 fn compare(model: &WaveNet, engine: &Engine, len: usize, seed: u64) -> (f32, bool) {
     let n = 3;
     let mut rng = Rng::new(seed);
-    let rows: Vec<Vec<u32>> = (0..n)
-        .map(|_| (0..len).map(|_| rng.below(256) as u32).collect())
-        .collect();
-    let labels: Vec<u32> = (0..n as u32)
-        .map(|i| i % model.cfg.num_labels.max(1) as u32)
-        .collect();
-    let label_tensor =
-        (model.cfg.num_labels > 0).then(|| Tensor::new(labels.clone(), &Device::Cpu).unwrap());
+    let rows: Vec<Vec<u32>> = (0..n).map(|_| (0..len).map(|_| rng.below(256) as u32).collect()).collect();
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % model.cfg.num_labels.max(1) as u32).collect();
+    let label_tensor = (model.cfg.num_labels > 0).then(|| Tensor::new(labels.clone(), &Device::Cpu).unwrap());
     let full = model
-        .forward(
-            &Tensor::new(rows.clone(), &Device::Cpu).unwrap(),
-            label_tensor.as_ref(),
-        )
+        .forward(&Tensor::new(rows.clone(), &Device::Cpu).unwrap(), label_tensor.as_ref())
         .unwrap()
         .to_vec3::<f32>()
         .unwrap();
@@ -85,20 +38,12 @@ fn compare(model: &WaveNet, engine: &Engine, len: usize, seed: u64) -> (f32, boo
     let (mut worst, mut same_argmax) = (0f32, true);
     let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
     for t in 0..len {
-        let prev: Vec<u32> = rows
-            .iter()
-            .map(|r| if t > 0 { r[t - 1] } else { 0 })
-            .collect();
+        let prev: Vec<u32> = rows.iter().map(|r| if t > 0 { r[t - 1] } else { 0 }).collect();
         let logits = engine.step(&mut streams, (t > 0).then_some(prev.as_slice()));
         for r in 0..n {
             let got = &logits[r * 256..(r + 1) * 256];
             let want = &full[r][t];
-            worst = worst.max(
-                got.iter()
-                    .zip(want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max),
-            );
+            worst = worst.max(got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max));
             same_argmax &= argmax(got) == argmax(want);
         }
     }
@@ -132,10 +77,7 @@ fn engine_logits_equal_the_parallel_pass_for_the_trained_model() {
     for exact in [true, false] {
         let engine = Engine::new(&m.model, Kernels::detect(), exact).unwrap();
         let (worst, same) = compare(&m.model, &engine, m.model.cfg.receptive_field() + 200, 6);
-        assert!(
-            worst <= 1e-3 && same,
-            "exact={exact}: max diff {worst}, same argmax {same}"
-        );
+        assert!(worst <= 1e-3 && same, "exact={exact}: max diff {worst}, same argmax {same}");
     }
 }
 
@@ -146,10 +88,7 @@ fn with_exact_activations_the_engine_makes_the_same_audio_as_the_stepper() {
         let label = if cfg.num_labels > 0 { 1 } else { 0 };
         let labels = (cfg.num_labels > 0).then(|| Tensor::new(&[label], &Device::Cpu).unwrap());
         let prime: Vec<u32> = (0..50).map(|i| (i * 11 % 256) as u32).collect();
-        let sampler = SamplerConfig {
-            temperature: 0.9,
-            ..Default::default()
-        };
+        let sampler = SamplerConfig { temperature: 0.9, ..Default::default() };
         let stepper = sample::generate(
             &model,
             &[prime.clone()],
@@ -162,11 +101,7 @@ fn with_exact_activations_the_engine_makes_the_same_audio_as_the_stepper() {
         )
         .unwrap();
         let engine = Engine::new(&model, Kernels::detect(), true).unwrap();
-        let mut specs = [StreamSpec {
-            sampler: sampler.clone(),
-            rng: Rng::new(8),
-            label,
-        }];
+        let mut specs = [StreamSpec { sampler: sampler.clone(), rng: Rng::new(8), label }];
         let fast = engine::generate(&engine, &mut specs, &prime, 300, &mut |_| {}).unwrap();
         assert_eq!(stepper, fast, "{name}");
     }

@@ -41,9 +41,7 @@ fn headless_audio(dir: &Path, raw: &Path) -> (Jack, PathBuf) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect(
-            "jackd is needed for this test: apt-get install jackd2 libasound2-plugins alsa-utils",
-        );
+        .expect("jackd is needed for this test: apt-get install jackd2 libasound2-plugins alsa-utils");
     let jack = Jack(child);
     let conf = dir.join("asound.conf");
     std::fs::write(
@@ -59,15 +57,8 @@ ctl.!default {{ type hw card 0 }}
     )
     .unwrap();
     let started = Instant::now();
-    while Command::new("jack_lsp")
-        .env("JACK_DEFAULT_SERVER", &server)
-        .output()
-        .map_or(true, |o| !o.status.success())
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "jackd did not start"
-        );
+    while Command::new("jack_lsp").env("JACK_DEFAULT_SERVER", &server).output().map_or(true, |o| !o.status.success()) {
+        assert!(started.elapsed() < Duration::from_secs(10), "jackd did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
     unsafe { std::env::set_var("JACK_DEFAULT_SERVER", &server) };
@@ -77,10 +68,7 @@ ctl.!default {{ type hw card 0 }}
 fn wavegen(args: &[&str], alsa_conf: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wavegen"))
         .args(args)
-        .env(
-            "ALSA_CONFIG_PATH",
-            format!("/usr/share/alsa/alsa.conf:{}", alsa_conf.display()),
-        )
+        .env("ALSA_CONFIG_PATH", format!("/usr/share/alsa/alsa.conf:{}", alsa_conf.display()))
         .output()
         .unwrap()
 }
@@ -98,88 +86,41 @@ fn play_streams_in_real_time_without_underruns_and_records_what_it_played() {
     let seconds = 2.0;
     let started = Instant::now();
     let o = wavegen(
-        &[
-            "play",
-            "--checkpoint",
-            &checkpoint(),
-            "--seconds",
-            "2",
-            "--out",
-            out.to_str().unwrap(),
-            "--json",
-        ],
+        &["play", "--checkpoint", &checkpoint(), "--seconds", "2", "--out", out.to_str().unwrap(), "--json"],
         &conf,
     );
     let wall = started.elapsed().as_secs_f64();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["underruns"], 0, "{summary}");
-    assert!(
-        summary["realtime_factor"].as_f64().unwrap() > 1.0,
-        "{summary}"
-    );
-    assert!(
-        wall >= seconds,
-        "playback is paced in real time: took {wall:.2} s for {seconds} s"
-    );
+    assert!(summary["realtime_factor"].as_f64().unwrap() > 1.0, "{summary}");
+    assert!(wall >= seconds, "playback is paced in real time: took {wall:.2} s for {seconds} s");
 
     // What the device received, at the JACK rate.
     let bytes = std::fs::read(&raw).unwrap();
-    let played: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let played: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     let captured = played.len() as f64 / JACK_RATE as f64;
-    assert!(
-        (captured - seconds).abs() < 0.15,
-        "captured {captured:.3} s for {seconds} s"
-    );
+    assert!((captured - seconds).abs() < 0.15, "captured {captured:.3} s for {seconds} s");
     let rms = (played.iter().map(|x| (x * x) as f64).sum::<f64>() / played.len() as f64).sqrt();
     assert!(rms > 1e-4, "silence (RMS {rms:.2e})");
 
     // --out holds the same audio at the model rate.
     let wav = wavegen::audio::wav::read_mono(&out).unwrap();
     assert_eq!(wav.sample_rate, 8000);
-    assert!(
-        (wav.seconds() - seconds).abs() < 0.1,
-        "{} s in --out",
-        wav.seconds()
-    );
+    assert!((wav.seconds() - seconds).abs() < 0.1, "{} s in --out", wav.seconds());
 }
 
 #[test]
 fn no_output_device_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("asound.conf");
-    std::fs::write(
-        &conf,
-        "pcm.!default { type hw card 97 }\nctl.!default { type hw card 97 }\n",
-    )
-    .unwrap();
-    let o = wavegen(
-        &["play", "--checkpoint", &checkpoint(), "--seconds", "1"],
-        &conf,
-    );
+    std::fs::write(&conf, "pcm.!default { type hw card 97 }\nctl.!default { type hw card 97 }\n").unwrap();
+    let o = wavegen(&["play", "--checkpoint", &checkpoint(), "--seconds", "1"], &conf);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(!stderr.contains("panicked"), "{stderr}");
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("{stderr}"));
-    assert!(
-        line.contains("--out") && line.contains("--list-devices"),
-        "{line}"
-    );
-    let o = wavegen(
-        &[
-            "play",
-            "--checkpoint",
-            &checkpoint(),
-            "--device",
-            "no-such-device-xyz",
-        ],
-        &conf,
-    );
+    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.contains("--out") && line.contains("--list-devices"), "{line}");
+    let o = wavegen(&["play", "--checkpoint", &checkpoint(), "--device", "no-such-device-xyz"], &conf);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no-such-device-xyz"));
 }

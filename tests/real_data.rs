@@ -33,21 +33,8 @@ fn the_fsdd_model_scores_held_out_speech_well_below_chance() {
     let model = AudioModel::load(&checkpoint()).unwrap();
     let audio = model.audio();
     let recordings = data_dir().join("fsdd/recordings");
-    assert!(
-        recordings.is_dir(),
-        "{} is missing: set WAVEGEN_DATA to the datasets folder",
-        recordings.display()
-    );
-    let files: Vec<PathBuf> = audio
-        .val_files
-        .iter()
-        .take(5)
-        .map(|f| recordings.join(f))
-        .collect();
+    assert!(recordings.is_dir(), "{} is missing: set WAVEGEN_DATA to the datasets folder", recordings.display());
+    let files: Vec<PathBuf> = audio.val_files.iter().take(5).map(|f| recordings.join(f)).collect();
     let report = eval::eval(&checkpoint(), &files, None, &mut Silent).unwrap();
-    assert!(
-        report.bits_per_sample < 6.0,
-        "held-out speech scores {} bits/sample",
-        report.bits_per_sample
-    );
+    assert!(report.bits_per_sample < 6.0, "held-out speech scores {} bits/sample", report.bits_per_sample);
 }

@@ -21,12 +21,7 @@ fn a_tiny_wavenet_learns_a_periodic_signal_and_generates_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let data = common::periodic_folder(dir.path(), 4, PERIOD, 8000, 0.5);
     let out = dir.path().join("ckpt");
-    let summary = train(
-        &common::tiny_options(&data, &out, 200),
-        &mut Silent,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let summary = train(&common::tiny_options(&data, &out, 200), &mut Silent, &AtomicBool::new(false)).unwrap();
     // The signal is a deterministic function of its last two samples, so a model that uses
     // its context drives the NLL towards 0; one that learned only which 20 codes occur would
     // sit at log2(20) = 4.3 bits, one that sees a single previous sample at about 1 bit.
@@ -35,10 +30,7 @@ fn a_tiny_wavenet_learns_a_periodic_signal_and_generates_it_back() {
 
     let opts = GenerateOptions {
         out: Some(dir.path().join("gen.wav")),
-        sampler: SamplerConfig {
-            temperature: 0.7,
-            ..Default::default()
-        },
+        sampler: SamplerConfig { temperature: 0.7, ..Default::default() },
         seed: 3,
         prime: Some(data.join("p0.wav")),
         ..GenerateOptions::new(out.clone(), 0.1)
@@ -46,27 +38,11 @@ fn a_tiny_wavenet_learns_a_periodic_signal_and_generates_it_back() {
     let g = generate(&opts, &mut Silent).unwrap();
     assert_eq!(g.samples, 800);
     let c = &g.codes[0];
-    let repeats = (0..c.len() - PERIOD)
-        .filter(|&t| c[t] == c[t + PERIOD])
-        .count() as f64
-        / (c.len() - PERIOD) as f64;
-    assert!(
-        repeats > 0.9,
-        "only {:.0}% of samples repeat with period {PERIOD}",
-        100.0 * repeats
-    );
+    let repeats = (0..c.len() - PERIOD).filter(|&t| c[t] == c[t + PERIOD]).count() as f64 / (c.len() - PERIOD) as f64;
+    assert!(repeats > 0.9, "only {:.0}% of samples repeat with period {PERIOD}", 100.0 * repeats);
     let f = wavegen::audio::analysis::dominant_frequency(&g.audio[0], 8000);
-    assert!(
-        (f - 8000.0 / PERIOD as f64).abs() < 5.0,
-        "dominant frequency {f} Hz"
-    );
-    assert!(
-        wavegen::audio::wav::read_mono(&dir.path().join("gen.wav"))
-            .unwrap()
-            .samples
-            .len()
-            == 800
-    );
+    assert!((f - 8000.0 / PERIOD as f64).abs() < 5.0, "dominant frequency {f} Hz");
+    assert!(wavegen::audio::wav::read_mono(&dir.path().join("gen.wav")).unwrap().samples.len() == 800);
 }
 
 #[test]
@@ -78,22 +54,11 @@ fn save_then_load_gives_identical_logits() {
     train(&opts, &mut Silent, &AtomicBool::new(false)).unwrap();
     let a = AudioModel::load(&out).unwrap();
     let b = AudioModel::load(&out.join("config.json")).unwrap();
-    let tokens = Tensor::from_vec(
-        (0..64u32).map(|i| (i * 37) % 256).collect::<Vec<_>>(),
-        (2, 32),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let tokens =
+        Tensor::from_vec((0..64u32).map(|i| (i * 37) % 256).collect::<Vec<_>>(), (2, 32), &Device::Cpu).unwrap();
     let la = a.model.forward(&tokens, None).unwrap();
     let lb = b.model.forward(&tokens, None).unwrap();
-    let diff = (la - lb)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = (la - lb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0);
 }
 
@@ -104,12 +69,7 @@ fn stopping_and_resuming_gives_the_same_run_as_never_stopping() {
     let (n, m) = (20, 20);
     // One run of N + M steps.
     let whole = dir.path().join("whole");
-    train(
-        &common::tiny_options(&data, &whole, n + m),
-        &mut Silent,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    train(&common::tiny_options(&data, &whole, n + m), &mut Silent, &AtomicBool::new(false)).unwrap();
     // N steps (with the same schedule), then a resume to N + M.
     let split = dir.path().join("split");
     let mut first = common::tiny_options(&data, &split, n);
@@ -136,17 +96,10 @@ fn stopping_and_resuming_gives_the_same_run_as_never_stopping() {
             .unwrap();
         assert_eq!(d, 0.0, "tensor {name} differs by {d}");
     }
-    let h1 = wavegen::core::checkpoint::read_manifest(&whole)
-        .unwrap()
-        .state;
-    let h2 = wavegen::core::checkpoint::read_manifest(&split)
-        .unwrap()
-        .state;
+    let h1 = wavegen::core::checkpoint::read_manifest(&whole).unwrap().state;
+    let h2 = wavegen::core::checkpoint::read_manifest(&split).unwrap().state;
     let losses = |s: &wavegen::core::train::TrainState| {
-        s.history
-            .iter()
-            .map(|e| (e.step, e.train_nats, e.val_nats))
-            .collect::<Vec<_>>()
+        s.history.iter().map(|e| (e.step, e.train_nats, e.val_nats)).collect::<Vec<_>>()
     };
     assert_eq!(losses(&h1), losses(&h2));
     assert_eq!(h1.rng, h2.rng, "the data stream continued where it stopped");

@@ -12,9 +12,8 @@ use super::mulaw;
 /// one frame are zero-padded.
 pub fn power_spectrum(samples: &[f32], n_fft: usize) -> Vec<f64> {
     let fft = RealFftPlanner::<f64>::new().plan_fft_forward(n_fft);
-    let window: Vec<f64> = (0..n_fft)
-        .map(|i| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / n_fft as f64).cos())
-        .collect();
+    let window: Vec<f64> =
+        (0..n_fft).map(|i| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / n_fft as f64).cos()).collect();
     let mut input = fft.make_input_vec();
     let mut output = fft.make_output_vec();
     let mut power = vec![0.0; n_fft / 2 + 1];
@@ -25,8 +24,7 @@ pub fn power_spectrum(samples: &[f32], n_fft: usize) -> Vec<f64> {
         for (i, slot) in input.iter_mut().enumerate() {
             *slot = samples.get(start + i).copied().unwrap_or(0.0) as f64 * window[i];
         }
-        fft.process(&mut input, &mut output)
-            .expect("invariant: buffers come from the same plan");
+        fft.process(&mut input, &mut output).expect("invariant: buffers come from the same plan");
         for (p, c) in power.iter_mut().zip(&output) {
             *p += c.norm_sqr();
         }
@@ -45,9 +43,7 @@ pub fn power_spectrum(samples: &[f32], n_fft: usize) -> Vec<f64> {
 pub fn dominant_frequency(samples: &[f32], sample_rate: u32) -> f64 {
     let n_fft = 8192;
     let p = power_spectrum(samples, n_fft);
-    let k = (1..p.len() - 1)
-        .max_by(|&a, &b| p[a].total_cmp(&p[b]))
-        .unwrap_or(1);
+    let k = (1..p.len() - 1).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(1);
     let (a, b, c) = (p[k - 1].ln(), p[k].ln(), p[k + 1].ln());
     let offset = 0.5 * (a - c) / (a - 2.0 * b + c);
     (k as f64 + offset) * sample_rate as f64 / n_fft as f64
@@ -92,20 +88,12 @@ pub const MAX_CODE_ENTROPY_BITS: f64 = 7.5;
 /// near-constant) signal, white noise (flat spectrum), or a near-uniform code histogram.
 pub fn check_plausible_audio(samples: &[f32]) -> std::result::Result<SignalReport, String> {
     if samples.len() < 512 {
-        return Err(format!(
-            "only {} samples: too short to judge",
-            samples.len()
-        ));
+        return Err(format!("only {} samples: too short to judge", samples.len()));
     }
     let n = samples.len() as f64;
     let mean = samples.iter().map(|&x| x as f64).sum::<f64>() / n;
     let rms = (samples.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / n).sqrt();
-    let std = (samples
-        .iter()
-        .map(|&x| (x as f64 - mean).powi(2))
-        .sum::<f64>()
-        / n)
-        .sqrt();
+    let std = (samples.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
     let mut histogram = [0usize; mulaw::CLASSES];
     for &x in samples {
         histogram[mulaw::encode(x) as usize] += 1;
@@ -119,31 +107,19 @@ pub fn check_plausible_audio(samples: &[f32]) -> std::result::Result<SignalRepor
             p * p.log2()
         })
         .sum::<f64>();
-    let report = SignalReport {
-        rms,
-        std,
-        distinct_codes,
-        code_entropy_bits,
-        spectral_flatness: spectral_flatness(samples),
-    };
+    let report =
+        SignalReport { rms, std, distinct_codes, code_entropy_bits, spectral_flatness: spectral_flatness(samples) };
     if rms < MIN_STD {
         return Err(format!("silence (RMS {rms:.2e})"));
     }
     if std < MIN_STD || distinct_codes < 4 {
-        return Err(format!(
-            "a constant signal (std {std:.2e}, {distinct_codes} distinct codes)"
-        ));
+        return Err(format!("a constant signal (std {std:.2e}, {distinct_codes} distinct codes)"));
     }
     if report.spectral_flatness > MAX_FLATNESS {
-        return Err(format!(
-            "white noise (spectral flatness {:.3} > {MAX_FLATNESS})",
-            report.spectral_flatness
-        ));
+        return Err(format!("white noise (spectral flatness {:.3} > {MAX_FLATNESS})", report.spectral_flatness));
     }
     if code_entropy_bits > MAX_CODE_ENTROPY_BITS {
-        return Err(format!(
-            "a near-uniform code histogram ({code_entropy_bits:.2} bits > {MAX_CODE_ENTROPY_BITS})"
-        ));
+        return Err(format!("a near-uniform code histogram ({code_entropy_bits:.2} bits > {MAX_CODE_ENTROPY_BITS})"));
     }
     Ok(report)
 }
@@ -154,11 +130,7 @@ mod tests {
     use crate::rng::Rng;
 
     fn sine(freq: f64, rate: u32, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                (0.5 * (2.0 * std::f64::consts::PI * freq * i as f64 / rate as f64).sin()) as f32
-            })
-            .collect()
+        (0..n).map(|i| (0.5 * (2.0 * std::f64::consts::PI * freq * i as f64 / rate as f64).sin()) as f32).collect()
     }
 
     #[test]
@@ -180,35 +152,15 @@ mod tests {
             })
             .collect();
         check_plausible_audio(&chord).unwrap();
-        assert!(
-            check_plausible_audio(&vec![0.0; 8000])
-                .unwrap_err()
-                .contains("silence")
-        );
-        assert!(
-            check_plausible_audio(&vec![0.4; 8000])
-                .unwrap_err()
-                .contains("constant")
-        );
+        assert!(check_plausible_audio(&vec![0.0; 8000]).unwrap_err().contains("silence"));
+        assert!(check_plausible_audio(&vec![0.4; 8000]).unwrap_err().contains("constant"));
         let mut rng = Rng::new(3);
-        let noise: Vec<f32> = (0..8000)
-            .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
-            .collect();
-        assert!(
-            check_plausible_audio(&noise)
-                .unwrap_err()
-                .contains("white noise")
-        );
+        let noise: Vec<f32> = (0..8000).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect();
+        assert!(check_plausible_audio(&noise).unwrap_err().contains("white noise"));
         let gaussian: Vec<f32> = (0..8000).map(|_| (rng.normal() * 0.1) as f32).collect();
-        assert!(
-            check_plausible_audio(&gaussian)
-                .unwrap_err()
-                .contains("white noise")
-        );
+        assert!(check_plausible_audio(&gaussian).unwrap_err().contains("white noise"));
         // Uniformly random μ-law codes: white and uniform.
-        let codes: Vec<f32> = (0..8000)
-            .map(|_| mulaw::decode(rng.below(256) as u8))
-            .collect();
+        let codes: Vec<f32> = (0..8000).map(|_| mulaw::decode(rng.below(256) as u8)).collect();
         assert!(check_plausible_audio(&codes).is_err());
     }
 }

@@ -75,10 +75,7 @@ mod tests {
         for i in -10_000..=10_000 {
             let x = i as f32 / 10_000.0;
             let err = (decode(encode(x)) - x).abs();
-            assert!(
-                err <= (x.abs() + 1.0 / MU) * growth + 1e-6,
-                "x = {x}: error {err}"
-            );
+            assert!(err <= (x.abs() + 1.0 / MU) * growth + 1e-6, "x = {x}: error {err}");
         }
     }
 }

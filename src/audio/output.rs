@@ -13,9 +13,7 @@ use crate::{Error, Result};
 /// Names of the output devices of the default host.
 pub fn list_devices() -> Result<Vec<String>> {
     let host = cpal::default_host();
-    let devices = host
-        .output_devices()
-        .map_err(|e| Error::Audio(format!("cannot list output devices: {e}")))?;
+    let devices = host.output_devices().map_err(|e| Error::Audio(format!("cannot list output devices: {e}")))?;
     Ok(devices.map(|d| d.to_string()).collect())
 }
 
@@ -55,7 +53,9 @@ impl Device {
         let host = cpal::default_host();
         let device = match name {
             None => host.default_output_device().ok_or_else(|| {
-                Error::Audio("no audio output device found: write a file with --out FILE instead, or see --list-devices".into())
+                Error::Audio(
+                    "no audio output device found: write a file with --out FILE instead, or see --list-devices".into(),
+                )
             })?,
             Some(wanted) => host
                 .output_devices()
@@ -65,7 +65,9 @@ impl Device {
         };
         let name = device.to_string();
         let supported = device.default_output_config().map_err(|e| {
-            Error::Audio(format!("output device {name:?} is not available ({e}): use --out FILE to write a WAV, or --list-devices"))
+            Error::Audio(format!(
+                "output device {name:?} is not available ({e}): use --out FILE to write a WAV, or --list-devices"
+            ))
         })?;
         // The device's period: about a quarter of the latency, so that its buffer (two to four
         // periods) fills from the pre-buffered ring without running it dry. Drivers differ in
@@ -73,19 +75,9 @@ impl Device {
         // conversion), so candidates are tried with a silent stream that is never started.
         let mut config = supported.config();
         let quarter = (latency_s * config.sample_rate as f64 / 4.0).max(256.0) as u32;
-        let candidates = [
-            quarter.next_power_of_two() / 2,
-            quarter / 768 * 768,
-            quarter / 256 * 256,
-            1024,
-            1536,
-            3072,
-        ];
+        let candidates = [quarter.next_power_of_two() / 2, quarter / 768 * 768, quarter / 256 * 256, 1024, 1536, 3072];
         let works = |size: cpal::BufferSize| {
-            let probe = cpal::StreamConfig {
-                buffer_size: size,
-                ..config.clone()
-            };
+            let probe = cpal::StreamConfig { buffer_size: size, ..config.clone() };
             device
                 .build_output_stream::<f32, _, _>(
                     probe,
@@ -101,11 +93,7 @@ impl Device {
             .map(cpal::BufferSize::Fixed)
             .find(|&size| works(size))
             .unwrap_or(cpal::BufferSize::Default);
-        Ok(Device {
-            device,
-            config,
-            name,
-        })
+        Ok(Device { device, config, name })
     }
 
     /// The device's name.
@@ -126,9 +114,7 @@ impl Device {
         let callback = move |data: &mut [f32], _: &cpal::OutputCallbackInfo| {
             let frames = data.len() / channels;
             let available = ring.slots().min(frames);
-            let chunk = ring
-                .read_chunk(available)
-                .expect("invariant: at most the available slots");
+            let chunk = ring.read_chunk(available).expect("invariant: at most the available slots");
             let (a, b) = chunk.as_slices();
             for (frame, &x) in data.chunks_exact_mut(channels).zip(a.iter().chain(b)) {
                 frame.fill(x);
@@ -150,9 +136,7 @@ impl Device {
                 None,
             )
             .map_err(|e| Error::Audio(format!("cannot open a stream on {name:?}: {e}")))?;
-        stream
-            .play()
-            .map_err(|e| Error::Audio(format!("cannot start {name:?}: {e}")))?;
+        stream.play().map_err(|e| Error::Audio(format!("cannot start {name:?}: {e}")))?;
         Ok(Output {
             stream,
             sample_rate: self.config.sample_rate,

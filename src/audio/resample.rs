@@ -13,8 +13,8 @@ pub fn resample(samples: &[f32], from: u32, to: u32) -> Result<Vec<f32>> {
     }
     let mut resampler = Fft::<f32>::new(from as usize, to as usize, 1024, 1, FixedSync::Input)
         .map_err(|e| Error::Config(format!("cannot resample {from} Hz to {to} Hz: {e}")))?;
-    let input = InterleavedSlice::new(samples, 1, samples.len())
-        .map_err(|e| Error::Config(format!("resampler input: {e}")))?;
+    let input =
+        InterleavedSlice::new(samples, 1, samples.len()).map_err(|e| Error::Config(format!("resampler input: {e}")))?;
     let out = resampler
         .process_all(&input, samples.len(), None)
         .map_err(|e| Error::Config(format!("resampling {from} Hz to {to} Hz: {e}")))?;

@@ -16,9 +16,8 @@ const MAX_WIDTH: usize = 2400;
 /// The magnitude in dB of each STFT frame (Hann window), `frames × (N_FFT/2 + 1)`.
 pub fn stft_db(samples: &[f32]) -> Vec<Vec<f32>> {
     let fft = RealFftPlanner::<f32>::new().plan_fft_forward(N_FFT);
-    let window: Vec<f32> = (0..N_FFT)
-        .map(|i| 0.5 - 0.5 * (2.0 * std::f32::consts::PI * i as f32 / N_FFT as f32).cos())
-        .collect();
+    let window: Vec<f32> =
+        (0..N_FFT).map(|i| 0.5 - 0.5 * (2.0 * std::f32::consts::PI * i as f32 / N_FFT as f32).cos()).collect();
     let (mut input, mut output) = (fft.make_input_vec(), fft.make_output_vec());
     let frames = samples.len().saturating_sub(N_FFT) / HOP + 1;
     (0..frames)
@@ -26,25 +25,16 @@ pub fn stft_db(samples: &[f32]) -> Vec<Vec<f32>> {
             for (i, slot) in input.iter_mut().enumerate() {
                 *slot = samples.get(f * HOP + i).copied().unwrap_or(0.0) * window[i];
             }
-            fft.process(&mut input, &mut output)
-                .expect("invariant: buffers from the plan");
-            output
-                .iter()
-                .map(|c| 10.0 * (c.norm_sqr() + 1e-12).log10())
-                .collect()
+            fft.process(&mut input, &mut output).expect("invariant: buffers from the plan");
+            output.iter().map(|c| 10.0 * (c.norm_sqr() + 1e-12).log10()).collect()
         })
         .collect()
 }
 
 /// A colour ramp from black through purple and orange to pale yellow (like "magma").
 fn colour(v: f32) -> [u8; 3] {
-    const STOPS: [[f32; 3]; 5] = [
-        [0.0, 0.0, 0.02],
-        [0.3, 0.06, 0.45],
-        [0.72, 0.2, 0.45],
-        [0.98, 0.55, 0.25],
-        [0.99, 0.99, 0.75],
-    ];
+    const STOPS: [[f32; 3]; 5] =
+        [[0.0, 0.0, 0.02], [0.3, 0.06, 0.45], [0.72, 0.2, 0.45], [0.98, 0.55, 0.25], [0.99, 0.99, 0.75]];
     let x = v.clamp(0.0, 1.0) * (STOPS.len() - 1) as f32;
     let i = (x as usize).min(STOPS.len() - 2);
     let t = x - i as f32;
@@ -60,11 +50,7 @@ pub fn write_png(path: &Path, samples: &[f32]) -> Result<()> {
     let per_column = db.len().div_ceil(MAX_WIDTH).max(1);
     let columns: Vec<Vec<f32>> = db
         .chunks(per_column)
-        .map(|c| {
-            (0..bins)
-                .map(|b| c.iter().map(|f| f[b]).sum::<f32>() / c.len() as f32)
-                .collect()
-        })
+        .map(|c| (0..bins).map(|b| c.iter().map(|f| f[b]).sum::<f32>() / c.len() as f32).collect())
         .collect();
     let peak = columns.iter().flatten().fold(f32::MIN, |m, &v| m.max(v));
     let (width, height) = (columns.len(), bins);
@@ -76,14 +62,11 @@ pub fn write_png(path: &Path, samples: &[f32]) -> Result<()> {
         }
     }
     crate::fsutil::write_atomically(path, |file| {
-        let mut encoder =
-            png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
-        writer
-            .write_image_data(&pixels)
-            .map_err(std::io::Error::other)?;
+        writer.write_image_data(&pixels).map_err(std::io::Error::other)?;
         writer.finish().map_err(std::io::Error::other)
     })
 }
@@ -95,20 +78,15 @@ mod tests {
     #[test]
     fn a_tone_lights_up_its_frequency_bin() {
         let rate = 16000.0;
-        let x: Vec<f32> = (0..8000)
-            .map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / rate).sin())
-            .collect();
+        let x: Vec<f32> = (0..8000).map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / rate).sin()).collect();
         let db = stft_db(&x);
         let frame = &db[10];
-        let loudest = (0..frame.len())
-            .max_by(|&a, &b| frame[a].total_cmp(&frame[b]))
-            .unwrap();
+        let loudest = (0..frame.len()).max_by(|&a, &b| frame[a].total_cmp(&frame[b])).unwrap();
         assert_eq!(loudest, (1000.0 / rate * N_FFT as f32).round() as usize);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.png");
         write_png(&path, &x).unwrap();
-        let decoder =
-            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
         let reader = decoder.read_info().unwrap();
         assert_eq!(reader.info().height as usize, N_FFT / 2 + 1);
         assert_eq!(reader.info().width as usize, db.len());

@@ -23,23 +23,15 @@ impl Mono {
 
 /// Reads a WAV file and mixes its channels down to mono.
 pub fn read_mono(path: &Path) -> Result<Mono> {
-    let bad = |reason: String| Error::BadWav {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| Error::BadWav { path: path.to_path_buf(), reason };
     let reader = hound::WavReader::open(path).map_err(|e| match e {
-        hound::Error::IoError(io) if io.kind() != std::io::ErrorKind::UnexpectedEof => {
-            Error::io(path, io)
-        }
+        hound::Error::IoError(io) if io.kind() != std::io::ErrorKind::UnexpectedEof => Error::io(path, io),
         other => bad(other.to_string()),
     })?;
     let spec = reader.spec();
     let channels = spec.channels as usize;
     if channels == 0 || spec.sample_rate == 0 {
-        return Err(bad(format!(
-            "{} channels at {} Hz",
-            spec.channels, spec.sample_rate
-        )));
+        return Err(bad(format!("{} channels at {} Hz", spec.channels, spec.sample_rate)));
     }
     // hound checks the data chunk's declared length, not that the bytes are there: a truncated
     // file shows up as an error part-way through the samples, which we report rather than skip.
@@ -57,20 +49,11 @@ pub fn read_mono(path: &Path) -> Result<Mono> {
                 .map_err(|e| bad(format!("reading samples: {e}")))?
         }
         format => {
-            return Err(bad(format!(
-                "unsupported sample format {format:?} with {} bits",
-                spec.bits_per_sample
-            )));
+            return Err(bad(format!("unsupported sample format {format:?} with {} bits", spec.bits_per_sample)));
         }
     };
-    let samples = interleaved
-        .chunks_exact(channels)
-        .map(|frame| frame.iter().sum::<f32>() / channels as f32)
-        .collect();
-    Ok(Mono {
-        samples,
-        sample_rate: spec.sample_rate,
-    })
+    let samples = interleaved.chunks_exact(channels).map(|frame| frame.iter().sum::<f32>() / channels as f32).collect();
+    Ok(Mono { samples, sample_rate: spec.sample_rate })
 }
 
 /// Writes a mono 16-bit PCM WAV, or several equally long signals as one multichannel file.
@@ -84,8 +67,7 @@ pub fn write_pcm16(path: &Path, sample_rate: u32, channels: &[&[f32]]) -> Result
     };
     let frames = channels.iter().map(|c| c.len()).min().unwrap_or(0);
     crate::fsutil::write_atomically(path, |file| {
-        let mut writer = hound::WavWriter::new(std::io::BufWriter::new(file), spec)
-            .map_err(std::io::Error::other)?;
+        let mut writer = hound::WavWriter::new(std::io::BufWriter::new(file), spec).map_err(std::io::Error::other)?;
         for i in 0..frames {
             for ch in channels {
                 let v = (ch[i].clamp(-1.0, 1.0) * 32767.0).round() as i16;

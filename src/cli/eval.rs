@@ -47,26 +47,15 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         super::print_json(&report)?;
     } else {
         for f in &report.files {
-            println!(
-                "{:.4}\t{}\t{}",
-                f.bits_per_sample,
-                f.samples,
-                f.path.display()
-            );
+            println!("{:.4}\t{}\t{}", f.bits_per_sample, f.samples, f.path.display());
         }
-        println!(
-            "{:.4}\t{}\ttotal (bits/sample, samples)",
-            report.bits_per_sample, report.samples
-        );
+        println!("{:.4}\t{}\ttotal (bits/sample, samples)", report.bits_per_sample, report.samples);
     }
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
-    let dir = a
-        .checkpoint
-        .or(a.dir)
-        .expect("invariant: clap requires one");
+    let dir = a.checkpoint.or(a.dir).expect("invariant: clap requires one");
     let i = info(&dir)?;
     if a.json {
         super::print_json(&i)?;
@@ -87,19 +76,13 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             audio.train_dir.display(),
             audio.train_files.len(),
             audio.val_files.len(),
-            audio
-                .val_dir
-                .as_ref()
-                .map_or(String::new(), |d| format!(" from {}", d.display()))
+            audio.val_dir.as_ref().map_or(String::new(), |d| format!(" from {}", d.display()))
         );
         if !audio.labels.is_empty() {
             println!("labels          {}", audio.labels.join(", "));
         }
     }
-    println!(
-        "trained         {} steps, {:.0} s, {} samples",
-        m.state.step, m.state.seconds, m.state.tokens_seen
-    );
+    println!("trained         {} steps, {:.0} s, {} samples", m.state.step, m.state.seconds, m.state.tokens_seen);
     match i.last_val_bits_per_sample {
         Some(b) => println!("validation NLL  {b:.4} bits/sample (last evaluation)"),
         None => println!("validation NLL  - (never evaluated)"),

@@ -75,11 +75,7 @@ pub fn run(a: GenerateArgs, threads: Option<usize>) -> anyhow::Result<ExitCode> 
         checkpoint: a.checkpoint,
         seconds: a.seconds,
         out: Some(a.out),
-        sampler: SamplerConfig {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-        },
+        sampler: SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
         seed: a.seed,
         prime: a.prime,
         label: a.label,
@@ -92,8 +88,7 @@ pub fn run(a: GenerateArgs, threads: Option<usize>) -> anyhow::Result<ExitCode> 
         multichannel: a.multichannel,
         exact: a.exact,
         spectrogram: a.spectrogram,
-        threads: threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads: threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
     let mut bars = Bars::new(0, a.json);
     let summary = generate(&opts, &mut bars);

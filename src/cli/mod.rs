@@ -58,8 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The data folder: `--data`, else `$WAVEGEN_DATA`, else `datasets/`.
 pub fn data_dir(flag: Option<PathBuf>) -> PathBuf {
-    flag.or_else(|| std::env::var_os("WAVEGEN_DATA").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("datasets"))
+    flag.or_else(|| std::env::var_os("WAVEGEN_DATA").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("datasets"))
 }
 
 /// Prints a summary as one JSON object on stdout.

@@ -68,10 +68,7 @@ pub fn run(a: PlayArgs) -> anyhow::Result<ExitCode> {
     })?;
     let opts = PlayOptions {
         checkpoint: a.checkpoint,
-        sampler: SamplerConfig {
-            temperature: a.temperature,
-            ..Default::default()
-        },
+        sampler: SamplerConfig { temperature: a.temperature, ..Default::default() },
         seed: a.seed,
         label: a.label,
         seconds: a.seconds,
@@ -94,9 +91,7 @@ pub fn run(a: PlayArgs) -> anyhow::Result<ExitCode> {
             s.device_rate,
             s.realtime_factor,
             s.underruns,
-            s.out
-                .as_ref()
-                .map_or(String::new(), |p| format!("; wrote {}", p.display()))
+            s.out.as_ref().map_or(String::new(), |p| format!("; wrote {}", p.display()))
         );
     }
     Ok(ExitCode::SUCCESS)

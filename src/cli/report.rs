@@ -16,12 +16,7 @@ impl Bars {
     /// A reporter for a run of `total_steps` training steps (0 if not training). `quiet`
     /// hides notes and bars (for `--json`).
     pub fn new(total_steps: u64, quiet: bool) -> Self {
-        Bars {
-            bar: None,
-            train_bar: None,
-            total_steps,
-            quiet,
-        }
+        Bars { bar: None, train_bar: None, total_steps, quiet }
     }
 
     fn println(&self, line: &str) {
@@ -59,11 +54,9 @@ impl Reporter for Bars {
             }
             let b = ProgressBar::new(total).with_prefix(phase.to_string());
             b.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
-                )
-                .expect("invariant: valid template")
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                    .expect("invariant: valid template")
+                    .progress_chars("=> "),
             );
             self.bar = Some((phase.to_string(), b));
         }
@@ -97,13 +90,7 @@ impl Reporter for Bars {
             b
         });
         match event {
-            Event::Step {
-                step,
-                loss,
-                lr,
-                tokens_per_second,
-                ..
-            } => {
+            Event::Step { step, loss, lr, tokens_per_second, .. } => {
                 bar.set_position(*step);
                 bar.set_message(format!(
                     "loss {:.3} bits  lr {lr:.1e}  {:.0} samples/s",
@@ -119,11 +106,7 @@ impl Reporter for Bars {
                     e.val_nats / std::f64::consts::LN_2,
                     e.seconds
                 );
-                if bar.is_hidden() {
-                    eprintln!("{line}")
-                } else {
-                    bar.println(line)
-                }
+                if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) }
             }
             Event::Saved { .. } => {}
         }

@@ -160,20 +160,14 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         checkpoint_every: a.checkpoint_every.unwrap_or(every),
     };
     let opts = TrainOptions {
-        data_dir: a
-            .dir
-            .unwrap_or_else(|| super::data_dir(a.data).join("fsdd/recordings")),
+        data_dir: a.dir.unwrap_or_else(|| super::data_dir(a.data).join("fsdd/recordings")),
         val_dir: a.val_dir,
         val_fraction: a.val_fraction,
         out: a.out,
         resume: a.resume,
         model,
         labels: a.labels,
-        audio: AudioSettings {
-            sample_rate: a.sample_rate,
-            trim_db: a.trim_db,
-            ..AudioSettings::default()
-        },
+        audio: AudioSettings { sample_rate: a.sample_rate, trim_db: a.trim_db, ..AudioSettings::default() },
         train: train_cfg,
         window: a.window.unwrap_or(if tiny { 256 } else { 2048 }),
         batch_size: a.batch_size.unwrap_or(if tiny { 4 } else { 8 }),
@@ -200,19 +194,11 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             "{} steps ({:?}), validation {} bits/sample (best {}), {:.0} s of training; checkpoint in {}",
             summary.steps,
             summary.stopped,
-            summary
-                .val_bits_per_sample
-                .map_or("-".into(), |b| format!("{b:.4}")),
-            summary
-                .best_val_bits_per_sample
-                .map_or("-".into(), |b| format!("{b:.4}")),
+            summary.val_bits_per_sample.map_or("-".into(), |b| format!("{b:.4}")),
+            summary.best_val_bits_per_sample.map_or("-".into(), |b| format!("{b:.4}")),
             summary.seconds,
             summary.checkpoint.display()
         );
     }
-    Ok(if STOP.load(Ordering::SeqCst) {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if STOP.load(Ordering::SeqCst) { ExitCode::from(130) } else { ExitCode::SUCCESS })
 }

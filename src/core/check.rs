@@ -41,9 +41,7 @@ pub fn causality<M: Autoregressive>(
         for s in 0..=t {
             let diff = max_abs_diff(&base[0][s], &out[0][s]);
             if diff > 0.0 {
-                return Ok(Err(format!(
-                    "changing token {t} changed the logits at position {s} by {diff:e}"
-                )));
+                return Ok(Err(format!("changing token {t} changed the logits at position {s} by {diff:e}")));
             }
         }
         if t + 1 < len && max_abs_diff(&base[0][t + 1], &out[0][t + 1]) > 0.0 {
@@ -56,20 +54,14 @@ pub fn causality<M: Autoregressive>(
         }
     }
     if moved_next == 0 && len > 1 {
-        return Ok(Err(
-            "no logit depends on the previous token: the check would be vacuous".into(),
-        ));
+        return Ok(Err("no logit depends on the previous token: the check would be vacuous".into()));
     }
     Ok(Ok(()))
 }
 
 /// The largest absolute difference between the parallel logits and those of the stepper fed
 /// the same tokens.
-pub fn stepper_vs_forward<M: Autoregressive>(
-    model: &M,
-    tokens: &Tensor,
-    labels: Option<&Tensor>,
-) -> Result<f64> {
+pub fn stepper_vs_forward<M: Autoregressive>(model: &M, tokens: &Tensor, labels: Option<&Tensor>) -> Result<f64> {
     let (b, len) = tokens.dims2()?;
     let full = to_rows(&model.forward(tokens, labels)?)?;
     let rows = tokens.to_vec2::<u32>()?;
@@ -79,15 +71,9 @@ pub fn stepper_vs_forward<M: Autoregressive>(
         let prev = if t == 0 {
             None
         } else {
-            Some(Tensor::new(
-                rows.iter().map(|r| r[t - 1]).collect::<Vec<u32>>(),
-                &Device::Cpu,
-            )?)
+            Some(Tensor::new(rows.iter().map(|r| r[t - 1]).collect::<Vec<u32>>(), &Device::Cpu)?)
         };
-        let step = model
-            .step(&mut state, prev.as_ref())?
-            .to_dtype(DType::F64)?
-            .to_vec2::<f64>()?;
+        let step = model.step(&mut state, prev.as_ref())?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
         for i in 0..b {
             worst = worst.max(max_abs_diff(&step[i], &full[i][t]));
         }
@@ -96,10 +82,7 @@ pub fn stepper_vs_forward<M: Autoregressive>(
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
 /// Compares the gradient of the mean NLL with central finite differences at `per_tensor`
@@ -120,14 +103,11 @@ pub fn gradient_check<M: Autoregressive>(
 ) -> Result<(String, f64)> {
     let loss_of = || -> Result<f64> {
         let logits = model.forward(tokens, labels)?;
-        Ok(masked_nll(&logits, tokens, mask)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?)
+        Ok(masked_nll(&logits, tokens, mask)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     };
     for (_, var) in params.named() {
         let jitter: Vec<f64> = (0..var.elem_count()).map(|_| 0.05 * rng.normal()).collect();
-        let jitter =
-            Tensor::from_vec(jitter, var.shape().clone(), &Device::Cpu)?.to_dtype(var.dtype())?;
+        let jitter = Tensor::from_vec(jitter, var.shape().clone(), &Device::Cpu)?.to_dtype(var.dtype())?;
         var.set(&(var.as_tensor() + jitter)?)?;
     }
     let logits = model.forward(tokens, labels)?;
@@ -150,20 +130,10 @@ pub fn gradient_check<M: Autoregressive>(
                 loss_of()
             };
             let numeric = (probe(eps)? - probe(-eps)?) / (2.0 * eps);
-            var.set(
-                &Tensor::from_vec(values.clone(), shape.clone(), &Device::Cpu)?
-                    .to_dtype(var.dtype())?,
-            )?;
-            let error =
-                (analytic[i] - numeric).abs() / (analytic[i].abs() + numeric.abs()).max(1e-4);
+            var.set(&Tensor::from_vec(values.clone(), shape.clone(), &Device::Cpu)?.to_dtype(var.dtype())?)?;
+            let error = (analytic[i] - numeric).abs() / (analytic[i].abs() + numeric.abs()).max(1e-4);
             if error > worst.1 {
-                worst = (
-                    format!(
-                        "{name}[{i}]: autograd {:e}, finite difference {numeric:e}",
-                        analytic[i]
-                    ),
-                    error,
-                );
+                worst = (format!("{name}[{i}]: autograd {:e}, finite difference {numeric:e}", analytic[i]), error);
             }
         }
     }

@@ -72,9 +72,7 @@ pub struct Manifest {
 
 /// Resolves what the user passed as `--checkpoint`: the directory, or a file inside it.
 pub fn resolve_dir(path: &Path) -> PathBuf {
-    let is_member = path
-        .file_name()
-        .is_some_and(|n| n == MANIFEST_FILE || n == MODEL_FILE || n == OPTIMIZER_FILE);
+    let is_member = path.file_name().is_some_and(|n| n == MANIFEST_FILE || n == MODEL_FILE || n == OPTIMIZER_FILE);
     if is_member && path.is_file() {
         path.parent().map(Path::to_path_buf).unwrap_or_default()
     } else {
@@ -86,30 +84,16 @@ pub fn resolve_dir(path: &Path) -> PathBuf {
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let dir = resolve_dir(dir);
     if !dir.is_dir() {
-        return Err(Error::checkpoint(
-            &dir,
-            "no such directory (train one with `wavegen train DIR --out DIR`)",
-        ));
+        return Err(Error::checkpoint(&dir, "no such directory (train one with `wavegen train DIR --out DIR`)"));
     }
     let path = dir.join(MANIFEST_FILE);
     let bytes = std::fs::read(&path).map_err(|e| {
-        Error::checkpoint(
-            &dir,
-            format!("cannot read {MANIFEST_FILE} ({e}); is this a wavegen checkpoint directory?"),
-        )
+        Error::checkpoint(&dir, format!("cannot read {MANIFEST_FILE} ({e}); is this a wavegen checkpoint directory?"))
     })?;
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
-        path: path.clone(),
-        source: e,
-    })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| Error::Json { path: path.clone(), source: e })?;
     if manifest.format != FORMAT {
-        return Err(Error::checkpoint(
-            &path,
-            format!(
-                "format {:?}, this wavegen reads {FORMAT:?}",
-                manifest.format
-            ),
-        ));
+        return Err(Error::checkpoint(&path, format!("format {:?}, this wavegen reads {FORMAT:?}", manifest.format)));
     }
     Ok(manifest)
 }
@@ -129,12 +113,7 @@ pub fn load_optimizer(dir: &Path, manifest: &Manifest, opt: &mut AdamW) -> Resul
     let (tensors, meta) = read_safetensors(&path)?;
     check_step(&path, &meta, manifest)?;
     opt.load_state(&tensors, manifest.optimizer_steps)
-        .ok_or_else(|| {
-            Error::checkpoint(
-                &path,
-                "optimizer state does not match the model's parameters",
-            )
-        })
+        .ok_or_else(|| Error::checkpoint(&path, "optimizer state does not match the model's parameters"))
 }
 
 fn check_step(path: &Path, meta: &HashMap<String, String>, manifest: &Manifest) -> Result<()> {
@@ -154,22 +133,15 @@ fn check_step(path: &Path, meta: &HashMap<String, String>, manifest: &Manifest) 
 /// Writes the checkpoint directory `dir`: weights, optimizer (if given), then config.json.
 pub fn save(dir: &Path, manifest: &Manifest, params: &Params, opt: Option<&AdamW>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let meta = || {
-        HashMap::from([
-            ("step".to_string(), manifest.state.step.to_string()),
-            ("format".into(), FORMAT.into()),
-        ])
-    };
+    let meta =
+        || HashMap::from([("step".to_string(), manifest.state.step.to_string()), ("format".into(), FORMAT.into())]);
     if let Some(opt) = opt {
         crate::fsutil::write_bytes_atomically(
             &dir.join(OPTIMIZER_FILE),
             &safetensors_bytes(&opt.state_tensors(), meta())?,
         )?;
     }
-    crate::fsutil::write_bytes_atomically(
-        &dir.join(MODEL_FILE),
-        &safetensors_bytes(&params.tensors(), meta())?,
-    )?;
+    crate::fsutil::write_bytes_atomically(&dir.join(MODEL_FILE), &safetensors_bytes(&params.tensors(), meta())?)?;
     let json = serde_json::to_vec_pretty(manifest).expect("invariant: plain data serialises");
     crate::fsutil::write_bytes_atomically(&dir.join(MANIFEST_FILE), &json)
 }

@@ -57,9 +57,7 @@ pub fn masked_nll(logits: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<Ten
 /// The summed NLL (a scalar tensor) and the number of counted positions.
 pub fn masked_nll_sum(logits: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<(Tensor, f64)> {
     let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?; // (B, T, V)
-    let picked = log_p
-        .gather(&tokens.unsqueeze(2)?.contiguous()?, 2)?
-        .squeeze(2)?; // (B, T)
+    let picked = log_p.gather(&tokens.unsqueeze(2)?.contiguous()?, 2)?.squeeze(2)?; // (B, T)
     let mask = mask.to_dtype(picked.dtype())?;
     let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok(((picked * mask)?.sum_all()?.neg()?, count.max(1.0)))
@@ -76,10 +74,7 @@ pub fn naive_next_logits<M: Autoregressive>(
     let len = histories.first().map_or(0, |h| h.len());
     let keep = model.receptive_field().map_or(len, |r| r.min(len));
     // Any token will do in the last slot: logits at the last position never see it.
-    let rows: Vec<u32> = histories
-        .iter()
-        .flat_map(|h| h[len - keep..].iter().copied().chain([0]))
-        .collect();
+    let rows: Vec<u32> = histories.iter().flat_map(|h| h[len - keep..].iter().copied().chain([0])).collect();
     let tokens = Tensor::from_vec(rows, (histories.len(), keep + 1), &candle_core::Device::Cpu)?;
     let logits = model.forward(&tokens, labels)?; // (B, keep + 1, V)
     Ok(logits.narrow(1, keep, 1)?.squeeze(1)?)

@@ -28,13 +28,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            grad_clip: 1.0,
-        }
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, grad_clip: 1.0 }
     }
 }
 
@@ -73,25 +67,14 @@ impl AdamW {
         let mut sq = 0.0;
         for s in &self.slots {
             if let Some(g) = grads.get(&s.var) {
-                sq += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
+                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             }
         }
         let norm = sq.sqrt();
-        let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
-            self.cfg.grad_clip / norm
-        } else {
-            1.0
-        };
+        let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip { self.cfg.grad_clip / norm } else { 1.0 };
         self.t += 1;
         let c = &self.cfg;
-        let (bc1, bc2) = (
-            1.0 - c.beta1.powi(self.t as i32),
-            1.0 - c.beta2.powi(self.t as i32),
-        );
+        let (bc1, bc2) = (1.0 - c.beta1.powi(self.t as i32), 1.0 - c.beta2.powi(self.t as i32));
         for s in &mut self.slots {
             let Some(g) = grads.get(&s.var) else { continue };
             // Detached: otherwise each moment would hold the autograd graph of every past step.
@@ -99,11 +82,7 @@ impl AdamW {
             s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&s.m / bc1)? / ((&s.v / bc2)?.sqrt()? + c.eps)?)?;
-            let decay = if s.var.rank() >= 2 {
-                1.0 - lr * c.weight_decay
-            } else {
-                1.0
-            };
+            let decay = if s.var.rank() >= 2 { 1.0 - lr * c.weight_decay } else { 1.0 };
             let next = ((s.var.as_tensor() * decay)? - (update * lr)?)?;
             s.var.set(&next)?;
         }
@@ -114,12 +93,7 @@ impl AdamW {
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.slots
             .iter()
-            .flat_map(|s| {
-                [
-                    (format!("m.{}", s.name), s.m.clone()),
-                    (format!("v.{}", s.name), s.v.clone()),
-                ]
-            })
+            .flat_map(|s| [(format!("m.{}", s.name), s.m.clone()), (format!("v.{}", s.name), s.v.clone())])
             .collect()
     }
 

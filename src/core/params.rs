@@ -27,26 +27,11 @@ struct SeededBackend {
 }
 
 impl candle_nn::var_builder::SimpleBackend for SeededBackend {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        init: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let mut vars = self
-            .varmap
-            .data()
-            .lock()
-            .expect("invariant: lock not poisoned");
+    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut vars = self.varmap.data().lock().expect("invariant: lock not poisoned");
         if let Some(var) = vars.get(name) {
             if var.shape() != &shape {
-                candle_core::bail!(
-                    "shape mismatch for {name}: {:?} exists, {:?} requested",
-                    var.shape(),
-                    shape
-                );
+                candle_core::bail!("shape mismatch for {name}: {:?} exists, {:?} requested", var.shape(), shape);
             }
             return Ok(var.as_tensor().clone());
         }
@@ -56,9 +41,7 @@ impl candle_nn::var_builder::SimpleBackend for SeededBackend {
             Init::Const(c) => vec![c; n],
             Init::Randn { mean, stdev } => (0..n).map(|_| mean + stdev * rng.normal()).collect(),
             Init::Uniform { lo, up } => (0..n).map(|_| lo + (up - lo) * rng.uniform()).collect(),
-            other => candle_core::bail!(
-                "{name}: initialiser {other:?} is not supported by the seeded parameter store"
-            ),
+            other => candle_core::bail!("{name}: initialiser {other:?} is not supported by the seeded parameter store"),
         };
         let var = Var::from_tensor(&Tensor::from_vec(values, shape, dev)?.to_dtype(dtype)?)?;
         let tensor = var.as_tensor().clone();
@@ -66,17 +49,8 @@ impl candle_nn::var_builder::SimpleBackend for SeededBackend {
         Ok(tensor)
     }
 
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let vars = self
-            .varmap
-            .data()
-            .lock()
-            .expect("invariant: lock not poisoned");
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        let vars = self.varmap.data().lock().expect("invariant: lock not poisoned");
         match vars.get(name) {
             Some(v) => Ok(v.as_tensor().clone()),
             None => candle_core::bail!("no parameter named {name}"),
@@ -84,30 +58,20 @@ impl candle_nn::var_builder::SimpleBackend for SeededBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap
-            .data()
-            .lock()
-            .expect("invariant: lock not poisoned")
-            .contains_key(name)
+        self.varmap.data().lock().expect("invariant: lock not poisoned").contains_key(name)
     }
 }
 
 impl Params {
     /// An empty store whose fresh parameters are drawn from `seed`.
     pub fn new(seed: u64) -> Self {
-        Params {
-            varmap: VarMap::new(),
-            seed,
-        }
+        Params { varmap: VarMap::new(), seed }
     }
 
     /// A `VarBuilder` that creates (or returns) parameters in this store.
     pub fn var_builder(&self, dtype: DType) -> VarBuilder<'static> {
         VarBuilder::from_backend(
-            Box::new(SeededBackend {
-                varmap: self.varmap.clone(),
-                seed: self.seed,
-            }),
+            Box::new(SeededBackend { varmap: self.varmap.clone(), seed: self.seed }),
             dtype,
             Device::Cpu,
         )
@@ -115,13 +79,8 @@ impl Params {
 
     /// All parameters, sorted by name.
     pub fn named(&self) -> Vec<(String, Var)> {
-        let vars = self
-            .varmap
-            .data()
-            .lock()
-            .expect("invariant: lock not poisoned");
-        let mut all: Vec<(String, Var)> =
-            vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let vars = self.varmap.data().lock().expect("invariant: lock not poisoned");
+        let mut all: Vec<(String, Var)> = vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
@@ -133,10 +92,7 @@ impl Params {
 
     /// The current values, by name (for saving).
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        self.named()
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().clone()))
-            .collect()
+        self.named().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
     }
 
     /// Replaces every parameter's value with the tensor of the same name in `tensors`; fails,
@@ -145,25 +101,20 @@ impl Params {
         let named = self.named();
         for (name, var) in &named {
             let t = tensors.get(name).ok_or_else(|| {
-                Error::checkpoint(source, format!("tensor {name} is missing (was the checkpoint made by another model or version?)"))
+                Error::checkpoint(
+                    source,
+                    format!("tensor {name} is missing (was the checkpoint made by another model or version?)"),
+                )
             })?;
             if t.shape() != var.shape() {
                 return Err(Error::checkpoint(
                     source,
-                    format!(
-                        "tensor {name} has shape {:?}, the model config needs {:?}",
-                        t.dims(),
-                        var.dims()
-                    ),
+                    format!("tensor {name} has shape {:?}, the model config needs {:?}", t.dims(), var.dims()),
                 ));
             }
             var.set(&t.to_dtype(var.dtype())?)?;
         }
-        if let Some(extra) = tensors
-            .keys()
-            .filter(|k| !named.iter().any(|(n, _)| n == *k))
-            .min()
-        {
+        if let Some(extra) = tensors.keys().filter(|k| !named.iter().any(|(n, _)| n == *k)).min() {
             return Err(Error::checkpoint(
                 source,
                 format!("tensor {extra} is not part of the model described by config.json"),
@@ -174,13 +125,9 @@ impl Params {
 }
 
 /// Serialises named tensors (and string metadata) as safetensors bytes.
-pub fn safetensors_bytes(
-    tensors: &[(String, Tensor)],
-    metadata: HashMap<String, String>,
-) -> Result<Vec<u8>> {
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: HashMap<String, String>) -> Result<Vec<u8>> {
     let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    safetensors::serialize(views, Some(metadata))
-        .map_err(|e| Error::Config(format!("serialising tensors: {e}")))
+    safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Config(format!("serialising tensors: {e}")))
 }
 
 /// Reads a safetensors file into named tensors and its metadata.

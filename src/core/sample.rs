@@ -23,11 +23,7 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig {
-            temperature: 1.0,
-            top_k: None,
-            top_p: None,
-        }
+        SamplerConfig { temperature: 1.0, top_k: None, top_p: None }
     }
 }
 
@@ -35,10 +31,7 @@ impl SamplerConfig {
     /// Checks the ranges.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Config(format!(
-                "--temperature must be ≥ 0, got {}",
-                self.temperature
-            )));
+            return Err(Error::Config(format!("--temperature must be ≥ 0, got {}", self.temperature)));
         }
         if self.top_k == Some(0) {
             return Err(Error::Config("--top-k must be at least 1".into()));
@@ -54,9 +47,7 @@ impl SamplerConfig {
     /// The probabilities the sampler draws from (after temperature, top-k and top-p).
     pub fn distribution(&self, logits: &[f32]) -> Vec<f64> {
         let n = logits.len();
-        let best = (0..n)
-            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
-            .unwrap_or(0);
+        let best = (0..n).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
         if self.temperature == 0.0 {
             let mut p = vec![0.0; n];
             p[best] = 1.0;
@@ -64,10 +55,7 @@ impl SamplerConfig {
         }
         let t = self.temperature as f64;
         let max = logits[best] as f64;
-        let mut p: Vec<f64> = logits
-            .iter()
-            .map(|&l| ((l as f64 - max) / t).exp())
-            .collect();
+        let mut p: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / t).exp()).collect();
         if self.top_k.is_some() || self.top_p.is_some() {
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
@@ -98,9 +86,7 @@ impl SamplerConfig {
         if self.top_k.is_some() || self.top_p.is_some() {
             return draw_from(&self.distribution(logits), rng);
         }
-        let best = (0..logits.len())
-            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
-            .unwrap_or(0);
+        let best = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
         if self.temperature == 0.0 {
             return best as u32;
         }
@@ -115,11 +101,7 @@ impl SamplerConfig {
             }
         }
         let total = lanes.iter().map(|&x| x as f64).sum::<f64>()
-            + chunks
-                .remainder()
-                .iter()
-                .map(|&l| weight(l) as f64)
-                .sum::<f64>();
+            + chunks.remainder().iter().map(|&l| weight(l) as f64).sum::<f64>();
         let target = rng.uniform() * total;
         let mut acc = 0.0;
         for (i, &l) in logits.iter().enumerate() {
@@ -175,10 +157,7 @@ pub fn generate<M: Autoregressive>(
             let mut logits = model.step(&mut state, None)?;
             for t in 0..prime.first().map_or(0, |p| p.len()) {
                 let prev: Vec<u32> = prime.iter().map(|p| p[t]).collect();
-                logits = model.step(
-                    &mut state,
-                    Some(&Tensor::new(prev, &candle_core::Device::Cpu)?),
-                )?;
+                logits = model.step(&mut state, Some(&Tensor::new(prev, &candle_core::Device::Cpu)?))?;
             }
             progress(0);
             for i in 0..steps {
@@ -187,10 +166,7 @@ pub fn generate<M: Autoregressive>(
                     o.push(n);
                 }
                 if i + 1 < steps {
-                    logits = model.step(
-                        &mut state,
-                        Some(&Tensor::new(next, &candle_core::Device::Cpu)?),
-                    )?;
+                    logits = model.step(&mut state, Some(&Tensor::new(next, &candle_core::Device::Cpu)?))?;
                 }
                 if i % 256 == 255 {
                     progress(i + 1);
@@ -229,30 +205,14 @@ mod tests {
     #[test]
     fn temperature_zero_is_argmax_and_top_k_top_p_cut_the_tail() {
         let logits = [0.0f32, 3.0, 1.0, 2.0];
-        let greedy = SamplerConfig {
-            temperature: 0.0,
-            ..Default::default()
-        };
+        let greedy = SamplerConfig { temperature: 0.0, ..Default::default() };
         assert_eq!(greedy.distribution(&logits), vec![0.0, 1.0, 0.0, 0.0]);
-        let top2 = SamplerConfig {
-            top_k: Some(2),
-            ..Default::default()
-        };
+        let top2 = SamplerConfig { top_k: Some(2), ..Default::default() };
         let p = top2.distribution(&logits);
         assert_eq!((p[0], p[2]), (0.0, 0.0));
         assert!((p[1] + p[3] - 1.0).abs() < 1e-12 && p[1] > p[3]);
-        let nucleus = SamplerConfig {
-            top_p: Some(0.5),
-            ..Default::default()
-        };
-        assert_eq!(
-            nucleus
-                .distribution(&logits)
-                .iter()
-                .filter(|&&x| x > 0.0)
-                .count(),
-            1
-        );
+        let nucleus = SamplerConfig { top_p: Some(0.5), ..Default::default() };
+        assert_eq!(nucleus.distribution(&logits).iter().filter(|&&x| x > 0.0).count(), 1);
     }
 
     #[test]
@@ -274,29 +234,8 @@ mod tests {
 
     #[test]
     fn bad_settings_are_rejected() {
-        assert!(
-            SamplerConfig {
-                temperature: -1.0,
-                ..Default::default()
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            SamplerConfig {
-                top_k: Some(0),
-                ..Default::default()
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            SamplerConfig {
-                top_p: Some(1.5),
-                ..Default::default()
-            }
-            .validate()
-            .is_err()
-        );
+        assert!(SamplerConfig { temperature: -1.0, ..Default::default() }.validate().is_err());
+        assert!(SamplerConfig { top_k: Some(0), ..Default::default() }.validate().is_err());
+        assert!(SamplerConfig { top_p: Some(1.5), ..Default::default() }.validate().is_err());
     }
 }

@@ -67,8 +67,7 @@ impl TrainConfig {
         // 3) in between: cosine from lr down to min_lr
         let span = (self.decay_steps - self.warmup_steps).max(1) as f64;
         let progress = (step - self.warmup_steps) as f64 / span;
-        self.min_lr
-            + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (self.lr - self.min_lr)
+        self.min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (self.lr - self.min_lr)
     }
 
     /// Checks the ranges.
@@ -80,9 +79,7 @@ impl TrainConfig {
             )));
         }
         if self.eval_every == 0 || self.checkpoint_every == 0 {
-            return Err(Error::Config(
-                "--eval-every and --checkpoint-every must be at least 1".into(),
-            ));
+            return Err(Error::Config("--eval-every and --checkpoint-every must be at least 1".into()));
         }
         Ok(())
     }
@@ -209,10 +206,7 @@ pub fn train<M: Autoregressive>(
         if stop.load(Ordering::SeqCst) {
             break Stop::Interrupted;
         }
-        if cfg
-            .max_minutes
-            .is_some_and(|m| started.elapsed().as_secs_f64() >= m * 60.0)
-        {
+        if cfg.max_minutes.is_some_and(|m| started.elapsed().as_secs_f64() >= m * 60.0) {
             break Stop::Time;
         }
         // learning rate
@@ -224,10 +218,7 @@ pub fn train<M: Autoregressive>(
         let grads = loss.backward()?;
         let loss = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !loss.is_finite() {
-            return Err(Error::Config(format!(
-                "the loss became {loss} at step {}: lower --lr",
-                state.step + 1
-            )));
+            return Err(Error::Config(format!("the loss became {loss} at step {}: lower --lr", state.step + 1)));
         }
         // clip, step
         let grad_norm = opt.step(&grads, lr)?;
@@ -236,26 +227,11 @@ pub fn train<M: Autoregressive>(
         state.seconds = seconds_before + started.elapsed().as_secs_f64();
         loss_sum += loss;
         loss_steps += 1;
-        let tokens_per_second =
-            (state.tokens_seen - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        observe(Event::Step {
-            step: state.step,
-            loss,
-            lr,
-            grad_norm,
-            tokens_per_second,
-        });
+        let tokens_per_second = (state.tokens_seen - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        observe(Event::Step { step: state.step, loss, lr, grad_norm, tokens_per_second });
         // evaluate, checkpoint
         if state.step % cfg.eval_every == 0 {
-            log_eval(
-                model,
-                &val,
-                state,
-                lr,
-                &mut loss_sum,
-                &mut loss_steps,
-                observe,
-            )?;
+            log_eval(model, &val, state, lr, &mut loss_sum, &mut loss_steps, observe)?;
             evaluated_at = Some(state.step);
         }
         if state.step % cfg.checkpoint_every == 0 {
@@ -265,15 +241,7 @@ pub fn train<M: Autoregressive>(
     };
     // A final evaluation and checkpoint, unless this very step already had them.
     if evaluated_at != Some(state.step) && loss_steps > 0 {
-        log_eval(
-            model,
-            &val,
-            state,
-            lr,
-            &mut loss_sum,
-            &mut loss_steps,
-            observe,
-        )?;
+        log_eval(model, &val, state, lr, &mut loss_sum, &mut loss_steps, observe)?;
     }
     save(state, opt)?;
     observe(Event::Saved { step: state.step });
@@ -310,20 +278,11 @@ mod tests {
 
     #[test]
     fn learning_rate_warms_up_decays_and_floors() {
-        let cfg = TrainConfig {
-            lr: 1.0,
-            min_lr: 0.1,
-            warmup_steps: 10,
-            decay_steps: 110,
-            ..Default::default()
-        };
+        let cfg = TrainConfig { lr: 1.0, min_lr: 0.1, warmup_steps: 10, decay_steps: 110, ..Default::default() };
         assert!((cfg.lr_at(0) - 0.1).abs() < 1e-12);
         assert!((cfg.lr_at(9) - 1.0).abs() < 1e-12);
         assert!((cfg.lr_at(10) - 1.0).abs() < 1e-12);
-        assert!(
-            (cfg.lr_at(60) - 0.55).abs() < 1e-12,
-            "halfway down the cosine"
-        );
+        assert!((cfg.lr_at(60) - 0.55).abs() < 1e-12, "halfway down the cosine");
         assert!((cfg.lr_at(110) - 0.1).abs() < 1e-12);
         assert!((cfg.lr_at(1_000) - 0.1).abs() < 1e-12);
         for s in 10..110 {

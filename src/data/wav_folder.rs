@@ -33,39 +33,26 @@ pub struct AudioSettings {
 
 impl Default for AudioSettings {
     fn default() -> Self {
-        AudioSettings {
-            sample_rate: 16000,
-            trim_db: 40.0,
-            min_seconds: 0.05,
-        }
+        AudioSettings { sample_rate: 16000, trim_db: 40.0, min_seconds: 0.05 }
     }
 }
 
 impl AudioSettings {
     /// Turns one decoded file into codes: resample, trim, encode. `Err` holds why the file was dropped.
     pub fn encode(&self, audio: &wav::Mono) -> std::result::Result<Vec<u8>, String> {
-        let samples = resample::resample(&audio.samples, audio.sample_rate, self.sample_rate)
-            .map_err(|e| e.to_string())?;
+        let samples =
+            resample::resample(&audio.samples, audio.sample_rate, self.sample_rate).map_err(|e| e.to_string())?;
         let peak = samples.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
         if peak == 0.0 {
             return Err("digital silence".into());
         }
         let threshold = peak * 10f32.powf(-self.trim_db / 20.0);
-        let first = samples
-            .iter()
-            .position(|&x| x.abs() >= threshold)
-            .unwrap_or(0);
-        let last = samples
-            .iter()
-            .rposition(|&x| x.abs() >= threshold)
-            .unwrap_or(0);
+        let first = samples.iter().position(|&x| x.abs() >= threshold).unwrap_or(0);
+        let last = samples.iter().rposition(|&x| x.abs() >= threshold).unwrap_or(0);
         let kept = &samples[first..=last];
         let seconds = kept.len() as f32 / self.sample_rate as f32;
         if seconds < self.min_seconds {
-            return Err(format!(
-                "only {seconds:.3} s above the silence threshold (minimum {} s)",
-                self.min_seconds
-            ));
+            return Err(format!("only {seconds:.3} s above the silence threshold (minimum {} s)", self.min_seconds));
         }
         Ok(mulaw::encode_all(kept))
     }
@@ -124,10 +111,7 @@ pub struct Corpus {
 
 impl std::fmt::Debug for Corpus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Corpus")
-            .field("root", &self.root)
-            .field("files", &self.files.len())
-            .finish()
+        f.debug_struct("Corpus").field("root", &self.root).field("files", &self.files.len()).finish()
     }
 }
 
@@ -141,28 +125,15 @@ pub fn find_wav_files(root: &Path) -> Result<Vec<String>> {
             let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
             if kind.is_dir() || (kind.is_symlink() && path.is_dir()) {
                 walk(&path, root, out)?;
-            } else if path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("wav"))
-            {
-                let rel = path
-                    .strip_prefix(root)
-                    .expect("invariant: walked from root");
-                out.push(
-                    rel.components()
-                        .map(|c| c.as_os_str().to_string_lossy())
-                        .collect::<Vec<_>>()
-                        .join("/"),
-                );
+            } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("wav")) {
+                let rel = path.strip_prefix(root).expect("invariant: walked from root");
+                out.push(rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"));
             }
         }
         Ok(())
     }
     if !root.is_dir() {
-        return Err(Error::NoAudio {
-            path: root.into(),
-            reason: "not a folder (pass a folder of .wav files)".into(),
-        });
+        return Err(Error::NoAudio { path: root.into(), reason: "not a folder (pass a folder of .wav files)".into() });
     }
     let mut names = Vec::new();
     walk(root, root, &mut names)?;
@@ -200,20 +171,11 @@ impl Corpus {
             }
         };
         if index.files.is_empty() {
-            let reasons: Vec<String> = index
-                .report
-                .dropped
-                .iter()
-                .take(3)
-                .map(|(f, why)| format!("{f}: {why}"))
-                .collect();
+            let reasons: Vec<String> =
+                index.report.dropped.iter().take(3).map(|(f, why)| format!("{f}: {why}")).collect();
             return Err(Error::NoAudio {
                 path: root.into(),
-                reason: format!(
-                    "none of the {} .wav files is usable ({})",
-                    index.report.found,
-                    reasons.join("; ")
-                ),
+                reason: format!("none of the {} .wav files is usable ({})", index.report.found, reasons.join("; ")),
             });
         }
         let file = std::fs::File::open(&codes_path).map_err(|e| Error::io(&codes_path, e))?;
@@ -229,12 +191,7 @@ impl Corpus {
                 )),
             ));
         }
-        Ok(Corpus {
-            root: root.into(),
-            files: index.files,
-            report: index.report,
-            codes,
-        })
+        Ok(Corpus { root: root.into(), files: index.files, report: index.report, codes })
     }
 
     /// The codes of file `i`.
@@ -250,11 +207,7 @@ impl Corpus {
 
     /// The sorted distinct labels (first-level subfolders) of the files.
     pub fn labels(&self) -> Vec<String> {
-        let mut labels: Vec<String> = self
-            .files
-            .iter()
-            .filter_map(|f| f.label().map(String::from))
-            .collect();
+        let mut labels: Vec<String> = self.files.iter().filter_map(|f| f.label().map(String::from)).collect();
         labels.sort();
         labels.dedup();
         labels
@@ -264,20 +217,12 @@ impl Corpus {
 fn fingerprint(root: &Path, names: &[String], settings: &AudioSettings) -> Result<u64> {
     const CACHE_FORMAT: u32 = 1;
     let mut key = format!("v{CACHE_FORMAT} {:?} {}\n", settings, mulaw::MU);
-    key.push_str(
-        &root
-            .canonicalize()
-            .unwrap_or_else(|_| root.to_path_buf())
-            .to_string_lossy(),
-    );
+    key.push_str(&root.canonicalize().unwrap_or_else(|_| root.to_path_buf()).to_string_lossy());
     for name in names {
         let path = root.join(name);
         let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
+        let mtime =
+            meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         key.push_str(&format!("\n{name} {} {mtime}", meta.len()));
     }
     Ok(fnv1a(key.as_bytes()))
@@ -297,44 +242,27 @@ fn build(
 ) -> (CacheIndex, Vec<u8>) {
     let mut codes = Vec::new();
     let mut files = Vec::new();
-    let mut report = ScanReport {
-        found: names.len(),
-        ..Default::default()
-    };
+    let mut report = ScanReport { found: names.len(), ..Default::default() };
     for (i, name) in names.iter().enumerate() {
         progress(i, names.len());
-        let encoded = wav::read_mono(&root.join(name))
-            .map_err(|e| e.to_string())
-            .and_then(|audio| {
-                let c = settings.encode(&audio)?;
-                Ok((c, audio.seconds()))
-            });
+        let encoded = wav::read_mono(&root.join(name)).map_err(|e| e.to_string()).and_then(|audio| {
+            let c = settings.encode(&audio)?;
+            Ok((c, audio.seconds()))
+        });
         match encoded {
             Ok((c, seconds_in)) => {
                 let seconds_kept = c.len() as f64 / settings.sample_rate as f64;
                 let trimmed_seconds = (seconds_in - seconds_kept).max(0.0);
                 report.kept_seconds += seconds_kept;
                 report.trimmed_seconds += trimmed_seconds;
-                files.push(CorpusFile {
-                    name: name.clone(),
-                    offset: codes.len(),
-                    len: c.len(),
-                    trimmed_seconds,
-                });
+                files.push(CorpusFile { name: name.clone(), offset: codes.len(), len: c.len(), trimmed_seconds });
                 codes.extend_from_slice(&c);
             }
             Err(why) => report.dropped.push((name.clone(), why)),
         }
     }
     progress(names.len(), names.len());
-    (
-        CacheIndex {
-            fingerprint,
-            files,
-            report,
-        },
-        codes,
-    )
+    (CacheIndex { fingerprint, files, report }, codes)
 }
 
 /// Splits file names into (train, validation) indices: the validation files are the
@@ -342,9 +270,7 @@ fn build(
 /// only on the names, not on their order or on the machine.
 pub fn split_by_name(names: &[&str], fraction: f64) -> Result<(Vec<usize>, Vec<usize>)> {
     if !(0.0..1.0).contains(&fraction) {
-        return Err(Error::Config(format!(
-            "--val-fraction must be in [0, 1), got {fraction}"
-        )));
+        return Err(Error::Config(format!("--val-fraction must be in [0, 1), got {fraction}")));
     }
     if names.len() < 2 {
         return Err(Error::Config(format!(
@@ -373,11 +299,7 @@ pub fn window(codes: &[u8], start: usize, context: usize, len: usize) -> (Vec<u3
         let p = (start + i).checked_sub(context);
         let code = p.and_then(|p| codes.get(p));
         tokens.push(code.map_or(silence, |&c| c as u32));
-        mask.push(if i >= context && code.is_some() {
-            1.0
-        } else {
-            0.0
-        });
+        mask.push(if i >= context && code.is_some() { 1.0 } else { 0.0 });
     }
     (tokens, mask)
 }
@@ -464,7 +386,10 @@ fn label_indices(corpus: &Corpus, names: &[String]) -> Result<Vec<u32>> {
         .iter()
         .map(|f| {
             let label = f.label().ok_or_else(|| {
-                Error::Config(format!("{}: not in a subfolder, so it has no label (conditioning needs one subfolder per label)", f.name))
+                Error::Config(format!(
+                    "{}: not in a subfolder, so it has no label (conditioning needs one subfolder per label)",
+                    f.name
+                ))
             })?;
             names.iter().position(|n| n == label).map(|i| i as u32).ok_or_else(|| {
                 Error::Config(format!("{}: label {label:?} is not one of the model's labels {names:?}", f.name))
@@ -475,10 +400,7 @@ fn label_indices(corpus: &Corpus, names: &[String]) -> Result<Vec<u32>> {
 
 impl BatchSource for AudioBatches<'_> {
     fn train_batch(&mut self, rng: &mut Rng) -> Result<Batch> {
-        let total = *self
-            .cumulative
-            .last()
-            .expect("invariant: at least one training file");
+        let total = *self.cumulative.last().expect("invariant: at least one training file");
         let (mut tokens, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.batch_size {
             let pos = rng.below(total);
@@ -493,12 +415,7 @@ impl BatchSource for AudioBatches<'_> {
                 labels.push(train_labels[file]);
             }
         }
-        Batch::from_rows(
-            &tokens,
-            &mask,
-            self.labels.as_ref().map(|_| labels),
-            &self.device,
-        )
+        Batch::from_rows(&tokens, &mask, self.labels.as_ref().map(|_| labels), &self.device)
     }
 
     fn val_batches(&self) -> Result<Vec<Batch>> {
@@ -509,14 +426,10 @@ impl BatchSource for AudioBatches<'_> {
         picks
             .chunks(self.batch_size)
             .map(|chunk| {
-                let (tokens, mask): (Vec<_>, Vec<_>) = chunk
-                    .iter()
-                    .map(|&(f, s)| window(self.val.codes(f), s, self.context, self.window))
-                    .unzip();
-                let labels = self
-                    .labels
-                    .as_ref()
-                    .map(|(_, val_labels)| chunk.iter().map(|&(f, _)| val_labels[f]).collect());
+                let (tokens, mask): (Vec<_>, Vec<_>) =
+                    chunk.iter().map(|&(f, s)| window(self.val.codes(f), s, self.context, self.window)).unzip();
+                let labels =
+                    self.labels.as_ref().map(|(_, val_labels)| chunk.iter().map(|&(f, _)| val_labels[f]).collect());
                 Batch::from_rows(&tokens, &mask, labels, &self.device)
             })
             .collect()
@@ -554,11 +467,7 @@ mod tests {
         let mut b: Vec<&str> = val_rev.iter().map(|&i| reversed[i]).collect();
         b.sort();
         assert_eq!(a, b);
-        assert_eq!(
-            split_by_name(&refs[..2], 0.0).unwrap().1.len(),
-            1,
-            "at least one validation file"
-        );
+        assert_eq!(split_by_name(&refs[..2], 0.0).unwrap().1.len(), 1, "at least one validation file");
         assert!(split_by_name(&refs[..1], 0.05).is_err());
     }
 }

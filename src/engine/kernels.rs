@@ -112,8 +112,7 @@ macro_rules! gate_body {
 }
 
 fn matmul_portable(y: &mut [f32], x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) {
-    matmul_body!(y, x, w, rows, inp, out, 1, |a: f32, b: f32, c: f32| a * b
-        + c)
+    matmul_body!(y, x, w, rows, inp, out, 1, |a: f32, b: f32, c: f32| a * b + c)
 }
 
 fn gate_portable(pre: &[f32], z: &mut [f32], g: usize, exact: bool) {
@@ -124,73 +123,37 @@ fn gate_portable(pre: &[f32], z: &mut [f32], g: usize, exact: bool) {
 mod x86 {
     use super::*;
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn matmul_avx2(
-        y: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        rows: usize,
-        inp: usize,
-        out: usize,
-    ) {
-        matmul_body!(y, x, w, rows, inp, out, 1, |a: f32, b: f32, c: f32| a
-            .mul_add(b, c))
+    /// One kernel set compiled for `$features`, offered only where the CPU has them.
+    macro_rules! kernel_set {
+        ($name:ident, $label:literal, $features:literal, $split:literal, [$($detect:tt),+]) => {
+            pub fn $name() -> Option<Kernels> {
+                #[target_feature(enable = $features)]
+                unsafe fn matmul(y: &mut [f32], x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) {
+                    matmul_body!(y, x, w, rows, inp, out, $split, |a: f32, b: f32, c: f32| a.mul_add(b, c))
+                }
+                #[target_feature(enable = $features)]
+                unsafe fn gate(pre: &[f32], z: &mut [f32], g: usize, exact: bool) {
+                    gate_body!(pre, z, g, exact)
+                }
+                let present = true $(&& std::arch::is_x86_feature_detected!($detect))+;
+                // SAFETY: the closures only run on a CPU with the features, checked just above.
+                present.then_some(Kernels {
+                    matmul_acc: |y, x, w, r, i, o| unsafe { matmul(y, x, w, r, i, o) },
+                    gate: |p, z, g, e| unsafe { gate(p, z, g, e) },
+                    name: $label,
+                })
+            }
+        };
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn gate_avx2(pre: &[f32], z: &mut [f32], g: usize, exact: bool) {
-        gate_body!(pre, z, g, exact)
-    }
-
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    unsafe fn matmul_avx512(
-        y: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        rows: usize,
-        inp: usize,
-        out: usize,
-    ) {
-        matmul_body!(y, x, w, rows, inp, out, 2, |a: f32, b: f32, c: f32| a
-            .mul_add(b, c))
-    }
-
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    unsafe fn gate_avx512(pre: &[f32], z: &mut [f32], g: usize, exact: bool) {
-        gate_body!(pre, z, g, exact)
-    }
-
-    pub fn avx512() -> Option<Kernels> {
-        let ok = is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("fma");
-        // SAFETY: only called after the features were detected.
-        ok.then_some(Kernels {
-            matmul_acc: |y, x, w, r, i, o| unsafe { matmul_avx512(y, x, w, r, i, o) },
-            gate: |p, z, g, e| unsafe { gate_avx512(p, z, g, e) },
-            name: "avx512",
-        })
-    }
-
-    pub fn avx2() -> Option<Kernels> {
-        let ok = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        // SAFETY: only called after the features were detected.
-        ok.then_some(Kernels {
-            matmul_acc: |y, x, w, r, i, o| unsafe { matmul_avx2(y, x, w, r, i, o) },
-            gate: |p, z, g, e| unsafe { gate_avx2(p, z, g, e) },
-            name: "avx2+fma",
-        })
-    }
+    kernel_set!(avx512, "avx512", "avx512f,avx512vl,avx2,fma", 2, ["avx512f", "avx512vl", "avx2", "fma"]);
+    kernel_set!(avx2, "avx2+fma", "avx2,fma", 1, ["avx2", "fma"]);
 }
 
 impl Kernels {
     /// Kernels without any instruction-set extension beyond the target's baseline.
     pub fn portable() -> Self {
-        Kernels {
-            matmul_acc: matmul_portable,
-            gate: gate_portable,
-            name: "portable",
-        }
+        Kernels { matmul_acc: matmul_portable, gate: gate_portable, name: "portable" }
     }
 
     /// The best kernels for this CPU (`WAVEGEN_KERNELS=portable|avx2` forces a lesser set).
@@ -229,41 +192,26 @@ mod tests {
     #[test]
     fn every_kernel_set_computes_the_same_product_and_gate() {
         let (rows, inp, out) = (3, 37, 150); // a full tile, a partial tile, odd sizes
-        let x: Vec<f32> = (0..rows * inp)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
-            .collect();
-        let w: Vec<f32> = (0..inp * out)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0)
-            .collect();
+        let x: Vec<f32> = (0..rows * inp).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
+        let w: Vec<f32> = (0..inp * out).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0).collect();
         let mut expected = vec![0.5f32; rows * out];
         for r in 0..rows {
             for o in 0..out {
-                expected[r * out + o] += (0..inp)
-                    .map(|i| x[r * inp + i] * w[i * out + o])
-                    .sum::<f32>();
+                expected[r * out + o] += (0..inp).map(|i| x[r * inp + i] * w[i * out + o]).sum::<f32>();
             }
         }
         let pre: Vec<f32> = (0..2 * 40).map(|i| (i as f32 - 40.0) / 4.0).collect();
         for k in Kernels::available() {
             let mut y = vec![0.5f32; rows * out];
             (k.matmul_acc)(&mut y, &x, &w, rows, inp, out);
-            let err = y
-                .iter()
-                .zip(&expected)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let err = y.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(err < 1e-4, "{}: {err}", k.name);
             for exact in [true, false] {
                 let mut z = vec![0f32; 40];
                 (k.gate)(&pre, &mut z, 40, exact);
                 for i in 0..40 {
                     let want = (pre[i] as f64).tanh() / (1.0 + (-pre[40 + i] as f64).exp());
-                    assert!(
-                        (z[i] as f64 - want).abs() < 1e-6,
-                        "{} exact={exact}: {} vs {want}",
-                        k.name,
-                        z[i]
-                    );
+                    assert!((z[i] as f64 - want).abs() < 1e-6, "{} exact={exact}: {} vs {want}", k.name, z[i]);
                 }
             }
         }

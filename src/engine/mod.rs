@@ -41,16 +41,11 @@ pub fn generate_parallel(
     std::thread::scope(|scope| {
         let mut groups = specs.chunks_mut(per);
         let first = groups.next().expect("invariant: at least one stream");
-        let others: Vec<_> = groups
-            .map(|g| scope.spawn(move || generate(engine, g, prime, steps, &mut |_| {})))
-            .collect();
+        let others: Vec<_> =
+            groups.map(|g| scope.spawn(move || generate(engine, g, prime, steps, &mut |_| {}))).collect();
         let mut out = generate(engine, first, prime, steps, progress)?;
         for handle in others {
-            out.extend(
-                handle
-                    .join()
-                    .map_err(|_| crate::Error::Config("a generator thread panicked".into()))??,
-            );
+            out.extend(handle.join().map_err(|_| crate::Error::Config("a generator thread panicked".into()))??);
         }
         Ok(out)
     })
@@ -79,9 +74,7 @@ pub fn generate(
     let mut out = vec![Vec::with_capacity(steps); n];
     for i in 0..steps {
         for (r, spec) in specs.iter_mut().enumerate() {
-            prev[r] = spec
-                .sampler
-                .sample(&logits[r * classes..(r + 1) * classes], &mut spec.rng);
+            prev[r] = spec.sampler.sample(&logits[r * classes..(r + 1) * classes], &mut spec.rng);
             out[r].push(prev[r]);
         }
         if i + 1 < steps {

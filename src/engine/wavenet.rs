@@ -9,9 +9,7 @@ use crate::models::wavenet::{Config, WaveNet};
 use crate::{Error, Result};
 
 fn flat(t: &candle_core::Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?)
+    Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 struct Layer {
@@ -102,11 +100,7 @@ impl Engine {
     /// Fresh state for `labels.len()` streams (labels are ignored, and may be all 0, when the
     /// model is unconditioned).
     pub fn streams(&self, labels: &[u32]) -> Result<Streams> {
-        let (n, c, g) = (
-            labels.len(),
-            self.cfg.residual_channels,
-            self.cfg.gate_channels,
-        );
+        let (n, c, g) = (labels.len(), self.cfg.residual_channels, self.cfg.gate_channels);
         if n == 0 {
             return Err(Error::Config("at least one stream".into()));
         }
@@ -130,11 +124,7 @@ impl Engine {
         let k = self.cfg.kernel_width;
         Ok(Streams {
             n,
-            rings: self
-                .layers
-                .iter()
-                .map(|l| vec![0.0; (k - 1) * l.dilation * n * c])
-                .collect(),
+            rings: self.layers.iter().map(|l| vec![0.0; (k - 1) * l.dilation * n * c]).collect(),
             heads: vec![0; self.layers.len()],
             cond,
             x: vec![0.0; n * c],
@@ -149,23 +139,13 @@ impl Engine {
     /// Advances every stream by its previous code (`None` at the very start) and returns the
     /// logits of the next code, `N × classes`.
     pub fn step<'s>(&self, s: &'s mut Streams, prev: Option<&[u32]>) -> &'s [f32] {
-        let (n, c, g, k) = (
-            s.n,
-            self.cfg.residual_channels,
-            self.cfg.gate_channels,
-            self.cfg.kernel_width,
-        );
-        let (sk, h, v) = (
-            self.cfg.skip_channels,
-            self.cfg.head_channels,
-            self.cfg.classes,
-        );
+        let (n, c, g, k) = (s.n, self.cfg.residual_channels, self.cfg.gate_channels, self.cfg.kernel_width);
+        let (sk, h, v) = (self.cfg.skip_channels, self.cfg.head_channels, self.cfg.classes);
         let mm = self.kernels.matmul_acc;
         match prev {
             Some(codes) => {
                 for (r, &code) in codes.iter().enumerate().take(n) {
-                    s.x[r * c..(r + 1) * c]
-                        .copy_from_slice(&self.embed[code as usize * c..(code as usize + 1) * c]);
+                    s.x[r * c..(r + 1) * c].copy_from_slice(&self.embed[code as usize * c..(code as usize + 1) * c]);
                 }
             }
             None => s.x.fill(0.0),
@@ -196,14 +176,7 @@ impl Engine {
                     2 * g,
                 );
             }
-            mm(
-                &mut s.pre,
-                &s.x,
-                &layer.dilated[(k - 1) * w_tap..],
-                n,
-                c,
-                2 * g,
-            );
+            mm(&mut s.pre, &s.x, &layer.dilated[(k - 1) * w_tap..], n, c, 2 * g);
             // The current input becomes the newest slot, over the oldest.
             if slots > 0 {
                 ring[head * n * c..(head + 1) * n * c].copy_from_slice(&s.x);
@@ -211,14 +184,8 @@ impl Engine {
             }
             (self.kernels.gate)(&s.pre, &mut s.z, g, self.exact);
             for r in 0..n {
-                s.x[r * c..(r + 1) * c]
-                    .iter_mut()
-                    .zip(&layer.residual_bias)
-                    .for_each(|(x, b)| *x += b);
-                s.skip[r * sk..(r + 1) * sk]
-                    .iter_mut()
-                    .zip(&layer.skip_bias)
-                    .for_each(|(x, b)| *x += b);
+                s.x[r * c..(r + 1) * c].iter_mut().zip(&layer.residual_bias).for_each(|(x, b)| *x += b);
+                s.skip[r * sk..(r + 1) * sk].iter_mut().zip(&layer.skip_bias).for_each(|(x, b)| *x += b);
             }
             mm(&mut s.x, &s.z, &layer.residual, n, g, c);
             mm(&mut s.skip, &s.z, &layer.skip, n, g, sk);

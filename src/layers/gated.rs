@@ -16,9 +16,7 @@ pub fn gated_unit(pre: &Tensor) -> Result<Tensor> {
 struct GatedUnit;
 struct GatedUnitGrad;
 
-trait Float:
-    Copy + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self>
-{
+trait Float: Copy + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self> {
     const ONE: Self;
     fn sigmoid(self) -> Self;
 }
@@ -47,11 +45,7 @@ fn forward<T: Float>(pre: &[T], gate: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(pre.len() / 2);
     for row in pre.chunks_exact(2 * gate) {
         let (f, g) = row.split_at(gate);
-        out.extend(
-            f.iter()
-                .zip(g)
-                .map(|(&f, &g)| tanh_via_sigmoid(f) * g.sigmoid()),
-        );
+        out.extend(f.iter().zip(g).map(|(&f, &g)| tanh_via_sigmoid(f) * g.sigmoid()));
     }
     out
 }
@@ -82,9 +76,7 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a 
 
 fn halve(shape: &Shape) -> candle_core::Result<(usize, Shape)> {
     let mut dims = shape.dims().to_vec();
-    let last = dims
-        .last_mut()
-        .ok_or_else(|| candle_core::Error::Msg("gated unit: scalar input".into()))?;
+    let last = dims.last_mut().ok_or_else(|| candle_core::Error::Msg("gated unit: scalar input".into()))?;
     if *last % 2 != 0 {
         candle_core::bail!("gated unit: last axis {} is odd", *last);
     }
@@ -97,11 +89,7 @@ impl CustomOp1 for GatedUnit {
         "gated-unit"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (gate, shape) = halve(layout.shape())?;
         let out = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(forward(contiguous(v, layout)?, gate)),
@@ -111,16 +99,8 @@ impl CustomOp1 for GatedUnit {
         Ok((out, shape))
     }
 
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(
-            &grad_res.contiguous()?,
-            &GatedUnitGrad,
-        )?))
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(&grad_res.contiguous()?, &GatedUnitGrad)?))
     }
 }
 
@@ -172,14 +152,7 @@ mod tests {
         let reference = (pre.narrow(1, 0, 4).unwrap().tanh().unwrap()
             * candle_nn::ops::sigmoid(&pre.narrow(1, 4, 4).unwrap()).unwrap())
         .unwrap();
-        let diff = (&fused - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = (&fused - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(diff < 1e-12, "{diff}");
         let w = Tensor::arange(0i64, 12, &Device::Cpu)
             .unwrap()
@@ -188,12 +161,7 @@ mod tests {
             .reshape((3, 4))
             .unwrap();
         let g1 = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (reference * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g2 = (reference * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let d = (g1.get(&pre).unwrap() - g2.get(&pre).unwrap())
             .unwrap()
             .abs()

@@ -29,10 +29,7 @@ impl ChannelLinear {
         let weight = vb.get_with_hints(
             (in_dim, out_dim),
             "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: gain / (in_dim as f64).sqrt(),
-            },
+            Init::Randn { mean: 0.0, stdev: gain / (in_dim as f64).sqrt() },
         )?;
         let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
         Ok(ChannelLinear { weight, bias })
@@ -44,15 +41,9 @@ impl Module for ChannelLinear {
         let dims = xs.dims();
         let in_dim = *dims.last().expect("invariant: at least one dimension");
         let rows = xs.elem_count() / in_dim.max(1);
-        let ys = xs
-            .contiguous()?
-            .reshape((rows, in_dim))?
-            .matmul(&self.weight)?
-            .broadcast_add(&self.bias)?; // (N, out)
+        let ys = xs.contiguous()?.reshape((rows, in_dim))?.matmul(&self.weight)?.broadcast_add(&self.bias)?; // (N, out)
         let mut out_dims = dims.to_vec();
-        *out_dims
-            .last_mut()
-            .expect("invariant: at least one dimension") = self.weight.dim(1)?;
+        *out_dims.last_mut().expect("invariant: at least one dimension") = self.weight.dim(1)?;
         ys.reshape(out_dims)
     }
 }
@@ -67,8 +58,6 @@ pub fn causal_taps(xs: &Tensor, kernel: usize, dilation: usize) -> Result<Tensor
     }
     let span = (kernel - 1) * dilation;
     let padded = xs.pad_with_zeros(1, span, 0)?; // (B, T + span, C)
-    let taps = (0..kernel)
-        .map(|j| padded.narrow(1, j * dilation, t))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let taps = (0..kernel).map(|j| padded.narrow(1, j * dilation, t)).collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::cat(&taps, 2)?) // (B, T, k·C)
 }

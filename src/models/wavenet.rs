@@ -137,9 +137,7 @@ impl Config {
             ("classes", self.classes),
         ];
         if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::Config(format!(
-                "WaveNet --{name} must be at least 1"
-            )));
+            return Err(Error::Config(format!("WaveNet --{name} must be at least 1")));
         }
         if self.layers_per_cycle > 24 {
             return Err(Error::Config(format!(
@@ -179,10 +177,7 @@ impl ResidualLayer {
             weight: vd.get_with_hints(
                 (k, c, 2 * g),
                 "weight",
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: 1.0 / ((k * c) as f64).sqrt(),
-                },
+                Init::Randn { mean: 0.0, stdev: 1.0 / ((k * c) as f64).sqrt() },
             )?,
             bias: vd.get_with_hints(2 * g, "bias", Init::Const(0.0))?,
         };
@@ -191,10 +186,7 @@ impl ResidualLayer {
                 let w = vb.pp("label").get_with_hints(
                     (cfg.num_labels, 2 * g),
                     "weight",
-                    Init::Randn {
-                        mean: 0.0,
-                        stdev: 1.0,
-                    },
+                    Init::Randn { mean: 0.0, stdev: 1.0 },
                 )?;
                 Ok(Embedding::new(w, 2 * g))
             })
@@ -215,11 +207,8 @@ impl ResidualLayer {
     fn apply(&self, taps: &Tensor, x: &Tensor, cond: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let (b, t, kc) = taps.dims3()?;
         let w = self.dilated.weight.reshape((kc, 2 * self.gate))?; // (k·C, 2G)
-        let mut pre = taps
-            .reshape((b * t, kc))?
-            .matmul(&w)?
-            .broadcast_add(&self.dilated.bias)?
-            .reshape((b, t, 2 * self.gate))?;
+        let mut pre =
+            taps.reshape((b * t, kc))?.matmul(&w)?.broadcast_add(&self.dilated.bias)?.reshape((b, t, 2 * self.gate))?;
         if let Some(c) = cond {
             pre = pre.broadcast_add(c)?; // (B, T, 2G)
         }
@@ -231,9 +220,7 @@ impl ResidualLayer {
     fn condition(&self, labels: Option<&Tensor>) -> Result<Option<Tensor>> {
         match (&self.label, labels) {
             (Some(emb), Some(l)) => Ok(Some(emb.forward(l)?.unsqueeze(1)?)), // (B, 1, 2G)
-            (Some(_), None) => Err(Error::Config(
-                "this model is conditioned on a label: pass --label".into(),
-            )),
+            (Some(_), None) => Err(Error::Config("this model is conditioned on a label: pass --label".into())),
             (None, Some(_)) => Err(Error::Config("this model takes no label".into())),
             (None, None) => Ok(None),
         }
@@ -262,10 +249,7 @@ impl WaveNet {
         let embed_w = vb.pp("embed").get_with_hints(
             (cfg.classes, cfg.residual_channels),
             "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: 1.0,
-            },
+            Init::Randn { mean: 0.0, stdev: 1.0 },
         )?;
         let layers = (0..cfg.layers())
             .map(|i| ResidualLayer::new(cfg, cfg.dilation(i), vb.pp(format!("layers.{i}"))))
@@ -331,21 +315,9 @@ impl Autoregressive for WaveNet {
             self.embed.embeddings().dtype(),
             &candle_core::Device::Cpu,
         )?;
-        let queues = self
-            .layers
-            .iter()
-            .map(|l| vec![zeros.clone(); (l.kernel - 1) * l.dilation].into())
-            .collect();
-        let cond = self
-            .layers
-            .iter()
-            .map(|l| l.condition(labels))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(State {
-            queues,
-            cond,
-            batch,
-        })
+        let queues = self.layers.iter().map(|l| vec![zeros.clone(); (l.kernel - 1) * l.dilation].into()).collect();
+        let cond = self.layers.iter().map(|l| l.condition(labels)).collect::<Result<Vec<_>>>()?;
+        Ok(State { queues, cond, batch })
     }
 
     fn step(&self, state: &mut State, prev: Option<&Tensor>) -> Result<Tensor> {
@@ -360,9 +332,7 @@ impl Autoregressive for WaveNet {
         let mut skip: Option<Tensor> = None;
         for ((layer, queue), cond) in self.layers.iter().zip(&mut state.queues).zip(&state.cond) {
             // Tap j reads x[t − (k−1−j)·d]: the queue holds the last (k−1)·d inputs, oldest first.
-            let mut taps: Vec<Tensor> = (0..layer.kernel - 1)
-                .map(|j| queue[j * layer.dilation].clone())
-                .collect();
+            let mut taps: Vec<Tensor> = (0..layer.kernel - 1).map(|j| queue[j * layer.dilation].clone()).collect();
             taps.push(x.clone());
             let stacked = Tensor::cat(&taps, 2)?; // (B, 1, k·C)
             if !queue.is_empty() {
@@ -376,8 +346,6 @@ impl Autoregressive for WaveNet {
                 None => s,
             });
         }
-        Ok(self
-            .head(&skip.expect("invariant: at least one layer"))?
-            .squeeze(1)?) // (B, V)
+        Ok(self.head(&skip.expect("invariant: at least one layer"))?.squeeze(1)?) // (B, V)
     }
 }

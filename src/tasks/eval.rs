@@ -60,17 +60,11 @@ pub fn nll_of_codes(
     window_len: usize,
     batch: usize,
 ) -> Result<f64> {
-    let rf = model
-        .model
-        .receptive_field()
-        .expect("invariant: finite receptive field");
+    let rf = model.model.receptive_field().expect("invariant: finite receptive field");
     let starts: Vec<usize> = (0..codes.len()).step_by(window_len).collect();
     let mut total = 0.0;
     for chunk in starts.chunks(batch) {
-        let (tokens, mask): (Vec<_>, Vec<_>) = chunk
-            .iter()
-            .map(|&s| window(codes, s, rf, window_len))
-            .unzip();
+        let (tokens, mask): (Vec<_>, Vec<_>) = chunk.iter().map(|&s| window(codes, s, rf, window_len)).unzip();
         let labels = label.map(|l| vec![l; chunk.len()]);
         let b = Batch::from_rows(&tokens, &mask, labels, &candle_core::Device::Cpu)?;
         let logits = model.model.forward(&b.tokens, b.labels.as_ref())?;
@@ -96,10 +90,9 @@ pub fn eval(
     for (i, path) in files.iter().enumerate() {
         reporter.progress("scoring", i as u64, files.len() as u64);
         let audio = wav::read_mono(path)?;
-        let codes = settings.encode(&audio).map_err(|why| Error::BadWav {
-            path: path.clone(),
-            reason: format!("nothing to score: {why}"),
-        })?;
+        let codes = settings
+            .encode(&audio)
+            .map_err(|why| Error::BadWav { path: path.clone(), reason: format!("nothing to score: {why}") })?;
         let nats = nll_of_codes(&model, &codes, label, window_len, 8)?;
         total_nats += nats;
         total_samples += codes.len();

@@ -114,14 +114,8 @@ pub struct GenerateSummary {
 
 /// `out.wav` → `out-3.wav`.
 fn numbered(path: &Path, i: usize) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let ext = path
-        .extension()
-        .map(|e| format!(".{}", e.to_string_lossy()))
-        .unwrap_or_default();
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
     path.with_file_name(format!("{stem}-{i}{ext}"))
 }
 
@@ -129,10 +123,7 @@ fn numbered(path: &Path, i: usize) -> PathBuf {
 pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<GenerateSummary> {
     opts.sampler.validate()?;
     if !(opts.seconds > 0.0 && opts.seconds.is_finite()) {
-        return Err(Error::Config(format!(
-            "--seconds must be positive, got {}",
-            opts.seconds
-        )));
+        return Err(Error::Config(format!("--seconds must be positive, got {}", opts.seconds)));
     }
     if opts.streams == 0 {
         return Err(Error::Config("--streams must be at least 1".into()));
@@ -140,19 +131,13 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
     let m = AudioModel::load(&opts.checkpoint)?;
     let rate = m.audio().settings.sample_rate;
     let label = m.label_index(opts.label.as_deref())?;
-    let rf = m
-        .model
-        .receptive_field()
-        .expect("invariant: WaveNet has a finite receptive field");
+    let rf = m.model.receptive_field().expect("invariant: WaveNet has a finite receptive field");
     // Start from the end of the prime file, or from silence (training windows start so too).
     let prime: Vec<u32> = match &opts.prime {
         Some(path) => {
             let audio = wav::read_mono(path)?;
             let samples = resample::resample(&audio.samples, audio.sample_rate, rate)?;
-            samples[samples.len().saturating_sub(rf)..]
-                .iter()
-                .map(|&x| mulaw::encode(x) as u32)
-                .collect()
+            samples[samples.len().saturating_sub(rf)..].iter().map(|&x| mulaw::encode(x) as u32).collect()
         }
         None => vec![mulaw::silence() as u32; rf],
     };
@@ -175,24 +160,11 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
                     label: label.unwrap_or(0),
                 })
                 .collect();
-            engine::generate_parallel(
-                &engine,
-                &mut specs,
-                &prime,
-                steps,
-                opts.threads,
-                &mut progress,
-            )?
+            engine::generate_parallel(&engine, &mut specs, &prime, steps, opts.threads, &mut progress)?
         }
         Method::Stepper | Method::Naive => {
-            let labels = label
-                .map(|l| Tensor::new(vec![l; n], &Device::Cpu))
-                .transpose()?;
-            let method = if opts.method == Method::Naive {
-                sample::Method::Naive
-            } else {
-                sample::Method::Cached
-            };
+            let labels = label.map(|l| Tensor::new(vec![l; n], &Device::Cpu)).transpose()?;
+            let method = if opts.method == Method::Naive { sample::Method::Naive } else { sample::Method::Cached };
             let mut rng = Rng::derived(opts.seed, "sample");
             sample::generate(
                 &m.model,
@@ -208,10 +180,7 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
     };
     let elapsed = primed_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let samples_per_second = (steps * n) as f64 / elapsed.max(1e-9);
-    let audio: Vec<Vec<f32>> = codes
-        .iter()
-        .map(|c| c.iter().map(|&x| mulaw::decode(x as u8)).collect())
-        .collect();
+    let audio: Vec<Vec<f32>> = codes.iter().map(|c| c.iter().map(|&x| mulaw::decode(x as u8)).collect()).collect();
     let mut written = Vec::new();
     if let Some(out) = &opts.out {
         if n == 1 || opts.multichannel {

@@ -55,28 +55,18 @@ impl AudioModel {
     pub fn load(dir: &Path) -> Result<Self> {
         let manifest = checkpoint::read_manifest(dir)?;
         if manifest.audio.is_none() {
-            return Err(Error::checkpoint(
-                dir,
-                "not an audio model (no audio settings in config.json)",
-            ));
+            return Err(Error::checkpoint(dir, "not an audio model (no audio settings in config.json)"));
         }
         let ModelConfig::Wavenet(cfg) = &manifest.model;
         let params = Params::new(manifest.seed);
         let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
         checkpoint::load_weights(dir, &manifest, &params)?;
-        Ok(AudioModel {
-            manifest,
-            model,
-            params,
-        })
+        Ok(AudioModel { manifest, model, params })
     }
 
     /// The audio settings.
     pub fn audio(&self) -> &checkpoint::AudioData {
-        self.manifest
-            .audio
-            .as_ref()
-            .expect("invariant: checked at load")
+        self.manifest.audio.as_ref().expect("invariant: checked at load")
     }
 
     /// The index of a label name, or an error listing the model's labels.
@@ -84,21 +74,15 @@ impl AudioModel {
         let labels = &self.audio().labels;
         match label {
             None if labels.is_empty() => Ok(None),
-            None => Err(Error::Config(format!(
-                "this model is conditioned: pass --label, one of {labels:?}"
-            ))),
-            Some(_) if labels.is_empty() => Err(Error::Config(
-                "this model was trained without labels: drop --label".into(),
-            )),
+            None => Err(Error::Config(format!("this model is conditioned: pass --label, one of {labels:?}"))),
+            Some(_) if labels.is_empty() => {
+                Err(Error::Config("this model was trained without labels: drop --label".into()))
+            }
             Some(name) => labels
                 .iter()
                 .position(|l| l == name)
                 .map(|i| Some(i as u32))
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "unknown label {name:?}; the model knows {labels:?}"
-                    ))
-                }),
+                .ok_or_else(|| Error::Config(format!("unknown label {name:?}; the model knows {labels:?}"))),
         }
     }
 }
@@ -127,12 +111,7 @@ pub fn info(dir: &Path) -> Result<Info> {
         parameters: m.params.count(),
         receptive_field_samples: rf,
         receptive_field_ms: 1000.0 * rf as f64 / m.audio().settings.sample_rate as f64,
-        last_val_bits_per_sample: m
-            .manifest
-            .state
-            .history
-            .last()
-            .map(|e| e.val_nats / std::f64::consts::LN_2),
+        last_val_bits_per_sample: m.manifest.state.history.last().map(|e| e.val_nats / std::f64::consts::LN_2),
         manifest: m.manifest,
     })
 }

@@ -77,17 +77,10 @@ pub struct PlayStatus {
 }
 
 /// Plays until `seconds` have been played or `stop` is raised.
-pub fn play(
-    opts: &PlayOptions,
-    reporter: &mut dyn Reporter,
-    stop: &AtomicBool,
-) -> Result<PlaySummary> {
+pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) -> Result<PlaySummary> {
     opts.sampler.validate()?;
     if !(opts.latency_ms > 0.0 && opts.latency_ms.is_finite()) {
-        return Err(Error::Config(format!(
-            "--latency-ms must be positive, got {}",
-            opts.latency_ms
-        )));
+        return Err(Error::Config(format!("--latency-ms must be positive, got {}", opts.latency_ms)));
     }
     let m = AudioModel::load(&opts.checkpoint)?;
     let model_rate = m.audio().settings.sample_rate;
@@ -115,13 +108,8 @@ pub fn play(
     let busy_us = Arc::new(AtomicU64::new(0));
     let pushed = Arc::new(AtomicU64::new(0));
     let generator = {
-        let (recording, done, generated, pushed, busy_us) = (
-            recording.clone(),
-            done.clone(),
-            generated.clone(),
-            pushed.clone(),
-            busy_us.clone(),
-        );
+        let (recording, done, generated, pushed, busy_us) =
+            (recording.clone(), done.clone(), generated.clone(), pushed.clone(), busy_us.clone());
         let sampler = opts.sampler.clone();
         let record = opts.out.is_some();
         let seed = opts.seed;
@@ -151,10 +139,7 @@ pub fn play(
 
     // Pre-buffer, then start the device.
     let wait_start = Instant::now();
-    while !done.load(Ordering::SeqCst)
-        && !stop.load(Ordering::SeqCst)
-        && consumer.slots() < prebuffer
-    {
+    while !done.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) && consumer.slots() < prebuffer {
         if wait_start.elapsed() > Duration::from_secs(30) {
             break; // far slower than real time: play what there is, with underruns
         }
@@ -162,8 +147,7 @@ pub fn play(
     }
     let out = device.start(consumer)?;
     let counters = out.counters.clone();
-    let played_model =
-        |played: u64| (played as f64 * model_rate as f64 / device_rate as f64) as u64;
+    let played_model = |played: u64| (played as f64 * model_rate as f64 / device_rate as f64) as u64;
     let mut last_status = Instant::now();
     loop {
         let played = counters.played.load(Ordering::Relaxed);
@@ -177,8 +161,7 @@ pub fn play(
                 realtime_factor: gen_samples
                     / model_rate as f64
                     / (busy_us.load(Ordering::Relaxed) as f64 * 1e-6).max(1e-9),
-                buffer_fill: pushed.load(Ordering::Relaxed).saturating_sub(played) as f64
-                    / capacity as f64,
+                buffer_fill: pushed.load(Ordering::Relaxed).saturating_sub(played) as f64 / capacity as f64,
                 underruns: counters.underruns.load(Ordering::Relaxed),
                 seconds: played as f64 / device_rate as f64,
             };
@@ -199,9 +182,7 @@ pub fn play(
     // The generator stops at its next chunk once it sees that the consumer is gone.
     out.stop();
     done.store(true, Ordering::SeqCst);
-    let gen_result = generator
-        .join()
-        .map_err(|_| Error::Audio("the generator thread panicked".into()))?;
+    let gen_result = generator.join().map_err(|_| Error::Audio("the generator thread panicked".into()))?;
     // A full ring when playback stopped is how the generator learns to stop: not an error.
     if let Err(e) = gen_result
         && !matches!(e, Error::Audio(ref m) if m == STOPPED)
@@ -209,10 +190,7 @@ pub fn play(
         return Err(e);
     }
     // The last callback finds the ring short once generation has ended: that is the end, not an underrun.
-    let underruns = counters
-        .underruns
-        .load(Ordering::Relaxed)
-        .saturating_sub(u64::from(total.is_some()));
+    let underruns = counters.underruns.load(Ordering::Relaxed).saturating_sub(u64::from(total.is_some()));
     let generated_samples = generated.load(Ordering::Relaxed);
     if let Some(path) = &opts.out {
         let rec = recording.lock().expect("invariant: generator finished");
@@ -263,18 +241,8 @@ fn run_generator(
     }
     let mut resampler = if model_rate != device_rate {
         Some(
-            Fft::<f32>::new(
-                model_rate as usize,
-                device_rate as usize,
-                CHUNK,
-                1,
-                FixedSync::Input,
-            )
-            .map_err(|e| {
-                Error::Config(format!(
-                    "cannot resample {model_rate} Hz to {device_rate} Hz: {e}"
-                ))
-            })?,
+            Fft::<f32>::new(model_rate as usize, device_rate as usize, CHUNK, 1, FixedSync::Input)
+                .map_err(|e| Error::Config(format!("cannot resample {model_rate} Hz to {device_rate} Hz: {e}")))?,
         )
     } else {
         None
@@ -304,19 +272,15 @@ fn run_generator(
         busy_us.fetch_add(work.elapsed().as_micros() as u64, Ordering::Relaxed);
         generated.store(made, Ordering::Relaxed);
         if record {
-            recording
-                .lock()
-                .expect("invariant: not poisoned")
-                .extend_from_slice(&chunk[..n]);
+            recording.lock().expect("invariant: not poisoned").extend_from_slice(&chunk[..n]);
         }
         let out: &[f32] = match &mut resampler {
             None => &chunk[..n],
             Some(r) => {
-                let input = InterleavedSlice::new(&chunk, 1, CHUNK)
-                    .expect("invariant: sized for one channel");
+                let input = InterleavedSlice::new(&chunk, 1, CHUNK).expect("invariant: sized for one channel");
                 let len = resampled.len();
-                let mut output = InterleavedSlice::new_mut(&mut resampled, 1, len)
-                    .expect("invariant: sized for one channel");
+                let mut output =
+                    InterleavedSlice::new_mut(&mut resampled, 1, len).expect("invariant: sized for one channel");
                 let (_, produced) = r
                     .process_into_buffer(&input, &mut output, None)
                     .map_err(|e| Error::Config(format!("resampling: {e}")))?;

@@ -73,12 +73,7 @@ pub struct TrainSummary {
     pub receptive_field: usize,
 }
 
-fn open_corpus(
-    dir: &Path,
-    settings: &AudioSettings,
-    cache: &Path,
-    reporter: &mut dyn Reporter,
-) -> Result<Corpus> {
+fn open_corpus(dir: &Path, settings: &AudioSettings, cache: &Path, reporter: &mut dyn Reporter) -> Result<Corpus> {
     let corpus = Corpus::open(dir, settings, cache, &mut |done, total| {
         reporter.progress("decoding", done as u64, total as u64)
     })?;
@@ -117,11 +112,7 @@ fn indices_of(corpus: &Corpus, names: &[String]) -> Result<Vec<usize>> {
 }
 
 /// Trains (or resumes) a WaveNet; `stop` is raised by Ctrl-C.
-pub fn train(
-    opts: &TrainOptions,
-    reporter: &mut dyn Reporter,
-    stop: &AtomicBool,
-) -> Result<TrainSummary> {
+pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) -> Result<TrainSummary> {
     let existing = opts.out.join("config.json").exists();
     if existing && !opts.resume {
         return Err(Error::Config(format!(
@@ -137,54 +128,33 @@ pub fn train(
         if m.audio.is_none() {
             return Err(Error::checkpoint(&opts.out, "not an audio checkpoint"));
         }
-        reporter.note(&format!(
-            "resuming {} at step {}",
-            opts.out.display(),
-            m.state.step
-        ));
+        reporter.note(&format!("resuming {} at step {}", opts.out.display(), m.state.step));
         m
     } else {
         if opts.resume {
-            reporter.note(&format!(
-                "no checkpoint in {} yet: starting a new one",
-                opts.out.display()
-            ));
+            reporter.note(&format!("no checkpoint in {} yet: starting a new one", opts.out.display()));
         }
         new_manifest(opts)?
     };
     let audio = manifest.audio.clone().expect("invariant: audio manifest");
     let train_corpus = open_corpus(&audio.train_dir, &audio.settings, &opts.cache_dir, reporter)?;
     let val_corpus = match &audio.val_dir {
-        Some(dir) => Some(open_corpus(
-            dir,
-            &audio.settings,
-            &opts.cache_dir,
-            reporter,
-        )?),
+        Some(dir) => Some(open_corpus(dir, &audio.settings, &opts.cache_dir, reporter)?),
         None => None,
     };
     // The file split: computed once, then always read back from the checkpoint.
     let (train_files, val_files) = if existing {
         (
             indices_of(&train_corpus, &audio.train_files)?,
-            indices_of(
-                val_corpus.as_ref().unwrap_or(&train_corpus),
-                &audio.val_files,
-            )?,
+            indices_of(val_corpus.as_ref().unwrap_or(&train_corpus), &audio.val_files)?,
         )
     } else {
         split(&train_corpus, val_corpus.as_ref(), audio.val_fraction)?
     };
     let val = val_corpus.as_ref().unwrap_or(&train_corpus);
     let mut audio = audio;
-    audio.train_files = train_files
-        .iter()
-        .map(|&i| train_corpus.files[i].name.clone())
-        .collect();
-    audio.val_files = val_files
-        .iter()
-        .map(|&i| val.files[i].name.clone())
-        .collect();
+    audio.train_files = train_files.iter().map(|&i| train_corpus.files[i].name.clone()).collect();
+    audio.val_files = val_files.iter().map(|&i| val.files[i].name.clone()).collect();
     if !existing && opts.labels {
         audio.labels = train_corpus.labels();
         if audio.labels.is_empty() {
@@ -273,15 +243,10 @@ fn new_manifest(opts: &TrainOptions) -> Result<Manifest> {
     opts.model.validate()?;
     opts.train.validate()?;
     if opts.window == 0 || opts.batch_size == 0 || opts.max_val_windows == 0 {
-        return Err(Error::Config(
-            "--window, --batch-size and --val-windows must be at least 1".into(),
-        ));
+        return Err(Error::Config("--window, --batch-size and --val-windows must be at least 1".into()));
     }
     if opts.audio.sample_rate < 1000 {
-        return Err(Error::Config(format!(
-            "--sample-rate {} is too low (at least 1000 Hz)",
-            opts.audio.sample_rate
-        )));
+        return Err(Error::Config(format!("--sample-rate {} is too low (at least 1000 Hz)", opts.audio.sample_rate)));
     }
     Ok(Manifest {
         format: FORMAT.into(),
@@ -307,10 +272,7 @@ fn new_manifest(opts: &TrainOptions) -> Result<Manifest> {
 
 fn split(train: &Corpus, val: Option<&Corpus>, fraction: f64) -> Result<(Vec<usize>, Vec<usize>)> {
     match val {
-        Some(v) => Ok((
-            (0..train.files.len()).collect(),
-            (0..v.files.len()).collect(),
-        )),
+        Some(v) => Ok(((0..train.files.len()).collect(), (0..v.files.len()).collect())),
         None => {
             let names: Vec<&str> = train.files.iter().map(|f| f.name.as_str()).collect();
             split_by_name(&names, fraction)

@@ -12,9 +12,7 @@ use wavegen::tasks::train::TrainOptions;
 /// A sine of `freq` Hz at `rate`, amplitude `amp`.
 pub fn sine(freq: f64, rate: u32, seconds: f64, amp: f64) -> Vec<f64> {
     let n = (seconds * rate as f64).round() as usize;
-    (0..n)
-        .map(|i| amp * (2.0 * std::f64::consts::PI * freq * i as f64 / rate as f64).sin())
-        .collect()
+    (0..n).map(|i| amp * (2.0 * std::f64::consts::PI * freq * i as f64 / rate as f64).sin()).collect()
 }
 
 /// Writes `samples` (in [-1, 1]) to every channel of a WAV with the given format.
@@ -23,11 +21,7 @@ pub fn write_wav(path: &Path, samples: &[f64], rate: u32, channels: u16, bits: u
         channels,
         sample_rate: rate,
         bits_per_sample: bits,
-        sample_format: if float {
-            hound::SampleFormat::Float
-        } else {
-            hound::SampleFormat::Int
-        },
+        sample_format: if float { hound::SampleFormat::Float } else { hound::SampleFormat::Int },
     };
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let mut w = hound::WavWriter::create(path, spec).unwrap();
@@ -45,23 +39,13 @@ pub fn write_wav(path: &Path, samples: &[f64], rate: u32, channels: u16, bits: u
 }
 
 /// A folder of `files` WAV files holding a periodic signal of `period` samples at `rate`.
-pub fn periodic_folder(
-    dir: &Path,
-    files: usize,
-    period: usize,
-    rate: u32,
-    seconds: f64,
-) -> PathBuf {
+pub fn periodic_folder(dir: &Path, files: usize, period: usize, rate: u32, seconds: f64) -> PathBuf {
     let folder = dir.join("periodic");
     for f in 0..files {
         let n = (seconds * rate as f64) as usize;
         // Start mid-cycle so the silence trimming keeps every file's phase different.
         let x: Vec<f64> = (0..n)
-            .map(|i| {
-                0.6 * (2.0 * std::f64::consts::PI * ((i + 3 * f + 1) % period) as f64
-                    / period as f64)
-                    .sin()
-            })
+            .map(|i| 0.6 * (2.0 * std::f64::consts::PI * ((i + 3 * f + 1) % period) as f64 / period as f64).sin())
             .collect();
         write_wav(&folder.join(format!("p{f}.wav")), &x, rate, 1, 16, false);
     }
@@ -78,10 +62,7 @@ pub fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         resume: false,
         model: wavenet::Config::tiny(),
         labels: false,
-        audio: AudioSettings {
-            sample_rate: 8000,
-            ..AudioSettings::default()
-        },
+        audio: AudioSettings { sample_rate: 8000, ..AudioSettings::default() },
         train: TrainConfig {
             max_steps: steps,
             max_minutes: None,
