@@ -8,17 +8,32 @@ use std::time::{Duration, Instant};
 
 const JACK_RATE: u32 = 16000;
 
-struct Jack(Child);
+/// Two JACK servers at once upset each other's clients, so the tests that start one take turns.
+static ONE_SERVER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+struct Jack(Child, String);
 
 impl Drop for Jack {
+    /// SIGTERM, so that jackd leaves the shared-memory registry clean (after SIGKILL it keeps
+    /// the slot, and after a few runs "too many servers already active" stops new ones).
     fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
 /// Starts a dummy-driver JACK server and writes an ALSA config whose default device plays
-/// into it and records to `raw`. Returns the server and the config path.
+/// into it and records to `raw`. Returns the server (its name goes to the child's
+/// environment: tests run in parallel, each with its own server) and the config path.
 fn headless_audio(dir: &Path, raw: &Path) -> (Jack, PathBuf) {
     let server = format!("wavegen-test-{}", std::process::id());
     let child = Command::new("jackd")
@@ -42,7 +57,7 @@ fn headless_audio(dir: &Path, raw: &Path) -> (Jack, PathBuf) {
         .stderr(Stdio::null())
         .spawn()
         .expect("jackd is needed for this test: apt-get install jackd2 libasound2-plugins alsa-utils");
-    let jack = Jack(child);
+    let jack = Jack(child, server.clone());
     let conf = dir.join("asound.conf");
     std::fs::write(
         &conf,
@@ -61,16 +76,20 @@ ctl.!default {{ type hw card 0 }}
         assert!(started.elapsed() < Duration::from_secs(10), "jackd did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    unsafe { std::env::set_var("JACK_DEFAULT_SERVER", &server) };
     (jack, conf)
 }
 
-fn wavegen(args: &[&str], alsa_conf: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wavegen"))
-        .args(args)
-        .env("ALSA_CONFIG_PATH", format!("/usr/share/alsa/alsa.conf:{}", alsa_conf.display()))
-        .output()
-        .unwrap()
+fn command(args: &[&str], alsa_conf: &Path, jack: Option<&Jack>) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wavegen"));
+    c.args(args).env("ALSA_CONFIG_PATH", format!("/usr/share/alsa/alsa.conf:{}", alsa_conf.display()));
+    if let Some(j) = jack {
+        c.env("JACK_DEFAULT_SERVER", &j.1);
+    }
+    c
+}
+
+fn wavegen(args: &[&str], alsa_conf: &Path, jack: Option<&Jack>) -> Output {
+    command(args, alsa_conf, jack).output().unwrap()
 }
 
 fn checkpoint() -> String {
@@ -81,13 +100,15 @@ fn checkpoint() -> String {
 fn play_streams_in_real_time_without_underruns_and_records_what_it_played() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("played.raw");
-    let (_jack, conf) = headless_audio(dir.path(), &raw);
+    let _turn = ONE_SERVER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (jack, conf) = headless_audio(dir.path(), &raw);
     let out = dir.path().join("played.wav");
     let seconds = 2.0;
     let started = Instant::now();
     let o = wavegen(
         &["play", "--checkpoint", &checkpoint(), "--seconds", "2", "--out", out.to_str().unwrap(), "--json"],
         &conf,
+        Some(&jack),
     );
     let wall = started.elapsed().as_secs_f64();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -115,12 +136,37 @@ fn no_output_device_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("asound.conf");
     std::fs::write(&conf, "pcm.!default { type hw card 97 }\nctl.!default { type hw card 97 }\n").unwrap();
-    let o = wavegen(&["play", "--checkpoint", &checkpoint(), "--seconds", "1"], &conf);
+    let o = wavegen(&["play", "--checkpoint", &checkpoint(), "--seconds", "1"], &conf, None);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(!stderr.contains("panicked"), "{stderr}");
     let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{stderr}"));
     assert!(line.contains("--out") && line.contains("--list-devices"), "{line}");
-    let o = wavegen(&["play", "--checkpoint", &checkpoint(), "--device", "no-such-device-xyz"], &conf);
+    let o = wavegen(&["play", "--checkpoint", &checkpoint(), "--device", "no-such-device-xyz"], &conf, None);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no-such-device-xyz"));
+}
+
+#[test]
+fn ctrl_c_stops_playback_cleanly_and_keeps_what_was_played() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("played.raw");
+    let _turn = ONE_SERVER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (jack, conf) = headless_audio(dir.path(), &raw);
+    let out = dir.path().join("heard.wav");
+    let child =
+        command(&["play", "--checkpoint", &checkpoint(), "--out", out.to_str().unwrap(), "--json"], &conf, Some(&jack))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let played = summary["seconds"].as_f64().unwrap();
+    assert!(played > 0.5 && played < 3.0, "{summary}");
+    let wav = wavegen::audio::wav::read_mono(&out).unwrap();
+    assert!((wav.seconds() - played).abs() < 0.1, "--out holds {} s, {played} s were played", wav.seconds());
 }

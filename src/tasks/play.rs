@@ -149,8 +149,21 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
     let counters = out.counters.clone();
     let played_model = |played: u64| (played as f64 * model_rate as f64 / device_rate as f64) as u64;
     let mut last_status = Instant::now();
+    let (mut last_played, mut last_progress) = (0, Instant::now());
     loop {
         let played = counters.played.load(Ordering::Relaxed);
+        // A device that stops asking for samples (a server gone away) must not hang us.
+        if played != last_played {
+            (last_played, last_progress) = (played, Instant::now());
+        } else if last_progress.elapsed() > Duration::from_secs(5) {
+            out.stop();
+            stop.store(true, Ordering::SeqCst);
+            let _ = generator.join();
+            return Err(Error::Audio(format!(
+                "the output device stopped taking samples after {:.1} s",
+                played as f64 / device_rate as f64
+            )));
+        }
         let finished = done.load(Ordering::SeqCst) && played >= pushed.load(Ordering::SeqCst);
         if stop.load(Ordering::SeqCst) || finished {
             break;
