@@ -106,3 +106,26 @@ fn with_exact_activations_the_engine_makes_the_same_audio_as_the_stepper() {
         assert_eq!(stepper, fast, "{name}");
     }
 }
+
+#[test]
+fn fast_activations_leave_every_sampling_distribution_unchanged() {
+    // Total-variation distance between the distributions the sampler draws from, exact vs
+    // fast activations, at every step of a long sequence of the trained model.
+    let m = wavegen::tasks::AudioModel::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("checkpoints/fsdd"))
+        .unwrap();
+    let exact = Engine::new(&m.model, Kernels::detect(), true).unwrap();
+    let fast = Engine::new(&m.model, Kernels::detect(), false).unwrap();
+    let (mut se, mut sf) = (exact.streams(&[0]).unwrap(), fast.streams(&[0]).unwrap());
+    let sampler = SamplerConfig::default();
+    let mut rng = Rng::new(12);
+    let mut prev: Option<[u32; 1]> = None;
+    let mut worst: f64 = 0.0;
+    for _ in 0..3000 {
+        let pe = sampler.distribution(exact.step(&mut se, prev.as_ref().map(|p| p.as_slice())));
+        let lf = fast.step(&mut sf, prev.as_ref().map(|p| p.as_slice())).to_vec();
+        let pf = sampler.distribution(&lf);
+        worst = worst.max(0.5 * pe.iter().zip(&pf).map(|(a, b)| (a - b).abs()).sum::<f64>());
+        prev = Some([sampler.sample(&lf, &mut rng)]);
+    }
+    assert!(worst < 1e-3, "total-variation distance up to {worst:e}");
+}
