@@ -111,8 +111,10 @@ fn with_exact_activations_the_engine_makes_the_same_audio_as_the_stepper() {
 fn fast_activations_leave_every_sampling_distribution_unchanged() {
     // Total-variation distance between the distributions the sampler draws from, exact vs
     // fast activations, at every step of a long sequence of the trained model.
-    let m = wavegen::tasks::AudioModel::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("checkpoints/fsdd"))
-        .unwrap();
+    let m = wavegen::tasks::AudioModel::load(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("checkpoints/fsdd"),
+    )
+    .unwrap();
     let exact = Engine::new(&m.model, Kernels::detect(), true).unwrap();
     let fast = Engine::new(&m.model, Kernels::detect(), false).unwrap();
     let (mut se, mut sf) = (exact.streams(&[0]).unwrap(), fast.streams(&[0]).unwrap());

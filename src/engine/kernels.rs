@@ -27,13 +27,35 @@ impl std::fmt::Debug for Kernels {
 /// while the whole input row is read; one tile of W (in × width) is then reused from L1 by
 /// every row of x. `$split` independent accumulator sets, each taking every `$split`-th
 /// input, keep enough FMAs in flight to hide their latency (16 registers of AVX2 fit one
-/// set of 64 columns; the 32 of AVX-512 fit two).
+/// set of 64 columns; the 32 of AVX-512 fit two); with several rows, two rows share each
+/// load of W instead.
 macro_rules! matmul_body {
     ($y:ident, $x:ident, $w:ident, $rows:ident, $inp:ident, $out:ident, $split:literal, $madd:expr) => {{
         let madd = $madd;
         macro_rules! tile {
             ($o:expr, $width:literal, $s:literal) => {{
-                for r in 0..$rows {
+                let mut r = 0;
+                // With two accumulator sets to spare, two rows share each load of W instead.
+                if $s >= 2 {
+                    while r + 1 < $rows {
+                        let (xa, xb) = (&$x[r * $inp..(r + 1) * $inp], &$x[(r + 1) * $inp..(r + 2) * $inp]);
+                        let mut acc = [[0f32; $width]; 2];
+                        acc[0].copy_from_slice(&$y[r * $out + $o..r * $out + $o + $width]);
+                        acc[1].copy_from_slice(&$y[(r + 1) * $out + $o..(r + 1) * $out + $o + $width]);
+                        for i in 0..$inp {
+                            let wr = &$w[i * $out + $o..i * $out + $o + $width];
+                            let (a, b) = (xa[i], xb[i]);
+                            for k in 0..$width {
+                                acc[0][k] = madd(a, wr[k], acc[0][k]);
+                                acc[1][k] = madd(b, wr[k], acc[1][k]);
+                            }
+                        }
+                        $y[r * $out + $o..r * $out + $o + $width].copy_from_slice(&acc[0]);
+                        $y[(r + 1) * $out + $o..(r + 1) * $out + $o + $width].copy_from_slice(&acc[1]);
+                        r += 2;
+                    }
+                }
+                for r in r..$rows {
                     let xr = &$x[r * $inp..(r + 1) * $inp];
                     let yr = &mut $y[r * $out + $o..r * $out + $o + $width];
                     let mut acc = [[0f32; $width]; $s];
