@@ -44,3 +44,16 @@ fn the_fsdd_model_scores_held_out_speech_well_below_chance() {
     let report = eval::eval(&checkpoint(), &files, None, &mut Silent).unwrap();
     assert!(report.bits_per_sample < 6.0, "held-out speech scores {} bits/sample", report.bits_per_sample);
 }
+
+#[test]
+fn mnist_splits_load_with_the_documented_sizes() {
+    let (train, valid, test) = wavegen::data::mnist::binarized(&data_dir()).unwrap();
+    assert_eq!((train.n, valid.n, test.n), (50_000, 10_000, 10_000));
+    assert!(train.pixels.iter().all(|&p| p <= 1));
+    let on = train.pixels.iter().filter(|&&p| p == 1).count() as f64 / train.pixels.len() as f64;
+    assert!((0.1..0.2).contains(&on), "fraction of ink {on}");
+    let (gtrain, gtest) = wavegen::data::mnist::grey(&data_dir()).unwrap();
+    assert_eq!((gtrain.n, gtest.n), (60_000, 10_000));
+    assert_eq!(gtrain.labels.as_ref().unwrap().len(), 60_000);
+    assert!(gtest.labels.as_ref().unwrap().iter().all(|&l| l < 10));
+}

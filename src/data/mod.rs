@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 use crate::Result;
 use crate::rng::Rng;
 
+pub mod mnist;
 pub mod wav_folder;
 
 /// A batch of token sequences.

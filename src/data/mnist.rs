@@ -1,0 +1,179 @@
+//! MNIST as token sequences: the IDX file format (raw or gzip), the static binarized MNIST of
+//! Larochelle & Murray (2011; 50k/10k/10k, the split the density-estimation literature reports
+//! on) and grey-level MNIST (60k/10k, with labels). An image is 784 tokens in raster order.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// The contents of an IDX file of unsigned bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Idx {
+    /// The dimensions, outermost first (e.g. `[60000, 28, 28]`).
+    pub dims: Vec<usize>,
+    /// The values, row-major.
+    pub data: Vec<u8>,
+}
+
+/// Reads an IDX file of unsigned bytes (type code 0x08), gzip-compressed or not, checking the
+/// magic number, the type, the dimensions and that the length matches them exactly.
+pub fn read_idx(path: &Path) -> Result<Idx> {
+    let bad = |reason: String| Error::Dataset { path: path.to_path_buf(), reason };
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .read_to_end(&mut out)
+            .map_err(|e| bad(format!("broken gzip data: {e}")))?;
+        out
+    } else {
+        raw
+    };
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad(
+            "not an IDX file (it must start with two zero bytes, a type code and a dimension count)".into()
+        ));
+    }
+    if bytes[2] != 0x08 {
+        return Err(bad(format!("IDX type code 0x{:02x}: only unsigned bytes (0x08) are supported", bytes[2])));
+    }
+    let ndims = bytes[3] as usize;
+    let header = 4 + 4 * ndims;
+    if ndims == 0 || bytes.len() < header {
+        return Err(bad(format!("{ndims} dimensions but the file is only {} bytes long", bytes.len())));
+    }
+    let dims: Vec<usize> = (0..ndims)
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
+        .collect();
+    let expected = dims.iter().product::<usize>();
+    let actual = bytes.len() - header;
+    if actual != expected {
+        return Err(bad(format!(
+            "dimensions {dims:?} need {expected} bytes of data, the file has {actual} (truncated or corrupt)"
+        )));
+    }
+    Ok(Idx { dims, data: bytes[header..].to_vec() })
+}
+
+/// A set of 28×28 images (and labels, when the set has them).
+#[derive(Debug, Clone)]
+pub struct Images {
+    /// `n × 784` pixel values (0/1 for binarized sets, 0–255 for grey levels).
+    pub pixels: Vec<u8>,
+    /// Digit labels, for grey-level MNIST.
+    pub labels: Option<Vec<u8>>,
+    /// The number of images.
+    pub n: usize,
+}
+
+/// Pixels per image.
+pub const PIXELS: usize = 28 * 28;
+
+impl Images {
+    /// Image `i` as 784 tokens.
+    pub fn image(&self, i: usize) -> &[u8] {
+        &self.pixels[i * PIXELS..(i + 1) * PIXELS]
+    }
+}
+
+fn images(path: &Path, binary: bool) -> Result<Images> {
+    let idx = read_idx(path)?;
+    if idx.dims.len() != 3 || idx.dims[1] != 28 || idx.dims[2] != 28 {
+        return Err(Error::Dataset {
+            path: path.into(),
+            reason: format!("dimensions {:?}, expected [n, 28, 28]", idx.dims),
+        });
+    }
+    if binary && let Some(v) = idx.data.iter().find(|&&v| v > 1) {
+        return Err(Error::Dataset {
+            path: path.into(),
+            reason: format!("pixel value {v} in a binarized set (expected 0 or 1)"),
+        });
+    }
+    Ok(Images { n: idx.dims[0], pixels: idx.data, labels: None })
+}
+
+fn locate(dir: &Path, name: &str) -> Result<PathBuf> {
+    let gz = dir.join(format!("{name}.gz"));
+    let plain = dir.join(name);
+    if gz.is_file() {
+        Ok(gz)
+    } else if plain.is_file() {
+        Ok(plain)
+    } else {
+        Err(Error::Dataset {
+            path: gz,
+            reason: "missing: point --data or WAVEGEN_DATA at the datasets folder (see datasets/README.md)".into(),
+        })
+    }
+}
+
+/// The static binarized MNIST splits: (train 50k, validation 10k, test 10k). Each split is
+/// sorted by digit in the file: shuffle before training.
+pub fn binarized(data_dir: &Path) -> Result<(Images, Images, Images)> {
+    let dir = data_dir.join("binarized_mnist");
+    let load = |split: &str| images(&locate(&dir, &format!("binarized_mnist_{split}-images-idx3-ubyte"))?, true);
+    Ok((load("train")?, load("valid")?, load("test")?))
+}
+
+/// Grey-level MNIST with labels: (train 60k, test 10k).
+pub fn grey(data_dir: &Path) -> Result<(Images, Images)> {
+    let dir = data_dir.join("mnist");
+    let load = |prefix: &str| -> Result<Images> {
+        let mut set = images(&locate(&dir, &format!("{prefix}-images-idx3-ubyte"))?, false)?;
+        let label_path = locate(&dir, &format!("{prefix}-labels-idx1-ubyte"))?;
+        let labels = read_idx(&label_path)?;
+        if labels.dims != [set.n] {
+            return Err(Error::Dataset {
+                path: label_path,
+                reason: format!("{:?} labels for {} images", labels.dims, set.n),
+            });
+        }
+        set.labels = Some(labels.data);
+        Ok(set)
+    };
+    Ok((load("train")?, load("t10k")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        let mut b = vec![0, 0, 0x08, dims.len() as u8];
+        for d in dims {
+            b.extend_from_slice(&d.to_be_bytes());
+        }
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn reads_raw_and_gzip_and_names_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("a.idx");
+        std::fs::write(&raw, idx_bytes(&[2, 3], &[1, 2, 3, 4, 5, 6])).unwrap();
+        assert_eq!(read_idx(&raw).unwrap(), Idx { dims: vec![2, 3], data: vec![1, 2, 3, 4, 5, 6] });
+        let gz = dir.path().join("a.idx.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut enc, &idx_bytes(&[2, 3], &[1, 2, 3, 4, 5, 6])).unwrap();
+        std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+        assert_eq!(read_idx(&gz).unwrap().data, vec![1, 2, 3, 4, 5, 6]);
+
+        let cases: [(&str, Vec<u8>, &str); 4] = [
+            ("magic", b"PK\x03\x04 not idx".to_vec(), "not an IDX file"),
+            ("type", vec![0, 0, 0x0d, 1, 0, 0, 0, 1, 0, 0, 0, 0], "type code 0x0d"),
+            ("short", idx_bytes(&[2, 3], &[1, 2, 3]), "truncated"),
+            ("long", idx_bytes(&[1, 2], &[1, 2, 3]), "the file has 3"),
+        ];
+        for (name, bytes, needle) in cases {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            let err = read_idx(&p).unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains(name), "{name}: {err}");
+        }
+        let missing = locate(dir.path(), "nothing-here").unwrap_err().to_string();
+        assert!(missing.contains("WAVEGEN_DATA"), "{missing}");
+    }
+}
