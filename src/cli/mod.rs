@@ -69,3 +69,17 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     writeln!(out)?;
     Ok(())
 }
+
+/// The flag raised by the first Ctrl-C (the library finishes its step and stops cleanly); a
+/// second Ctrl-C exits at once (every file is written atomically, so nothing is left half-done).
+pub fn ctrl_c_flag() -> anyhow::Result<&'static std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static STOP: AtomicBool = AtomicBool::new(false);
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping (Ctrl-C again to quit at once)");
+    })?;
+    Ok(&STOP)
+}

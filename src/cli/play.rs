@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Args;
 use wavegen::audio::output::list_devices;
@@ -48,8 +47,6 @@ pub struct PlayArgs {
     json: bool,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
 pub fn run(a: PlayArgs) -> anyhow::Result<ExitCode> {
     if a.list_devices {
         let devices = list_devices()?;
@@ -61,11 +58,7 @@ pub fn run(a: PlayArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    })?;
+    let stop = super::ctrl_c_flag()?;
     let opts = PlayOptions {
         checkpoint: a.checkpoint,
         sampler: SamplerConfig { temperature: a.temperature, ..Default::default() },
@@ -78,7 +71,7 @@ pub fn run(a: PlayArgs) -> anyhow::Result<ExitCode> {
         exact: a.exact,
     };
     let mut bars = Bars::new(0, a.json);
-    let summary = play(&opts, &mut bars, &STOP);
+    let summary = play(&opts, &mut bars, stop);
     bars.finish();
     let s = summary?;
     if a.json {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use clap::{Args, ValueEnum};
 use wavegen::core::optim::AdamWConfig;
@@ -116,8 +116,6 @@ pub struct TrainArgs {
     json: bool,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
 fn cache_dir(flag: Option<PathBuf>) -> PathBuf {
     flag.or_else(|| std::env::var_os("WAVEGEN_CACHE").map(PathBuf::from))
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("wavegen")))
@@ -175,16 +173,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         seed: a.seed,
         cache_dir: cache_dir(a.cache_dir),
     };
-    // First Ctrl-C: finish the step, evaluate, write the checkpoint, exit. Second: exit now
-    // (checkpoint files are written atomically, so nothing is left half-written).
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this step (Ctrl-C again to quit at once)");
-    })?;
+    let stop = super::ctrl_c_flag()?;
     let mut bars = Bars::new(steps, a.json);
-    let summary = train(&opts, &mut bars, &STOP);
+    let summary = train(&opts, &mut bars, stop);
     bars.finish();
     let summary = summary?;
     if a.json {
@@ -200,5 +191,5 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             summary.checkpoint.display()
         );
     }
-    Ok(if STOP.load(Ordering::SeqCst) { ExitCode::from(130) } else { ExitCode::SUCCESS })
+    Ok(if stop.load(Ordering::SeqCst) { ExitCode::from(130) } else { ExitCode::SUCCESS })
 }

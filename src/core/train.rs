@@ -167,8 +167,8 @@ pub enum Stop {
     Interrupted,
 }
 
-/// The mean NLL (nats per token) of `model` over `batches`.
-pub fn evaluate<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<f64> {
+/// The summed NLL (nats) of `model` over `batches`, and the number of counted positions.
+pub fn nll_sum<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<(f64, f64)> {
     let (mut sum, mut count) = (0.0, 0.0);
     for b in batches {
         let logits = model.forward(&b.tokens, b.labels.as_ref())?;
@@ -176,6 +176,12 @@ pub fn evaluate<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<f64> 
         sum += s.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         count += c;
     }
+    Ok((sum, count))
+}
+
+/// The mean NLL (nats per token) of `model` over `batches`.
+pub fn evaluate<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<f64> {
+    let (sum, count) = nll_sum(model, batches)?;
     Ok(sum / count.max(1.0))
 }
 

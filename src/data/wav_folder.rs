@@ -322,7 +322,6 @@ pub struct AudioBatches<'a> {
     pub max_val_windows: usize,
     /// The label index of each file of `train` and `val`, when the model is conditioned.
     labels: Option<(Vec<u32>, Vec<u32>)>,
-    device: Device,
 }
 
 impl<'a> AudioBatches<'a> {
@@ -362,7 +361,6 @@ impl<'a> AudioBatches<'a> {
             batch_size,
             max_val_windows,
             labels,
-            device: Device::Cpu,
         })
     }
 
@@ -415,7 +413,7 @@ impl BatchSource for AudioBatches<'_> {
                 labels.push(train_labels[file]);
             }
         }
-        Batch::from_rows(&tokens, &mask, self.labels.as_ref().map(|_| labels), &self.device)
+        Batch::from_rows(&tokens, &mask, self.labels.as_ref().map(|_| labels), &Device::Cpu)
     }
 
     fn val_batches(&self) -> Result<Vec<Batch>> {
@@ -430,7 +428,7 @@ impl BatchSource for AudioBatches<'_> {
                     chunk.iter().map(|&(f, s)| window(self.val.codes(f), s, self.context, self.window)).unzip();
                 let labels =
                     self.labels.as_ref().map(|(_, val_labels)| chunk.iter().map(|&(f, _)| val_labels[f]).collect());
-                Batch::from_rows(&tokens, &mask, labels, &self.device)
+                Batch::from_rows(&tokens, &mask, labels, &Device::Cpu)
             })
             .collect()
     }

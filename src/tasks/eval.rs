@@ -3,13 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::DType;
 use serde::Serialize;
 
 use super::{AudioModel, Reporter};
 use crate::audio::wav;
 use crate::core::Autoregressive;
-use crate::core::masked_nll_sum;
+use crate::core::train::nll_sum;
 use crate::data::Batch;
 use crate::data::wav_folder::{find_wav_files, window};
 use crate::{Error, Result};
@@ -62,16 +61,14 @@ pub fn nll_of_codes(
 ) -> Result<f64> {
     let rf = model.model.receptive_field().expect("invariant: finite receptive field");
     let starts: Vec<usize> = (0..codes.len()).step_by(window_len).collect();
-    let mut total = 0.0;
-    for chunk in starts.chunks(batch) {
-        let (tokens, mask): (Vec<_>, Vec<_>) = chunk.iter().map(|&s| window(codes, s, rf, window_len)).unzip();
-        let labels = label.map(|l| vec![l; chunk.len()]);
-        let b = Batch::from_rows(&tokens, &mask, labels, &candle_core::Device::Cpu)?;
-        let logits = model.model.forward(&b.tokens, b.labels.as_ref())?;
-        let (sum, _) = masked_nll_sum(&logits, &b.tokens, &b.mask)?;
-        total += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    }
-    Ok(total)
+    let batches = starts
+        .chunks(batch)
+        .map(|chunk| {
+            let (tokens, mask): (Vec<_>, Vec<_>) = chunk.iter().map(|&s| window(codes, s, rf, window_len)).unzip();
+            Batch::from_rows(&tokens, &mask, label.map(|l| vec![l; chunk.len()]), &candle_core::Device::Cpu)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(nll_sum(&model.model, &batches)?.0)
 }
 
 /// Scores `paths` (files or folders) under the checkpoint.

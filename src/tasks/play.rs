@@ -195,13 +195,7 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
     // The generator stops at its next chunk once it sees that the consumer is gone.
     out.stop();
     done.store(true, Ordering::SeqCst);
-    let gen_result = generator.join().map_err(|_| Error::Audio("the generator thread panicked".into()))?;
-    // A full ring when playback stopped is how the generator learns to stop: not an error.
-    if let Err(e) = gen_result
-        && !matches!(e, Error::Audio(ref m) if m == STOPPED)
-    {
-        return Err(e);
-    }
+    generator.join().map_err(|_| Error::Audio("the generator thread panicked".into()))??;
     // The last callback finds the ring short once generation has ended: that is the end, not an underrun.
     let underruns = counters.underruns.load(Ordering::Relaxed).saturating_sub(u64::from(total.is_some()));
     let generated_samples = generated.load(Ordering::Relaxed);
@@ -223,8 +217,6 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
         out: opts.out.clone(),
     })
 }
-
-const STOPPED: &str = "playback stopped";
 
 #[allow(clippy::too_many_arguments)]
 fn run_generator(
@@ -304,7 +296,7 @@ fn run_generator(
         let mut rest = out;
         while !rest.is_empty() {
             if producer.is_abandoned() {
-                return Err(Error::Audio(STOPPED.into()));
+                return Ok(()); // playback stopped: nothing more to make
             }
             let (done_part, left) = producer.push_partial_slice(rest);
             pushed.fetch_add(done_part.len() as u64, Ordering::SeqCst);
