@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use wavegen::models::ModelConfig;
 use wavegen::tasks::{eval, info};
 
 use super::report::Bars;
@@ -62,9 +61,8 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let m = &i.manifest;
-    let ModelConfig::Wavenet(cfg) = &m.model;
     println!("checkpoint      {}", dir.display());
-    println!("model           WaveNet: {cfg:?}");
+    println!("model           {:?}", m.model);
     println!("parameters      {}", i.parameters);
     if let Some(audio) = &m.audio {
         println!(

@@ -44,7 +44,8 @@ pub struct TrainArgs {
     /// Stop after this many minutes of this run (a checkpoint is written on stopping).
     #[arg(long)]
     minutes: Option<f64>,
-    /// Length of the cosine learning-rate decay in steps [default: --steps].
+    /// Length of the cosine learning-rate decay in steps [default: --steps]. With --resume it moves
+    /// the end of the decay (a warm restart); without it, a resumed run keeps its schedule.
     #[arg(long)]
     decay_steps: Option<u64>,
     /// Peak learning rate.
@@ -163,6 +164,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         val_fraction: a.val_fraction,
         out: a.out,
         resume: a.resume,
+        reschedule_decay: if a.resume { a.decay_steps } else { None },
         model,
         labels: a.labels,
         audio: AudioSettings { sample_rate: a.sample_rate, trim_db: a.trim_db, ..AudioSettings::default() },

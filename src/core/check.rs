@@ -20,31 +20,33 @@ fn to_rows(t: &Tensor) -> Result<Vec<Vec<Vec<f64>>>> {
     Ok(t.to_dtype(DType::F64)?.to_vec3::<f64>()?)
 }
 
-/// Changes the token at each position t in turn and checks that no logit at a position ≤ t
-/// moves, while the logits at t + 1 do (so the check cannot pass on a model that ignores its
-/// input). Returns a description of the first violation.
+/// Changes the token at each position in turn (in the model's ordering: the k-th generated)
+/// and checks that no logit at a position generated up to it moves, while the logits of the
+/// next one do (so the check cannot pass on a model that ignores its input). Returns a
+/// description of the first violation.
 pub fn causality<M: Autoregressive>(
     model: &M,
     tokens: &Tensor,
     labels: Option<&Tensor>,
 ) -> Result<std::result::Result<(), String>> {
     let (_b, len) = tokens.dims2()?;
+    let order = generation_order(model, len)?;
     let base = to_rows(&model.forward(tokens, labels)?)?;
     let mut rows = tokens.to_vec2::<u32>()?;
     let mut moved_next = 0;
-    for t in 0..len {
+    for (k, &t) in order.iter().enumerate() {
         let old = rows[0][t];
         rows[0][t] = (old + 1) % model.vocab_size() as u32;
         let changed = Tensor::new(rows.clone(), &Device::Cpu)?;
         let out = to_rows(&model.forward(&changed, labels)?)?;
         rows[0][t] = old;
-        for s in 0..=t {
+        for &s in &order[..=k] {
             let diff = max_abs_diff(&base[0][s], &out[0][s]);
             if diff > 0.0 {
                 return Ok(Err(format!("changing token {t} changed the logits at position {s} by {diff:e}")));
             }
         }
-        if t + 1 < len && max_abs_diff(&base[0][t + 1], &out[0][t + 1]) > 0.0 {
+        if k + 1 < len && max_abs_diff(&base[0][order[k + 1]], &out[0][order[k + 1]]) > 0.0 {
             moved_next += 1;
         }
         for other in 1..base.len() {
@@ -59,23 +61,34 @@ pub fn causality<M: Autoregressive>(
     Ok(Ok(()))
 }
 
+/// The model's generation order of `len` positions, checked to be a permutation.
+fn generation_order<M: Autoregressive>(model: &M, len: usize) -> Result<Vec<usize>> {
+    let order = model.ordering().unwrap_or_else(|| (0..len).collect());
+    let mut seen = vec![false; len];
+    if order.len() != len || !order.iter().all(|&p| p < len && !std::mem::replace(&mut seen[p], true)) {
+        return Err(crate::Error::Config(format!("the model's ordering is not a permutation of {len} positions")));
+    }
+    Ok(order)
+}
+
 /// The largest absolute difference between the parallel logits and those of the stepper fed
-/// the same tokens.
+/// the same tokens (in the model's ordering).
 pub fn stepper_vs_forward<M: Autoregressive>(model: &M, tokens: &Tensor, labels: Option<&Tensor>) -> Result<f64> {
     let (b, len) = tokens.dims2()?;
+    let order = generation_order(model, len)?;
     let full = to_rows(&model.forward(tokens, labels)?)?;
     let rows = tokens.to_vec2::<u32>()?;
     let mut state = model.start(b, labels)?;
     let mut worst: f64 = 0.0;
-    for t in 0..len {
-        let prev = if t == 0 {
+    for k in 0..len {
+        let prev = if k == 0 {
             None
         } else {
-            Some(Tensor::new(rows.iter().map(|r| r[t - 1]).collect::<Vec<u32>>(), &Device::Cpu)?)
+            Some(Tensor::new(rows.iter().map(|r| r[order[k - 1]]).collect::<Vec<u32>>(), &Device::Cpu)?)
         };
         let step = model.step(&mut state, prev.as_ref())?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
         for i in 0..b {
-            worst = worst.max(max_abs_diff(&step[i], &full[i][t]));
+            worst = worst.max(max_abs_diff(&step[i], &full[i][order[k]]));
         }
     }
     Ok(worst)

@@ -3,9 +3,11 @@
 //! probabilities one step at a time from an incremental state. The trainer, the sampler, the
 //! checkpoints and the property checks are written once against [`Autoregressive`].
 //!
-//! Conventions: tokens are `u32` in `0..vocab_size()`; `logits[b, t]` scores x_t given
-//! x_<t (so the model shifts its input internally); a model may take one global-conditioning
-//! label per sequence.
+//! Conventions: tokens are `u32` in `0..vocab_size()`; `logits[b, t]` scores x_t given the
+//! tokens before it (so the model shifts its input internally); a model may take one
+//! global-conditioning label per sequence. "Before" is left to right unless the model has
+//! another [`Autoregressive::ordering`] (MADE): then `logits[b, order[k]]` depends only on the
+//! tokens at `order[..k]`, and the stepper produces the positions in that order.
 
 use candle_core::{D, DType, Tensor};
 
@@ -38,6 +40,22 @@ pub trait Autoregressive {
     /// Logits of every position: tokens `(B, T)` u32, labels `(B,)` u32 → `(B, T, V)`, where
     /// `[b, t]` depends only on `tokens[b, ..t]`.
     fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor>;
+
+    /// The order in which positions are generated, when it is not left to right: position
+    /// `order[k]` is the k-th.
+    fn ordering(&self) -> Option<Vec<usize>> {
+        None
+    }
+
+    /// How many connectivities (MADE's masks: orderings and hidden-unit degrees) the model
+    /// holds: 1 for most models. Training cycles through them; evaluation can average them.
+    fn connectivities(&self) -> usize {
+        1
+    }
+
+    /// Makes connectivity `k` (< `connectivities()`) the one `forward`, `start` and
+    /// `ordering` use.
+    fn select_connectivity(&self, _k: usize) {}
 
     /// A fresh state for `batch` sequences.
     fn start(&self, batch: usize, labels: Option<&Tensor>) -> Result<Self::State>;

@@ -217,7 +217,8 @@ pub fn train<M: Autoregressive>(
         }
         // learning rate
         lr = cfg.lr_at(state.step);
-        // forward, backward
+        // forward, backward (models with several connectivities take them in turn)
+        model.select_connectivity((state.step % model.connectivities() as u64) as usize);
         let batch = data.train_batch(&mut state.rng)?;
         let logits = model.forward(&batch.tokens, batch.labels.as_ref())?;
         let loss = masked_nll(&logits, &batch.tokens, &batch.mask)?;
@@ -263,6 +264,7 @@ fn log_eval<M: Autoregressive>(
     loss_steps: &mut u64,
     observe: &mut dyn FnMut(Event),
 ) -> Result<()> {
+    model.select_connectivity(0);
     let val_nats = evaluate(model, val)?;
     let entry = LogEntry {
         step: state.step,

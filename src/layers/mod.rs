@@ -11,6 +11,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::Result;
 
 pub mod gated;
+pub mod nade;
 pub use gated::gated_unit;
 
 /// An affine map over the last dimension, weight stored `(in, out)` (the transpose of

@@ -10,7 +10,6 @@ use serde::Serialize;
 use crate::core::checkpoint::{self, Manifest};
 use crate::core::params::Params;
 use crate::core::train::Event;
-use crate::models::ModelConfig;
 use crate::models::wavenet::WaveNet;
 use crate::{Error, Result};
 
@@ -57,7 +56,9 @@ impl AudioModel {
         if manifest.audio.is_none() {
             return Err(Error::checkpoint(dir, "not an audio model (no audio settings in config.json)"));
         }
-        let ModelConfig::Wavenet(cfg) = &manifest.model;
+        let cfg = manifest.model.wavenet().ok_or_else(|| {
+            Error::checkpoint(dir, format!("holds a {} model, not an audio model", manifest.model.name()))
+        })?;
         let params = Params::new(manifest.seed);
         let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
         checkpoint::load_weights(dir, &manifest, &params)?;
@@ -105,7 +106,7 @@ pub struct Info {
 /// Describes a checkpoint.
 pub fn info(dir: &Path) -> Result<Info> {
     let m = AudioModel::load(dir)?;
-    let ModelConfig::Wavenet(cfg) = &m.manifest.model;
+    let cfg = m.model.cfg.clone();
     let rf = cfg.receptive_field();
     Ok(Info {
         parameters: m.params.count(),

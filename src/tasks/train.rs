@@ -38,6 +38,8 @@ pub struct TrainOptions {
     pub audio: AudioSettings,
     /// Optimisation settings (on resume only `max_steps` and `max_minutes` are taken from here).
     pub train: TrainConfig,
+    /// On resume: move the end of the cosine decay here (a warm restart that extends training).
+    pub reschedule_decay: Option<u64>,
     /// Target samples per training window.
     pub window: usize,
     /// Windows per batch.
@@ -125,6 +127,9 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
         let mut m = checkpoint::read_manifest(&opts.out)?;
         m.train.max_steps = opts.train.max_steps;
         m.train.max_minutes = opts.train.max_minutes;
+        if let Some(decay_steps) = opts.reschedule_decay {
+            m.train.decay_steps = decay_steps;
+        }
         if m.audio.is_none() {
             return Err(Error::checkpoint(&opts.out, "not an audio checkpoint"));
         }
@@ -163,8 +168,9 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
                 audio.train_dir.display()
             )));
         }
-        let ModelConfig::Wavenet(cfg) = &mut manifest.model;
-        cfg.num_labels = audio.labels.len();
+        if let ModelConfig::Wavenet(cfg) = &mut manifest.model {
+            cfg.num_labels = audio.labels.len();
+        }
     }
     reporter.note(&format!(
         "split: {} training files ({:.1} s), {} validation files ({:.1} s)",
@@ -176,7 +182,7 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     manifest.audio = Some(audio.clone());
 
     // Model and optimizer, fresh or restored.
-    let ModelConfig::Wavenet(cfg) = &manifest.model;
+    let cfg = manifest.model.wavenet().ok_or_else(|| Error::checkpoint(&opts.out, "not a WaveNet checkpoint"))?;
     let params = Params::new(manifest.seed);
     let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
     let mut opt = AdamW::new(&params, manifest.train.adamw.clone())?;

@@ -60,6 +60,7 @@ pub fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         val_fraction: 0.25,
         out: out.to_path_buf(),
         resume: false,
+        reschedule_decay: None,
         model: wavenet::Config::tiny(),
         labels: false,
         audio: AudioSettings { sample_rate: 8000, ..AudioSettings::default() },
