@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod eval;
 mod generate;
+mod mnist;
 mod play;
 mod report;
 mod train;
@@ -37,6 +38,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Describe a checkpoint: config, parameters, receptive field, training.
     Info(eval::InfoArgs),
+    /// The image models (FVSBN, NADE, MADE) on binarized MNIST: train, eval, sample, complete, score.
+    Mnist(mnist::MnistArgs),
 }
 
 /// Runs the parsed command.
@@ -53,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Play(args) => play::run(args),
         Command::Eval(args) => eval::run_eval(args),
         Command::Info(args) => eval::run_info(args),
+        Command::Mnist(args) => mnist::run(args),
     }
 }
 

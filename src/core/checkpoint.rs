@@ -51,6 +51,19 @@ pub struct AudioData {
     pub max_val_windows: usize,
 }
 
+/// Which image data a model was trained on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageData {
+    /// The dataset: `binarized` (static binarized MNIST).
+    pub dataset: String,
+    /// The data folder it was read from.
+    pub data_dir: PathBuf,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Steps per epoch (training images ÷ batch size, rounded up).
+    pub steps_per_epoch: u64,
+}
+
 /// The content of config.json.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -61,7 +74,11 @@ pub struct Manifest {
     /// The seed of the initial weights.
     pub seed: u64,
     /// Audio settings and data, for audio models.
+    #[serde(default)]
     pub audio: Option<AudioData>,
+    /// Image data, for image models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImageData>,
     /// Training settings.
     pub train: TrainConfig,
     /// Training state.

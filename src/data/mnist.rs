@@ -5,6 +5,10 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
+
+use super::{Batch, BatchSource};
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// The contents of an IDX file of unsigned bytes.
@@ -134,6 +138,76 @@ pub fn grey(data_dir: &Path) -> Result<(Images, Images)> {
         Ok(set)
     };
     Ok((load("train")?, load("t10k")?))
+}
+
+/// Reads a file of 28×28 images for scoring: binary images as they are, grey levels (any
+/// value above 1) thresholded at 128.
+pub fn read_binary_images(path: &Path) -> Result<Images> {
+    let mut set = images(path, false)?;
+    if set.pixels.iter().any(|&v| v > 1) {
+        set.pixels.iter_mut().for_each(|v| *v = u8::from(*v >= 128));
+    }
+    Ok(set)
+}
+
+/// Training batches drawn at random from one split (the generator saved in the checkpoint
+/// makes resuming exact), validation batches covering another split once.
+pub struct ImageBatches<'a> {
+    train: &'a Images,
+    val: &'a Images,
+    batch_size: usize,
+}
+
+impl<'a> ImageBatches<'a> {
+    /// Batches of `batch_size` images.
+    pub fn new(train: &'a Images, val: &'a Images, batch_size: usize) -> Self {
+        ImageBatches { train, val, batch_size }
+    }
+}
+
+/// The images at `indices` as one batch of 784-token sequences.
+pub fn batch_of(set: &Images, indices: impl Iterator<Item = usize>) -> Result<Batch> {
+    let rows: Vec<Vec<u32>> = indices.map(|i| set.image(i).iter().map(|&v| v as u32).collect()).collect();
+    let mask = vec![vec![1.0f32; PIXELS]; rows.len()];
+    Batch::from_rows(&rows, &mask, None, &Device::Cpu)
+}
+
+impl BatchSource for ImageBatches<'_> {
+    fn train_batch(&mut self, rng: &mut Rng) -> Result<Batch> {
+        batch_of(self.train, (0..self.batch_size).map(|_| rng.below(self.train.n)))
+    }
+
+    fn val_batches(&self) -> Result<Vec<Batch>> {
+        let chunk = 500;
+        (0..self.val.n).step_by(chunk).map(|s| batch_of(self.val, s..(s + chunk).min(self.val.n))).collect()
+    }
+}
+
+/// Writes images (784 values each: 0/1, or grey levels when `grey`) as a PNG grid of `cols`
+/// columns, each pixel drawn `scale`×`scale`, white digits on black with 2-pixel gaps.
+pub fn write_grid(path: &Path, images: &[Vec<u8>], cols: usize, scale: usize, grey: bool) -> Result<()> {
+    let cols = cols.clamp(1, images.len().max(1));
+    let rows = images.len().div_ceil(cols);
+    let (gap, cell) = (2, 28 * scale);
+    let (width, height) = (cols * (cell + gap) + gap, rows * (cell + gap) + gap);
+    let mut pixels = vec![64u8; width * height]; // grey gaps
+    for (n, img) in images.iter().enumerate() {
+        let (x0, y0) = (gap + (n % cols) * (cell + gap), gap + (n / cols) * (cell + gap));
+        for y in 0..cell {
+            for x in 0..cell {
+                let v = img[(y / scale) * 28 + x / scale];
+                pixels[(y0 + y) * width + x0 + x] = if grey { v } else { v.min(1) * 255 };
+            }
+        }
+    }
+    crate::fsutil::write_atomically(path, |file| {
+        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
+        writer.write_image_data(&pixels).map_err(std::io::Error::other)?;
+        writer.finish().map_err(std::io::Error::other)
+    })
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@
 //! position: one Bernoulli logit for NADE, 3K mixture parameters for RNADE). Written as
 //! plain loops: through candle the running sum would be a `(B, D, H)` tensor per step, or a
 //! masked `D × D` product, which is the O(D²·H) recomputation NADE exists to avoid. The
-//! backward pass recomputes the hidden states (one sequence at a time, so its memory is
-//! O(D·H), not O(B·D·H)) and runs the running sum backwards.
+//! backward pass runs the running sum backwards, recomputing each hidden state from it, so its
+//! memory is O(B·H), not O(B·D·H).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use serde::{Deserialize, Serialize};
@@ -127,75 +127,152 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     acc.iter().fold(sum, |s, &a| s + a)
 }
 
-/// The hidden states of one sequence, `h (D × H)`, row i = act(a_i).
-fn hidden_states<T: Real>(x: &[T], wc: &[T], d: Dims, act: Activation, a: &mut [T], h: &mut [T]) {
-    let hid = d.hidden;
-    a.copy_from_slice(&wc[..hid]);
-    for i in 0..d.len {
-        activate(a, &mut h[i * hid..(i + 1) * hid], act);
-        if x[i] != T::ZERO {
-            axpy(a, x[i], &wc[(i + 1) * hid..(i + 2) * hid]); // binary data: most x_i are 0
-        }
-    }
-}
-
+/// y for every sequence. The loop over positions is outside the loop over sequences, so each
+/// row of W and V is read once per batch, not once per sequence: the running pre-activations
+/// of the whole batch (`B × H`) stay in cache while the weights stream past.
+#[inline(always)]
 fn forward<T: Real>(x: &[T], wc: &[T], v: &[T], d: Dims, act: Activation) -> Vec<T> {
     let (hid, m) = (d.hidden, d.outputs);
     let mut y = vec![T::ZERO; d.batch * d.len * m];
-    let (mut a, mut h) = (vec![T::ZERO; hid], vec![T::ZERO; d.len * hid]);
-    for b in 0..d.batch {
-        let xb = &x[b * d.len..(b + 1) * d.len];
-        hidden_states(xb, wc, d, act, &mut a, &mut h);
-        for i in 0..d.len {
-            let hi = &h[i * hid..(i + 1) * hid];
-            let vi = &v[i * hid * m..(i + 1) * hid * m];
+    let mut a: Vec<T> = wc[..hid].repeat(d.batch); // a_0 = c for every sequence
+    let mut h = vec![T::ZERO; hid];
+    for i in 0..d.len {
+        let vi = &v[i * hid * m..(i + 1) * hid * m];
+        let wi = &wc[(i + 1) * hid..(i + 2) * hid];
+        for (b, ab) in a.chunks_exact_mut(hid).enumerate() {
+            activate(ab, &mut h, act);
             let yi = &mut y[(b * d.len + i) * m..(b * d.len + i + 1) * m];
             if m == 1 {
-                yi[0] = dot(hi, vi);
+                yi[0] = dot(&h, vi);
             } else {
-                for (k, &hk) in hi.iter().enumerate() {
+                for (k, &hk) in h.iter().enumerate() {
                     axpy(yi, hk, &vi[k * m..(k + 1) * m]);
                 }
+            }
+            let xi = x[b * d.len + i];
+            if xi != T::ZERO {
+                axpy(ab, xi, wi); // binary data: most x_i are 0
             }
         }
     }
     y
 }
 
-/// Gradients of `wc` and `v` given `dy`.
+/// Gradients of `wc` and `v` given `dy`. Runs the positions backwards, undoing the running
+/// sum (a_i = a_{i+1} − x_i·W[i]) instead of storing every hidden state, with the batch
+/// inside the position loop as in [`forward`].
+#[inline(always)]
 fn backward<T: Real>(x: &[T], wc: &[T], v: &[T], dy: &[T], d: Dims, act: Activation) -> (Vec<T>, Vec<T>) {
     let (hid, m) = (d.hidden, d.outputs);
     let (mut dwc, mut dv) = (vec![T::ZERO; wc.len()], vec![T::ZERO; v.len()]);
-    let (mut a, mut h) = (vec![T::ZERO; hid], vec![T::ZERO; d.len * hid]);
-    let (mut g, mut dh) = (vec![T::ZERO; hid], vec![T::ZERO; hid]);
-    for b in 0..d.batch {
-        let xb = &x[b * d.len..(b + 1) * d.len];
-        hidden_states(xb, wc, d, act, &mut a, &mut h);
-        g.fill(T::ZERO); // Σ_{k > i} ∂L/∂a_k
-        for i in (0..d.len).rev() {
-            if xb[i] != T::ZERO {
-                axpy(&mut dwc[(i + 1) * hid..(i + 2) * hid], xb[i], &g); // a_k, k > i, contain x_i·W[i]
-            }
-            let hi = &h[i * hid..(i + 1) * hid];
-            let vi = &v[i * hid * m..(i + 1) * hid * m];
-            let dvi = &mut dv[i * hid * m..(i + 1) * hid * m];
-            let dyi = &dy[(b * d.len + i) * m..(b * d.len + i + 1) * m];
-            if m == 1 {
-                axpy(dvi, dyi[0], hi);
-                dh.iter_mut().zip(vi).for_each(|(dh, &v)| *dh = v * dyi[0]);
-            } else {
-                for k in 0..hid {
-                    axpy(&mut dvi[k * m..(k + 1) * m], hi[k], dyi);
-                    dh[k] = dot(&vi[k * m..(k + 1) * m], dyi);
-                }
-            }
-            for k in 0..hid {
-                g[k] += dh[k] * derivative(hi[k], act);
+    // a_D = c + Σ_j x_j W[j] for every sequence.
+    let mut a: Vec<T> = wc[..hid].repeat(d.batch);
+    for (b, ab) in a.chunks_exact_mut(hid).enumerate() {
+        for i in 0..d.len {
+            let xi = x[b * d.len + i];
+            if xi != T::ZERO {
+                axpy(ab, xi, &wc[(i + 1) * hid..(i + 2) * hid]);
             }
         }
-        axpy(&mut dwc[..hid], T::ONE, &g); // c feeds every a_i
+    }
+    let mut g = vec![T::ZERO; d.batch * hid]; // per sequence: Σ_{k > i} ∂L/∂a_k
+    let mut h = vec![T::ZERO; hid];
+    for i in (0..d.len).rev() {
+        let vi = &v[i * hid * m..(i + 1) * hid * m];
+        let (wi, dwi) = (&wc[(i + 1) * hid..(i + 2) * hid], (i + 1) * hid..(i + 2) * hid);
+        let dvi = &mut dv[i * hid * m..(i + 1) * hid * m];
+        for (b, (ab, gb)) in a.chunks_exact_mut(hid).zip(g.chunks_exact_mut(hid)).enumerate() {
+            let xi = x[b * d.len + i];
+            if xi != T::ZERO {
+                axpy(&mut dwc[dwi.clone()], xi, gb); // every a_k, k > i, contains x_i·W[i]
+                axpy(ab, T::ZERO - xi, wi); // now a_b = a_i
+            }
+            activate(ab, &mut h, act);
+            let dyi = &dy[(b * d.len + i) * m..(b * d.len + i + 1) * m];
+            if m == 1 {
+                let dy0 = dyi[0];
+                for k in 0..hid {
+                    dvi[k] += dy0 * h[k];
+                    gb[k] += dy0 * vi[k] * derivative(h[k], act);
+                }
+            } else {
+                for k in 0..hid {
+                    axpy(&mut dvi[k * m..(k + 1) * m], h[k], dyi);
+                    gb[k] += dot(&vi[k * m..(k + 1) * m], dyi) * derivative(h[k], act);
+                }
+            }
+        }
+    }
+    for gb in g.chunks_exact(hid) {
+        axpy(&mut dwc[..hid], T::ONE, gb); // c feeds every a_i
     }
     (dwc, dv)
+}
+
+/// The f32 loops compiled for the widest vector unit the CPU has (found at run time), so that
+/// one binary runs on any x86-64 and still uses AVX-512 or AVX2 where present.
+mod fast {
+    use super::{Activation, Dims};
+
+    macro_rules! with_features {
+        ($name:ident, $features:literal) => {
+            #[cfg(target_arch = "x86_64")]
+            mod $name {
+                use super::super::{Activation, Dims, backward, forward};
+                #[target_feature(enable = $features)]
+                pub unsafe fn fwd(x: &[f32], wc: &[f32], v: &[f32], d: Dims, act: Activation) -> Vec<f32> {
+                    forward(x, wc, v, d, act)
+                }
+                #[target_feature(enable = $features)]
+                pub unsafe fn bwd(
+                    x: &[f32],
+                    wc: &[f32],
+                    v: &[f32],
+                    dy: &[f32],
+                    d: Dims,
+                    act: Activation,
+                ) -> (Vec<f32>, Vec<f32>) {
+                    backward(x, wc, v, dy, d, act)
+                }
+            }
+        };
+    }
+    with_features!(avx512, "avx512f,avx2,fma");
+    with_features!(avx2, "avx2,fma");
+
+    #[cfg(target_arch = "x86_64")]
+    fn level() -> u8 {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx2") && has!("fma") {
+            2
+        } else if has!("avx2") && has!("fma") {
+            1
+        } else {
+            0
+        }
+    }
+
+    pub fn forward(x: &[f32], wc: &[f32], v: &[f32], d: Dims, act: Activation) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        match level() {
+            // SAFETY: the features were detected on this CPU.
+            2 => return unsafe { avx512::fwd(x, wc, v, d, act) },
+            1 => return unsafe { avx2::fwd(x, wc, v, d, act) },
+            _ => {}
+        }
+        super::forward(x, wc, v, d, act)
+    }
+
+    pub fn backward(x: &[f32], wc: &[f32], v: &[f32], dy: &[f32], d: Dims, act: Activation) -> (Vec<f32>, Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        match level() {
+            // SAFETY: the features were detected on this CPU.
+            2 => return unsafe { avx512::bwd(x, wc, v, dy, d, act) },
+            1 => return unsafe { avx2::bwd(x, wc, v, dy, d, act) },
+            _ => {}
+        }
+        super::backward(x, wc, v, dy, d, act)
+    }
 }
 
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
@@ -232,7 +309,7 @@ impl CustomOp3 for NadeOp {
         let d = dims(l1.shape(), l2.shape(), l3.shape())?;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(v)) => {
-                CpuStorage::F32(forward(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(v, l3)?, d, self.act))
+                CpuStorage::F32(fast::forward(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(v, l3)?, d, self.act))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(v)) => {
                 CpuStorage::F64(forward(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(v, l3)?, d, self.act))
@@ -254,7 +331,7 @@ impl CustomOp3 for NadeOp {
         let flat = |t: &Tensor| t.flatten_all();
         let (dwc, dv) = match x.dtype() {
             candle_core::DType::F32 => {
-                let (dwc, dv) = backward(
+                let (dwc, dv) = fast::backward(
                     &flat(x)?.to_vec1::<f32>()?,
                     &flat(wc)?.to_vec1::<f32>()?,
                     &flat(v)?.to_vec1::<f32>()?,

@@ -15,6 +15,7 @@ use crate::{Error, Result};
 
 pub mod eval;
 pub mod generate;
+pub mod mnist;
 pub mod play;
 pub mod train;
 

@@ -270,6 +270,7 @@ fn new_manifest(opts: &TrainOptions) -> Result<Manifest> {
             batch_size: opts.batch_size,
             max_val_windows: opts.max_val_windows,
         }),
+        images: None,
         train: opts.train.clone(),
         state: TrainState::new(opts.seed),
         optimizer_steps: 0,

@@ -1,0 +1,296 @@
+//! `wavegen mnist train|eval|sample|complete|score`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand, ValueEnum};
+use wavegen::layers::nade::Activation;
+use wavegen::models::{ModelConfig, fvsbn, made, nade};
+use wavegen::tasks::mnist::{self, MnistTrainOptions, Split};
+
+use super::report::Bars;
+
+#[derive(Debug, Args)]
+pub struct MnistArgs {
+    #[command(subcommand)]
+    command: MnistCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum MnistCommand {
+    /// Train FVSBN, NADE or MADE on static binarized MNIST (best validation model kept).
+    Train(TrainArgs),
+    /// Test NLL in nats per image, with a 95% confidence interval.
+    Eval(EvalArgs),
+    /// Sample digits into a PNG grid.
+    Sample(SampleArgs),
+    /// Give the top half of test digits, sample the bottom half (PNG grid: original, completions).
+    Complete(CompleteArgs),
+    /// NLL of every image as CSV (index,nll_nats), lowest likelihood first: anomaly scores.
+    Score(ScoreArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Kind {
+    /// Fully visible sigmoid belief network: a logistic regression per pixel.
+    Fvsbn,
+    /// NADE: shared hidden weights with the O(D·H) running update.
+    Nade,
+    /// MADE: a masked MLP; several masks make an ensemble.
+    Made,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Act {
+    Sigmoid,
+    Relu,
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// The model.
+    #[arg(long, value_enum)]
+    model: Kind,
+    /// Checkpoint directory [default: checkpoints/mnist-MODEL].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in --out (its last/ state); --epochs then extends it.
+    #[arg(long)]
+    resume: bool,
+    /// Hidden units; for MADE a comma-separated list, one per layer [default: 500].
+    #[arg(long, value_delimiter = ',')]
+    hidden: Vec<usize>,
+    /// NADE's hidden non-linearity.
+    #[arg(long, value_enum, default_value = "sigmoid")]
+    activation: Act,
+    /// MADE: number of connectivities (masks) trained in turn and averaged at test time.
+    #[arg(long, default_value_t = 1)]
+    masks: usize,
+    /// MADE: connectivities after the first also draw a random pixel ordering.
+    #[arg(long)]
+    orderings: bool,
+    /// MADE: direct input → output connections.
+    #[arg(long)]
+    direct: bool,
+    /// Epochs over the 50,000 training images (cosine learning-rate schedule over all of them).
+    #[arg(long, default_value_t = 20)]
+    epochs: u64,
+    /// Stop after this many minutes (the best model so far is kept).
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Decoupled weight decay on the weight matrices.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Seed of the weights and the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Datasets folder [default: $WAVEGEN_DATA or datasets/].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Score the validation split instead of the test split.
+    #[arg(long)]
+    valid: bool,
+    /// Average only the first N connectivities (MADE) [default: all].
+    #[arg(long)]
+    masks: Option<usize>,
+    /// Datasets folder [default: $WAVEGEN_DATA or datasets/].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Print one JSON object (model, split, nll_nats, images, ...) on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct SampleArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Number of digits.
+    #[arg(long, default_value_t = 64)]
+    n: usize,
+    /// Sampling temperature (1: the model's distribution).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The PNG grid to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct CompleteArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Number of test digits (one grid row each).
+    #[arg(long, default_value_t = 8)]
+    n: usize,
+    /// Completions per digit.
+    #[arg(long, default_value_t = 7)]
+    per_digit: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The PNG grid to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Datasets folder [default: $WAVEGEN_DATA or datasets/].
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ScoreArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// An IDX file of 28×28 images (grey levels are thresholded at 128) [default: the test split].
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Write the CSV here instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Datasets folder [default: $WAVEGEN_DATA or datasets/].
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
+    match a.command {
+        MnistCommand::Train(a) => train(a),
+        MnistCommand::Eval(a) => {
+            let mut bars = Bars::new(0, a.json);
+            let split = if a.valid { Split::Valid } else { Split::Test };
+            let r = mnist::eval(&a.checkpoint, &super::data_dir(a.data), split, a.masks, &mut bars);
+            bars.finish();
+            let r = r?;
+            if a.json {
+                super::print_json(&r)?;
+            } else {
+                println!(
+                    "{} {}: {:.2} nats/image (95% CI {:.2} – {:.2}), {:.4} bits/pixel, {} images, {} connectivit{}",
+                    r.model,
+                    r.split,
+                    r.nll_nats,
+                    r.ci95[0],
+                    r.ci95[1],
+                    r.bits_per_pixel,
+                    r.images,
+                    r.connectivities,
+                    if r.connectivities == 1 { "y" } else { "ies" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        MnistCommand::Sample(a) => {
+            let mut bars = Bars::new(0, false);
+            let r = mnist::sample(&a.checkpoint, a.n, a.temperature, a.seed, &a.out, &mut bars);
+            bars.finish();
+            r?;
+            eprintln!("wrote {} digits to {}", a.n, a.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        MnistCommand::Complete(a) => {
+            let mut bars = Bars::new(0, false);
+            let data = super::data_dir(a.data);
+            let r = mnist::complete(&a.checkpoint, &data, a.n, a.per_digit, a.seed, &a.out, &mut bars);
+            bars.finish();
+            r?;
+            eprintln!("wrote {} rows (test digit, then {} completions) to {}", a.n, a.per_digit, a.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        MnistCommand::Score(a) => {
+            let mut bars = Bars::new(0, false);
+            let r = mnist::score(&a.checkpoint, &super::data_dir(a.data), a.images.as_deref(), &mut bars);
+            bars.finish();
+            let mut csv = String::from("index,nll_nats\n");
+            for s in r? {
+                csv.push_str(&format!("{},{:.4}\n", s.index, s.nll_nats));
+            }
+            match &a.out {
+                Some(path) => wavegen::fsutil::write_bytes_atomically(path, csv.as_bytes())?,
+                None => print!("{csv}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    let pixels = wavegen::data::mnist::PIXELS;
+    let hidden = if a.hidden.is_empty() { vec![500] } else { a.hidden.clone() };
+    let single = || -> anyhow::Result<usize> {
+        anyhow::ensure!(hidden.len() == 1, "--hidden takes one size for this model (several are for MADE)");
+        Ok(hidden[0])
+    };
+    let model = match a.model {
+        Kind::Fvsbn => ModelConfig::Fvsbn(fvsbn::Config { pixels }),
+        Kind::Nade => ModelConfig::Nade(nade::Config {
+            pixels,
+            hidden: single()?,
+            activation: match a.activation {
+                Act::Sigmoid => Activation::Sigmoid,
+                Act::Relu => Activation::Relu,
+            },
+        }),
+        Kind::Made => ModelConfig::Made(made::Config {
+            pixels,
+            hidden,
+            direct: a.direct,
+            masks: a.masks,
+            orderings: a.orderings,
+            mask_seed: a.seed,
+        }),
+    };
+    let out = a.out.unwrap_or_else(|| PathBuf::from(format!("checkpoints/mnist-{}", model.name())));
+    let opts = MnistTrainOptions {
+        data_dir: super::data_dir(a.data),
+        out,
+        resume: a.resume,
+        model,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        max_minutes: a.minutes,
+        seed: a.seed,
+    };
+    let stop = super::ctrl_c_flag()?;
+    let mut bars = Bars::new(0, a.json);
+    let summary = mnist::train(&opts, &mut bars, stop);
+    bars.finish();
+    let s = summary?;
+    if a.json {
+        super::print_json(&s)?;
+    } else {
+        println!(
+            "{}: {:.1} epochs ({:?}), best validation {} nats/image, {:.0} s of training; best model in {}",
+            s.model,
+            s.epochs,
+            s.stopped,
+            s.best_val_nats.map_or("-".into(), |v| format!("{v:.2}")),
+            s.seconds,
+            s.checkpoint.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

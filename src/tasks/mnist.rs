@@ -1,0 +1,452 @@
+//! `wavegen mnist …`: the image models on static binarized MNIST. Train (validation NLL every
+//! epoch, the best model kept), evaluate (test NLL in nats per image with a confidence
+//! interval; MADE's connectivities as an ensemble), sample and complete digits as PNG grids,
+//! and score images by their likelihood.
+//!
+//! A checkpoint directory holds the best model on the validation split; its `last/`
+//! subdirectory holds the latest state with the optimizer, which `--resume` continues.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{D, DType, Tensor};
+use serde::Serialize;
+
+use super::Reporter;
+use crate::core::Autoregressive;
+use crate::core::checkpoint::{self, FORMAT, ImageData, Manifest};
+use crate::core::optim::{AdamW, AdamWConfig};
+use crate::core::params::Params;
+use crate::core::sample::{self, Method, SamplerConfig};
+use crate::core::train::{self, Event, Stop, TrainConfig, TrainState};
+use crate::data::mnist::{self, ImageBatches, Images, PIXELS, batch_of};
+use crate::models::{Model, ModelConfig};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+const LAST: &str = "last";
+const DATASET: &str = "binarized";
+
+/// A trained image model.
+pub struct ImageModel {
+    /// config.json.
+    pub manifest: Manifest,
+    /// The network.
+    pub model: Model,
+    /// Its parameters.
+    pub params: Params,
+}
+
+impl ImageModel {
+    /// Loads the checkpoint directory `dir` (or a file in it).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let manifest = checkpoint::read_manifest(dir)?;
+        if manifest.images.is_none() {
+            return Err(Error::checkpoint(
+                dir,
+                format!("holds a {} model trained on audio, not an image model", manifest.model.name()),
+            ));
+        }
+        let params = Params::new(manifest.seed);
+        let model = manifest.model.build(params.var_builder(DType::F32))?;
+        checkpoint::load_weights(dir, &manifest, &params)?;
+        Ok(ImageModel { manifest, model, params })
+    }
+}
+
+/// Everything `wavegen mnist train` needs.
+#[derive(Debug, Clone)]
+pub struct MnistTrainOptions {
+    /// The datasets folder (holding `binarized_mnist/`).
+    pub data_dir: PathBuf,
+    /// Checkpoint directory.
+    pub out: PathBuf,
+    /// Continue `out/last` if it exists.
+    pub resume: bool,
+    /// The model (ignored when resuming).
+    pub model: ModelConfig,
+    /// Train for this many epochs in total (on resume: extends the schedule).
+    pub epochs: u64,
+    /// Images per batch (ignored when resuming).
+    pub batch_size: usize,
+    /// Peak learning rate (ignored when resuming).
+    pub lr: f64,
+    /// AdamW's decoupled weight decay on matrices (ignored when resuming).
+    pub weight_decay: f64,
+    /// Stop after this many minutes of this run.
+    pub max_minutes: Option<f64>,
+    /// Seed of the weights and of the data order.
+    pub seed: u64,
+}
+
+/// What a training run did.
+#[derive(Debug, Serialize)]
+pub struct MnistTrainSummary {
+    /// The checkpoint directory (best model).
+    pub checkpoint: PathBuf,
+    /// The model.
+    pub model: String,
+    /// Epochs done.
+    pub epochs: f64,
+    /// Why it stopped.
+    pub stopped: Stop,
+    /// Best validation NLL, nats per image.
+    pub best_val_nats: Option<f64>,
+    /// Training seconds over all runs.
+    pub seconds: f64,
+    /// Trainable scalars.
+    pub parameters: usize,
+}
+
+/// Trains (or resumes) an image model on static binarized MNIST.
+pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) -> Result<MnistTrainSummary> {
+    let last = opts.out.join(LAST);
+    let existing = last.join("config.json").exists();
+    if opts.out.join("config.json").exists() && !existing {
+        return Err(Error::Config(format!(
+            "{} holds a model but no {LAST}/ state to resume: choose another --out",
+            opts.out.display()
+        )));
+    }
+    if existing && !opts.resume {
+        return Err(Error::Config(format!(
+            "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+            opts.out.display()
+        )));
+    }
+    let (train_set, val_set, _) = mnist::binarized(&opts.data_dir)?;
+    let mut manifest = if existing {
+        let m = checkpoint::read_manifest(&last)?;
+        reporter.note(&format!("resuming {} at step {}", last.display(), m.state.step));
+        m
+    } else {
+        new_manifest(opts, train_set.n)?
+    };
+    let images = manifest.images.clone().ok_or_else(|| Error::checkpoint(&last, "not an image model"))?;
+    manifest.train.max_steps = opts.epochs * images.steps_per_epoch;
+    manifest.train.decay_steps = manifest.train.max_steps;
+    manifest.train.max_minutes = opts.max_minutes;
+
+    let params = Params::new(manifest.seed);
+    let model = manifest.model.build(params.var_builder(DType::F32))?;
+    let mut opt = AdamW::new(&params, manifest.train.adamw.clone())?;
+    if existing {
+        checkpoint::load_weights(&last, &manifest, &params)?;
+        checkpoint::load_optimizer(&last, &manifest, &mut opt)?;
+    } else {
+        init_output_bias(&params, &train_set)?;
+    }
+    reporter.note(&format!(
+        "{}: {} parameters; {} training and {} validation images; {} steps of {} images per epoch",
+        manifest.model.name(),
+        params.count(),
+        train_set.n,
+        val_set.n,
+        images.steps_per_epoch,
+        images.batch_size
+    ));
+
+    let mut batches = ImageBatches::new(&train_set, &val_set, images.batch_size);
+    let mut state = manifest.state.clone();
+    let train_cfg = manifest.train.clone();
+    let out = opts.out.clone();
+    let mut save = |state: &TrainState, opt: &AdamW| -> Result<()> {
+        let mut m = manifest.clone();
+        m.state = state.clone();
+        m.optimizer_steps = opt.t;
+        let improved = state.history.last().is_some_and(|e| Some(e.val_nats) == state.best_val_nats);
+        if improved || !out.join("model.safetensors").exists() {
+            checkpoint::save(&out, &m, &params, None)?;
+        }
+        checkpoint::save(&out.join(LAST), &m, &params, Some(opt))
+    };
+    let spe = images.steps_per_epoch;
+    let mut observe = |e: Event| match e {
+        Event::Step { step, .. } => reporter.progress("epoch", (step - 1) % spe + 1, spe),
+        Event::Eval(entry) => reporter.note(&format!(
+            "epoch {:>5.1}  train {:.2}  validation {:.2} nats/image  ({:.0} s)",
+            entry.step as f64 / spe as f64,
+            entry.train_nats * PIXELS as f64,
+            entry.val_nats * PIXELS as f64,
+            entry.seconds
+        )),
+        Event::Saved { .. } => {}
+    };
+    let stopped = train::train(&model, &mut opt, &mut batches, &train_cfg, &mut state, &mut save, &mut observe, stop)?;
+    Ok(MnistTrainSummary {
+        checkpoint: opts.out.clone(),
+        model: manifest.model.name().into(),
+        epochs: state.step as f64 / spe as f64,
+        stopped,
+        best_val_nats: state.best_val_nats.map(|n| n * PIXELS as f64),
+        seconds: state.seconds,
+        parameters: params.count(),
+    })
+}
+
+fn new_manifest(opts: &MnistTrainOptions, train_images: usize) -> Result<Manifest> {
+    if opts.batch_size == 0 || opts.epochs == 0 {
+        return Err(Error::Config("--batch-size and --epochs must be at least 1".into()));
+    }
+    if opts.model.wavenet().is_some() {
+        return Err(Error::Config("WaveNet is an audio model: train it with `wavegen train`".into()));
+    }
+    let steps_per_epoch = train_images.div_ceil(opts.batch_size) as u64;
+    let max_steps = opts.epochs * steps_per_epoch;
+    let train = TrainConfig {
+        max_steps,
+        max_minutes: opts.max_minutes,
+        lr: opts.lr,
+        min_lr: opts.lr / 20.0,
+        warmup_steps: steps_per_epoch.min(max_steps / 10).max(1),
+        decay_steps: max_steps,
+        adamw: AdamWConfig { weight_decay: opts.weight_decay, ..AdamWConfig::default() },
+        eval_every: steps_per_epoch,
+        checkpoint_every: steps_per_epoch,
+    };
+    train.validate()?;
+    Ok(Manifest {
+        format: FORMAT.into(),
+        model: opts.model.clone(),
+        seed: opts.seed,
+        audio: None,
+        images: Some(ImageData {
+            dataset: DATASET.into(),
+            data_dir: opts.data_dir.clone(),
+            batch_size: opts.batch_size,
+            steps_per_epoch,
+        }),
+        train,
+        state: TrainState::new(opts.seed),
+        optimizer_steps: 0,
+    })
+}
+
+/// Sets every image model's per-pixel output bias to the log-odds of that pixel in the
+/// training data (NADE's initialisation): the first steps then learn structure, not averages.
+fn init_output_bias(params: &Params, set: &Images) -> Result<()> {
+    let Some((_, bias)) = params.named().into_iter().find(|(n, _)| n == "output.bias") else {
+        return Ok(());
+    };
+    let mut ones = vec![0usize; PIXELS];
+    for i in 0..set.n {
+        for (c, &v) in ones.iter_mut().zip(set.image(i)) {
+            *c += v as usize;
+        }
+    }
+    let log_odds: Vec<f32> = ones
+        .iter()
+        .map(|&c| {
+            let p = ((c as f64 + 1.0) / (set.n as f64 + 2.0)).clamp(1e-4, 1.0 - 1e-4);
+            (p / (1.0 - p)).ln() as f32
+        })
+        .collect();
+    bias.set(&Tensor::from_vec(log_odds, PIXELS, &candle_core::Device::Cpu)?.to_dtype(bias.dtype())?)?;
+    Ok(())
+}
+
+/// The log-probability (nats) of each image of `set` under the model's selected connectivity.
+pub fn log_probs(model: &Model, set: &Images, reporter: &mut dyn Reporter) -> Result<Vec<f64>> {
+    let chunk = 500;
+    let mut out = Vec::with_capacity(set.n);
+    for start in (0..set.n).step_by(chunk) {
+        reporter.progress("scoring", start as u64, set.n as u64);
+        let batch = batch_of(set, start..(start + chunk).min(set.n))?;
+        let logits = model.forward(&batch.tokens, None)?;
+        let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = log_p.gather(&batch.tokens.unsqueeze(2)?.contiguous()?, 2)?.squeeze(2)?; // (B, 784)
+        out.extend(picked.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+    }
+    reporter.progress("scoring", set.n as u64, set.n as u64);
+    Ok(out)
+}
+
+/// The log-probability of each image under the ensemble of the first `masks` connectivities:
+/// log((1/K) Σ_k p_k(x)), computed stably (log-mean-exp of probabilities, never of logits).
+pub fn ensemble_log_probs(model: &Model, set: &Images, masks: usize, reporter: &mut dyn Reporter) -> Result<Vec<f64>> {
+    let k = masks.clamp(1, model.connectivities());
+    let mut per_mask = Vec::with_capacity(k);
+    for m in 0..k {
+        model.select_connectivity(m);
+        per_mask.push(log_probs(model, set, reporter)?);
+    }
+    model.select_connectivity(0);
+    Ok((0..set.n)
+        .map(|i| {
+            let max = per_mask.iter().map(|lp| lp[i]).fold(f64::NEG_INFINITY, f64::max);
+            max + (per_mask.iter().map(|lp| (lp[i] - max).exp()).sum::<f64>() / k as f64).ln()
+        })
+        .collect())
+}
+
+/// `wavegen mnist eval`'s report.
+#[derive(Debug, Serialize)]
+pub struct MnistEvalReport {
+    /// The model kind.
+    pub model: String,
+    /// The checkpoint.
+    pub checkpoint: PathBuf,
+    /// `test` or `valid`.
+    pub split: String,
+    /// Images scored.
+    pub images: usize,
+    /// Mean NLL, nats per image.
+    pub nll_nats: f64,
+    /// Standard error of the mean.
+    pub std_error: f64,
+    /// 95% confidence interval of the mean (normal approximation).
+    pub ci95: [f64; 2],
+    /// The same NLL in bits per pixel.
+    pub bits_per_pixel: f64,
+    /// Connectivities averaged (MADE's masks; 1 for other models).
+    pub connectivities: usize,
+}
+
+/// Which split to score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// The 10k validation images.
+    Valid,
+    /// The 10k test images.
+    Test,
+}
+
+/// The test (or validation) NLL of a checkpoint.
+pub fn eval(
+    dir: &Path,
+    data_dir: &Path,
+    split: Split,
+    masks: Option<usize>,
+    reporter: &mut dyn Reporter,
+) -> Result<MnistEvalReport> {
+    let m = ImageModel::load(dir)?;
+    let (_, valid, test) = mnist::binarized(data_dir)?;
+    let set = if split == Split::Test { &test } else { &valid };
+    let k = masks.unwrap_or(m.model.connectivities()).clamp(1, m.model.connectivities());
+    let nll: Vec<f64> = ensemble_log_probs(&m.model, set, k, reporter)?.into_iter().map(|lp| -lp).collect();
+    let n = nll.len() as f64;
+    let mean = nll.iter().sum::<f64>() / n;
+    let var = nll.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    let se = (var / n).sqrt();
+    Ok(MnistEvalReport {
+        model: m.manifest.model.name().into(),
+        checkpoint: dir.to_path_buf(),
+        split: if split == Split::Test { "test" } else { "valid" }.into(),
+        images: set.n,
+        nll_nats: mean,
+        std_error: se,
+        ci95: [mean - 1.96 * se, mean + 1.96 * se],
+        bits_per_pixel: mean / PIXELS as f64 / std::f64::consts::LN_2,
+        connectivities: k,
+    })
+}
+
+/// Draws `n` images (the given prefix of each, then the rest), in raster order.
+fn draw_images(
+    model: &Model,
+    prefixes: &[Vec<u32>],
+    temperature: f32,
+    seed: u64,
+    reporter: &mut dyn Reporter,
+) -> Result<Vec<Vec<u8>>> {
+    model.select_connectivity(0); // left to right, so that a prefix is the top of the image
+    let sampler = SamplerConfig { temperature, ..SamplerConfig::default() };
+    sampler.validate()?;
+    let given = prefixes.first().map_or(0, |p| p.len());
+    let steps = PIXELS - given;
+    let mut rng = Rng::derived(seed, "mnist samples");
+    let drawn = sample::generate(model, prefixes, None, steps, &sampler, &mut rng, Method::Cached, &mut |done| {
+        reporter.progress("sampling pixels", done as u64, steps as u64)
+    })?;
+    let order = model.ordering().unwrap_or_else(|| (0..PIXELS).collect());
+    Ok(prefixes
+        .iter()
+        .zip(drawn)
+        .map(|(p, d)| {
+            let mut img = vec![0u8; PIXELS];
+            for (k, v) in p.iter().chain(&d).enumerate() {
+                img[order[k]] = *v as u8;
+            }
+            img
+        })
+        .collect())
+}
+
+/// Samples `n` digits into a PNG grid.
+pub fn sample(
+    dir: &Path,
+    n: usize,
+    temperature: f32,
+    seed: u64,
+    out: &Path,
+    reporter: &mut dyn Reporter,
+) -> Result<Vec<Vec<u8>>> {
+    if n == 0 {
+        return Err(Error::Config("--n must be at least 1".into()));
+    }
+    let m = ImageModel::load(dir)?;
+    let images = draw_images(&m.model, &vec![vec![]; n], temperature, seed, reporter)?;
+    mnist::write_grid(out, &images, (n as f64).sqrt().ceil() as usize, 2, false)?;
+    Ok(images)
+}
+
+/// Completes the bottom half of `digits` test digits, `per_digit` times each: row r of the
+/// grid is test digit r, then its completions.
+pub fn complete(
+    dir: &Path,
+    data_dir: &Path,
+    digits: usize,
+    per_digit: usize,
+    seed: u64,
+    out: &Path,
+    reporter: &mut dyn Reporter,
+) -> Result<Vec<Vec<u8>>> {
+    if digits == 0 || per_digit == 0 {
+        return Err(Error::Config("--n and --per-digit must be at least 1".into()));
+    }
+    let m = ImageModel::load(dir)?;
+    let (_, _, test) = mnist::binarized(data_dir)?;
+    // Spread the chosen digits over the (digit-sorted) test split.
+    let chosen: Vec<usize> = (0..digits).map(|i| (2 * i + 1) * test.n / (2 * digits)).collect();
+    let half = PIXELS / 2;
+    let prefixes: Vec<Vec<u32>> = chosen
+        .iter()
+        .flat_map(|&i| std::iter::repeat_n(test.image(i)[..half].iter().map(|&v| v as u32).collect(), per_digit))
+        .collect();
+    let completed = draw_images(&m.model, &prefixes, 1.0, seed, reporter)?;
+    let mut grid = Vec::new();
+    for (r, &i) in chosen.iter().enumerate() {
+        grid.push(test.image(i).to_vec());
+        grid.extend_from_slice(&completed[r * per_digit..(r + 1) * per_digit]);
+    }
+    mnist::write_grid(out, &grid, per_digit + 1, 2, false)?;
+    Ok(grid)
+}
+
+/// One image's score.
+#[derive(Debug, Serialize)]
+pub struct ImageScore {
+    /// Its index in the file.
+    pub index: usize,
+    /// Its NLL in nats.
+    pub nll_nats: f64,
+}
+
+/// Scores every image of `images` (default: the test split), lowest likelihood first.
+pub fn score(
+    dir: &Path,
+    data_dir: &Path,
+    images: Option<&Path>,
+    reporter: &mut dyn Reporter,
+) -> Result<Vec<ImageScore>> {
+    let m = ImageModel::load(dir)?;
+    let set = match images {
+        Some(path) => mnist::read_binary_images(path)?,
+        None => mnist::binarized(data_dir)?.2,
+    };
+    let lp = ensemble_log_probs(&m.model, &set, m.model.connectivities(), reporter)?;
+    let mut scores: Vec<ImageScore> =
+        lp.iter().enumerate().map(|(index, &lp)| ImageScore { index, nll_nats: -lp }).collect();
+    scores.sort_by(|a, b| b.nll_nats.total_cmp(&a.nll_nats));
+    Ok(scores)
+}
