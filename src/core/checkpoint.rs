@@ -101,7 +101,10 @@ pub fn resolve_dir(path: &Path) -> PathBuf {
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let dir = resolve_dir(dir);
     if !dir.is_dir() {
-        return Err(Error::checkpoint(&dir, "no such directory (train one with `wavegen train DIR --out DIR`)"));
+        return Err(Error::checkpoint(
+            &dir,
+            "no such directory (train one with `wavegen train` or `wavegen mnist train`)",
+        ));
     }
     let path = dir.join(MANIFEST_FILE);
     let bytes = std::fs::read(&path).map_err(|e| {

@@ -439,11 +439,11 @@ pub fn score(
     images: Option<&Path>,
     reporter: &mut dyn Reporter,
 ) -> Result<Vec<ImageScore>> {
-    let m = ImageModel::load(dir)?;
     let set = match images {
         Some(path) => mnist::read_binary_images(path)?,
         None => mnist::binarized(data_dir)?.2,
     };
+    let m = ImageModel::load(dir)?;
     let lp = ensemble_log_probs(&m.model, &set, m.model.connectivities(), reporter)?;
     let mut scores: Vec<ImageScore> =
         lp.iter().enumerate().map(|(index, &lp)| ImageScore { index, nll_nats: -lp }).collect();

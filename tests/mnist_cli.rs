@@ -1,0 +1,136 @@
+//! `wavegen mnist …` on the real binarized MNIST (from `WAVEGEN_DATA`, as CI sets it): a
+//! short FVSBN run, then eval (JSON), sample and complete (PNG grids of the right size),
+//! score (CSV, lowest likelihood first), resume, and clear errors on bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn data_dir() -> String {
+    std::env::var("WAVEGEN_DATA").unwrap_or_else(|_| "../shared/datasets".into())
+}
+
+fn wavegen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wavegen"))
+        .args(args)
+        .env("WAVEGEN_DATA", data_dir())
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("the binary runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn error_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should have failed");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in {stderr}")).to_string()
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap())).read_info().unwrap();
+    (reader.info().width, reader.info().height)
+}
+
+#[test]
+fn train_eval_sample_complete_score_on_binarized_mnist() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("fvsbn");
+    let c = ckpt.to_str().unwrap();
+    // A few seconds of FVSBN: far from converged, but already far better than uniform pixels.
+    let t: serde_json::Value = serde_json::from_str(&ok(&wavegen(&[
+        "mnist",
+        "train",
+        "--model",
+        "fvsbn",
+        "--out",
+        c,
+        "--epochs",
+        "1",
+        "--minutes",
+        "0.05",
+        "--lr",
+        "3e-3",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(t["model"], "fvsbn");
+    assert!(ckpt.join("model.safetensors").is_file() && ckpt.join("last/optimizer.safetensors").is_file());
+
+    let e: serde_json::Value =
+        serde_json::from_str(&ok(&wavegen(&["mnist", "eval", "--checkpoint", c, "--json"]))).unwrap();
+    let nll = e["nll_nats"].as_f64().unwrap();
+    assert_eq!(
+        (e["model"].as_str(), e["split"].as_str(), e["images"].as_u64()),
+        (Some("fvsbn"), Some("test"), Some(10_000))
+    );
+    assert!(nll > 60.0 && nll < 784.0 * 2f64.ln() / 2.0, "{nll} nats/image");
+    let ci = e["ci95"].as_array().unwrap();
+    assert!(ci[0].as_f64().unwrap() < nll && nll < ci[1].as_f64().unwrap());
+
+    let grid = dir.path().join("samples.png");
+    ok(&wavegen(&["mnist", "sample", "--checkpoint", c, "--n", "4", "--out", grid.to_str().unwrap()]));
+    assert_eq!(png_size(&grid), (2 * 58 + 2, 2 * 58 + 2), "a 2×2 grid of 56-pixel digits with 2-pixel gaps");
+    let completions = dir.path().join("complete.png");
+    ok(&wavegen(&[
+        "mnist",
+        "complete",
+        "--checkpoint",
+        c,
+        "--n",
+        "2",
+        "--per-digit",
+        "3",
+        "--out",
+        completions.to_str().unwrap(),
+    ]));
+    assert_eq!(png_size(&completions), (4 * 58 + 2, 2 * 58 + 2));
+
+    let csv = ok(&wavegen(&["mnist", "score", "--checkpoint", c]));
+    let rows: Vec<f64> = csv.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
+    assert_eq!(rows.len(), 10_000);
+    assert!(rows.windows(2).all(|w| w[0] >= w[1]), "lowest likelihood (highest NLL) first");
+    let mean = rows.iter().sum::<f64>() / rows.len() as f64;
+    assert!((mean - nll).abs() < 1e-2, "score and eval agree: {mean} vs {nll}");
+
+    // Again into the same directory needs --resume; with it, training continues.
+    let again = ["mnist", "train", "--model", "fvsbn", "--out", c, "--epochs", "1", "--minutes", "0.02"];
+    assert!(error_line(&wavegen(&again)).contains("--resume"));
+    let mut resumed = again.to_vec();
+    resumed.push("--resume");
+    ok(&wavegen(&resumed));
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // No dataset where --data points.
+    let line =
+        error_line(&wavegen(&["mnist", "train", "--model", "nade", "--out", "/tmp/x", "--data", "/nonexistent"]));
+    assert!(line.contains("binarized_mnist") && line.contains("WAVEGEN_DATA"), "{line}");
+    // An audio checkpoint is not an image model.
+    let line = error_line(&wavegen(&["mnist", "eval", "--checkpoint", "checkpoints/fsdd"]));
+    assert!(line.contains("not an image model"), "{line}");
+    // No checkpoint at all.
+    let missing = dir.path().join("none");
+    let line = error_line(&wavegen(&["mnist", "sample", "--checkpoint", missing.to_str().unwrap(), "--out", "x.png"]));
+    assert!(line.contains("none") && line.contains("no such directory"), "{line}");
+    // A broken IDX file to score.
+    let bad = dir.path().join("bad-idx");
+    std::fs::write(&bad, b"not an idx file at all").unwrap();
+    let line = error_line(&wavegen(&[
+        "mnist",
+        "score",
+        "--checkpoint",
+        "checkpoints/mnist-fvsbn",
+        "--images",
+        bad.to_str().unwrap(),
+    ]));
+    assert!(line.contains("bad-idx") && line.contains("not an IDX file"), "{line}");
+    // MADE needs a hidden layer; NADE takes one size.
+    let line = error_line(&wavegen(&["mnist", "train", "--model", "nade", "--hidden", "5,5", "--out", "/tmp/y"]));
+    assert!(line.contains("--hidden"), "{line}");
+}
