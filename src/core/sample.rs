@@ -80,38 +80,57 @@ impl SamplerConfig {
         p
     }
 
-    /// Draws one token. Without top-k and top-p this allocates nothing (it runs once per audio
-    /// sample in real time): one pass for the normaliser, a second up to the drawn token.
+    /// Draws one token. Without top-k and top-p, and for up to 256 tokens (μ-law audio), this
+    /// allocates nothing: it runs once per audio sample in real time. One vectorisable pass
+    /// finds the maximum, a second stores the weights e^((l − max)/T) and their sum, and the
+    /// draw scans the stored weights eight at a time.
     pub fn sample(&self, logits: &[f32], rng: &mut Rng) -> u32 {
-        if self.top_k.is_some() || self.top_p.is_some() {
+        const MAX_FAST: usize = 256;
+        if self.top_k.is_some() || self.top_p.is_some() || logits.len() > MAX_FAST {
             return draw_from(&self.distribution(logits), rng);
         }
-        let best = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
-        if self.temperature == 0.0 {
+        let max = lane_fold(logits, f32::NEG_INFINITY, f32::max);
+        if self.temperature == 0.0 || !max.is_finite() {
+            let best = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
             return best as u32;
         }
-        let (max, inv_t) = (logits[best], 1.0 / self.temperature);
-        let weight = |l: f32| fast_exp((l - max) * inv_t);
-        // Eight partial sums, so that the compiler can vectorise the first pass.
-        let mut lanes = [0f32; 8];
-        let mut chunks = logits.chunks_exact(8);
-        for chunk in &mut chunks {
-            for k in 0..8 {
-                lanes[k] += weight(chunk[k]);
-            }
+        let inv_t = 1.0 / self.temperature;
+        let mut weights = [0f32; MAX_FAST];
+        let weights = &mut weights[..logits.len()];
+        for (w, &l) in weights.iter_mut().zip(logits) {
+            *w = fast_exp((l - max) * inv_t);
         }
-        let total = lanes.iter().map(|&x| x as f64).sum::<f64>()
-            + chunks.remainder().iter().map(|&l| weight(l) as f64).sum::<f64>();
-        let target = rng.uniform() * total;
-        let mut acc = 0.0;
-        for (i, &l) in logits.iter().enumerate() {
-            acc += weight(l) as f64;
-            if target < acc {
-                return i as u32;
+        let total = lane_fold(weights, 0.0, |a, b| a + b);
+        let target = rng.uniform() as f32 * total;
+        let mut acc = 0.0f32;
+        for (c, chunk) in weights.chunks(8).enumerate() {
+            let sum: f32 = chunk.iter().sum();
+            if target < acc + sum {
+                for (i, &w) in chunk.iter().enumerate() {
+                    acc += w;
+                    if target < acc {
+                        return (c * 8 + i) as u32;
+                    }
+                }
             }
+            acc += sum;
         }
-        best as u32 // only reachable through rounding at the very top of the range
+        // Only reachable through rounding at the very top of the range: the last token with weight.
+        weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32
     }
+}
+
+/// Folds `xs` with `f` in eight independent lanes (so that the loop vectorises), then the lanes.
+#[inline(always)]
+fn lane_fold(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for chunk in &mut chunks {
+        for k in 0..8 {
+            lanes[k] = f(lanes[k], chunk[k]);
+        }
+    }
+    chunks.remainder().iter().fold(lanes.into_iter().fold(init, &f), |a, &b| f(a, b))
 }
 
 fn draw_from(p: &[f64], rng: &mut Rng) -> u32 {
