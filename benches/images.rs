@@ -4,10 +4,11 @@
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use wavegen::core::masked_nll;
 use wavegen::core::optim::{AdamW, AdamWConfig};
 use wavegen::core::params::Params;
 use wavegen::core::sample::{self, Method, SamplerConfig};
-use wavegen::core::{Autoregressive, masked_nll};
+use wavegen::data::Batch;
 use wavegen::layers::nade::Activation;
 use wavegen::models::{ModelConfig, fvsbn, made, nade};
 use wavegen::rng::Rng;
@@ -44,7 +45,12 @@ fn training(c: &mut Criterion) {
     group.sample_size(10);
     let batch = 100;
     let tokens = images(batch);
-    let mask = Tensor::ones((batch, PIXELS), DType::F32, &Device::Cpu).unwrap();
+    let batch_of_images = Batch {
+        tokens: tokens.clone(),
+        mask: Tensor::ones((batch, PIXELS), DType::F32, &Device::Cpu).unwrap(),
+        labels: None,
+        values: None,
+    };
     group.throughput(Throughput::Elements(batch as u64));
     for (name, cfg) in models() {
         let params = Params::new(0);
@@ -52,8 +58,7 @@ fn training(c: &mut Criterion) {
         let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
         group.bench_function(name, |b| {
             b.iter(|| {
-                let logits = model.forward(&tokens, None).unwrap();
-                let grads = masked_nll(&logits, &tokens, &mask).unwrap().backward().unwrap();
+                let grads = masked_nll(&model, &batch_of_images).unwrap().backward().unwrap();
                 opt.step(&grads, 1e-4).unwrap()
             })
         });

@@ -9,9 +9,9 @@ use std::hint::black_box;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use wavegen::core::masked_nll;
 use wavegen::core::params::Params;
 use wavegen::core::sample::{self, Method, SamplerConfig};
-use wavegen::core::{Autoregressive, masked_nll};
 use wavegen::models::wavenet::{Config, WaveNet};
 use wavegen::rng::Rng;
 
@@ -167,10 +167,11 @@ fn training(c: &mut Criterion) {
     let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
     let mask: Vec<f32> = (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
+    let data = wavegen::data::Batch { tokens, mask, labels: None, values: None };
     group.throughput(Throughput::Elements((batch * window) as u64));
     group.bench_function("default_b4_w4096", |b| {
         b.iter(|| {
-            let loss = masked_nll(&m.forward(&tokens, None).unwrap(), &tokens, &mask).unwrap();
+            let loss = masked_nll(&m, &data).unwrap();
             let grads = loss.backward().unwrap();
             black_box(opt.step(&grads, 1e-4).unwrap())
         })

@@ -118,9 +118,9 @@ fn gradients_match_finite_differences_at_batch_two() {
         // Mask out the first positions, as audio training does for the context.
         let mask: Vec<f64> = (0..2 * len).map(|i| if i % len < 4 { 0.0 } else { 1.0 }).collect();
         let mask = Tensor::from_vec(mask, (2, len), &Device::Cpu).unwrap();
-        let labels = labels_for(&model, 2);
+        let batch = Batch { tokens, mask, labels: labels_for(&model, 2), values: None };
         model.select_connectivity(model.connectivities() - 1);
-        let (at, err) = check::gradient_check(&model, &params, &tokens, &mask, labels.as_ref(), 4, &mut rng).unwrap();
+        let (at, err) = check::gradient_check(&model, &params, &batch, 4, &mut rng).unwrap();
         assert!(err < 1e-5, "{name}: relative gradient error {err:e} at {at}");
     }
 }

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::params::Params;
 use super::{Autoregressive, masked_nll};
 use crate::Result;
+use crate::data::Batch;
 use crate::rng::Rng;
 
 /// Random tokens `(B, T)` in `0..vocab`.
@@ -98,9 +99,10 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
-/// Compares the gradient of the mean NLL with central finite differences at `per_tensor`
-/// random entries of every parameter (the model must be built in f64 from `params`).
-/// Returns the worst entry and its relative error |g − g_fd| / max(|g| + |g_fd|, 1e-4).
+/// Compares the gradient of the mean NLL of `batch` ([`masked_nll`]) with central finite
+/// differences at `per_tensor` random entries of every parameter (the model must be built in
+/// f64 from `params`). Returns the worst entry and its relative error
+/// |g − g_fd| / max(|g| + |g_fd|, 1e-4).
 ///
 /// Every parameter is first jittered by N(0, 0.05²): freshly initialised biases are exactly 0,
 /// which puts ReLUs exactly on their kink (at the first position every input is 0), where a
@@ -108,23 +110,17 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 pub fn gradient_check<M: Autoregressive>(
     model: &M,
     params: &Params,
-    tokens: &Tensor,
-    mask: &Tensor,
-    labels: Option<&Tensor>,
+    batch: &Batch,
     per_tensor: usize,
     rng: &mut Rng,
 ) -> Result<(String, f64)> {
-    let loss_of = || -> Result<f64> {
-        let logits = model.forward(tokens, labels)?;
-        Ok(masked_nll(&logits, tokens, mask)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-    };
+    let loss_of = || -> Result<f64> { Ok(masked_nll(model, batch)?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     for (_, var) in params.named() {
         let jitter: Vec<f64> = (0..var.elem_count()).map(|_| 0.05 * rng.normal()).collect();
         let jitter = Tensor::from_vec(jitter, var.shape().clone(), &Device::Cpu)?.to_dtype(var.dtype())?;
         var.set(&(var.as_tensor() + jitter)?)?;
     }
-    let logits = model.forward(tokens, labels)?;
-    let grads = masked_nll(&logits, tokens, mask)?.backward()?;
+    let grads = masked_nll(model, batch)?.backward()?;
     let eps = 1e-6;
     let mut worst = (String::new(), 0.0f64);
     for (name, var) in params.named() {

@@ -12,6 +12,7 @@
 use candle_core::{D, DType, Tensor};
 
 use crate::Result;
+use crate::data::Batch;
 
 pub mod check;
 pub mod checkpoint;
@@ -57,6 +58,13 @@ pub trait Autoregressive {
     /// `ordering` use.
     fn select_connectivity(&self, _k: usize) {}
 
+    /// The NLL in nats of every position of `batch`, `(B, T)`, unmasked. By default the
+    /// categorical NLL of the tokens under [`Autoregressive::forward`]; a model of real values
+    /// (RNADE) scores `batch.values` with its density instead.
+    fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
+        token_nll(&self.forward(&batch.tokens, batch.labels.as_ref())?, &batch.tokens)
+    }
+
     /// A fresh state for `batch` sequences.
     fn start(&self, batch: usize, labels: Option<&Tensor>) -> Result<Self::State>;
 
@@ -65,20 +73,26 @@ pub trait Autoregressive {
     fn step(&self, state: &mut Self::State, prev: Option<&Tensor>) -> Result<Tensor>;
 }
 
-/// Negative log-likelihood in nats of `tokens` under `logits`, averaged over the positions
-/// where `mask` is 1 (`logits (B, T, V)`, `tokens (B, T)` u32, `mask (B, T)`).
-pub fn masked_nll(logits: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (sum, count) = masked_nll_sum(logits, tokens, mask)?;
-    Ok((sum / count)?)
+/// The NLL in nats of each token under `logits`: `logits (B, T, V)`, `tokens (B, T)` u32 →
+/// `(B, T)`.
+pub fn token_nll(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?; // (B, T, V)
+    Ok(log_p.gather(&tokens.unsqueeze(2)?.contiguous()?, 2)?.squeeze(2)?.neg()?)
 }
 
-/// The summed NLL (a scalar tensor) and the number of counted positions.
-pub fn masked_nll_sum(logits: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<(Tensor, f64)> {
-    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?; // (B, T, V)
-    let picked = log_p.gather(&tokens.unsqueeze(2)?.contiguous()?, 2)?.squeeze(2)?; // (B, T)
-    let mask = mask.to_dtype(picked.dtype())?;
+/// The summed NLL (a scalar tensor) of the positions of `batch` whose mask is 1, and their
+/// number.
+pub fn masked_nll_sum<M: Autoregressive + ?Sized>(model: &M, batch: &Batch) -> Result<(Tensor, f64)> {
+    let nll = model.position_nll(batch)?;
+    let mask = batch.mask.to_dtype(nll.dtype())?;
     let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    Ok(((picked * mask)?.sum_all()?.neg()?, count.max(1.0)))
+    Ok(((nll * mask)?.sum_all()?, count.max(1.0)))
+}
+
+/// The mean NLL in nats over the positions of `batch` whose mask is 1 (the training loss).
+pub fn masked_nll<M: Autoregressive + ?Sized>(model: &M, batch: &Batch) -> Result<Tensor> {
+    let (sum, count) = masked_nll_sum(model, batch)?;
+    Ok((sum / count)?)
 }
 
 /// The logits of the next token of each history, recomputed from scratch by the parallel

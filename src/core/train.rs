@@ -171,8 +171,7 @@ pub enum Stop {
 pub fn nll_sum<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<(f64, f64)> {
     let (mut sum, mut count) = (0.0, 0.0);
     for b in batches {
-        let logits = model.forward(&b.tokens, b.labels.as_ref())?;
-        let (s, c) = masked_nll_sum(&logits, &b.tokens, &b.mask)?;
+        let (s, c) = masked_nll_sum(model, b)?;
         sum += s.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         count += c;
     }
@@ -220,8 +219,7 @@ pub fn train<M: Autoregressive>(
         // forward, backward (models with several connectivities take them in turn)
         model.select_connectivity((state.step % model.connectivities() as u64) as usize);
         let batch = data.train_batch(&mut state.rng)?;
-        let logits = model.forward(&batch.tokens, batch.labels.as_ref())?;
-        let loss = masked_nll(&logits, &batch.tokens, &batch.mask)?;
+        let loss = masked_nll(model, &batch)?;
         let grads = loss.backward()?;
         let loss = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !loss.is_finite() {

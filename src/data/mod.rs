@@ -19,6 +19,9 @@ pub struct Batch {
     pub mask: Tensor,
     /// One global-conditioning label per sequence, `(B,)` u32, for models that take one.
     pub labels: Option<Tensor>,
+    /// Real values behind the tokens, `(B, T)` f32, for models of real values (RNADE scores
+    /// these; the tokens are their quantised levels).
+    pub values: Option<Tensor>,
 }
 
 impl Batch {
@@ -36,6 +39,7 @@ impl Batch {
             tokens: Tensor::from_vec(flat_tokens, (b, t), device)?,
             mask: Tensor::from_vec(flat_mask, (b, t), device)?,
             labels: labels.map(|l| Tensor::from_vec(l, b, device)).transpose()?,
+            values: None,
         })
     }
 

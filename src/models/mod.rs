@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::core::Autoregressive;
+use crate::data::Batch;
 use crate::{Error, Result};
 
 pub mod fvsbn;
@@ -175,6 +176,10 @@ impl Autoregressive for Model {
 
     fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         each_model!(self, m => m.forward(tokens, labels))
+    }
+
+    fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
+        each_model!(self, m => m.position_nll(batch))
     }
 
     fn start(&self, batch: usize, labels: Option<&Tensor>) -> Result<ModelState> {

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::Reporter;
@@ -252,10 +252,8 @@ pub fn log_probs(model: &Model, set: &Images, reporter: &mut dyn Reporter) -> Re
     for start in (0..set.n).step_by(chunk) {
         reporter.progress("scoring", start as u64, set.n as u64);
         let batch = batch_of(set, start..(start + chunk).min(set.n))?;
-        let logits = model.forward(&batch.tokens, None)?;
-        let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = log_p.gather(&batch.tokens.unsqueeze(2)?.contiguous()?, 2)?.squeeze(2)?; // (B, 784)
-        out.extend(picked.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        let nll = model.position_nll(&batch)?; // (B, 784)
+        out.extend(nll.sum(1)?.neg()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
     }
     reporter.progress("scoring", set.n as u64, set.n as u64);
     Ok(out)
