@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand, ValueEnum};
 use wavegen::layers::nade::Activation;
-use wavegen::models::{ModelConfig, fvsbn, made, nade};
+use wavegen::models::{ModelConfig, fvsbn, made, nade, rnade};
 use wavegen::tasks::mnist::{self, MnistTrainOptions, Split};
 
 use super::report::Bars;
@@ -18,7 +18,7 @@ pub struct MnistArgs {
 
 #[derive(Debug, Subcommand)]
 enum MnistCommand {
-    /// Train FVSBN, NADE or MADE on static binarized MNIST (best validation model kept).
+    /// Train FVSBN, NADE or MADE on static binarized MNIST, or RNADE on dequantised grey MNIST.
     Train(TrainArgs),
     /// Test NLL in nats per image, with a 95% confidence interval.
     Eval(EvalArgs),
@@ -38,6 +38,8 @@ enum Kind {
     Nade,
     /// MADE: a masked MLP; several masks make an ensemble.
     Made,
+    /// RNADE: NADE for real values, a mixture of Gaussians per pixel, on dequantised grey-level MNIST.
+    Rnade,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -57,12 +59,15 @@ struct TrainArgs {
     /// Continue the run in --out (its last/ state); --epochs then extends it.
     #[arg(long)]
     resume: bool,
-    /// Hidden units; for MADE a comma-separated list, one per layer [default: 500].
+    /// Hidden units; for MADE a comma-separated list, one per layer [default: 500; RNADE: 100].
     #[arg(long, value_delimiter = ',')]
     hidden: Vec<usize>,
-    /// NADE's hidden non-linearity.
-    #[arg(long, value_enum, default_value = "sigmoid")]
-    activation: Act,
+    /// NADE's and RNADE's hidden non-linearity [default: NADE sigmoid, RNADE relu].
+    #[arg(long, value_enum)]
+    activation: Option<Act>,
+    /// RNADE: Gaussian components per pixel.
+    #[arg(long, default_value_t = 10)]
+    components: usize,
     /// MADE: number of connectivities (masks) trained in turn and averaged at test time.
     #[arg(long, default_value_t = 1)]
     masks: usize,
@@ -187,13 +192,14 @@ pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
                 super::print_json(&r)?;
             } else {
                 println!(
-                    "{} {}: {:.2} nats/image (95% CI {:.2} – {:.2}), {:.4} bits/pixel, {} images, {} connectivit{}",
+                    "{} {} ({}): {:.2} nats/image (95% CI {:.2} – {:.2}), {:.4} bits/dim, {} images, {} connectivit{}",
                     r.model,
                     r.split,
+                    r.scale,
                     r.nll_nats,
                     r.ci95[0],
                     r.ci95[1],
-                    r.bits_per_pixel,
+                    r.bits_per_dim,
                     r.images,
                     r.connectivities,
                     if r.connectivities == 1 { "y" } else { "ies" }
@@ -237,20 +243,27 @@ pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
 
 fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let pixels = wavegen::data::mnist::PIXELS;
-    let hidden = if a.hidden.is_empty() { vec![500] } else { a.hidden.clone() };
+    let default_hidden = if matches!(a.model, Kind::Rnade) { 100 } else { 500 };
+    let hidden = if a.hidden.is_empty() { vec![default_hidden] } else { a.hidden.clone() };
+    let activation = |default| match a.activation.unwrap_or(default) {
+        Act::Sigmoid => Activation::Sigmoid,
+        Act::Relu => Activation::Relu,
+    };
     let single = || -> anyhow::Result<usize> {
         anyhow::ensure!(hidden.len() == 1, "--hidden takes one size for this model (several are for MADE)");
         Ok(hidden[0])
     };
     let model = match a.model {
         Kind::Fvsbn => ModelConfig::Fvsbn(fvsbn::Config { pixels }),
-        Kind::Nade => ModelConfig::Nade(nade::Config {
+        Kind::Nade => {
+            ModelConfig::Nade(nade::Config { pixels, hidden: single()?, activation: activation(Act::Sigmoid) })
+        }
+        Kind::Rnade => ModelConfig::Rnade(rnade::Config {
             pixels,
             hidden: single()?,
-            activation: match a.activation {
-                Act::Sigmoid => Activation::Sigmoid,
-                Act::Relu => Activation::Relu,
-            },
+            components: a.components,
+            levels: 256,
+            activation: activation(Act::Relu),
         }),
         Kind::Made => ModelConfig::Made(made::Config {
             pixels,

@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 use super::{Batch, BatchSource};
 use crate::rng::Rng;
@@ -79,6 +79,13 @@ impl Images {
     pub fn image(&self, i: usize) -> &[u8] {
         &self.pixels[i * PIXELS..(i + 1) * PIXELS]
     }
+
+    /// Grey levels (any value above 1) thresholded at 128; binary images stay as they are.
+    pub fn binarize(&mut self) {
+        if self.pixels.iter().any(|&v| v > 1) {
+            self.pixels.iter_mut().for_each(|v| *v = u8::from(*v >= 128));
+        }
+    }
 }
 
 fn images(path: &Path, binary: bool) -> Result<Images> {
@@ -140,14 +147,22 @@ pub fn grey(data_dir: &Path) -> Result<(Images, Images)> {
     Ok((load("train")?, load("t10k")?))
 }
 
-/// Reads a file of 28×28 images for scoring: binary images as they are, grey levels (any
-/// value above 1) thresholded at 128.
-pub fn read_binary_images(path: &Path) -> Result<Images> {
-    let mut set = images(path, false)?;
-    if set.pixels.iter().any(|&v| v > 1) {
-        set.pixels.iter_mut().for_each(|v| *v = u8::from(*v >= 128));
-    }
-    Ok(set)
+/// Grey-level MNIST split for density estimation: (train: the first 50k training images,
+/// validation: the last 10k, test: the 10k test images).
+pub fn grey_splits(data_dir: &Path) -> Result<(Images, Images, Images)> {
+    let (all, test) = grey(data_dir)?;
+    let cut = all.n - 10_000;
+    let part = |from: usize, to: usize| Images {
+        pixels: all.pixels[from * PIXELS..to * PIXELS].to_vec(),
+        labels: all.labels.as_ref().map(|l| l[from..to].to_vec()),
+        n: to - from,
+    };
+    Ok((part(0, cut), part(cut, all.n), test))
+}
+
+/// Reads an IDX file of 28×28 images (binary or grey levels), e.g. to score.
+pub fn read_images(path: &Path) -> Result<Images> {
+    images(path, false)
 }
 
 /// Training batches drawn at random from one split (the generator saved in the checkpoint
@@ -156,13 +171,24 @@ pub struct ImageBatches<'a> {
     train: &'a Images,
     val: &'a Images,
     batch_size: usize,
+    dequantize: bool,
 }
 
 impl<'a> ImageBatches<'a> {
-    /// Batches of `batch_size` images.
-    pub fn new(train: &'a Images, val: &'a Images, batch_size: usize) -> Self {
-        ImageBatches { train, val, batch_size }
+    /// Batches of `batch_size` images; with `dequantize`, each also carries its grey levels as
+    /// real values (see [`dequantize`]).
+    pub fn new(train: &'a Images, val: &'a Images, batch_size: usize, dequantize: bool) -> Self {
+        ImageBatches { train, val, batch_size, dequantize }
     }
+}
+
+/// Adds the real values x = (level + u)/256, u ~ U(0, 1) from `rng`, to a batch of 8-bit images:
+/// the dequantised data a density model (RNADE) is trained and scored on.
+pub fn dequantize(mut batch: Batch, rng: &mut Rng) -> Result<Batch> {
+    let levels = batch.tokens.flatten_all()?.to_vec1::<u32>()?;
+    let values: Vec<f32> = levels.iter().map(|&l| ((l as f64 + rng.uniform()) / 256.0) as f32).collect();
+    batch.values = Some(Tensor::from_vec(values, batch.tokens.shape(), &Device::Cpu)?);
+    Ok(batch)
 }
 
 /// The images at `indices` as one batch of 784-token sequences.
@@ -174,12 +200,20 @@ pub fn batch_of(set: &Images, indices: impl Iterator<Item = usize>) -> Result<Ba
 
 impl BatchSource for ImageBatches<'_> {
     fn train_batch(&mut self, rng: &mut Rng) -> Result<Batch> {
-        batch_of(self.train, (0..self.batch_size).map(|_| rng.below(self.train.n)))
+        let batch = batch_of(self.train, (0..self.batch_size).map(|_| rng.below(self.train.n)))?;
+        if self.dequantize { dequantize(batch, rng) } else { Ok(batch) }
     }
 
     fn val_batches(&self) -> Result<Vec<Batch>> {
         let chunk = 500;
-        (0..self.val.n).step_by(chunk).map(|s| batch_of(self.val, s..(s + chunk).min(self.val.n))).collect()
+        let mut noise = Rng::derived(0, "validation dequantisation"); // the same noise every time
+        (0..self.val.n)
+            .step_by(chunk)
+            .map(|s| {
+                let batch = batch_of(self.val, s..(s + chunk).min(self.val.n))?;
+                if self.dequantize { dequantize(batch, &mut noise) } else { Ok(batch) }
+            })
+            .collect()
     }
 }
 

@@ -13,6 +13,7 @@ use crate::{Error, Result};
 pub mod fvsbn;
 pub mod made;
 pub mod nade;
+pub mod rnade;
 pub mod wavenet;
 
 /// Which model a checkpoint holds, with its hyper-parameters.
@@ -27,6 +28,8 @@ pub enum ModelConfig {
     Nade(nade::Config),
     /// MADE over binary pixels.
     Made(made::Config),
+    /// RNADE over real values (dequantised grey levels).
+    Rnade(rnade::Config),
 }
 
 impl ModelConfig {
@@ -37,6 +40,7 @@ impl ModelConfig {
             ModelConfig::Fvsbn(_) => "fvsbn",
             ModelConfig::Nade(_) => "nade",
             ModelConfig::Made(_) => "made",
+            ModelConfig::Rnade(_) => "rnade",
         }
     }
 
@@ -55,6 +59,7 @@ impl ModelConfig {
             ModelConfig::Fvsbn(c) => Model::Fvsbn(fvsbn::Fvsbn::new(c, vb)?),
             ModelConfig::Nade(c) => Model::Nade(nade::Nade::new(c, vb)?),
             ModelConfig::Made(c) => Model::Made(made::Made::new(c, vb)?),
+            ModelConfig::Rnade(c) => Model::Rnade(rnade::Rnade::new(c, vb)?),
         })
     }
 
@@ -106,6 +111,16 @@ impl ModelConfig {
                 "made 2 layers, direct, 3 orderings",
                 Self::Made(made::Config { hidden: vec![16, 13], direct: true, masks: 3, orderings: true, ..made }),
             ),
+            (
+                "rnade",
+                Self::Rnade(rnade::Config {
+                    pixels: 12,
+                    hidden: 9,
+                    components: 3,
+                    levels: 16,
+                    activation: crate::layers::nade::Activation::Relu,
+                }),
+            ),
         ]
     }
 }
@@ -121,6 +136,8 @@ pub enum Model {
     Nade(nade::Nade),
     /// MADE.
     Made(made::Made),
+    /// RNADE.
+    Rnade(rnade::Rnade),
 }
 
 /// The stepper state of any model.
@@ -133,6 +150,8 @@ pub enum ModelState {
     Nade(nade::State),
     /// MADE's pixels so far.
     Made(made::State),
+    /// RNADE's running hidden pre-activation.
+    Rnade(rnade::State),
 }
 
 /// Runs `$body` with `$m` bound to the inner model, whichever it is.
@@ -143,6 +162,7 @@ macro_rules! each_model {
             Model::Fvsbn($m) => $body,
             Model::Nade($m) => $body,
             Model::Made($m) => $body,
+            Model::Rnade($m) => $body,
         }
     };
 }
@@ -188,6 +208,7 @@ impl Autoregressive for Model {
             Model::Fvsbn(m) => ModelState::Fvsbn(m.start(batch, labels)?),
             Model::Nade(m) => ModelState::Nade(m.start(batch, labels)?),
             Model::Made(m) => ModelState::Made(m.start(batch, labels)?),
+            Model::Rnade(m) => ModelState::Rnade(m.start(batch, labels)?),
         })
     }
 
@@ -197,6 +218,7 @@ impl Autoregressive for Model {
             (Model::Fvsbn(m), ModelState::Fvsbn(s)) => m.step(s, prev),
             (Model::Nade(m), ModelState::Nade(s)) => m.step(s, prev),
             (Model::Made(m), ModelState::Made(s)) => m.step(s, prev),
+            (Model::Rnade(m), ModelState::Rnade(s)) => m.step(s, prev),
             _ => Err(Error::Config("a stepper state was passed to another kind of model".into())),
         }
     }

@@ -25,7 +25,23 @@ use crate::rng::Rng;
 use crate::{Error, Result};
 
 const LAST: &str = "last";
-const DATASET: &str = "binarized";
+
+/// Whether a model is of grey levels (RNADE: dequantised 8-bit MNIST) rather than binary pixels.
+fn is_grey(model: &ModelConfig) -> bool {
+    matches!(model, ModelConfig::Rnade(_))
+}
+
+/// (train, validation, test): static binarized MNIST for the binary models, grey-level MNIST
+/// (the last 10k training images as validation) for RNADE.
+fn splits(model: &ModelConfig, data_dir: &Path) -> Result<(Images, Images, Images)> {
+    if is_grey(model) { mnist::grey_splits(data_dir) } else { mnist::binarized(data_dir) }
+}
+
+/// log p(8-bit image) = log p(dequantised image) − D·ln 256: the density on [0, 1]^D moved to
+/// the scale of the 8-bit data, comparable with discrete models.
+fn dequantisation_correction() -> f64 {
+    PIXELS as f64 * 256f64.ln()
+}
 
 /// A trained image model.
 pub struct ImageModel {
@@ -114,14 +130,22 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
             opts.out.display()
         )));
     }
-    let (train_set, val_set, _) = mnist::binarized(&opts.data_dir)?;
     let mut manifest = if existing {
         let m = checkpoint::read_manifest(&last)?;
         reporter.note(&format!("resuming {} at step {}", last.display(), m.state.step));
         m
     } else {
-        new_manifest(opts, train_set.n)?
+        new_manifest(opts)?
     };
+    let grey = is_grey(&manifest.model);
+    let (train_set, val_set, _) = splits(&manifest.model, &opts.data_dir)?;
+    if !existing {
+        let images = manifest.images.as_mut().expect("invariant: image manifest");
+        images.steps_per_epoch = train_set.n.div_ceil(images.batch_size) as u64;
+        manifest.train.eval_every = images.steps_per_epoch;
+        manifest.train.checkpoint_every = images.steps_per_epoch;
+        manifest.train.warmup_steps = images.steps_per_epoch.min(opts.epochs * images.steps_per_epoch / 10).max(1);
+    }
     let images = manifest.images.clone().ok_or_else(|| Error::checkpoint(&last, "not an image model"))?;
     manifest.train.max_steps = opts.epochs * images.steps_per_epoch;
     manifest.train.decay_steps = manifest.train.max_steps;
@@ -146,7 +170,7 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
         images.batch_size
     ));
 
-    let mut batches = ImageBatches::new(&train_set, &val_set, images.batch_size);
+    let mut batches = ImageBatches::new(&train_set, &val_set, images.batch_size, grey);
     let mut state = manifest.state.clone();
     let train_cfg = manifest.train.clone();
     let out = opts.out.clone();
@@ -161,13 +185,17 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
         checkpoint::save(&out.join(LAST), &m, &params, Some(opt))
     };
     let spe = images.steps_per_epoch;
+    // Per-image NLL as reported: binary nats, or nats on the 8-bit scale for grey levels.
+    let per_image = move |nats_per_pixel: f64| {
+        nats_per_pixel * PIXELS as f64 + if grey { dequantisation_correction() } else { 0.0 }
+    };
     let mut observe = |e: Event| match e {
         Event::Step { step, .. } => reporter.progress("epoch", (step - 1) % spe + 1, spe),
         Event::Eval(entry) => reporter.note(&format!(
             "epoch {:>5.1}  train {:.2}  validation {:.2} nats/image  ({:.0} s)",
             entry.step as f64 / spe as f64,
-            entry.train_nats * PIXELS as f64,
-            entry.val_nats * PIXELS as f64,
+            per_image(entry.train_nats),
+            per_image(entry.val_nats),
             entry.seconds
         )),
         Event::Saved { .. } => {}
@@ -178,31 +206,30 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
         model: manifest.model.name().into(),
         epochs: state.step as f64 / spe as f64,
         stopped,
-        best_val_nats: state.best_val_nats.map(|n| n * PIXELS as f64),
+        best_val_nats: state.best_val_nats.map(per_image),
         seconds: state.seconds,
         parameters: params.count(),
     })
 }
 
-fn new_manifest(opts: &MnistTrainOptions, train_images: usize) -> Result<Manifest> {
+/// A fresh run's manifest; the caller fills in the epoch length once the data is loaded.
+fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
     if opts.batch_size == 0 || opts.epochs == 0 {
         return Err(Error::Config("--batch-size and --epochs must be at least 1".into()));
     }
     if opts.model.wavenet().is_some() {
         return Err(Error::Config("WaveNet is an audio model: train it with `wavegen train`".into()));
     }
-    let steps_per_epoch = train_images.div_ceil(opts.batch_size) as u64;
-    let max_steps = opts.epochs * steps_per_epoch;
     let train = TrainConfig {
-        max_steps,
+        max_steps: 0,
         max_minutes: opts.max_minutes,
         lr: opts.lr,
         min_lr: opts.lr / 20.0,
-        warmup_steps: steps_per_epoch.min(max_steps / 10).max(1),
-        decay_steps: max_steps,
+        warmup_steps: 1,
+        decay_steps: 0,
         adamw: AdamWConfig { weight_decay: opts.weight_decay, ..AdamWConfig::default() },
-        eval_every: steps_per_epoch,
-        checkpoint_every: steps_per_epoch,
+        eval_every: 1,
+        checkpoint_every: 1,
     };
     train.validate()?;
     Ok(Manifest {
@@ -211,10 +238,10 @@ fn new_manifest(opts: &MnistTrainOptions, train_images: usize) -> Result<Manifes
         seed: opts.seed,
         audio: None,
         images: Some(ImageData {
-            dataset: DATASET.into(),
+            dataset: if is_grey(&opts.model) { "grey" } else { "binarized" }.into(),
             data_dir: opts.data_dir.clone(),
             batch_size: opts.batch_size,
-            steps_per_epoch,
+            steps_per_epoch: 0,
         }),
         train,
         state: TrainState::new(opts.seed),
@@ -225,8 +252,8 @@ fn new_manifest(opts: &MnistTrainOptions, train_images: usize) -> Result<Manifes
 /// Sets every image model's per-pixel output bias to the log-odds of that pixel in the
 /// training data (NADE's initialisation): the first steps then learn structure, not averages.
 fn init_output_bias(params: &Params, set: &Images) -> Result<()> {
-    let Some((_, bias)) = params.named().into_iter().find(|(n, _)| n == "output.bias") else {
-        return Ok(());
+    let Some((_, bias)) = params.named().into_iter().find(|(n, v)| n == "output.bias" && v.dims() == [PIXELS]) else {
+        return Ok(()); // not a model of binary pixels with one output bias each
     };
     let mut ones = vec![0usize; PIXELS];
     for i in 0..set.n {
@@ -245,15 +272,23 @@ fn init_output_bias(params: &Params, set: &Images) -> Result<()> {
     Ok(())
 }
 
-/// The log-probability (nats) of each image of `set` under the model's selected connectivity.
+/// The log-probability (nats) of each image of `set` under the model's selected connectivity:
+/// of the binary image, or for grey levels of the 8-bit image (the dequantised density, with
+/// the same noise on every call, moved to the 8-bit scale).
 pub fn log_probs(model: &Model, set: &Images, reporter: &mut dyn Reporter) -> Result<Vec<f64>> {
     let chunk = 500;
+    let grey = model.vocab_size() > 2;
+    let mut noise = Rng::derived(0, "evaluation dequantisation");
     let mut out = Vec::with_capacity(set.n);
     for start in (0..set.n).step_by(chunk) {
         reporter.progress("scoring", start as u64, set.n as u64);
-        let batch = batch_of(set, start..(start + chunk).min(set.n))?;
+        let mut batch = batch_of(set, start..(start + chunk).min(set.n))?;
+        if grey {
+            batch = mnist::dequantize(batch, &mut noise)?;
+        }
         let nll = model.position_nll(&batch)?; // (B, 784)
-        out.extend(nll.sum(1)?.neg()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        let correction = if grey { dequantisation_correction() } else { 0.0 };
+        out.extend(nll.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|n| -n - correction));
     }
     reporter.progress("scoring", set.n as u64, set.n as u64);
     Ok(out)
@@ -288,14 +323,17 @@ pub struct MnistEvalReport {
     pub split: String,
     /// Images scored.
     pub images: usize,
-    /// Mean NLL, nats per image.
+    /// Mean NLL, nats per image (of binary images; for grey levels of the 8-bit images, with
+    /// the dequantisation correction).
     pub nll_nats: f64,
+    /// What `nll_nats` measures: `binary` or `8-bit (dequantised)`.
+    pub scale: String,
     /// Standard error of the mean.
     pub std_error: f64,
     /// 95% confidence interval of the mean (normal approximation).
     pub ci95: [f64; 2],
-    /// The same NLL in bits per pixel.
-    pub bits_per_pixel: f64,
+    /// The same NLL in bits per pixel (per dimension).
+    pub bits_per_dim: f64,
     /// Connectivities averaged (MADE's masks; 1 for other models).
     pub connectivities: usize,
 }
@@ -318,7 +356,7 @@ pub fn eval(
     reporter: &mut dyn Reporter,
 ) -> Result<MnistEvalReport> {
     let m = ImageModel::load(dir)?;
-    let (_, valid, test) = mnist::binarized(data_dir)?;
+    let (_, valid, test) = splits(&m.manifest.model, data_dir)?;
     let set = if split == Split::Test { &test } else { &valid };
     let k = masks.unwrap_or(m.model.connectivities()).clamp(1, m.model.connectivities());
     let nll: Vec<f64> = ensemble_log_probs(&m.model, set, k, reporter)?.into_iter().map(|lp| -lp).collect();
@@ -332,9 +370,10 @@ pub fn eval(
         split: if split == Split::Test { "test" } else { "valid" }.into(),
         images: set.n,
         nll_nats: mean,
+        scale: if is_grey(&m.manifest.model) { "8-bit (dequantised)" } else { "binary" }.into(),
         std_error: se,
         ci95: [mean - 1.96 * se, mean + 1.96 * se],
-        bits_per_pixel: mean / PIXELS as f64 / std::f64::consts::LN_2,
+        bits_per_dim: mean / PIXELS as f64 / std::f64::consts::LN_2,
         connectivities: k,
     })
 }
@@ -384,7 +423,8 @@ pub fn sample(
     }
     let m = ImageModel::load(dir)?;
     let images = draw_images(&m.model, &vec![vec![]; n], temperature, seed, reporter)?;
-    mnist::write_grid(out, &images, (n as f64).sqrt().ceil() as usize, 2, false)?;
+    let grey = is_grey(&m.manifest.model);
+    mnist::write_grid(out, &images, (n as f64).sqrt().ceil() as usize, 2, grey)?;
     Ok(images)
 }
 
@@ -403,7 +443,7 @@ pub fn complete(
         return Err(Error::Config("--n and --per-digit must be at least 1".into()));
     }
     let m = ImageModel::load(dir)?;
-    let (_, _, test) = mnist::binarized(data_dir)?;
+    let (_, _, test) = splits(&m.manifest.model, data_dir)?;
     // Spread the chosen digits over the (digit-sorted) test split.
     let chosen: Vec<usize> = (0..digits).map(|i| (2 * i + 1) * test.n / (2 * digits)).collect();
     let half = PIXELS / 2;
@@ -417,7 +457,7 @@ pub fn complete(
         grid.push(test.image(i).to_vec());
         grid.extend_from_slice(&completed[r * per_digit..(r + 1) * per_digit]);
     }
-    mnist::write_grid(out, &grid, per_digit + 1, 2, false)?;
+    mnist::write_grid(out, &grid, per_digit + 1, 2, is_grey(&m.manifest.model))?;
     Ok(grid)
 }
 
@@ -437,11 +477,17 @@ pub fn score(
     images: Option<&Path>,
     reporter: &mut dyn Reporter,
 ) -> Result<Vec<ImageScore>> {
-    let set = match images {
-        Some(path) => mnist::read_binary_images(path)?,
-        None => mnist::binarized(data_dir)?.2,
-    };
+    let given = images.map(mnist::read_images).transpose()?; // a bad file is reported first
     let m = ImageModel::load(dir)?;
+    let set = match given {
+        Some(mut set) => {
+            if !is_grey(&m.manifest.model) {
+                set.binarize();
+            }
+            set
+        }
+        None => splits(&m.manifest.model, data_dir)?.2,
+    };
     let lp = ensemble_log_probs(&m.model, &set, m.model.connectivities(), reporter)?;
     let mut scores: Vec<ImageScore> =
         lp.iter().enumerate().map(|(index, &lp)| ImageScore { index, nll_nats: -lp }).collect();
