@@ -8,11 +8,16 @@ pub fn fast_exp(x: f32) -> f32 {
     // Round to nearest by adding and subtracting 1.5·2^23 (no libm call, so it vectorises
     // even without SSE4.1's round instruction).
     const SHIFTER: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
+    let n = shifted - SHIFTER;
     // ln 2 in two parts (Cody–Waite), so that n·ln2 is exact enough for large |n|.
     let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n also sits in the low mantissa bits of `shifted`: build 2^n from those bits with integer
+    // operations only (a float-to-int `as` cast saturates, and the compiler turns it into a
+    // scalar instruction per element, which stops the loop from vectorising).
+    let exponent = shifted.to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127) << 23;
+    p * f32::from_bits(exponent)
 }
 
 #[cfg(test)]
