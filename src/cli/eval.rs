@@ -65,10 +65,9 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     println!("model           {:?}", m.model);
     println!("parameters      {}", i.parameters);
     if let Some(audio) = &m.audio {
-        println!(
-            "receptive field {} samples ({:.1} ms at {} Hz)",
-            i.receptive_field_samples, i.receptive_field_ms, audio.settings.sample_rate
-        );
+        if let (Some(rf), Some(ms)) = (i.receptive_field_samples, i.receptive_field_ms) {
+            println!("receptive field {rf} samples ({ms:.1} ms at {} Hz)", audio.settings.sample_rate);
+        }
         println!(
             "data            {} ({} training files, {} validation files{})",
             audio.train_dir.display(),
@@ -80,9 +79,13 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             println!("labels          {}", audio.labels.join(", "));
         }
     }
-    println!("trained         {} steps, {:.0} s, {} samples", m.state.step, m.state.seconds, m.state.tokens_seen);
+    if let Some(images) = &m.images {
+        println!("data            {} MNIST from {}", images.dataset, images.data_dir.display());
+    }
+    println!("trained         {} steps, {:.0} s, {} positions", m.state.step, m.state.seconds, m.state.tokens_seen);
+    let unit = if m.audio.is_some() { "sample" } else { "pixel" };
     match i.last_val_bits_per_sample {
-        Some(b) => println!("validation NLL  {b:.4} bits/sample (last evaluation)"),
+        Some(b) => println!("validation NLL  {b:.4} bits/{unit} (last evaluation)"),
         None => println!("validation NLL  - (never evaluated)"),
     }
     Ok(ExitCode::SUCCESS)

@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::DType;
 use serde::Serialize;
 
+use crate::core::Autoregressive;
 use crate::core::checkpoint::{self, Manifest};
 use crate::core::params::Params;
 use crate::core::train::Event;
@@ -96,24 +97,27 @@ pub struct Info {
     pub manifest: Manifest,
     /// Trainable scalars.
     pub parameters: usize,
-    /// Receptive field in samples.
-    pub receptive_field_samples: usize,
-    /// Receptive field in milliseconds.
-    pub receptive_field_ms: f64,
-    /// Last validation NLL in bits per sample.
+    /// Receptive field in samples (audio models).
+    pub receptive_field_samples: Option<usize>,
+    /// Receptive field in milliseconds (audio models).
+    pub receptive_field_ms: Option<f64>,
+    /// Last validation NLL in bits per position (per audio sample, per pixel).
     pub last_val_bits_per_sample: Option<f64>,
 }
 
-/// Describes a checkpoint.
+/// Describes a checkpoint of any model.
 pub fn info(dir: &Path) -> Result<Info> {
-    let m = AudioModel::load(dir)?;
-    let cfg = m.model.cfg.clone();
-    let rf = cfg.receptive_field();
+    let manifest = checkpoint::read_manifest(dir)?;
+    let params = Params::new(manifest.seed);
+    let model = manifest.model.build(params.var_builder(DType::F32))?;
+    checkpoint::load_weights(dir, &manifest, &params)?;
+    let rf = manifest.audio.as_ref().and(model.receptive_field());
+    let rate = manifest.audio.as_ref().map(|a| a.settings.sample_rate as f64);
     Ok(Info {
-        parameters: m.params.count(),
+        parameters: params.count(),
         receptive_field_samples: rf,
-        receptive_field_ms: 1000.0 * rf as f64 / m.audio().settings.sample_rate as f64,
-        last_val_bits_per_sample: m.manifest.state.history.last().map(|e| e.val_nats / std::f64::consts::LN_2),
-        manifest: m.manifest,
+        receptive_field_ms: rf.zip(rate).map(|(rf, rate)| 1000.0 * rf as f64 / rate),
+        last_val_bits_per_sample: manifest.state.history.last().map(|e| e.val_nats / std::f64::consts::LN_2),
+        manifest,
     })
 }
