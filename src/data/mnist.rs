@@ -284,4 +284,19 @@ mod tests {
         let missing = locate(dir.path(), "nothing-here").unwrap_err().to_string();
         assert!(missing.contains("WAVEGEN_DATA"), "{missing}");
     }
+
+    #[test]
+    fn dequantised_values_stay_inside_their_level() {
+        let set = Images { pixels: (0..2 * PIXELS).map(|i| (i * 7 % 256) as u8).collect(), labels: None, n: 2 };
+        let batch = dequantize(batch_of(&set, 0..2).unwrap(), &mut Rng::new(3)).unwrap();
+        let levels = batch.tokens.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        let values = batch.values.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (&l, &v) in levels.iter().zip(&values) {
+            let x = v as f64 * 256.0;
+            assert!(x >= l as f64 && x < l as f64 + 1.0, "level {l}, value {v}");
+        }
+        let spread =
+            values.iter().zip(&levels).map(|(&v, &l)| v as f64 * 256.0 - l as f64).sum::<f64>() / values.len() as f64;
+        assert!((spread - 0.5).abs() < 0.05, "uniform noise has mean 1/2: {spread}");
+    }
 }

@@ -193,3 +193,46 @@ fn pad_to(x: &Tensor, pixels: usize) -> Result<Tensor> {
     let x = if len < pixels { x.pad_with_zeros(1, 0, pixels - len)? } else { x.clone() };
     Ok(x.contiguous()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::params::Params;
+    use candle_core::DType;
+
+    #[test]
+    fn level_probabilities_sum_to_one_and_match_the_density() {
+        let cfg = Config { pixels: 5, hidden: 4, components: 3, levels: 64, activation: Activation::Relu };
+        let params = Params::new(1);
+        let model = Rnade::new(&cfg, params.var_builder(DType::F64)).unwrap();
+        let tokens = Tensor::new(&[[3u32, 60, 17, 40, 0], [0, 1, 2, 3, 63]], &Device::Cpu).unwrap();
+        let log_p = model.forward(&tokens, None).unwrap(); // (2, 5, 64)
+        let total = log_p.exp().unwrap().sum(2).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert!(total.iter().all(|t| (t - 1.0).abs() < 1e-9), "{total:?}");
+        // The probability of a level is the density integrated over its interval: with the
+        // values at the interval centres, −log P ≈ −log p(centre) + ln L for a smooth density.
+        let values = model.centres(&tokens).unwrap();
+        let batch = Batch {
+            tokens: tokens.clone(),
+            mask: Tensor::ones((2, 5), DType::F64, &Device::Cpu).unwrap(),
+            labels: None,
+            values: Some(values),
+        };
+        let density_nll = model.position_nll(&batch).unwrap().to_vec2::<f64>().unwrap();
+        let level_nll = token_nll(&log_p, &tokens).unwrap().to_vec2::<f64>().unwrap();
+        let ln_l = (cfg.levels as f64).ln();
+        for (b, row) in level_nll.iter().enumerate() {
+            for (t, &l) in row.iter().enumerate() {
+                // the outer levels also hold the tails beyond [0, 1]: only compare inner ones
+                let level = tokens.to_vec2::<u32>().unwrap()[b][t];
+                if level > 0 && level < 63 {
+                    assert!(
+                        (l - (density_nll[b][t] + ln_l)).abs() < 0.05,
+                        "{b},{t}: {l} vs {}",
+                        density_nll[b][t] + ln_l
+                    );
+                }
+            }
+        }
+    }
+}
