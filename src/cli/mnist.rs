@@ -77,6 +77,10 @@ struct TrainArgs {
     /// MADE: direct input → output connections.
     #[arg(long)]
     direct: bool,
+    /// Binary models: dynamic binarization (grey-level MNIST, each pixel drawn as 1 with
+    /// probability level/255 every time an image is used) instead of the static binarized set.
+    #[arg(long)]
+    dynamic: bool,
     /// Epochs over the 50,000 training images (cosine learning-rate schedule over all of them).
     #[arg(long, default_value_t = 20)]
     epochs: u64,
@@ -286,6 +290,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         weight_decay: a.weight_decay,
         max_minutes: a.minutes,
         seed: a.seed,
+        dynamic: a.dynamic,
     };
     let stop = super::ctrl_c_flag()?;
     let mut bars = Bars::new(0, a.json);

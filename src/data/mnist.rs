@@ -80,6 +80,12 @@ impl Images {
         &self.pixels[i * PIXELS..(i + 1) * PIXELS]
     }
 
+    /// One stochastic binarization: each pixel is 1 with probability level/255.
+    pub fn sample_binary(&self, rng: &mut Rng) -> Images {
+        let pixels = self.pixels.iter().map(|&v| u8::from(rng.uniform() * 255.0 < v as f64)).collect();
+        Images { pixels, labels: self.labels.clone(), n: self.n }
+    }
+
     /// Grey levels (any value above 1) thresholded at 128; binary images stay as they are.
     pub fn binarize(&mut self) {
         if self.pixels.iter().any(|&v| v > 1) {
@@ -171,15 +177,34 @@ pub struct ImageBatches<'a> {
     train: &'a Images,
     val: &'a Images,
     batch_size: usize,
-    dequantize: bool,
+    prepare: Prepare,
+}
+
+/// What is done to the images of each batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prepare {
+    /// Nothing: the pixels are the tokens.
+    Nothing,
+    /// Grey levels also carried as real values (see [`dequantize`]), for RNADE.
+    Dequantize,
+    /// Training images binarized afresh each time they are drawn (dynamic binarization);
+    /// validation images are expected binary already.
+    Binarize,
 }
 
 impl<'a> ImageBatches<'a> {
-    /// Batches of `batch_size` images; with `dequantize`, each also carries its grey levels as
-    /// real values (see [`dequantize`]).
-    pub fn new(train: &'a Images, val: &'a Images, batch_size: usize, dequantize: bool) -> Self {
-        ImageBatches { train, val, batch_size, dequantize }
+    /// Batches of `batch_size` images, prepared as `prepare` says.
+    pub fn new(train: &'a Images, val: &'a Images, batch_size: usize, prepare: Prepare) -> Self {
+        ImageBatches { train, val, batch_size, prepare }
     }
+}
+
+/// Replaces grey levels by binary pixels, each 1 with probability level/255.
+pub fn binarize_batch(mut batch: Batch, rng: &mut Rng) -> Result<Batch> {
+    let levels = batch.tokens.flatten_all()?.to_vec1::<u32>()?;
+    let bits: Vec<u32> = levels.iter().map(|&l| u32::from(rng.uniform() * 255.0 < l as f64)).collect();
+    batch.tokens = Tensor::from_vec(bits, batch.tokens.shape(), &Device::Cpu)?;
+    Ok(batch)
 }
 
 /// Adds the real values x = (level + u)/256, u ~ U(0, 1) from `rng`, to a batch of 8-bit images:
@@ -201,7 +226,11 @@ pub fn batch_of(set: &Images, indices: impl Iterator<Item = usize>) -> Result<Ba
 impl BatchSource for ImageBatches<'_> {
     fn train_batch(&mut self, rng: &mut Rng) -> Result<Batch> {
         let batch = batch_of(self.train, (0..self.batch_size).map(|_| rng.below(self.train.n)))?;
-        if self.dequantize { dequantize(batch, rng) } else { Ok(batch) }
+        match self.prepare {
+            Prepare::Nothing => Ok(batch),
+            Prepare::Dequantize => dequantize(batch, rng),
+            Prepare::Binarize => binarize_batch(batch, rng),
+        }
     }
 
     fn val_batches(&self) -> Result<Vec<Batch>> {
@@ -211,7 +240,7 @@ impl BatchSource for ImageBatches<'_> {
             .step_by(chunk)
             .map(|s| {
                 let batch = batch_of(self.val, s..(s + chunk).min(self.val.n))?;
-                if self.dequantize { dequantize(batch, &mut noise) } else { Ok(batch) }
+                if self.prepare == Prepare::Dequantize { dequantize(batch, &mut noise) } else { Ok(batch) }
             })
             .collect()
     }

@@ -19,7 +19,7 @@ use crate::core::optim::{AdamW, AdamWConfig};
 use crate::core::params::Params;
 use crate::core::sample::{self, Method, SamplerConfig};
 use crate::core::train::{self, Event, Stop, TrainConfig, TrainState};
-use crate::data::mnist::{self, ImageBatches, Images, PIXELS, batch_of};
+use crate::data::mnist::{self, ImageBatches, Images, PIXELS, Prepare, batch_of};
 use crate::models::{Model, ModelConfig};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -31,10 +31,30 @@ fn is_grey(model: &ModelConfig) -> bool {
     matches!(model, ModelConfig::Rnade(_))
 }
 
-/// (train, validation, test): static binarized MNIST for the binary models, grey-level MNIST
-/// (the last 10k training images as validation) for RNADE.
-fn splits(model: &ModelConfig, data_dir: &Path) -> Result<(Images, Images, Images)> {
-    if is_grey(model) { mnist::grey_splits(data_dir) } else { mnist::binarized(data_dir) }
+/// The datasets, as `config.json` names them.
+const BINARIZED: &str = "binarized";
+const GREY: &str = "grey";
+const DYNAMIC: &str = "dynamic";
+
+/// (train, validation, test) of a dataset: static binarized MNIST; grey-level MNIST (the last
+/// 10k training images as validation); or, for dynamic binarization, grey-level training
+/// images (binarized afresh in each batch) with validation and test binarized once, from a
+/// fixed seed.
+fn splits(dataset: &str, data_dir: &Path) -> Result<(Images, Images, Images)> {
+    match dataset {
+        GREY => mnist::grey_splits(data_dir),
+        DYNAMIC => {
+            let (train, val, test) = mnist::grey_splits(data_dir)?;
+            let mut rng = Rng::derived(0, "fixed binarization of the evaluation images");
+            let (val, test) = (val.sample_binary(&mut rng), test.sample_binary(&mut rng));
+            Ok((train, val, test))
+        }
+        _ => mnist::binarized(data_dir),
+    }
+}
+
+fn dataset_of(manifest: &Manifest) -> &str {
+    manifest.images.as_ref().map_or(BINARIZED, |i| i.dataset.as_str())
 }
 
 /// log p(8-bit image) = log p(dequantised image) − D·ln 256: the density on [0, 1]^D moved to
@@ -93,6 +113,9 @@ pub struct MnistTrainOptions {
     pub max_minutes: Option<f64>,
     /// Seed of the weights and of the data order.
     pub seed: u64,
+    /// Binary models: train on grey-level MNIST binarized afresh in every batch (dynamic
+    /// binarization) instead of the static binarized split.
+    pub dynamic: bool,
 }
 
 /// What a training run did.
@@ -114,7 +137,7 @@ pub struct MnistTrainSummary {
     pub parameters: usize,
 }
 
-/// Trains (or resumes) an image model on static binarized MNIST.
+/// Trains (or resumes) an image model on MNIST.
 pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) -> Result<MnistTrainSummary> {
     let last = opts.out.join(LAST);
     let existing = last.join("config.json").exists();
@@ -138,7 +161,8 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
         new_manifest(opts)?
     };
     let grey = is_grey(&manifest.model);
-    let (train_set, val_set, _) = splits(&manifest.model, &opts.data_dir)?;
+    let dataset = dataset_of(&manifest).to_string();
+    let (train_set, val_set, _) = splits(&dataset, &opts.data_dir)?;
     if !existing {
         let images = manifest.images.as_mut().expect("invariant: image manifest");
         images.steps_per_epoch = train_set.n.div_ceil(images.batch_size) as u64;
@@ -170,7 +194,12 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
         images.batch_size
     ));
 
-    let mut batches = ImageBatches::new(&train_set, &val_set, images.batch_size, grey);
+    let prepare = match dataset.as_str() {
+        GREY => Prepare::Dequantize,
+        DYNAMIC => Prepare::Binarize,
+        _ => Prepare::Nothing,
+    };
+    let mut batches = ImageBatches::new(&train_set, &val_set, images.batch_size, prepare);
     let mut state = manifest.state.clone();
     let train_cfg = manifest.train.clone();
     let out = opts.out.clone();
@@ -220,6 +249,9 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
     if opts.model.wavenet().is_some() {
         return Err(Error::Config("WaveNet is an audio model: train it with `wavegen train`".into()));
     }
+    if opts.dynamic && is_grey(&opts.model) {
+        return Err(Error::Config("--dynamic binarizes images: it is for the binary models, not RNADE".into()));
+    }
     let train = TrainConfig {
         max_steps: 0,
         max_minutes: opts.max_minutes,
@@ -238,7 +270,14 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
         seed: opts.seed,
         audio: None,
         images: Some(ImageData {
-            dataset: if is_grey(&opts.model) { "grey" } else { "binarized" }.into(),
+            dataset: if is_grey(&opts.model) {
+                GREY
+            } else if opts.dynamic {
+                DYNAMIC
+            } else {
+                BINARIZED
+            }
+            .into(),
             data_dir: opts.data_dir.clone(),
             batch_size: opts.batch_size,
             steps_per_epoch: 0,
@@ -255,16 +294,19 @@ fn init_output_bias(params: &Params, set: &Images) -> Result<()> {
     let Some((_, bias)) = params.named().into_iter().find(|(n, v)| n == "output.bias" && v.dims() == [PIXELS]) else {
         return Ok(()); // not a model of binary pixels with one output bias each
     };
-    let mut ones = vec![0usize; PIXELS];
+    // The expected fraction of ones: of the binary pixels, or of level/255 for grey images that
+    // are binarized dynamically.
+    let top = if set.pixels.iter().any(|&v| v > 1) { 255.0 } else { 1.0 };
+    let mut ones = vec![0f64; PIXELS];
     for i in 0..set.n {
         for (c, &v) in ones.iter_mut().zip(set.image(i)) {
-            *c += v as usize;
+            *c += v as f64 / top;
         }
     }
     let log_odds: Vec<f32> = ones
         .iter()
         .map(|&c| {
-            let p = ((c as f64 + 1.0) / (set.n as f64 + 2.0)).clamp(1e-4, 1.0 - 1e-4);
+            let p = ((c + 1.0) / (set.n as f64 + 2.0)).clamp(1e-4, 1.0 - 1e-4);
             (p / (1.0 - p)).ln() as f32
         })
         .collect();
@@ -356,7 +398,7 @@ pub fn eval(
     reporter: &mut dyn Reporter,
 ) -> Result<MnistEvalReport> {
     let m = ImageModel::load(dir)?;
-    let (_, valid, test) = splits(&m.manifest.model, data_dir)?;
+    let (_, valid, test) = splits(dataset_of(&m.manifest), data_dir)?;
     let set = if split == Split::Test { &test } else { &valid };
     let k = masks.unwrap_or(m.model.connectivities()).clamp(1, m.model.connectivities());
     let nll: Vec<f64> = ensemble_log_probs(&m.model, set, k, reporter)?.into_iter().map(|lp| -lp).collect();
@@ -443,7 +485,7 @@ pub fn complete(
         return Err(Error::Config("--n and --per-digit must be at least 1".into()));
     }
     let m = ImageModel::load(dir)?;
-    let (_, _, test) = splits(&m.manifest.model, data_dir)?;
+    let (_, _, test) = splits(dataset_of(&m.manifest), data_dir)?;
     // Spread the chosen digits over the (digit-sorted) test split.
     let chosen: Vec<usize> = (0..digits).map(|i| (2 * i + 1) * test.n / (2 * digits)).collect();
     let half = PIXELS / 2;
@@ -486,7 +528,7 @@ pub fn score(
             }
             set
         }
-        None => splits(&m.manifest.model, data_dir)?.2,
+        None => splits(dataset_of(&m.manifest), data_dir)?.2,
     };
     let lp = ensemble_log_probs(&m.model, &set, m.model.connectivities(), reporter)?;
     let mut scores: Vec<ImageScore> =
