@@ -1,4 +1,4 @@
-//! Atomic file writes: a crash or Ctrl-C leaves either the old file or the new one, never half
+//! Atomic file writes (bytes, PNG images): a crash or Ctrl-C leaves either the old file or the new one, never half
 //! of one. Write to a temporary file in the same folder, fsync it, rename it over the target,
 //! then fsync the folder so the rename itself is durable.
 
@@ -37,6 +37,18 @@ pub fn write_atomically(path: &Path, fill: impl FnOnce(&File) -> std::io::Result
 /// Writes bytes atomically.
 pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomically(path, |mut f| f.write_all(bytes))
+}
+
+/// Writes an 8-bit PNG atomically: `pixels` row-major, one byte per pixel for grey, three for RGB.
+pub fn write_png(path: &Path, width: usize, height: usize, pixels: &[u8], rgb: bool) -> Result<()> {
+    write_atomically(path, |file| {
+        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+        encoder.set_color(if rgb { png::ColorType::Rgb } else { png::ColorType::Grayscale });
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
+        writer.write_image_data(pixels).map_err(std::io::Error::other)?;
+        writer.finish().map_err(std::io::Error::other)
+    })
 }
 
 #[cfg(test)]

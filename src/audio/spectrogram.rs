@@ -61,14 +61,7 @@ pub fn write_png(path: &Path, samples: &[f32]) -> Result<()> {
             pixels.extend_from_slice(&colour(1.0 - (peak - col[bin]) / RANGE_DB));
         }
     }
-    crate::fsutil::write_atomically(path, |file| {
-        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
-        writer.write_image_data(&pixels).map_err(std::io::Error::other)?;
-        writer.finish().map_err(std::io::Error::other)
-    })
+    crate::fsutil::write_png(path, width, height, &pixels, true)
 }
 
 #[cfg(test)]

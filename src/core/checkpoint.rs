@@ -87,6 +87,14 @@ pub struct Manifest {
     pub optimizer_steps: u64,
 }
 
+impl Manifest {
+    /// This manifest with the training state and optimizer step count of now (what a
+    /// checkpoint written during training records).
+    pub fn at(&self, state: &TrainState, optimizer_steps: u64) -> Manifest {
+        Manifest { state: state.clone(), optimizer_steps, ..self.clone() }
+    }
+}
+
 /// Resolves what the user passed as `--checkpoint`: the directory, or a file inside it.
 pub fn resolve_dir(path: &Path) -> PathBuf {
     let is_member = path.file_name().is_some_and(|n| n == MANIFEST_FILE || n == MODEL_FILE || n == OPTIMIZER_FILE);

@@ -263,14 +263,7 @@ pub fn write_grid(path: &Path, images: &[Vec<u8>], cols: usize, scale: usize, gr
             }
         }
     }
-    crate::fsutil::write_atomically(path, |file| {
-        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-        encoder.set_color(png::ColorType::Grayscale);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
-        writer.write_image_data(&pixels).map_err(std::io::Error::other)?;
-        writer.finish().map_err(std::io::Error::other)
-    })
+    crate::fsutil::write_png(path, width, height, &pixels, false)
 }
 
 #[cfg(test)]

@@ -204,9 +204,7 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     let train_cfg = manifest.train.clone();
     let out = opts.out.clone();
     let mut save = |state: &TrainState, opt: &AdamW| -> Result<()> {
-        let mut m = manifest.clone();
-        m.state = state.clone();
-        m.optimizer_steps = opt.t;
+        let m = manifest.at(state, opt.t);
         let improved = state.history.last().is_some_and(|e| Some(e.val_nats) == state.best_val_nats);
         if improved || !out.join("model.safetensors").exists() {
             checkpoint::save(&out, &m, &params, None)?;

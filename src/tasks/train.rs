@@ -215,10 +215,7 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     let train_cfg = manifest.train.clone();
     let out = opts.out.clone();
     let mut save = |state: &TrainState, opt: &AdamW| -> Result<()> {
-        let mut m = manifest.clone();
-        m.state = state.clone();
-        m.optimizer_steps = opt.t;
-        checkpoint::save(&out, &m, &params, Some(opt))
+        checkpoint::save(&out, &manifest.at(state, opt.t), &params, Some(opt))
     };
     let stopped = train::train(
         &model,
