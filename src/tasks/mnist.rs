@@ -534,3 +534,44 @@ pub fn score(
     scores.sort_by(|a, b| b.nll_nats.total_cmp(&a.nll_nats));
     Ok(scores)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::made;
+    use crate::tasks::Silent;
+
+    #[test]
+    fn the_ensemble_averages_probabilities_not_logits() {
+        let cfg = ModelConfig::Made(made::Config {
+            pixels: PIXELS,
+            hidden: vec![8],
+            direct: true,
+            masks: 3,
+            orderings: true,
+            mask_seed: 5,
+        });
+        let params = Params::new(2);
+        let model = cfg.build(params.var_builder(DType::F32)).unwrap();
+        let mut rng = Rng::new(4);
+        let set =
+            Images { pixels: (0..4 * PIXELS).map(|_| u8::from(rng.uniform() < 0.2)).collect(), labels: None, n: 4 };
+        let per_mask: Vec<Vec<f64>> = (0..3)
+            .map(|k| {
+                model.select_connectivity(k);
+                log_probs(&model, &set, &mut Silent).unwrap()
+            })
+            .collect();
+        assert!(per_mask[0] != per_mask[1], "the connectivities differ");
+        let ensemble = ensemble_log_probs(&model, &set, 3, &mut Silent).unwrap();
+        for i in 0..set.n {
+            // Directly: ln of the mean probability (about e^−550 for these images: still an f64).
+            let mean_p = per_mask.iter().map(|lp| lp[i].exp()).sum::<f64>() / 3.0;
+            assert!(mean_p > 0.0);
+            let expected = mean_p.ln();
+            assert!((ensemble[i] - expected).abs() < 1e-9, "{} vs {expected}", ensemble[i]);
+            let mean_log = per_mask.iter().map(|lp| lp[i]).sum::<f64>() / 3.0;
+            assert!(ensemble[i] >= mean_log, "log-mean-exp is at least the mean log-probability");
+        }
+    }
+}
