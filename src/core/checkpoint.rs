@@ -54,7 +54,8 @@ pub struct AudioData {
 /// Which image data a model was trained on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageData {
-    /// The dataset: `binarized` (static binarized MNIST).
+    /// The dataset: `binarized` (static binarized MNIST), `grey` (dequantised grey levels) or
+    /// `dynamic` (grey levels binarized afresh in every batch).
     pub dataset: String,
     /// The data folder it was read from.
     pub data_dir: PathBuf,
