@@ -38,7 +38,7 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Describe a checkpoint: config, parameters, receptive field, training.
     Info(eval::InfoArgs),
-    /// The image models (FVSBN, NADE, MADE) on binarized MNIST: train, eval, sample, complete, score.
+    /// The image models on MNIST (FVSBN, NADE, MADE on binarized digits; RNADE on grey levels): train, eval, sample, complete, score.
     Mnist(mnist::MnistArgs),
 }
 
