@@ -7,6 +7,13 @@ use clap::Parser;
 mod cli;
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `println!` into a closed pipe (`wavegen info … | head`) panics;
+    // like other command-line tools, end quietly instead.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     wavegen::keep_freed_memory();
     let args = cli::Cli::parse();
     match cli::run(args) {
