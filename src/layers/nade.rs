@@ -27,6 +27,16 @@ pub enum Activation {
     Relu,
 }
 
+impl Activation {
+    /// The non-linearity in tensor ops (the steppers, which run one position at a time).
+    pub fn apply(self, a: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Sigmoid => candle_nn::ops::sigmoid(a)?,
+            Activation::Relu => a.relu()?,
+        })
+    }
+}
+
 /// `x (B, D)`, `c (H,)`, `w (D, H)`, `v (D, H, M)` → `y (B, D, M)`, where `y[b, i]` depends only
 /// on `x[b, ..i]`. Gradients flow to `c`, `w` and `v` (not to `x`, which is data).
 pub fn nade_outputs(x: &Tensor, c: &Tensor, w: &Tensor, v: &Tensor, act: Activation) -> Result<Tensor> {
@@ -372,10 +382,7 @@ mod tests {
         let xm = x.unsqueeze(1).unwrap().broadcast_mul(&mask.unsqueeze(0).unwrap()).unwrap(); // (B, D, D)
         let (b, _) = x.dims2().unwrap();
         let a = xm.reshape((b * len, len)).unwrap().matmul(w).unwrap().broadcast_add(c).unwrap(); // (B·D, H)
-        let h = match act {
-            Activation::Sigmoid => candle_nn::ops::sigmoid(&a).unwrap(),
-            Activation::Relu => a.relu().unwrap(),
-        };
+        let h = act.apply(&a).unwrap();
         let h = h.reshape((b, len, 1, w.dim(1).unwrap())).unwrap(); // (B, D, 1, H)
         h.broadcast_mul(&v.transpose(1, 2).unwrap().contiguous().unwrap().unsqueeze(0).unwrap()) // (B, D, M, H)
             .unwrap()

@@ -57,13 +57,6 @@ impl Nade {
             b: vb.pp("output").get_with_hints(d, "bias", Init::Const(0.0))?,
         })
     }
-
-    fn activate(&self, a: &Tensor) -> Result<Tensor> {
-        Ok(match self.cfg.activation {
-            Activation::Sigmoid => candle_nn::ops::sigmoid(a)?,
-            Activation::Relu => a.relu()?,
-        })
-    }
 }
 
 /// The stepper's state: the hidden pre-activation a_t of each sequence, `(B, H)`.
@@ -101,7 +94,7 @@ impl Autoregressive for Nade {
             let x = p.to_dtype(state.a.dtype())?.unsqueeze(1)?; // (B, 1)
             state.a = (&state.a + x.broadcast_mul(&self.w.narrow(0, state.t - 1, 1)?)?)?;
         }
-        let h = self.activate(&state.a)?; // (B, H)
+        let h = self.cfg.activation.apply(&state.a)?; // (B, H)
         let s = h.broadcast_mul(&self.v.narrow(0, state.t, 1)?)?.sum_keepdim(1)?; // (B, 1)
         let s = s.broadcast_add(&self.b.narrow(0, state.t, 1)?)?;
         state.t += 1;

@@ -172,10 +172,7 @@ impl Autoregressive for Rnade {
             let x = self.centres(&p.unsqueeze(1)?)?; // (B, 1)
             state.a = (&state.a + x.broadcast_mul(&self.w.narrow(0, state.t - 1, 1)?)?)?;
         }
-        let h = match self.cfg.activation {
-            Activation::Sigmoid => candle_nn::ops::sigmoid(&state.a)?,
-            Activation::Relu => state.a.relu()?,
-        };
+        let h = self.cfg.activation.apply(&state.a)?;
         let v = self.v.narrow(0, state.t, 1)?.squeeze(0)?; // (H, 3K)
         let y = h.matmul(&v)?.unsqueeze(1)?; // (B, 1, 3K)
         let (log_pi, mu, log_sigma) = self.mixture(&y, &self.b.narrow(0, state.t, 1)?)?;
