@@ -96,6 +96,10 @@ struct TrainArgs {
     /// Decoupled weight decay on the weight matrices.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
+    /// L2 penalty (λ/2)·‖W‖² on the weight matrices, added to the mean per-pixel loss: a
+    /// Gaussian prior of variance 1/(λ·images·pixels) over the training set.
+    #[arg(long, default_value_t = 0.0)]
+    l2: f64,
     /// Seed of the weights and the data order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -288,6 +292,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         batch_size: a.batch_size,
         lr: a.lr,
         weight_decay: a.weight_decay,
+        l2: a.l2,
         max_minutes: a.minutes,
         seed: a.seed,
         dynamic: a.dynamic,
