@@ -84,7 +84,7 @@ impl AdamW {
             // Detached: otherwise each moment would hold the autograd graph of every past step.
             let mut g = (g.detach() * scale)?;
             if c.l2 > 0.0 && s.var.rank() >= 2 {
-                g = (g + (s.var.as_tensor() * c.l2)?)?;
+                g = (g + (s.var.as_tensor().detach() * c.l2)?)?;
             }
             s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
