@@ -40,3 +40,38 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
+
+/// Makes this thread's float arithmetic treat subnormal numbers as zero (x86's FTZ and DAZ
+/// flags; aarch64's FZ). Weights and Adam moments that only an L2 penalty moves, such as
+/// those under a mask, shrink geometrically into the subnormal range, where each operation
+/// costs ~100 cycles: training slowed 4× after a few epochs. Numbers below 1.2e-38 matter to
+/// nothing here.
+pub fn flush_subnormals_to_zero() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: reads and writes this thread's MXCSR, setting only the FTZ (15) and DAZ (6) bits.
+    unsafe {
+        let mut csr: u32 = 0;
+        std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
+        csr |= (1 << 15) | (1 << 6);
+        std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, preserves_flags, readonly));
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: sets only the FZ bit (24) of this thread's FPCR.
+    unsafe {
+        let mut fpcr: u64;
+        std::arch::asm!("mrs {}, fpcr", out(reg) fpcr, options(nomem, nostack, preserves_flags));
+        fpcr |= 1 << 24;
+        std::arch::asm!("msr fpcr, {}", in(reg) fpcr, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Process set-up for the command-line tool: [`keep_freed_memory`], and
+/// [`flush_subnormals_to_zero`] on this thread and on every thread of the global rayon pool
+/// (which candle's kernels use; built here, sized from `RAYON_NUM_THREADS` as usual). Call
+/// once at start-up, before other threads exist.
+pub fn init_process() {
+    keep_freed_memory();
+    flush_subnormals_to_zero();
+    // An error means the pool exists already (a second call): nothing to do.
+    let _ = rayon::ThreadPoolBuilder::new().start_handler(|_| flush_subnormals_to_zero()).build_global();
+}

@@ -50,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // SAFETY: set before any other thread exists.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
+    wavegen::init_process();
     match cli.command {
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args, cli.threads),
