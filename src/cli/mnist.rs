@@ -100,6 +100,10 @@ struct TrainArgs {
     /// Gaussian prior of variance 1/(λ·images·pixels) over the training set.
     #[arg(long, default_value_t = 0.0)]
     l2: f64,
+    /// L1 penalty λ·‖W‖₁ on the weight matrices, added to the mean per-pixel loss (a Laplace
+    /// prior: pushes the weights of unrelated pixel pairs to zero).
+    #[arg(long, default_value_t = 0.0)]
+    l1: f64,
     /// Seed of the weights and the data order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -293,6 +297,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         lr: a.lr,
         weight_decay: a.weight_decay,
         l2: a.l2,
+        l1: a.l1,
         max_minutes: a.minutes,
         seed: a.seed,
         dynamic: a.dynamic,

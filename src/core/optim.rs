@@ -26,13 +26,17 @@ pub struct AdamWConfig {
     /// before the moments: unlike decoupled decay, a Gaussian prior whose optimum Adam finds.
     #[serde(default)]
     pub l2: f64,
+    /// L1 penalty l1·‖W‖₁ on matrices, as its subgradient l1·sign(W) (a Laplace prior: most
+    /// pixel-to-pixel weights of an image model should be about zero).
+    #[serde(default)]
+    pub l1: f64,
     /// Gradients are scaled down so their global L2 norm is at most this (0: no clipping).
     pub grad_clip: f64,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, l2: 0.0, grad_clip: 1.0 }
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, l2: 0.0, l1: 0.0, grad_clip: 1.0 }
     }
 }
 
@@ -83,8 +87,14 @@ impl AdamW {
             let Some(g) = grads.get(&s.var) else { continue };
             // Detached: otherwise each moment would hold the autograd graph of every past step.
             let mut g = (g.detach() * scale)?;
-            if c.l2 > 0.0 && s.var.rank() >= 2 {
-                g = (g + (s.var.as_tensor().detach() * c.l2)?)?;
+            if s.var.rank() >= 2 {
+                let w = s.var.as_tensor().detach();
+                if c.l2 > 0.0 {
+                    g = (g + (&w * c.l2)?)?;
+                }
+                if c.l1 > 0.0 {
+                    g = (g + (w.sign()? * c.l1)?)?;
+                }
             }
             s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -145,6 +155,25 @@ mod tests {
         let (w, b) = (w.flatten_all()?.to_vec1::<f32>()?[0], b.to_vec1::<f32>()?[0]);
         assert!((w - 2.0).abs() < 0.02, "matrix at {w}, want 6/(2+1) = 2");
         assert!((b - 3.0).abs() < 0.02, "bias at {b}, want 3");
+        Ok(())
+    }
+
+    /// Minimises (w − 1)² + λ·|w|: with λ = 1 the optimum is w = 1 − λ/2 = 0.5; with λ = 4
+    /// it is w = 0 (the penalty's pull exceeds the loss's slope at 0).
+    #[test]
+    fn l1_penalty_shrinks_and_zeroes() -> Result<()> {
+        for (l1, want) in [(1.0, 0.5), (4.0, 0.0)] {
+            let params = Params::new(0);
+            let w = params.var_builder(DType::F32).get_with_hints((1, 1), "w", candle_nn::Init::Const(0.3))?;
+            let mut opt = AdamW::new(&params, AdamWConfig { l1, grad_clip: 0.0, ..AdamWConfig::default() })?;
+            for step in 0..3000 {
+                let loss = (w.flatten_all()? - 1.0)?.sqr()?.sum_all()?;
+                // A decaying rate, so that the subgradient's oscillation about 0 dies down.
+                opt.step(&loss.backward()?, 0.02 / (1.0 + step as f64 / 100.0))?;
+            }
+            let w = w.flatten_all()?.to_vec1::<f32>()?[0];
+            assert!((w - want).abs() < 0.02, "λ = {l1}: w at {w}, want {want}");
+        }
         Ok(())
     }
 }

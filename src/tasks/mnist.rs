@@ -111,6 +111,8 @@ pub struct MnistTrainOptions {
     pub weight_decay: f64,
     /// L2 penalty on the matrices, per pixel of the mean loss (ignored when resuming).
     pub l2: f64,
+    /// L1 penalty on the matrices, per pixel of the mean loss (ignored when resuming).
+    pub l1: f64,
     /// Stop after this many minutes of this run.
     pub max_minutes: Option<f64>,
     /// Seed of the weights and of the data order.
@@ -259,7 +261,7 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
         min_lr: opts.lr / 20.0,
         warmup_steps: 1,
         decay_steps: 0,
-        adamw: AdamWConfig { weight_decay: opts.weight_decay, l2: opts.l2, ..AdamWConfig::default() },
+        adamw: AdamWConfig { weight_decay: opts.weight_decay, l2: opts.l2, l1: opts.l1, ..AdamWConfig::default() },
         eval_every: 1,
         checkpoint_every: 1,
     };
