@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamW;
@@ -22,7 +23,8 @@ use crate::{Error, Result};
 
 /// The `format` field of every config.json this version writes.
 pub const FORMAT: &str = "wavegen-checkpoint/1";
-const MODEL_FILE: &str = "model.safetensors";
+/// The weights file of a checkpoint directory.
+pub const MODEL_FILE: &str = "model.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const MANIFEST_FILE: &str = "config.json";
 
@@ -161,6 +163,11 @@ fn check_step(path: &Path, meta: &HashMap<String, String>, manifest: &Manifest) 
 
 /// Writes the checkpoint directory `dir`: weights, optimizer (if given), then config.json.
 pub fn save(dir: &Path, manifest: &Manifest, params: &Params, opt: Option<&AdamW>) -> Result<()> {
+    save_tensors(dir, manifest, &params.tensors(), opt)
+}
+
+/// [`save`] with the weights given as named tensors (of any float type: loading converts).
+pub fn save_tensors(dir: &Path, manifest: &Manifest, weights: &[(String, Tensor)], opt: Option<&AdamW>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let meta =
         || HashMap::from([("step".to_string(), manifest.state.step.to_string()), ("format".into(), FORMAT.into())]);
@@ -170,7 +177,7 @@ pub fn save(dir: &Path, manifest: &Manifest, params: &Params, opt: Option<&AdamW
             &safetensors_bytes(&opt.state_tensors(), meta())?,
         )?;
     }
-    crate::fsutil::write_bytes_atomically(&dir.join(MODEL_FILE), &safetensors_bytes(&params.tensors(), meta())?)?;
+    crate::fsutil::write_bytes_atomically(&dir.join(MODEL_FILE), &safetensors_bytes(weights, meta())?)?;
     let json = serde_json::to_vec_pretty(manifest).expect("invariant: plain data serialises");
     crate::fsutil::write_bytes_atomically(&dir.join(MANIFEST_FILE), &json)
 }

@@ -140,6 +140,17 @@ pub enum Model {
     Rnade(rnade::Rnade),
 }
 
+impl Model {
+    /// For each weight matrix that has one, the mask of the weights the model can use (1) or
+    /// never uses (0); empty for models without masks. See [`made::Made::weight_masks`].
+    pub fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            Model::Made(m) => m.weight_masks(),
+            _ => Ok(vec![]),
+        }
+    }
+}
+
 /// The stepper state of any model.
 pub enum ModelState {
     /// WaveNet's queues.
