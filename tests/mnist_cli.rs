@@ -2,7 +2,7 @@
 //! short FVSBN run, then eval (JSON), sample and complete (PNG grids of the right size),
 //! score (CSV, lowest likelihood first), resume, and clear errors on bad input.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn data_dir() -> String {
@@ -75,9 +75,10 @@ fn train_eval_sample_complete_score_on_binarized_mnist() {
     // within a tenth of a nat.
     let small = dir.path().join("fvsbn-small");
     ok(&wavegen(&["mnist", "compact", "--checkpoint", c, "--out", small.to_str().unwrap()]));
-    let size = |d: &Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len();
-    assert!(size(&small) * 2 <= size(&ckpt) + 1024, "{} vs {} bytes", size(&small), size(&ckpt));
-    assert!(!small.join("last").exists());
+    let size = |f: PathBuf| std::fs::metadata(f).unwrap().len();
+    let (before, after) = (size(ckpt.join("model.safetensors")), size(small.join("model.safetensors.gz")));
+    assert!(after * 2 <= before, "{after} vs {before} bytes");
+    assert!(!small.join("last").exists() && !small.join("model.safetensors").exists());
     let e: serde_json::Value =
         serde_json::from_str(&ok(&wavegen(&["mnist", "eval", "--checkpoint", small.to_str().unwrap(), "--json"])))
             .unwrap();

@@ -1,5 +1,6 @@
 //! Checkpoints: a directory holding
-//! - `model.safetensors`: the weights, named as each model file documents;
+//! - `model.safetensors`: the weights, named as each model file documents (a shipping copy
+//!   made by `wavegen mnist compact` holds `model.safetensors.gz` instead);
 //! - `optimizer.safetensors`: AdamW's moments (`m.NAME`, `v.NAME`), needed only to resume;
 //! - `config.json`: the [`Manifest`] — model config, audio settings, file split, training
 //!   settings and state (step, data generator, log).
@@ -25,6 +26,8 @@ use crate::{Error, Result};
 pub const FORMAT: &str = "wavegen-checkpoint/1";
 /// The weights file of a checkpoint directory.
 pub const MODEL_FILE: &str = "model.safetensors";
+/// The gzip-compressed weights file of a shipping copy (read when `MODEL_FILE` is absent).
+pub const MODEL_FILE_GZ: &str = "model.safetensors.gz";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const MANIFEST_FILE: &str = "config.json";
 
@@ -100,7 +103,9 @@ impl Manifest {
 
 /// Resolves what the user passed as `--checkpoint`: the directory, or a file inside it.
 pub fn resolve_dir(path: &Path) -> PathBuf {
-    let is_member = path.file_name().is_some_and(|n| n == MANIFEST_FILE || n == MODEL_FILE || n == OPTIMIZER_FILE);
+    let is_member = path
+        .file_name()
+        .is_some_and(|n| n == MANIFEST_FILE || n == MODEL_FILE || n == MODEL_FILE_GZ || n == OPTIMIZER_FILE);
     if is_member && path.is_file() {
         path.parent().map(Path::to_path_buf).unwrap_or_default()
     } else {
@@ -129,9 +134,16 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// The weights file of `dir`: `model.safetensors`, or the compressed one of a shipping copy.
+pub fn weights_file(dir: &Path) -> PathBuf {
+    let dir = resolve_dir(dir);
+    let gz = dir.join(MODEL_FILE_GZ);
+    if !dir.join(MODEL_FILE).exists() && gz.exists() { gz } else { dir.join(MODEL_FILE) }
+}
+
 /// Loads the weights of `dir` into `params` (whose model was built from the manifest).
 pub fn load_weights(dir: &Path, manifest: &Manifest, params: &Params) -> Result<()> {
-    let path = resolve_dir(dir).join(MODEL_FILE);
+    let path = weights_file(dir);
     let (tensors, meta) = read_safetensors(&path)?;
     check_step(&path, &meta, manifest)?;
     params.assign(&tensors, &path)
@@ -163,21 +175,40 @@ fn check_step(path: &Path, meta: &HashMap<String, String>, manifest: &Manifest) 
 
 /// Writes the checkpoint directory `dir`: weights, optimizer (if given), then config.json.
 pub fn save(dir: &Path, manifest: &Manifest, params: &Params, opt: Option<&AdamW>) -> Result<()> {
-    save_tensors(dir, manifest, &params.tensors(), opt)
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(opt) = opt {
+        write(&dir.join(OPTIMIZER_FILE), &safetensors_bytes(&opt.state_tensors(), metadata(manifest))?)?;
+    }
+    write(&dir.join(MODEL_FILE), &safetensors_bytes(&params.tensors(), metadata(manifest))?)?;
+    write_manifest(dir, manifest)
 }
 
-/// [`save`] with the weights given as named tensors (of any float type: loading converts).
-pub fn save_tensors(dir: &Path, manifest: &Manifest, weights: &[(String, Tensor)], opt: Option<&AdamW>) -> Result<()> {
+/// Writes a shipping copy to `dir`: `weights` (named tensors of any float type: loading
+/// converts) gzip-compressed, and config.json; no optimizer, so it cannot be resumed.
+pub fn save_shipping_copy(dir: &Path, manifest: &Manifest, weights: &[(String, Tensor)]) -> Result<()> {
+    use std::io::Write;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let meta =
-        || HashMap::from([("step".to_string(), manifest.state.step.to_string()), ("format".into(), FORMAT.into())]);
-    if let Some(opt) = opt {
-        crate::fsutil::write_bytes_atomically(
-            &dir.join(OPTIMIZER_FILE),
-            &safetensors_bytes(&opt.state_tensors(), meta())?,
-        )?;
+    let path = dir.join(MODEL_FILE_GZ);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let zipped = gz.write_all(&safetensors_bytes(weights, metadata(manifest))?).and_then(|_| gz.finish());
+    write(&path, &zipped.map_err(|e| Error::io(&path, e))?)?;
+    // An uncompressed file left from before would be read first.
+    let stale = dir.join(MODEL_FILE);
+    if stale.exists() {
+        std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
     }
-    crate::fsutil::write_bytes_atomically(&dir.join(MODEL_FILE), &safetensors_bytes(weights, meta())?)?;
+    write_manifest(dir, manifest)
+}
+
+fn metadata(manifest: &Manifest) -> HashMap<String, String> {
+    HashMap::from([("step".to_string(), manifest.state.step.to_string()), ("format".into(), FORMAT.into())])
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    crate::fsutil::write_bytes_atomically(path, bytes)
+}
+
+fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
     let json = serde_json::to_vec_pretty(manifest).expect("invariant: plain data serialises");
-    crate::fsutil::write_bytes_atomically(&dir.join(MANIFEST_FILE), &json)
+    write(&dir.join(MANIFEST_FILE), &json)
 }

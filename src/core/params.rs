@@ -130,9 +130,16 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: HashMap<String,
     safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Config(format!("serialising tensors: {e}")))
 }
 
-/// Reads a safetensors file into named tensors and its metadata.
+/// Reads a safetensors file (gzip-compressed if its name ends in `.gz`) into named tensors and
+/// its metadata.
 pub fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes.as_slice()), &mut raw)
+            .map_err(|e| Error::checkpoint(path, format!("not a readable gzip file: {e}")))?;
+        bytes = raw;
+    }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file: {e}")))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
