@@ -106,6 +106,11 @@ struct TrainArgs {
     /// prior: pushes the weights of unrelated pixel pairs to zero).
     #[arg(long, default_value_t = 0.0)]
     l1: f64,
+    /// With --l1: penalise weights above this size only logarithmically, λ·s·ln(1 + |W|/s)
+    /// (the log-sum penalty of reweighted L1), so that the few strong pixel dependencies are
+    /// hardly shrunk [default: plain L1].
+    #[arg(long)]
+    l1_log_scale: Option<f64>,
     /// Seed of the weights and the data order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -320,6 +325,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         weight_decay: a.weight_decay,
         l2: a.l2,
         l1: a.l1,
+        l1_log_scale: a.l1_log_scale.unwrap_or(0.0),
         max_minutes: a.minutes,
         seed: a.seed,
         dynamic: a.dynamic,

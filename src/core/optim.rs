@@ -30,13 +30,27 @@ pub struct AdamWConfig {
     /// pixel-to-pixel weights of an image model should be about zero).
     #[serde(default)]
     pub l1: f64,
+    /// When positive, the L1 penalty becomes the log-sum penalty l1·s·ln(1 + |W|/s) with this
+    /// scale s (reweighted L1, Candès et al. 2008): L1 for |W| ≪ s, only logarithmic above, so
+    /// the few strong weights are hardly shrunk while the many weak ones still go to zero.
+    #[serde(default)]
+    pub l1_log_scale: f64,
     /// Gradients are scaled down so their global L2 norm is at most this (0: no clipping).
     pub grad_clip: f64,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, l2: 0.0, l1: 0.0, grad_clip: 1.0 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            l2: 0.0,
+            l1: 0.0,
+            l1_log_scale: 0.0,
+            grad_clip: 1.0,
+        }
     }
 }
 
@@ -93,7 +107,11 @@ impl AdamW {
                     g = (g + (&w * c.l2)?)?;
                 }
                 if c.l1 > 0.0 {
-                    g = (g + (w.sign()? * c.l1)?)?;
+                    let mut pull = (w.sign()? * c.l1)?;
+                    if c.l1_log_scale > 0.0 {
+                        pull = (pull / ((w.abs()? / c.l1_log_scale)? + 1.0)?)?;
+                    }
+                    g = (g + pull)?;
                 }
             }
             s.m = ((&s.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
@@ -158,20 +176,38 @@ mod tests {
         Ok(())
     }
 
-    /// Minimises (w − 1)² + λ·|w|: with λ = 1 the optimum is w = 1 − λ/2 = 0.5; with λ = 4
-    /// it is w = 0 (the penalty's pull exceeds the loss's slope at 0).
+    /// Where AdamW leaves a 1×1 matrix w (from 0.3) minimising (w − 1)² plus the penalty.
+    fn minimise_with_l1(l1: f64, l1_log_scale: f64) -> Result<f32> {
+        let params = Params::new(0);
+        let w = params.var_builder(DType::F32).get_with_hints((1, 1), "w", candle_nn::Init::Const(0.3))?;
+        let cfg = AdamWConfig { l1, l1_log_scale, grad_clip: 0.0, ..AdamWConfig::default() };
+        let mut opt = AdamW::new(&params, cfg)?;
+        for step in 0..3000 {
+            let loss = (w.flatten_all()? - 1.0)?.sqr()?.sum_all()?;
+            // A decaying rate, so that the subgradient's oscillation about 0 dies down.
+            opt.step(&loss.backward()?, 0.02 / (1.0 + step as f64 / 100.0))?;
+        }
+        Ok(w.flatten_all()?.to_vec1::<f32>()?[0])
+    }
+
+    /// (w − 1)² + λ·|w|: with λ = 1 the optimum is w = 1 − λ/2 = 0.5; with λ = 4 it is w = 0
+    /// (the penalty's pull exceeds the loss's slope at 0).
     #[test]
     fn l1_penalty_shrinks_and_zeroes() -> Result<()> {
         for (l1, want) in [(1.0, 0.5), (4.0, 0.0)] {
-            let params = Params::new(0);
-            let w = params.var_builder(DType::F32).get_with_hints((1, 1), "w", candle_nn::Init::Const(0.3))?;
-            let mut opt = AdamW::new(&params, AdamWConfig { l1, grad_clip: 0.0, ..AdamWConfig::default() })?;
-            for step in 0..3000 {
-                let loss = (w.flatten_all()? - 1.0)?.sqr()?.sum_all()?;
-                // A decaying rate, so that the subgradient's oscillation about 0 dies down.
-                opt.step(&loss.backward()?, 0.02 / (1.0 + step as f64 / 100.0))?;
-            }
-            let w = w.flatten_all()?.to_vec1::<f32>()?[0];
+            let w = minimise_with_l1(l1, 0.0)?;
+            assert!((w - want).abs() < 0.02, "λ = {l1}: w at {w}, want {want}");
+        }
+        Ok(())
+    }
+
+    /// (w − 1)² + λ·s·ln(1 + |w|/s) with s = 1: with λ = 1, 2(w − 1) + 1/(1 + w) = 0 gives
+    /// w = √½ ≈ 0.707, shrunk less than by L1's 0.5; with λ = 4 zero is still the optimum
+    /// (the pull at 0 is L1's).
+    #[test]
+    fn log_sum_penalty_shrinks_large_weights_less_and_still_zeroes() -> Result<()> {
+        for (l1, want) in [(1.0, 0.5f32.sqrt()), (4.0, 0.0)] {
+            let w = minimise_with_l1(l1, 1.0)?;
             assert!((w - want).abs() < 0.02, "λ = {l1}: w at {w}, want {want}");
         }
         Ok(())

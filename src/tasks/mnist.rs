@@ -113,6 +113,8 @@ pub struct MnistTrainOptions {
     pub l2: f64,
     /// L1 penalty on the matrices, per pixel of the mean loss (ignored when resuming).
     pub l1: f64,
+    /// When positive, the L1 penalty is the log-sum penalty of this scale (ignored when resuming).
+    pub l1_log_scale: f64,
     /// Stop after this many minutes of this run.
     pub max_minutes: Option<f64>,
     /// Seed of the weights and of the data order.
@@ -261,7 +263,13 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
         min_lr: opts.lr / 20.0,
         warmup_steps: 1,
         decay_steps: 0,
-        adamw: AdamWConfig { weight_decay: opts.weight_decay, l2: opts.l2, l1: opts.l1, ..AdamWConfig::default() },
+        adamw: AdamWConfig {
+            weight_decay: opts.weight_decay,
+            l2: opts.l2,
+            l1: opts.l1,
+            l1_log_scale: opts.l1_log_scale,
+            ..AdamWConfig::default()
+        },
         eval_every: 1,
         checkpoint_every: 1,
     };
