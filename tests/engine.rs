@@ -91,7 +91,7 @@ fn with_exact_activations_the_engine_makes_the_same_audio_as_the_stepper() {
         let sampler = SamplerConfig { temperature: 0.9, ..Default::default() };
         let stepper = sample::generate(
             &model,
-            &[prime.clone()],
+            std::slice::from_ref(&prime),
             labels.as_ref(),
             300,
             &sampler,

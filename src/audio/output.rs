@@ -77,7 +77,7 @@ impl Device {
         let quarter = (latency_s * config.sample_rate as f64 / 4.0).max(256.0) as u32;
         let candidates = [quarter.next_power_of_two() / 2, quarter / 768 * 768, quarter / 256 * 256, 1024, 1536, 3072];
         let works = |size: cpal::BufferSize| {
-            let probe = cpal::StreamConfig { buffer_size: size, ..config.clone() };
+            let probe = cpal::StreamConfig { buffer_size: size, ..config };
             device
                 .build_output_stream::<f32, _, _>(
                     probe,
@@ -129,12 +129,7 @@ impl Device {
         let name = self.name.clone();
         let stream = self
             .device
-            .build_output_stream::<f32, _, _>(
-                self.config.clone(),
-                callback,
-                |e| eprintln!("audio output error: {e}"),
-                None,
-            )
+            .build_output_stream::<f32, _, _>(self.config, callback, |e| eprintln!("audio output error: {e}"), None)
             .map_err(|e| Error::Audio(format!("cannot open a stream on {name:?}: {e}")))?;
         stream.play().map_err(|e| Error::Audio(format!("cannot start {name:?}: {e}")))?;
         Ok(Output {

@@ -158,6 +158,7 @@ pub enum Method {
 /// Generates `steps` tokens for each of `prime.len()` sequences, after feeding each its prime
 /// (all primes of the same length). Returns only the new tokens. `progress(done)` is called
 /// with 0 once the prime is fed, then every few hundred tokens.
+#[allow(clippy::too_many_arguments)] // each is a different collaborator; a struct would only rename them
 pub fn generate<M: Autoregressive>(
     model: &M,
     prime: &[Vec<u32>],

@@ -186,6 +186,7 @@ pub fn evaluate<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<f64> 
 
 /// Trains `model` (whose parameters `opt` updates) until a stop condition holds. `save` writes
 /// a checkpoint of the current state; `stop` is raised from outside (Ctrl-C).
+#[allow(clippy::too_many_arguments)] // each is a different collaborator; a struct would only rename them
 pub fn train<M: Autoregressive>(
     model: &M,
     opt: &mut AdamW,
@@ -235,11 +236,11 @@ pub fn train<M: Autoregressive>(
         let tokens_per_second = (state.tokens_seen - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         observe(Event::Step { step: state.step, loss, lr, grad_norm, tokens_per_second });
         // evaluate, checkpoint
-        if state.step % cfg.eval_every == 0 {
+        if state.step.is_multiple_of(cfg.eval_every) {
             log_eval(model, &val, state, lr, &mut loss_sum, &mut loss_steps, observe)?;
             evaluated_at = Some(state.step);
         }
-        if state.step % cfg.checkpoint_every == 0 {
+        if state.step.is_multiple_of(cfg.checkpoint_every) {
             save(state, opt)?;
             observe(Event::Saved { step: state.step });
         }

@@ -5,11 +5,14 @@
 
 use crate::fastmath::fast_exp;
 
+/// `y (rows × out) += x (rows × in) · w (in × out)`, arguments `(y, x, w, rows, in, out)`.
+pub type MatmulAcc = fn(&mut [f32], &[f32], &[f32], usize, usize, usize);
+
 /// The kernels chosen for this CPU.
 #[derive(Clone, Copy)]
 pub struct Kernels {
-    /// `y (rows × out) += x (rows × in) · w (in × out)`.
-    pub matmul_acc: fn(y: &mut [f32], x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize),
+    /// See [`MatmulAcc`].
+    pub matmul_acc: MatmulAcc,
     /// The gated unit of `rows` rows: `pre (rows × 2g)` → `z (rows × g)`, z = tanh(f)·σ(g).
     pub gate: fn(pre: &[f32], z: &mut [f32], g: usize, exact: bool),
     /// The instruction set in use.
@@ -76,7 +79,7 @@ macro_rules! matmul_body {
                             acc[0][k] = madd(xr[i], wr[k], acc[0][k]);
                         }
                     }
-                    for s in 1..$s {
+                    for s in 1..acc.len() {
                         for k in 0..$width {
                             acc[0][k] += acc[s][k];
                         }
@@ -193,15 +196,15 @@ impl Kernels {
         let wanted = std::env::var("WAVEGEN_KERNELS").unwrap_or_default();
         #[cfg(target_arch = "x86_64")]
         {
-            if wanted.is_empty() || wanted == "avx512" {
-                if let Some(k) = x86::avx512() {
-                    return k;
-                }
+            if (wanted.is_empty() || wanted == "avx512")
+                && let Some(k) = x86::avx512()
+            {
+                return k;
             }
-            if wanted.is_empty() || wanted == "avx512" || wanted == "avx2" {
-                if let Some(k) = x86::avx2() {
-                    return k;
-                }
+            if (wanted.is_empty() || wanted == "avx512" || wanted == "avx2")
+                && let Some(k) = x86::avx2()
+            {
+                return k;
             }
         }
         let _ = wanted;
