@@ -24,7 +24,14 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {err:#}");
+            // The whole chain on one line, without repeating a cause that a message already quotes.
+            let mut line = err.to_string();
+            for cause in err.chain().skip(1).map(|c| c.to_string()) {
+                if !line.contains(&cause) {
+                    line = format!("{line}: {cause}");
+                }
+            }
+            eprintln!("error: {line}");
             ExitCode::from(2)
         }
     }
