@@ -83,6 +83,12 @@ fn train_eval_sample_complete_score_on_binarized_mnist() {
         serde_json::from_str(&ok(&wavegen(&["mnist", "eval", "--checkpoint", small.to_str().unwrap(), "--json"])))
             .unwrap();
     assert!((e["nll_nats"].as_f64().unwrap() - nll).abs() < 0.1, "{} vs {nll}", e["nll_nats"]);
+    // A damaged compressed file is reported by name, not decoded into garbage.
+    let gz = small.join("model.safetensors.gz");
+    let bytes = std::fs::read(&gz).unwrap();
+    std::fs::write(&gz, &bytes[..bytes.len() / 2]).unwrap();
+    let broken = error_line(&wavegen(&["mnist", "eval", "--checkpoint", small.to_str().unwrap()]));
+    assert!(broken.contains("model.safetensors.gz") && broken.contains("gzip"), "{broken}");
     let same = error_line(&wavegen(&["mnist", "compact", "--checkpoint", c, "--out", c]));
     assert!(same.contains("--out must differ"), "{same}");
 

@@ -19,6 +19,7 @@ use super::optim::AdamW;
 use super::params::{Params, read_safetensors, safetensors_bytes};
 use super::train::{TrainConfig, TrainState};
 use crate::data::wav_folder::AudioSettings;
+use crate::fsutil::write_bytes_atomically as write;
 use crate::models::ModelConfig;
 use crate::{Error, Result};
 
@@ -202,10 +203,6 @@ pub fn save_shipping_copy(dir: &Path, manifest: &Manifest, weights: &[(String, T
 
 fn metadata(manifest: &Manifest) -> HashMap<String, String> {
     HashMap::from([("step".to_string(), manifest.state.step.to_string()), ("format".into(), FORMAT.into())])
-}
-
-fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::fsutil::write_bytes_atomically(path, bytes)
 }
 
 fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
