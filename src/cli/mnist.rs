@@ -28,7 +28,7 @@ enum MnistCommand {
     Complete(CompleteArgs),
     /// NLL of every image as CSV (index,nll_nats), lowest likelihood first: anomaly scores.
     Score(ScoreArgs),
-    /// Copy a checkpoint for shipping: f16 weights, unused (masked-out) weights zeroed, no optimizer.
+    /// Copy a checkpoint for shipping: f16 weights, unused (masked-out) weights zeroed, gzip-compressed, no optimizer.
     Compact(CompactArgs),
 }
 
