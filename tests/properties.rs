@@ -1,7 +1,8 @@
 //! The core's properties, run over every registered model (`ModelConfig::examples`: WaveNet,
 //! FVSBN, NADE, MADE): causality in the model's ordering, cached stepping equal to the
 //! parallel pass, gradients equal to finite differences (batch ≥ 2), naive generation equal to
-//! cached generation, and learning a toy distribution whose NLL is known.
+//! cached generation, learning a toy distribution whose NLL is known, and that the weights a
+//! model reports as unused (what `mnist compact` zeroes) really are.
 
 use candle_core::{DType, Device, Tensor};
 use wavegen::core::Autoregressive;
@@ -91,6 +92,41 @@ fn causality_check_catches_a_model_that_sees_the_present() {
         let labels = labels_for(&model, 1);
         assert!(check::causality(&Peeking(model), &tokens, labels.as_ref()).unwrap().is_err(), "{name}");
     }
+}
+
+/// What `mnist compact` relies on: zeroing the weights a model reports as unused
+/// (`Model::weight_masks`) changes no logit of any connectivity.
+#[test]
+fn zeroing_unused_weights_changes_no_logit() {
+    let mut zeroed_somewhere = false;
+    for (name, cfg) in ModelConfig::examples() {
+        let (model, params) = build(&cfg, DType::F32, 8);
+        // Every weight non-zero (some start at 0), so an ignored one would show.
+        let mut rng = Rng::new(9);
+        for (_, var) in params.named() {
+            let values: Vec<f32> = (0..var.elem_count()).map(|_| rng.normal() as f32 * 0.5).collect();
+            var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let tokens = check::random_tokens(2, length(&cfg, 24), model.vocab_size(), &mut rng).unwrap();
+        let labels = labels_for(&model, 2);
+        let all_logits = || -> Vec<Vec<f32>> {
+            let mut out = vec![];
+            for_each_connectivity(&model, |_| {
+                let l = model.forward(&tokens, labels.as_ref()).unwrap();
+                out.push(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            });
+            out
+        };
+        let before = all_logits();
+        let named = params.named();
+        for (weight, mask) in model.weight_masks().unwrap() {
+            let var = &named.iter().find(|(n, _)| *n == weight).unwrap_or_else(|| panic!("{name}: no {weight}")).1;
+            zeroed_somewhere |= mask.min_all().unwrap().to_scalar::<f32>().unwrap() == 0.0;
+            var.set(&(var.as_tensor() * &mask).unwrap()).unwrap();
+        }
+        assert_eq!(all_logits(), before, "{name}: zeroing unused weights changed the logits");
+    }
+    assert!(zeroed_somewhere, "no model reported an unused weight: the check would be vacuous");
 }
 
 #[test]

@@ -45,6 +45,11 @@ impl Fvsbn {
         Ok(Fvsbn { cfg: cfg.clone(), weight, mask, bias })
     }
 
+    /// The mask of `weight`: only its strict upper triangle is used (see `Model::weight_masks`).
+    pub fn weight_masks(&self) -> Vec<(String, Tensor)> {
+        vec![("weight".into(), self.mask.clone())]
+    }
+
     fn masked_weight(&self) -> Result<Tensor> {
         Ok((&self.weight * &self.mask)?)
     }

@@ -145,6 +145,7 @@ impl Model {
     /// never uses (0); empty for models without masks. See [`made::Made::weight_masks`].
     pub fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
         match self {
+            Model::Fvsbn(m) => Ok(m.weight_masks()),
             Model::Made(m) => m.weight_masks(),
             _ => Ok(vec![]),
         }

@@ -463,8 +463,8 @@ fn draw_images(
 
 /// Writes a copy of the checkpoint `dir` into `out` for shipping: the weights as f16 (half the
 /// bytes; the NLL moves by hundredths of a nat, so evaluate the copy), those that no
-/// connectivity uses set to 0 (MADE: about half, which the gzip of the weights file then
-/// nearly removes), no optimizer state (the copy cannot be resumed), config.json and any
+/// connectivity uses set to 0 (about half of FVSBN's and MADE's, which the gzip of the weights
+/// file then nearly removes), no optimizer state (the copy cannot be resumed), config.json and any
 /// train.log. Returns the bytes of the weights before and after.
 pub fn compact(dir: &Path, out: &Path) -> Result<(u64, u64)> {
     let m = ImageModel::load(dir)?;
