@@ -42,7 +42,7 @@ fn train_info_generate_eval_with_json() {
     assert_eq!(t["steps"], 50);
     assert!(t["val_bits_per_sample"].as_f64().unwrap() > 0.0);
     for f in ["model.safetensors", "optimizer.safetensors", "config.json"] {
-        assert!(ckpt.join(f).is_file(), "{f}");
+        assert!(ckpt.join("current").join(f).is_file(), "{f}");
     }
     // Training again into the same directory needs --resume.
     assert_clear_error(&wavegen(&["train", d, "--out", c, "--preset", "tiny"], &cache), "--resume");
@@ -121,7 +121,7 @@ fn bad_input_gets_a_clear_error() {
         .success()
     );
     assert_clear_error(&wavegen(&["eval", "--checkpoint", c, truncated.to_str().unwrap()], &cache), "truncated.wav");
-    let config = ckpt.join("config.json");
+    let config = ckpt.join("current/config.json");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("\"residual_channels\": 8", "\"residual_channels\": 12")).unwrap();
     assert_clear_error(&wavegen(&["info", c], &cache), "embed.weight");

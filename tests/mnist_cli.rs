@@ -58,7 +58,7 @@ fn train_eval_sample_complete_score_on_binarized_mnist() {
     ])))
     .unwrap();
     assert_eq!(t["model"], "fvsbn");
-    assert!(ckpt.join("model.safetensors").is_file() && ckpt.join("last/optimizer.safetensors").is_file());
+    assert!(ckpt.join("current/model.safetensors").is_file() && ckpt.join("last/current/optimizer.safetensors").is_file());
 
     let e: serde_json::Value =
         serde_json::from_str(&ok(&wavegen(&["mnist", "eval", "--checkpoint", c, "--json"]))).unwrap();
@@ -76,19 +76,20 @@ fn train_eval_sample_complete_score_on_binarized_mnist() {
     let small = dir.path().join("fvsbn-small");
     ok(&wavegen(&["mnist", "compact", "--checkpoint", c, "--out", small.to_str().unwrap()]));
     let size = |f: PathBuf| std::fs::metadata(f).unwrap().len();
-    let (before, after) = (size(ckpt.join("model.safetensors")), size(small.join("model.safetensors.gz")));
+    let (before, after) =
+        (size(ckpt.join("current/model.safetensors")), size(small.join("current/model.safetensors.gz")));
     assert!(after * 2 <= before, "{after} vs {before} bytes");
-    assert!(!small.join("last").exists() && !small.join("model.safetensors").exists());
+    assert!(!small.join("last").exists() && !small.join("current/model.safetensors").exists());
     let e: serde_json::Value =
         serde_json::from_str(&ok(&wavegen(&["mnist", "eval", "--checkpoint", small.to_str().unwrap(), "--json"])))
             .unwrap();
     assert!((e["nll_nats"].as_f64().unwrap() - nll).abs() < 0.1, "{} vs {nll}", e["nll_nats"]);
     // A damaged compressed file is reported by name, not decoded into garbage.
-    let gz = small.join("model.safetensors.gz");
+    let gz = small.join("current/model.safetensors.gz");
     let bytes = std::fs::read(&gz).unwrap();
     std::fs::write(&gz, &bytes[..bytes.len() / 2]).unwrap();
     let broken = error_line(&wavegen(&["mnist", "eval", "--checkpoint", small.to_str().unwrap()]));
-    assert!(broken.contains("model.safetensors.gz") && broken.contains("gzip"), "{broken}");
+    assert!(broken.contains("model.safetensors.gz") && broken.contains("checksum"), "{broken}");
     let same = error_line(&wavegen(&["mnist", "compact", "--checkpoint", c, "--out", c]));
     assert!(same.contains("--out must differ"), "{same}");
 

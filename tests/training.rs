@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
 use wavegen::core::Autoregressive;
-use wavegen::core::params::read_safetensors;
+use wavegen::core::checkpoint;
 use wavegen::core::sample::SamplerConfig;
 use wavegen::tasks::generate::{GenerateOptions, generate};
 use wavegen::tasks::train::train;
@@ -80,8 +80,8 @@ fn stopping_and_resuming_gives_the_same_run_as_never_stopping() {
     second.model.residual_channels = 99; // ignored on resume: the checkpoint's config wins
     train(&second, &mut Silent, &AtomicBool::new(false)).unwrap();
 
-    let (w1, _) = read_safetensors(&whole.join("model.safetensors")).unwrap();
-    let (w2, _) = read_safetensors(&split.join("model.safetensors")).unwrap();
+    let w1 = checkpoint::open(&whole).unwrap().weights().unwrap();
+    let w2 = checkpoint::open(&split).unwrap().weights().unwrap();
     assert_eq!(w1.len(), w2.len());
     for (name, t1) in &w1 {
         let d = (t1 - &w2[name])
@@ -96,8 +96,8 @@ fn stopping_and_resuming_gives_the_same_run_as_never_stopping() {
             .unwrap();
         assert_eq!(d, 0.0, "tensor {name} differs by {d}");
     }
-    let h1 = wavegen::core::checkpoint::read_manifest(&whole).unwrap().state;
-    let h2 = wavegen::core::checkpoint::read_manifest(&split).unwrap().state;
+    let h1 = checkpoint::read_manifest(&whole).unwrap().state;
+    let h2 = checkpoint::read_manifest(&split).unwrap().state;
     let losses = |s: &wavegen::core::train::TrainState| {
         s.history.iter().map(|e| (e.step, e.train_nats, e.val_nats)).collect::<Vec<_>>()
     };

@@ -330,7 +330,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         seed: a.seed,
         dynamic: a.dynamic,
     };
-    let stop = super::ctrl_c_flag()?;
+    let stop = super::stop_flag()?;
     let mut bars = Bars::new(0, a.json);
     let summary = mnist::train(&opts, &mut bars, stop);
     bars.finish();
@@ -348,5 +348,5 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             s.checkpoint.display()
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(super::stopped_exit_code())
 }

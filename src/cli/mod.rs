@@ -76,16 +76,35 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The flag raised by the first Ctrl-C (the library finishes its step and stops cleanly); a
-/// second Ctrl-C exits at once (every file is written atomically, so nothing is left half-done).
-pub fn ctrl_c_flag() -> anyhow::Result<&'static std::sync::atomic::AtomicBool> {
+/// The flag raised by the first Ctrl-C, SIGTERM or SIGHUP: the library finishes its step,
+/// writes a checkpoint and stops cleanly. A second signal exits at once with 128 + its number,
+/// but never during a checkpoint commit: it waits for the commit to finish first.
+pub fn stop_flag() -> anyhow::Result<&'static std::sync::atomic::AtomicBool> {
     use std::sync::atomic::{AtomicBool, Ordering};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     static STOP: AtomicBool = AtomicBool::new(false);
-    ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for signal in signals.forever() {
+            SIGNAL.store(signal, Ordering::SeqCst);
+            if STOP.swap(true, Ordering::SeqCst) {
+                // Held until exit, so no commit can start either.
+                let _commit = wavegen::core::checkpoint::COMMIT.lock();
+                std::process::exit(128 + signal);
+            }
+            eprintln!("\nstopping after this step (send the signal again to quit at once)");
         }
-        eprintln!("\nstopping (Ctrl-C again to quit at once)");
     })?;
     Ok(&STOP)
+}
+
+static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The exit code of a run that a signal stopped: 128 + the signal's number (130 for Ctrl-C,
+/// 143 for SIGTERM, 129 for SIGHUP); success if none did.
+pub fn stopped_exit_code() -> ExitCode {
+    match SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => ExitCode::SUCCESS,
+        signal => ExitCode::from((128 + signal) as u8),
+    }
 }

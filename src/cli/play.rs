@@ -58,7 +58,7 @@ pub fn run(a: PlayArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let stop = super::ctrl_c_flag()?;
+    let stop = super::stop_flag()?;
     let opts = PlayOptions {
         checkpoint: a.checkpoint,
         sampler: SamplerConfig { temperature: a.temperature, ..Default::default() },

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 
 use clap::{Args, ValueEnum};
 use wavegen::core::optim::AdamWConfig;
@@ -27,7 +26,8 @@ pub enum Preset {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Folder of WAV files, searched recursively [default: DATA/fsdd/recordings].
+    /// Folder of WAV files, searched recursively [default: DATA/fsdd/recordings; with --resume,
+    /// the checkpoint's folder].
     dir: Option<PathBuf>,
     /// Checkpoint directory to write (model.safetensors, optimizer.safetensors, config.json).
     #[arg(long)]
@@ -159,7 +159,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         checkpoint_every: a.checkpoint_every.unwrap_or(every),
     };
     let opts = TrainOptions {
-        data_dir: a.dir.unwrap_or_else(|| super::data_dir(a.data).join("fsdd/recordings")),
+        // On resume the checkpoint knows its folder; a DIR given then replaces it.
+        data_dir: match (a.dir, a.resume) {
+            (Some(dir), _) => Some(dir),
+            (None, true) => None,
+            (None, false) => Some(super::data_dir(a.data).join("fsdd/recordings")),
+        },
         val_dir: a.val_dir,
         val_fraction: a.val_fraction,
         out: a.out,
@@ -175,7 +180,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         seed: a.seed,
         cache_dir: cache_dir(a.cache_dir),
     };
-    let stop = super::ctrl_c_flag()?;
+    let stop = super::stop_flag()?;
     let mut bars = Bars::new(steps, a.json);
     let summary = train(&opts, &mut bars, stop);
     bars.finish();
@@ -193,5 +198,5 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             summary.checkpoint.display()
         );
     }
-    Ok(if stop.load(Ordering::SeqCst) { ExitCode::from(130) } else { ExitCode::SUCCESS })
+    Ok(super::stopped_exit_code())
 }

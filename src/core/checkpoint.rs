@@ -1,25 +1,31 @@
-//! Checkpoints: a directory holding
+//! Checkpoints: a directory whose committed state is one folder of files,
 //! - `model.safetensors`: the weights, named as each model file documents (a shipping copy
 //!   made by `wavegen mnist compact` holds `model.safetensors.gz` instead);
 //! - `optimizer.safetensors`: AdamW's moments (`m.NAME`, `v.NAME`), needed only to resume;
-//! - `config.json`: the [`Manifest`] — model config, audio settings, file split, training
-//!   settings and state (step, data generator, log).
+//! - `config.json`: the [`Manifest`]: model config, audio settings, file split, training
+//!   settings and state (step, data generator, log), and the length and SHA-256 of each file.
 //!
-//! Each file is written atomically, config.json last; both safetensors files record the step
-//! in their metadata, and loading checks it against config.json, so a checkpoint whose writing
-//! was cut short is reported, never silently mixed.
+//! A commit writes a new folder `step-NNNNNNNNN/` (every file fsynced, config.json last), then
+//! switches the symbolic link `current` to it with one rename, the atomic step; the previous
+//! folder stays until the commit after next, so a reader that opened it can finish. A crash at
+//! any instruction leaves `current` on a complete folder. Folders `current` does not name are
+//! leftovers of an interrupted commit and are removed by the next writer (or reader that can
+//! take the lock). A folder holding `config.json` and the files directly (the shipped
+//! checkpoints, and what older versions wrote) is read as one committed state.
+//!
+//! Writers hold the directory's [`DirLock`]; see `docs/checkpoint-format.md`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamW;
-use super::params::{Params, read_safetensors, safetensors_bytes};
+use super::params::{Params, parse_safetensors, safetensors_bytes};
 use super::train::{TrainConfig, TrainState};
+use crate::fsutil::DirLock;
 use crate::data::wav_folder::AudioSettings;
-use crate::fsutil::write_bytes_atomically as write;
 use crate::models::ModelConfig;
 use crate::{Error, Result};
 
@@ -92,9 +98,99 @@ pub struct Manifest {
     pub state: TrainState,
     /// AdamW's update count.
     pub optimizer_steps: u64,
+    /// Length and SHA-256 of each tensor file of the committed folder, by name (absent in
+    /// checkpoints written before version 0.2 and by other tools: then nothing is checked).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, FileSum>,
+}
+
+/// Limits of the data settings of a run (sizes from a flag or a config.json).
+const MAX_WINDOW: usize = 1 << 20;
+const MAX_BATCH: usize = 4096;
+/// A training batch's activations may take at most this many bytes (an estimate).
+const MAX_BATCH_BYTES: f64 = 16.0 * (1u64 << 30) as f64;
+
+impl AudioData {
+    /// Checks the data settings of an audio run of `model`.
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+        use crate::models::within;
+        self.settings.validate()?;
+        within("--window", self.window, 1, MAX_WINDOW)?;
+        within("--batch-size", self.batch_size, 1, MAX_BATCH)?;
+        within("--val-windows", self.max_val_windows, 1, 1_000_000)?;
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return Err(Error::Config(format!("--val-fraction must be in [0, 1), got {}", self.val_fraction)));
+        }
+        let Some(cfg) = model.wavenet() else {
+            return Err(Error::Config(format!("a {} is not an audio model", model.name())));
+        };
+        if cfg.classes != 256 {
+            return Err(Error::Config(format!("an audio WaveNet has 256 classes (μ-law codes), not {}", cfg.classes)));
+        }
+        if cfg.num_labels != self.labels.len() {
+            return Err(Error::Config(format!(
+                "the model has {} labels but {} label names are listed",
+                cfg.num_labels,
+                self.labels.len()
+            )));
+        }
+        // What one training step holds for the backward pass, about: per position and layer
+        // the input, pre-activation, gate output and skip, then the head.
+        let positions = (self.batch_size * (self.window + cfg.receptive_field())) as f64;
+        let (c, g, sk, h) = (cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, cfg.head_channels);
+        let per_position = (cfg.layers() * 3 * (c + 3 * g + sk) + 3 * (sk + h + 2 * cfg.classes)) as f64;
+        let bytes = positions * per_position * 4.0;
+        if bytes > MAX_BATCH_BYTES {
+            return Err(Error::Config(format!(
+                "a training batch of {} windows of {} + {} samples would need about {:.0} GiB: lower --batch-size or --window, or use a smaller model",
+                self.batch_size,
+                cfg.receptive_field(),
+                self.window,
+                bytes / (1u64 << 30) as f64
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl ImageData {
+    /// Checks the data settings of an image run.
+    pub fn validate(&self) -> Result<()> {
+        if !["binarized", "grey", "dynamic"].contains(&self.dataset.as_str()) {
+            return Err(Error::Config(format!(
+                "dataset {:?}: expected \"binarized\", \"grey\" or \"dynamic\"",
+                self.dataset
+            )));
+        }
+        crate::models::within("--batch-size", self.batch_size, 1, 100_000)?;
+        Ok(())
+    }
 }
 
 impl Manifest {
+    /// Checks every setting against its limit, before anything is built from it.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.train.validate()?;
+        match (&self.audio, &self.images) {
+            (Some(audio), None) => {
+                audio.validate(&self.model)?;
+                if audio.train_files.is_empty() || audio.val_files.is_empty() {
+                    return Err(Error::Config("train_files or val_files is empty: the file split is lost".into()));
+                }
+            }
+            (None, Some(images)) => {
+                images.validate()?;
+                if self.model.wavenet().is_some() {
+                    return Err(Error::Config("a WaveNet is an audio model, but images are given".into()));
+                }
+            }
+            (Some(_), Some(_)) => return Err(Error::Config("both audio and images are given".into())),
+            (None, None) => return Err(Error::Config("neither audio nor images are given".into())),
+        }
+        Ok(())
+    }
+
     /// This manifest with the training state and optimizer step count of now (what a
     /// checkpoint written during training records).
     pub fn at(&self, state: &TrainState, optimizer_steps: u64) -> Manifest {
@@ -102,62 +198,171 @@ impl Manifest {
     }
 }
 
+/// The symbolic link that names the committed folder.
+pub const CURRENT: &str = "current";
+const STEP_PREFIX: &str = "step-";
+/// No weights or optimizer file may be larger (a bounded read, whatever the file claims).
+const MAX_TENSOR_FILE_BYTES: u64 = 4 << 30;
+const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+
+/// One file of a committed folder as config.json records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileSum {
+    /// Its length.
+    pub bytes: u64,
+    /// SHA-256 of its content, lower-case hex.
+    pub sha256: String,
+}
+
+/// SHA-256 of `bytes` as lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A committed checkpoint, opened: the folder its files are in, and its config.json.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The folder holding config.json and the tensor files (`DIR/step-…` or `DIR` itself).
+    pub dir: PathBuf,
+    /// config.json.
+    pub manifest: Manifest,
+}
+
 /// Resolves what the user passed as `--checkpoint`: the directory, or a file inside it.
 pub fn resolve_dir(path: &Path) -> PathBuf {
     let is_member = path
         .file_name()
         .is_some_and(|n| n == MANIFEST_FILE || n == MODEL_FILE || n == MODEL_FILE_GZ || n == OPTIMIZER_FILE);
-    if is_member && path.is_file() {
-        path.parent().map(Path::to_path_buf).unwrap_or_default()
-    } else {
-        path.to_path_buf()
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if is_member && !path.is_dir() && parent.is_dir() { parent.to_path_buf() } else { path.to_path_buf() }
+}
+
+/// The folder holding the committed files of `dir`: `current`'s target, or `dir` itself for a
+/// flat checkpoint; `None` if nothing is committed.
+fn committed_folder(dir: &Path) -> Result<Option<PathBuf>> {
+    let pointer = dir.join(CURRENT);
+    match std::fs::read_link(&pointer) {
+        Ok(target) => {
+            let folder = dir.join(&target);
+            if !folder.join(MANIFEST_FILE).is_file() {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!(
+                        "`{CURRENT}` names {}, which holds no {MANIFEST_FILE}: the directory was changed by hand; point `{CURRENT}` at a complete step-… folder",
+                        target.display()
+                    ),
+                ));
+            }
+            Ok(Some(folder))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(dir.join(MANIFEST_FILE).exists().then(|| dir.to_path_buf()))
+        }
+        Err(e) => Err(Error::io(&pointer, e)),
     }
 }
 
-/// Reads config.json of the checkpoint directory `dir`.
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let dir = resolve_dir(dir);
-    if !dir.is_dir() {
+/// Whether `dir` holds a committed checkpoint.
+pub fn exists(dir: &Path) -> bool {
+    matches!(committed_folder(dir), Ok(Some(_)))
+}
+
+/// Opens the committed checkpoint of `path` (a checkpoint directory, or a file in one) and
+/// checks its config.json: format, and every setting within its limits.
+pub fn open(path: &Path) -> Result<Checkpoint> {
+    let dir = resolve_dir(path);
+    match std::fs::metadata(&dir) {
+        Err(_) => {
+            return Err(Error::checkpoint(
+                &dir,
+                "no such directory (train one with `wavegen train` or `wavegen mnist train`)",
+            ));
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::checkpoint(
+                &dir,
+                "is a file, not a checkpoint directory: pass the folder that holds config.json",
+            ));
+        }
+        Ok(_) => {}
+    }
+    let Some(folder) = committed_folder(&dir)? else {
+        let interrupted = list_step_folders(&dir).next().is_some();
         return Err(Error::checkpoint(
             &dir,
-            "no such directory (train one with `wavegen train` or `wavegen mnist train`)",
+            if interrupted {
+                "holds no committed checkpoint: training was stopped before its first checkpoint was complete; train again into it (without --resume) or choose another directory".to_string()
+            } else {
+                format!("holds no checkpoint ({MANIFEST_FILE} is missing): is this a wavegen checkpoint directory?")
+            },
         ));
-    }
-    let path = dir.join(MANIFEST_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| {
-        Error::checkpoint(&dir, format!("cannot read {MANIFEST_FILE} ({e}); is this a wavegen checkpoint directory?"))
-    })?;
+    };
+    remove_leftovers_if_free(&dir);
+    let path = folder.join(MANIFEST_FILE);
+    let bytes = crate::fsutil::read_regular(&path, MAX_MANIFEST_BYTES)?;
     let manifest: Manifest =
         serde_json::from_slice(&bytes).map_err(|e| Error::Json { path: path.clone(), source: e })?;
     if manifest.format != FORMAT {
         return Err(Error::checkpoint(&path, format!("format {:?}, this wavegen reads {FORMAT:?}", manifest.format)));
     }
-    Ok(manifest)
+    manifest.validate().map_err(|e| Error::checkpoint(&path, e.to_string()))?;
+    Ok(Checkpoint { dir: folder, manifest })
 }
 
-/// The weights file of `dir`: `model.safetensors`, or the compressed one of a shipping copy.
-pub fn weights_file(dir: &Path) -> PathBuf {
-    let dir = resolve_dir(dir);
-    let gz = dir.join(MODEL_FILE_GZ);
-    if !dir.join(MODEL_FILE).exists() && gz.exists() { gz } else { dir.join(MODEL_FILE) }
+/// Reads config.json of the checkpoint `dir`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    Ok(open(dir)?.manifest)
 }
 
-/// Loads the weights of `dir` into `params` (whose model was built from the manifest).
-pub fn load_weights(dir: &Path, manifest: &Manifest, params: &Params) -> Result<()> {
-    let path = weights_file(dir);
-    let (tensors, meta) = read_safetensors(&path)?;
-    check_step(&path, &meta, manifest)?;
-    params.assign(&tensors, &path)
-}
+impl Checkpoint {
+    /// The weights file: `model.safetensors`, or the compressed one of a shipping copy.
+    pub fn weights_file(&self) -> PathBuf {
+        let gz = self.dir.join(MODEL_FILE_GZ);
+        if !self.dir.join(MODEL_FILE).exists() && gz.exists() { gz } else { self.dir.join(MODEL_FILE) }
+    }
 
-/// Restores the optimizer moments of `dir`; fails if they are missing (a checkpoint saved
-/// without them cannot be resumed exactly).
-pub fn load_optimizer(dir: &Path, manifest: &Manifest, opt: &mut AdamW) -> Result<()> {
-    let path = resolve_dir(dir).join(OPTIMIZER_FILE);
-    let (tensors, meta) = read_safetensors(&path)?;
-    check_step(&path, &meta, manifest)?;
-    opt.load_state(&tensors, manifest.optimizer_steps)
-        .ok_or_else(|| Error::checkpoint(&path, "optimizer state does not match the model's parameters"))
+    /// The weights by name, as stored (checksum and step checked).
+    pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
+        Ok(self.read_tensors(&self.weights_file())?.0)
+    }
+
+    /// Loads the weights into `params` (whose model was built from the manifest); fails on a
+    /// checksum mismatch, a missing or misshapen tensor, or weights that are not finite.
+    pub fn load_weights(&self, params: &Params) -> Result<()> {
+        let path = self.weights_file();
+        let (tensors, _) = self.read_tensors(&path)?;
+        params.assign(&tensors, &path)
+    }
+
+    /// Restores the optimizer moments; fails if they are missing (a checkpoint saved without
+    /// them cannot be resumed exactly).
+    pub fn load_optimizer(&self, opt: &mut AdamW) -> Result<()> {
+        let path = self.dir.join(OPTIMIZER_FILE);
+        let (tensors, _) = self.read_tensors(&path)?;
+        opt.load_state(&tensors, self.manifest.optimizer_steps)
+            .ok_or_else(|| Error::checkpoint(&path, "optimizer state does not match the model's parameters"))
+    }
+
+    fn read_tensors(&self, path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let bytes = crate::fsutil::read_regular(path, MAX_TENSOR_FILE_BYTES)?;
+        if let Some(sum) = self.manifest.files.get(&name) {
+            if bytes.len() as u64 != sum.bytes || sha256_hex(&bytes) != sum.sha256 {
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "damaged: its content does not match the checksum in {MANIFEST_FILE} ({} bytes, {} expected); restore it from a copy, or retrain",
+                        bytes.len(),
+                        sum.bytes
+                    ),
+                ));
+            }
+        }
+        let (tensors, meta) = parse_safetensors(path, bytes)?;
+        check_step(path, &meta, &self.manifest)?;
+        Ok((tensors, meta))
+    }
 }
 
 fn check_step(path: &Path, meta: &HashMap<String, String>, manifest: &Manifest) -> Result<()> {
@@ -174,38 +379,207 @@ fn check_step(path: &Path, meta: &HashMap<String, String>, manifest: &Manifest) 
     }
 }
 
-/// Writes the checkpoint directory `dir`: weights, optimizer (if given), then config.json.
+/// Commits a checkpoint to `dir`: weights, optimizer (if given) and config.json, as one atomic
+/// step. The caller holds `dir`'s [`DirLock`] (or that of a directory above it).
 pub fn save(dir: &Path, manifest: &Manifest, params: &Params, opt: Option<&AdamW>) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut files = vec![(MODEL_FILE, safetensors_bytes(&params.tensors(), metadata(manifest))?)];
     if let Some(opt) = opt {
-        write(&dir.join(OPTIMIZER_FILE), &safetensors_bytes(&opt.state_tensors(), metadata(manifest))?)?;
+        files.push((OPTIMIZER_FILE, safetensors_bytes(&opt.state_tensors(), metadata(manifest))?));
     }
-    write(&dir.join(MODEL_FILE), &safetensors_bytes(&params.tensors(), metadata(manifest))?)?;
-    write_manifest(dir, manifest)
+    commit(dir, manifest, &files)
 }
 
-/// Writes a shipping copy to `dir`: `weights` (named tensors of any float type: loading
+/// Commits a shipping copy to `dir`: `weights` (named tensors of any float type: loading
 /// converts) gzip-compressed, and config.json; no optimizer, so it cannot be resumed.
 pub fn save_shipping_copy(dir: &Path, manifest: &Manifest, weights: &[(String, Tensor)]) -> Result<()> {
     use std::io::Write;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let path = dir.join(MODEL_FILE_GZ);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     let zipped = gz.write_all(&safetensors_bytes(weights, metadata(manifest))?).and_then(|_| gz.finish());
-    write(&path, &zipped.map_err(|e| Error::io(&path, e))?)?;
-    // An uncompressed file left from before would be read first.
-    let stale = dir.join(MODEL_FILE);
-    if stale.exists() {
-        std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+    let zipped = zipped.map_err(|e| Error::io(dir.join(MODEL_FILE_GZ), e))?;
+    commit(dir, manifest, &[(MODEL_FILE_GZ, zipped)])
+}
+
+/// Holds off a second Ctrl-C (or SIGTERM) while a commit runs: the signal handler takes this
+/// lock before it exits, and keeps it, so the process never dies half-way through a commit.
+pub static COMMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The commit: a new step folder, each file written and fsynced, config.json (with every
+/// file's length and checksum) last, the folder fsynced, then `current` switched by a rename.
+fn commit(dir: &Path, manifest: &Manifest, files: &[(&str, Vec<u8>)]) -> Result<()> {
+    let _commit = COMMIT.lock().unwrap_or_else(|e| e.into_inner());
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let previous = std::fs::read_link(dir.join(CURRENT)).ok();
+    let name = fresh_step_name(dir, manifest.state.step, previous.as_deref())?;
+    let folder = dir.join(&name);
+    std::fs::create_dir(&folder).map_err(|e| Error::io(&folder, e))?;
+    let mut manifest = manifest.clone();
+    manifest.files.clear();
+    for (file, bytes) in files {
+        write_durably(&folder.join(file), bytes)?;
+        manifest.files.insert(file.to_string(), FileSum { bytes: bytes.len() as u64, sha256: sha256_hex(bytes) });
+        crate::fsutil::crash_point("checkpoint-file");
     }
-    write_manifest(dir, manifest)
+    let json = serde_json::to_vec_pretty(&manifest).expect("invariant: plain data serialises");
+    write_durably(&folder.join(MANIFEST_FILE), &json)?;
+    crate::fsutil::sync_dir(&folder);
+    crate::fsutil::crash_point("checkpoint-staged");
+    switch_current(dir, &name)?;
+    crate::fsutil::crash_point("checkpoint-committed");
+    // The commit is done; what follows only frees space.
+    remove_leftovers(dir, &name, previous.as_deref());
+    Ok(())
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(|e| Error::io(path, e))
+}
+
+/// `step-000000051`, or `step-000000051-2`, … when that name is the committed folder (a
+/// second commit at the same step, e.g. the final one). A folder of that name that is not
+/// committed is an interrupted commit's leftover, and is replaced.
+fn fresh_step_name(dir: &Path, step: u64, current: Option<&Path>) -> Result<String> {
+    let base = format!("{STEP_PREFIX}{step:09}");
+    for i in 1..100 {
+        let name = if i == 1 { base.clone() } else { format!("{base}-{i}") };
+        if current.is_some_and(|c| c == Path::new(&name)) {
+            continue;
+        }
+        let path = dir.join(&name);
+        let _ = std::fs::remove_dir_all(&path);
+        if !path.exists() {
+            return Ok(name);
+        }
+    }
+    Err(Error::checkpoint(dir, format!("cannot remove the leftover folders {base}…: check its permissions")))
+}
+
+/// Points `dir/current` at `name` with one rename (the atomic step of a commit).
+fn switch_current(dir: &Path, name: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{CURRENT}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(name, &tmp).map_err(|e| Error::io(&tmp, e))?;
+    #[cfg(windows)]
+    std::os::windows::fs::symlink_dir(name, &tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = std::fs::rename(&tmp, dir.join(CURRENT)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(dir.join(CURRENT), e));
+    }
+    crate::fsutil::sync_dir(dir);
+    Ok(())
+}
+
+fn list_step_folders(dir: &Path) -> impl Iterator<Item = String> {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().filter_map(|e| {
+        let name = e.file_name().to_str()?.to_string();
+        let is_step = name.strip_prefix(STEP_PREFIX).is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()));
+        (is_step && e.file_type().ok()?.is_dir()).then_some(name)
+    })
+}
+
+/// After a commit of `current`: removes step folders other than it and `previous`, pointer
+/// temporaries, and the files of a flat checkpoint this directory held before (now superseded).
+fn remove_leftovers(dir: &Path, current: &str, previous: Option<&Path>) {
+    for name in list_step_folders(dir) {
+        if name != current && previous.is_none_or(|p| p != Path::new(&name)) {
+            let _ = std::fs::remove_dir_all(dir.join(&name));
+        }
+    }
+    // A flat checkpoint (config.json beside the files) that the commit superseded, on resume.
+    let flat_checkpoint = dir.join(MANIFEST_FILE).is_file();
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pointer_tmp = name.starts_with(&format!(".{CURRENT}.")) && name.ends_with(".tmp");
+        // `.NAME.PID.tmp` files of older versions, which wrote each file in place.
+        let old_tmp = [MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE, MODEL_FILE_GZ]
+            .iter()
+            .any(|f| name.starts_with(&format!(".{f}.")) && name.ends_with(".tmp"));
+        let flat = flat_checkpoint && [MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE, MODEL_FILE_GZ].contains(&name.as_str());
+        if pointer_tmp || old_tmp || flat {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Removes what interrupted commits left in `dir`, if no writer holds it (a reader's clean-up;
+/// nothing is locked or created unless there is something to remove).
+fn remove_leftovers_if_free(dir: &Path) {
+    let Ok(current) = std::fs::read_link(dir.join(CURRENT)) else { return };
+    let stale = list_step_folders(dir).any(|n| Path::new(&n) != current)
+        || std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"));
+    if !stale {
+        return;
+    }
+    if let Ok(Some(_lock)) = DirLock::try_acquire(dir) {
+        prepare_for_writing(dir);
+    }
+}
+
+/// The right to write checkpoints into a directory: its [`DirLock`], taken after checking
+/// what an interrupted commit left there. A directory that this guard created is removed
+/// again when it is dropped with nothing committed in it, so a run that fails before its first
+/// checkpoint (a bad folder, a bad setting) leaves nothing behind.
+pub struct WriteGuard {
+    dir: PathBuf,
+    created: bool,
+    lock: Option<DirLock>,
+}
+
+impl WriteGuard {
+    /// Locks `dir` (creating it) and removes the leftovers of interrupted commits.
+    pub fn acquire(dir: &Path) -> Result<WriteGuard> {
+        let created = !dir.exists();
+        let lock = DirLock::acquire(dir)?;
+        prepare_for_writing(dir);
+        Ok(WriteGuard { dir: dir.to_path_buf(), created, lock: Some(lock) })
+    }
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        let committed = exists(&self.dir) || exists(&self.dir.join("last"));
+        if self.created && !committed {
+            // Still locked: nobody else can have written here.
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        self.lock.take();
+    }
+}
+
+/// Fails if `dir`, which holds no committed checkpoint, holds weights or optimizer files
+/// anyway: a new run would supersede (and remove) them.
+pub fn refuse_foreign_files(dir: &Path) -> Result<()> {
+    for name in [MODEL_FILE, MODEL_FILE_GZ, OPTIMIZER_FILE] {
+        if dir.join(name).exists() {
+            return Err(Error::checkpoint(
+                dir,
+                format!("holds {name} but no {MANIFEST_FILE}: not a checkpoint this version can continue, and a new run would replace it; choose another --out, or move the file away"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything an interrupted commit can leave in `dir` (call holding its lock).
+pub fn prepare_for_writing(dir: &Path) {
+    if let Ok(current) = std::fs::read_link(dir.join(CURRENT)) {
+        let current = current.to_string_lossy().into_owned();
+        remove_leftovers(dir, &current, None);
+    } else if !dir.join(MANIFEST_FILE).exists() {
+        // Nothing committed yet: every step folder is an interrupted first commit.
+        for name in list_step_folders(dir) {
+            let _ = std::fs::remove_dir_all(dir.join(&name));
+        }
+    }
 }
 
 fn metadata(manifest: &Manifest) -> HashMap<String, String> {
     HashMap::from([("step".to_string(), manifest.state.step.to_string()), ("format".into(), FORMAT.into())])
-}
-
-fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
-    let json = serde_json::to_vec_pretty(manifest).expect("invariant: plain data serialises");
-    write(&dir.join(MANIFEST_FILE), &json)
 }

@@ -112,7 +112,15 @@ impl Params {
                     format!("tensor {name} has shape {:?}, the model config needs {:?}", t.dims(), var.dims()),
                 ));
             }
-            var.set(&t.to_dtype(var.dtype())?)?;
+            let t = t.to_dtype(var.dtype())?;
+            let finite = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
+            if !finite {
+                return Err(Error::checkpoint(
+                    source,
+                    format!("tensor {name} holds NaN or infinite values (training diverged): use an earlier checkpoint, or retrain with a lower --lr"),
+                ));
+            }
+            var.set(&t)?;
         }
         if let Some(extra) = tensors.keys().filter(|k| !named.iter().any(|(n, _)| n == *k)).min() {
             return Err(Error::checkpoint(
@@ -130,19 +138,25 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: HashMap<String,
     safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Config(format!("serialising tensors: {e}")))
 }
 
-/// Reads a safetensors file (gzip-compressed if its name ends in `.gz`) into named tensors and
-/// its metadata.
-pub fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+/// Parses the bytes of a safetensors file (gzip-compressed if `path`'s name ends in `.gz`)
+/// into named tensors and its metadata; `path` names the file in errors.
+pub fn parse_safetensors(path: &Path, mut bytes: Vec<u8>) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     if path.extension().is_some_and(|e| e == "gz") {
+        // Bounded: a small damaged or hostile file must not inflate without limit.
+        const MAX_INFLATED: u64 = 4 << 30;
         let mut raw = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes.as_slice()), &mut raw)
-            .map_err(|e| Error::checkpoint(path, format!("not a readable gzip file: {e}")))?;
+        let inflated = std::io::Read::read_to_end(
+            &mut std::io::Read::take(flate2::read::GzDecoder::new(bytes.as_slice()), MAX_INFLATED + 1),
+            &mut raw,
+        )
+        .map_err(|e| Error::checkpoint(path, format!("not a readable gzip file: {e}")))?;
+        if inflated as u64 > MAX_INFLATED {
+            return Err(Error::checkpoint(path, "inflates to more than 4 GiB: not a wavegen weights file"));
+        }
         bytes = raw;
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file: {e}")))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file: {e}")))?;
+    let unreadable = |e: String| Error::checkpoint(path, format!("not a readable safetensors file: {e}"));
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| unreadable(e.to_string()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| unreadable(e.to_string()))?;
     Ok((tensors, header.metadata().clone().unwrap_or_default()))
 }

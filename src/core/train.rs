@@ -72,7 +72,7 @@ impl TrainConfig {
 
     /// Checks the ranges.
     pub fn validate(&self) -> Result<()> {
-        if !(self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+        if !(self.lr > 0.0 && self.lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             return Err(Error::Config(format!(
                 "need 0 ≤ min-lr ≤ lr and lr > 0 (lr {}, min-lr {})",
                 self.lr, self.min_lr
@@ -80,6 +80,11 @@ impl TrainConfig {
         }
         if self.eval_every == 0 || self.checkpoint_every == 0 {
             return Err(Error::Config("--eval-every and --checkpoint-every must be at least 1".into()));
+        }
+        if let Some(m) = self.max_minutes
+            && !(m >= 0.0 && m.is_finite())
+        {
+            return Err(Error::Config(format!("--minutes must be a finite number ≥ 0, got {m}")));
         }
         Ok(())
     }

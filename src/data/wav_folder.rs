@@ -38,6 +38,27 @@ impl Default for AudioSettings {
 }
 
 impl AudioSettings {
+    /// Checks the ranges: a rate from 1 kHz to 192 kHz, a finite trim depth ≥ 0 dB, a finite
+    /// minimum length from 0 to 1 hour.
+    pub fn validate(&self) -> Result<()> {
+        if !(1000..=192_000).contains(&self.sample_rate) {
+            return Err(Error::Config(format!(
+                "sample rate {} Hz: it must be from 1000 to 192000 Hz",
+                self.sample_rate
+            )));
+        }
+        if !(self.trim_db >= 0.0 && self.trim_db.is_finite()) {
+            return Err(Error::Config(format!(
+                "trim depth {} dB: it must be a finite number ≥ 0 (how far below the peak counts as silence)",
+                self.trim_db
+            )));
+        }
+        if !(0.0..=3600.0).contains(&self.min_seconds) {
+            return Err(Error::Config(format!("min_seconds {}: it must be from 0 to 3600", self.min_seconds)));
+        }
+        Ok(())
+    }
+
     /// Turns one decoded file into codes: resample, trim, encode. `Err` holds why the file was dropped.
     pub fn encode(&self, audio: &wav::Mono) -> std::result::Result<Vec<u8>, String> {
         let samples =

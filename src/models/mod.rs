@@ -52,8 +52,54 @@ impl ModelConfig {
         }
     }
 
+    /// Checks every size against its limit (before anything is allocated: a config.json can
+    /// ask for anything).
+    pub fn validate(&self) -> Result<()> {
+        let params = match self {
+            ModelConfig::Wavenet(c) => return c.validate(),
+            ModelConfig::Fvsbn(c) => {
+                within("pixels", c.pixels, 2, MAX_PIXELS)?;
+                c.pixels * c.pixels
+            }
+            ModelConfig::Nade(c) => {
+                within("pixels", c.pixels, 2, MAX_PIXELS)?;
+                within("hidden", c.hidden, 1, MAX_HIDDEN)?;
+                2 * c.pixels * c.hidden
+            }
+            ModelConfig::Made(c) => {
+                within("pixels", c.pixels, 2, MAX_PIXELS)?;
+                within("hidden layers", c.hidden.len(), 1, 8)?;
+                for &h in &c.hidden {
+                    within("hidden", h, 1, MAX_HIDDEN)?;
+                }
+                within("masks", c.masks, 1, 1000)?;
+                let sizes: Vec<usize> = std::iter::once(c.pixels).chain(c.hidden.iter().copied()).collect();
+                let weights: usize = sizes.windows(2).map(|w| w[0] * w[1]).sum::<usize>()
+                    + c.hidden.last().copied().unwrap_or(0) * c.pixels
+                    + if c.direct { c.pixels * c.pixels } else { 0 };
+                // Each connectivity keeps its masks, as large as the weights.
+                weights.saturating_mul(c.masks.min(MAX_PARAMETERS) + 1)
+            }
+            ModelConfig::Rnade(c) => {
+                within("pixels", c.pixels, 2, MAX_PIXELS)?;
+                within("hidden", c.hidden, 1, MAX_HIDDEN)?;
+                within("components", c.components, 1, 1000)?;
+                within("levels", c.levels, 2, 65_536)?;
+                c.pixels * c.hidden * (1 + 3 * c.components)
+            }
+        };
+        if params > MAX_PARAMETERS {
+            return Err(Error::Config(format!(
+                "this {} would hold about {params} weights, more than the limit of {MAX_PARAMETERS}: make it smaller",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+
     /// Builds the model, loading or creating its weights under `vb`.
     pub fn build(&self, vb: VarBuilder) -> Result<Model> {
+        self.validate()?;
         Ok(match self {
             ModelConfig::Wavenet(c) => Model::Wavenet(wavenet::WaveNet::new(c, vb)?),
             ModelConfig::Fvsbn(c) => Model::Fvsbn(fvsbn::Fvsbn::new(c, vb)?),
@@ -234,6 +280,19 @@ impl Autoregressive for Model {
             _ => Err(Error::Config("a stepper state was passed to another kind of model".into())),
         }
     }
+}
+
+/// The most weights (and masks) a model may hold: 200 M, 800 MB of f32.
+pub const MAX_PARAMETERS: usize = 200_000_000;
+const MAX_PIXELS: usize = 1 << 16;
+const MAX_HIDDEN: usize = 100_000;
+
+/// Fails unless `lo ≤ value ≤ hi`, naming the setting and its limits.
+pub fn within(name: &str, value: usize, lo: usize, hi: usize) -> Result<()> {
+    if value < lo || value > hi {
+        return Err(Error::Config(format!("{name} is {value}; it must be from {lo} to {hi}")));
+    }
+    Ok(())
 }
 
 /// Checks the sequence length of an image model.

@@ -124,25 +124,27 @@ impl Config {
         1 + (self.kernel_width - 1) * (0..self.layers()).map(|i| self.dilation(i)).sum::<usize>()
     }
 
-    /// Checks that every size is usable.
+    /// Checks that every size is usable, within limits that keep a model (and its receptive
+    /// field) buildable; nothing is allocated before this passes.
     pub fn validate(&self) -> Result<()> {
-        let sizes = [
-            ("layers-per-cycle", self.layers_per_cycle),
-            ("cycles", self.cycles),
-            ("kernel-width", self.kernel_width),
-            ("residual-channels", self.residual_channels),
-            ("gate-channels", self.gate_channels),
-            ("skip-channels", self.skip_channels),
-            ("head-channels", self.head_channels),
-            ("classes", self.classes),
-        ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::Config(format!("WaveNet --{name} must be at least 1")));
-        }
-        if self.layers_per_cycle > 24 {
+        use super::within;
+        within("WaveNet --layers-per-cycle", self.layers_per_cycle, 1, 20)?;
+        within("WaveNet --cycles", self.cycles, 1, 64)?;
+        within("WaveNet --kernel-width", self.kernel_width, 1, 16)?;
+        within("WaveNet --residual-channels", self.residual_channels, 1, 4096)?;
+        within("WaveNet --gate-channels", self.gate_channels, 1, 4096)?;
+        within("WaveNet --skip-channels", self.skip_channels, 1, 4096)?;
+        within("WaveNet --head-channels", self.head_channels, 1, 4096)?;
+        within("WaveNet classes", self.classes, 2, 65_536)?;
+        within("WaveNet labels", self.num_labels, 0, 100_000)?;
+        within("WaveNet receptive field (samples)", self.receptive_field(), 1, 1 << 22)?;
+        let (c, g, s, h) = (self.residual_channels, self.gate_channels, self.skip_channels, self.head_channels);
+        let per_layer = self.kernel_width * c * 2 * g + (self.num_labels + 1) * 2 * g + g * (c + s) + c + s;
+        let params = self.classes * c + self.layers() * per_layer + s * h + h * self.classes;
+        if params > super::MAX_PARAMETERS {
             return Err(Error::Config(format!(
-                "WaveNet --layers-per-cycle {} gives dilations past 2^23",
-                self.layers_per_cycle
+                "this WaveNet would hold {params} weights, more than the limit of {}: use fewer layers or channels",
+                super::MAX_PARAMETERS
             )));
         }
         Ok(())

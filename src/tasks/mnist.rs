@@ -25,6 +25,8 @@ use crate::rng::Rng;
 use crate::{Error, Result};
 
 const LAST: &str = "last";
+/// The most epochs a run may ask for.
+const MAX_EPOCHS: u64 = 100_000;
 
 /// Whether a model is of grey levels (RNADE: dequantised 8-bit MNIST) rather than binary pixels.
 fn is_grey(model: &ModelConfig) -> bool {
@@ -76,7 +78,8 @@ pub struct ImageModel {
 impl ImageModel {
     /// Loads the checkpoint directory `dir` (or a file in it).
     pub fn load(dir: &Path) -> Result<Self> {
-        let manifest = checkpoint::read_manifest(dir)?;
+        let ckpt = checkpoint::open(dir)?;
+        let manifest = ckpt.manifest.clone();
         if manifest.images.is_none() {
             return Err(Error::checkpoint(
                 dir,
@@ -85,7 +88,7 @@ impl ImageModel {
         }
         let params = Params::new(manifest.seed);
         let model = manifest.model.build(params.var_builder(DType::F32))?;
-        checkpoint::load_weights(dir, &manifest, &params)?;
+        ckpt.load_weights(&params)?;
         Ok(ImageModel { manifest, model, params })
     }
 }
@@ -146,8 +149,19 @@ pub struct MnistTrainSummary {
 /// Trains (or resumes) an image model on MNIST.
 pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) -> Result<MnistTrainSummary> {
     let last = opts.out.join(LAST);
-    let existing = last.join("config.json").exists();
-    if opts.out.join("config.json").exists() && !existing {
+    if opts.resume && !checkpoint::exists(&last) {
+        return Err(Error::checkpoint(
+            &opts.out,
+            format!("holds no committed {LAST}/ checkpoint to resume: check the path, or drop --resume to start a new run"),
+        ));
+    }
+    if opts.epochs > MAX_EPOCHS {
+        return Err(Error::Config(format!("--epochs is {}; it must be at most {MAX_EPOCHS}", opts.epochs)));
+    }
+    let _guard = checkpoint::WriteGuard::acquire(&opts.out)?;
+    checkpoint::prepare_for_writing(&last);
+    let existing = checkpoint::exists(&last);
+    if checkpoint::exists(&opts.out) && !existing {
         return Err(Error::Config(format!(
             "{} holds a model but no {LAST}/ state to resume: choose another --out",
             opts.out.display()
@@ -159,12 +173,16 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
             opts.out.display()
         )));
     }
-    let mut manifest = if existing {
-        let m = checkpoint::read_manifest(&last)?;
-        reporter.note(&format!("resuming {} at step {}", last.display(), m.state.step));
-        m
-    } else {
-        new_manifest(opts)?
+    if !existing {
+        checkpoint::refuse_foreign_files(&opts.out)?;
+    }
+    let resumed = if existing { Some(checkpoint::open(&last)?) } else { None };
+    let mut manifest = match &resumed {
+        Some(ckpt) => {
+            reporter.note(&format!("resuming {} at step {}", last.display(), ckpt.manifest.state.step));
+            ckpt.manifest.clone()
+        }
+        None => new_manifest(opts)?,
     };
     let grey = is_grey(&manifest.model);
     let dataset = dataset_of(&manifest).to_string();
@@ -184,9 +202,9 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     let params = Params::new(manifest.seed);
     let model = manifest.model.build(params.var_builder(DType::F32))?;
     let mut opt = AdamW::new(&params, manifest.train.adamw.clone())?;
-    if existing {
-        checkpoint::load_weights(&last, &manifest, &params)?;
-        checkpoint::load_optimizer(&last, &manifest, &mut opt)?;
+    if let Some(ckpt) = &resumed {
+        ckpt.load_weights(&params)?;
+        ckpt.load_optimizer(&mut opt)?;
     } else {
         init_output_bias(&params, &train_set)?;
     }
@@ -212,7 +230,7 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     let mut save = |state: &TrainState, opt: &AdamW| -> Result<()> {
         let m = manifest.at(state, opt.t);
         let improved = state.history.last().is_some_and(|e| Some(e.val_nats) == state.best_val_nats);
-        if improved || !out.join(checkpoint::MODEL_FILE).exists() {
+        if improved || !checkpoint::exists(&out) {
             checkpoint::save(&out, &m, &params, None)?;
         }
         checkpoint::save(&out.join(LAST), &m, &params, Some(opt))
@@ -295,6 +313,7 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
         train,
         state: TrainState::new(opts.seed),
         optimizer_steps: 0,
+        files: Default::default(),
     })
 }
 
@@ -484,14 +503,19 @@ pub fn compact(dir: &Path, out: &Path) -> Result<(u64, u64)> {
             Ok((name, t.to_dtype(DType::F16)?))
         })
         .collect::<Result<Vec<_>>>()?;
+    let _guard = checkpoint::WriteGuard::acquire(out)?;
     checkpoint::save_shipping_copy(out, &m.manifest, &weights)?;
     let dir = checkpoint::resolve_dir(dir);
     let log = dir.join("train.log");
     if log.is_file() {
-        std::fs::copy(&log, out.join("train.log")).map_err(|e| Error::io(&log, e))?;
+        let bytes = crate::fsutil::read_regular(&log, 64 << 20)?;
+        crate::fsutil::write_bytes_atomically(&out.join("train.log"), &bytes)?;
     }
-    let size = |d: &Path| std::fs::metadata(checkpoint::weights_file(d)).map(|m| m.len()).unwrap_or(0);
-    Ok((size(&dir), size(out)))
+    let size = |d: &Path| -> Result<u64> {
+        let file = checkpoint::open(d)?.weights_file();
+        Ok(std::fs::metadata(&file).map_err(|e| Error::io(&file, e))?.len())
+    };
+    Ok((size(&dir)?, size(out)?))
 }
 
 /// Samples `n` digits into a PNG grid.

@@ -54,7 +54,8 @@ pub struct AudioModel {
 impl AudioModel {
     /// Loads the checkpoint directory `dir` (or a file in it).
     pub fn load(dir: &Path) -> Result<Self> {
-        let manifest = checkpoint::read_manifest(dir)?;
+        let ckpt = checkpoint::open(dir)?;
+        let manifest = ckpt.manifest.clone();
         if manifest.audio.is_none() {
             return Err(Error::checkpoint(dir, "not an audio model (no audio settings in config.json)"));
         }
@@ -63,7 +64,7 @@ impl AudioModel {
         })?;
         let params = Params::new(manifest.seed);
         let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
-        checkpoint::load_weights(dir, &manifest, &params)?;
+        ckpt.load_weights(&params)?;
         Ok(AudioModel { manifest, model, params })
     }
 
@@ -107,10 +108,11 @@ pub struct Info {
 
 /// Describes a checkpoint of any model.
 pub fn info(dir: &Path) -> Result<Info> {
-    let manifest = checkpoint::read_manifest(dir)?;
+    let ckpt = checkpoint::open(dir)?;
+    let manifest = ckpt.manifest.clone();
     let params = Params::new(manifest.seed);
     let model = manifest.model.build(params.var_builder(DType::F32))?;
-    checkpoint::load_weights(dir, &manifest, &params)?;
+    ckpt.load_weights(&params)?;
     let rf = manifest.audio.as_ref().and(model.receptive_field());
     let rate = manifest.audio.as_ref().map(|a| a.settings.sample_rate as f64);
     Ok(Info {

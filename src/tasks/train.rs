@@ -20,8 +20,9 @@ use crate::{Error, Result};
 /// Everything `wavegen train` needs.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
-    /// Folder of WAV files (searched recursively).
-    pub data_dir: PathBuf,
+    /// Folder of WAV files (searched recursively). Required for a new run; on resume, `None`
+    /// uses the checkpoint's folder and `Some` replaces it (the folder moved).
+    pub data_dir: Option<PathBuf>,
     /// Optional separate validation folder.
     pub val_dir: Option<PathBuf>,
     /// Fraction of files held out when there is no validation folder.
@@ -115,31 +116,59 @@ fn indices_of(corpus: &Corpus, names: &[String]) -> Result<Vec<usize>> {
 
 /// Trains (or resumes) a WaveNet; `stop` is raised by Ctrl-C.
 pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) -> Result<TrainSummary> {
-    let existing = opts.out.join("config.json").exists();
+    // Checked before anything is created: a mistyped directory must not become a new run.
+    if opts.resume && !checkpoint::exists(&opts.out) {
+        return Err(Error::checkpoint(
+            &opts.out,
+            "holds no committed checkpoint to resume: check the path, or drop --resume to start a new run",
+        ));
+    }
+    let _guard = checkpoint::WriteGuard::acquire(&opts.out)?;
+    let existing = checkpoint::exists(&opts.out);
     if existing && !opts.resume {
         return Err(Error::Config(format!(
             "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
             opts.out.display()
         )));
     }
+    if !existing {
+        checkpoint::refuse_foreign_files(&opts.out)?;
+    }
     // The run's settings: from the checkpoint when resuming, from the options otherwise.
-    let mut manifest = if existing {
-        let mut m = checkpoint::read_manifest(&opts.out)?;
+    let (mut manifest, resumed) = if existing {
+        let ckpt = checkpoint::open(&opts.out)?;
+        let mut m = ckpt.manifest.clone();
         m.train.max_steps = opts.train.max_steps;
         m.train.max_minutes = opts.train.max_minutes;
         if let Some(decay_steps) = opts.reschedule_decay {
             m.train.decay_steps = decay_steps;
         }
-        if m.audio.is_none() {
-            return Err(Error::checkpoint(&opts.out, "not an audio checkpoint"));
+        m.train.validate()?;
+        let Some(audio) = m.audio.as_mut() else {
+            return Err(Error::checkpoint(&opts.out, "not an audio checkpoint: resume it with `wavegen mnist train`"));
+        };
+        match &opts.data_dir {
+            Some(dir) if !same_folder(dir, &audio.train_dir) => {
+                reporter.note(&format!(
+                    "training folder: {} (the checkpoint had {})",
+                    dir.display(),
+                    audio.train_dir.display()
+                ));
+                audio.train_dir = absolute(dir);
+            }
+            Some(_) => {}
+            None if !audio.train_dir.is_dir() => {
+                return Err(Error::Config(format!(
+                    "the checkpoint's training folder {} is not there (moved, or relative to where training started): pass the folder as DIR",
+                    audio.train_dir.display()
+                )));
+            }
+            None => {}
         }
         reporter.note(&format!("resuming {} at step {}", opts.out.display(), m.state.step));
-        m
+        (m, Some(ckpt))
     } else {
-        if opts.resume {
-            reporter.note(&format!("no checkpoint in {} yet: starting a new one", opts.out.display()));
-        }
-        new_manifest(opts)?
+        (new_manifest(opts)?, None)
     };
     let audio = manifest.audio.clone().expect("invariant: audio manifest");
     let train_corpus = open_corpus(&audio.train_dir, &audio.settings, &opts.cache_dir, reporter)?;
@@ -180,15 +209,16 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
         val.seconds(&val_files, audio.settings.sample_rate)
     ));
     manifest.audio = Some(audio.clone());
+    manifest.validate()?;
 
     // Model and optimizer, fresh or restored.
     let cfg = manifest.model.wavenet().ok_or_else(|| Error::checkpoint(&opts.out, "not a WaveNet checkpoint"))?;
     let params = Params::new(manifest.seed);
     let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
     let mut opt = AdamW::new(&params, manifest.train.adamw.clone())?;
-    if existing {
-        checkpoint::load_weights(&opts.out, &manifest, &params)?;
-        checkpoint::load_optimizer(&opts.out, &manifest, &mut opt)?;
+    if let Some(ckpt) = &resumed {
+        ckpt.load_weights(&params)?;
+        ckpt.load_optimizer(&mut opt)?;
     }
     let receptive_field = cfg.receptive_field();
     reporter.note(&format!(
@@ -242,24 +272,27 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     })
 }
 
+/// The absolute form of `dir` (so that a checkpoint can be resumed from any directory).
+fn absolute(dir: &Path) -> PathBuf {
+    dir.canonicalize().or_else(|_| std::path::absolute(dir)).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+fn same_folder(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
 fn new_manifest(opts: &TrainOptions) -> Result<Manifest> {
-    opts.model.validate()?;
+    let data_dir = opts.data_dir.as_deref().ok_or_else(|| Error::Config("no training folder given".into()))?;
     opts.train.validate()?;
-    if opts.window == 0 || opts.batch_size == 0 || opts.max_val_windows == 0 {
-        return Err(Error::Config("--window, --batch-size and --val-windows must be at least 1".into()));
-    }
-    if opts.audio.sample_rate < 1000 {
-        return Err(Error::Config(format!("--sample-rate {} is too low (at least 1000 Hz)", opts.audio.sample_rate)));
-    }
-    Ok(Manifest {
+    let manifest = Manifest {
         format: FORMAT.into(),
-        model: ModelConfig::Wavenet(opts.model.clone()),
+        model: ModelConfig::Wavenet(wavenet::Config { num_labels: 0, ..opts.model.clone() }),
         seed: opts.seed,
         audio: Some(AudioData {
             settings: opts.audio.clone(),
             labels: vec![],
-            train_dir: opts.data_dir.clone(),
-            val_dir: opts.val_dir.clone(),
+            train_dir: absolute(data_dir),
+            val_dir: opts.val_dir.as_deref().map(absolute),
             val_fraction: opts.val_fraction,
             train_files: vec![],
             val_files: vec![],
@@ -271,7 +304,12 @@ fn new_manifest(opts: &TrainOptions) -> Result<Manifest> {
         train: opts.train.clone(),
         state: TrainState::new(opts.seed),
         optimizer_steps: 0,
-    })
+        files: Default::default(),
+    };
+    // Labels and the file split are filled in once the folder is read; the rest is checked now.
+    manifest.model.validate()?;
+    manifest.audio.as_ref().expect("invariant: just made").validate(&manifest.model)?;
+    Ok(manifest)
 }
 
 fn split(train: &Corpus, val: Option<&Corpus>, fraction: f64) -> Result<(Vec<usize>, Vec<usize>)> {

@@ -55,7 +55,7 @@ pub fn periodic_folder(dir: &Path, files: usize, period: usize, rate: u32, secon
 /// Training options for a tiny WaveNet at 8 kHz.
 pub fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
     TrainOptions {
-        data_dir: data.to_path_buf(),
+        data_dir: Some(data.to_path_buf()),
         val_dir: None,
         val_fraction: 0.25,
         out: out.to_path_buf(),
