@@ -59,23 +59,44 @@ impl AudioSettings {
         Ok(())
     }
 
-    /// Turns one decoded file into codes: resample, trim, encode. `Err` holds why the file was dropped.
+    /// Turns one decoded file into training codes: resample, trim, encode. `Err` holds why the
+    /// file was dropped (silence, too short).
     pub fn encode(&self, audio: &wav::Mono) -> std::result::Result<Vec<u8>, String> {
         let samples =
             resample::resample(&audio.samples, audio.sample_rate, self.sample_rate).map_err(|e| e.to_string())?;
-        let peak = samples.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
-        if peak == 0.0 {
+        if samples.iter().all(|&x| x == 0.0) {
             return Err("digital silence".into());
         }
-        let threshold = peak * 10f32.powf(-self.trim_db / 20.0);
-        let first = samples.iter().position(|&x| x.abs() >= threshold).unwrap_or(0);
-        let last = samples.iter().rposition(|&x| x.abs() >= threshold).unwrap_or(0);
-        let kept = &samples[first..=last];
+        let kept = self.trim(&samples);
         let seconds = kept.len() as f32 / self.sample_rate as f32;
         if seconds < self.min_seconds {
             return Err(format!("only {seconds:.3} s above the silence threshold (minimum {} s)", self.min_seconds));
         }
         Ok(mulaw::encode_all(kept))
+    }
+
+    /// Turns one decoded file into the codes `wavegen eval` scores: as for training, but any
+    /// length counts and digital silence is scored as it is. `Err` only for a file of no samples.
+    pub fn encode_for_scoring(&self, audio: &wav::Mono) -> std::result::Result<Vec<u8>, String> {
+        let samples =
+            resample::resample(&audio.samples, audio.sample_rate, self.sample_rate).map_err(|e| e.to_string())?;
+        if samples.is_empty() {
+            return Err("the file holds no samples: nothing to score".into());
+        }
+        Ok(mulaw::encode_all(self.trim(&samples)))
+    }
+
+    /// `samples` without the leading and trailing part quieter than `trim_db` below the peak
+    /// (all of it when it is silent).
+    fn trim<'a>(&self, samples: &'a [f32]) -> &'a [f32] {
+        let peak = samples.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+        if peak == 0.0 {
+            return samples;
+        }
+        let threshold = peak * 10f32.powf(-self.trim_db / 20.0);
+        let first = samples.iter().position(|&x| x.abs() >= threshold).unwrap_or(0);
+        let last = samples.iter().rposition(|&x| x.abs() >= threshold).unwrap_or(0);
+        &samples[first..=last]
     }
 }
 
@@ -136,30 +157,86 @@ impl std::fmt::Debug for Corpus {
     }
 }
 
-/// Every `.wav` file under `root` (any case of the extension), as sorted relative names.
-pub fn find_wav_files(root: &Path) -> Result<Vec<String>> {
-    fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) -> Result<()> {
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(dir, e))?;
-            let path = entry.path();
-            let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
-            if kind.is_dir() || (kind.is_symlink() && path.is_dir()) {
-                walk(&path, root, out)?;
-            } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("wav")) {
-                let rel = path.strip_prefix(root).expect("invariant: walked from root");
-                out.push(rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"));
+/// The `.wav` files under a folder.
+#[derive(Debug, Clone, Default)]
+pub struct WavFiles {
+    /// (name relative to the root with `/` separators, path to open), sorted by name. A name
+    /// that is not UTF-8 is shown with replacement characters; the path is exact.
+    pub files: Vec<(String, PathBuf)>,
+    /// Entries passed over, and why (a dangling link, a FIFO, a second name of a file …).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Every `.wav` file under `root` (any case of the extension), following links but entering
+/// each folder once (by canonical path: a link loop is not a longer list) and listing each file
+/// once (two names of one file would put it on both sides of the validation split). Entries
+/// that cannot be used are listed in `skipped`, never an error of the whole walk.
+pub fn find_wav_files(root: &Path) -> Result<WavFiles> {
+    use std::collections::{HashMap, HashSet};
+    struct Walk {
+        root: PathBuf,
+        seen_dirs: HashSet<PathBuf>,
+        found: Vec<(String, PathBuf, PathBuf)>, // name, path, canonical path
+        skipped: Vec<(String, String)>,
+    }
+    fn name_of(root: &Path, path: &Path) -> String {
+        let rel = path.strip_prefix(root).unwrap_or(path);
+        rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+    }
+    fn walk(w: &mut Walk, dir: &Path) {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => return w.skipped.push((name_of(&w.root, dir), format!("cannot list the folder: {e}"))),
+        };
+        let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for path in entries {
+            let name = name_of(&w.root, &path);
+            let is_wav = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("wav"));
+            // `metadata` follows links: what counts is what a link points at.
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(_) if is_wav || std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) => {
+                    w.skipped.push((name, "a link to nothing (dangling symbolic link)".into()));
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            if meta.is_dir() {
+                match path.canonicalize() {
+                    Ok(canonical) if w.seen_dirs.insert(canonical.clone()) => walk(w, &path),
+                    Ok(_) => w.skipped.push((name, "a folder already searched (a link back into the tree)".into())),
+                    Err(e) => w.skipped.push((name, format!("cannot resolve the folder: {e}"))),
+                }
+            } else if is_wav {
+                if !meta.is_file() {
+                    w.skipped.push((name, "not a regular file (a FIFO, socket or device)".into()));
+                    continue;
+                }
+                let canonical = path.canonicalize().unwrap_or_else(|_| path.clone());
+                w.found.push((name, path, canonical));
             }
         }
-        Ok(())
     }
     if !root.is_dir() {
         return Err(Error::NoAudio { path: root.into(), reason: "not a folder (pass a folder of .wav files)".into() });
     }
-    let mut names = Vec::new();
-    walk(root, root, &mut names)?;
-    names.sort();
-    Ok(names)
+    let canonical_root = root.canonicalize().map_err(|e| Error::io(root, e))?;
+    let mut w = Walk { root: root.to_path_buf(), seen_dirs: HashSet::from([canonical_root]), found: vec![], skipped: vec![] };
+    walk(&mut w, root);
+    w.found.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut first_name: HashMap<PathBuf, String> = HashMap::new();
+    let mut files = Vec::new();
+    for (name, path, canonical) in w.found {
+        match first_name.get(&canonical) {
+            Some(first) => w.skipped.push((name, format!("the same file as {first}"))),
+            None => {
+                first_name.insert(canonical, name.clone());
+                files.push((name, path));
+            }
+        }
+    }
+    Ok(WavFiles { files, skipped: w.skipped })
 }
 
 impl Corpus {
@@ -171,20 +248,20 @@ impl Corpus {
         cache_dir: &Path,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let names = find_wav_files(root)?;
-        if names.is_empty() {
+        let found = find_wav_files(root)?;
+        if found.files.is_empty() {
             return Err(Error::NoAudio {
                 path: root.into(),
                 reason: "no .wav files found (searched all subfolders)".into(),
             });
         }
-        let fingerprint = fingerprint(root, &names, settings)?;
+        let fingerprint = fingerprint(root, &found.files, settings)?;
         let stem = cache_dir.join(format!("corpus-{fingerprint:016x}"));
         let (index_path, codes_path) = (stem.with_extension("json"), stem.with_extension("codes"));
         let index = match read_index(&index_path, fingerprint) {
             Some(index) => index,
             None => {
-                let (index, codes) = build(root, &names, settings, fingerprint, progress);
+                let (index, codes) = build(&found, settings, fingerprint, progress);
                 crate::fsutil::write_bytes_atomically(&codes_path, &codes)?;
                 let json = serde_json::to_vec(&index).expect("invariant: plain data serialises");
                 crate::fsutil::write_bytes_atomically(&index_path, &json)?;
@@ -235,38 +312,44 @@ impl Corpus {
     }
 }
 
-fn fingerprint(root: &Path, names: &[String], settings: &AudioSettings) -> Result<u64> {
-    const CACHE_FORMAT: u32 = 1;
+fn fingerprint(root: &Path, files: &[(String, PathBuf)], settings: &AudioSettings) -> Result<u64> {
+    const CACHE_FORMAT: u32 = 2;
     let mut key = format!("v{CACHE_FORMAT} {:?} {}\n", settings, mulaw::MU);
     key.push_str(&root.canonicalize().unwrap_or_else(|_| root.to_path_buf()).to_string_lossy());
-    for name in names {
-        let path = root.join(name);
-        let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
-        let mtime =
-            meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-        key.push_str(&format!("\n{name} {} {mtime}", meta.len()));
+    for (name, path) in files {
+        // A file that vanished since the walk is decoded (and dropped) like any unreadable one.
+        let (len, mtime) = std::fs::metadata(path).map_or((0, 0), |meta| {
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            (meta.len(), mtime)
+        });
+        key.push_str(&format!("\n{name} {len} {mtime}"));
     }
     Ok(fnv1a(key.as_bytes()))
 }
 
 fn read_index(path: &Path, fingerprint: u64) -> Option<CacheIndex> {
-    let index: CacheIndex = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let bytes = crate::fsutil::read_regular(path, 1 << 30).ok()?;
+    let index: CacheIndex = serde_json::from_slice(&bytes).ok()?;
     (index.fingerprint == fingerprint).then_some(index)
 }
 
 fn build(
-    root: &Path,
-    names: &[String],
+    found: &WavFiles,
     settings: &AudioSettings,
     fingerprint: u64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> (CacheIndex, Vec<u8>) {
     let mut codes = Vec::new();
     let mut files = Vec::new();
-    let mut report = ScanReport { found: names.len(), ..Default::default() };
-    for (i, name) in names.iter().enumerate() {
-        progress(i, names.len());
-        let encoded = wav::read_mono(&root.join(name)).map_err(|e| e.to_string()).and_then(|audio| {
+    let total = found.files.len();
+    let mut report = ScanReport { found: total + found.skipped.len(), dropped: found.skipped.clone(), ..Default::default() };
+    for (i, (name, path)) in found.files.iter().enumerate() {
+        progress(i, total);
+        let encoded = wav::read_mono(path).map_err(|e| e.to_string()).and_then(|audio| {
             let c = settings.encode(&audio)?;
             Ok((c, audio.seconds()))
         });
@@ -282,7 +365,7 @@ fn build(
             Err(why) => report.dropped.push((name.clone(), why)),
         }
     }
-    progress(names.len(), names.len());
+    progress(total, total);
     (CacheIndex { fingerprint, files, report }, codes)
 }
 

@@ -55,6 +55,13 @@ pub struct Streams {
     logits: Vec<f32>,
 }
 
+impl Streams {
+    /// The logits of the last step, `N × classes`.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+}
+
 impl Engine {
     /// Copies the weights of `model` (once, at load).
     pub fn new(model: &WaveNet, kernels: Kernels, exact: bool) -> Result<Self> {

@@ -40,7 +40,7 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
-            out.extend(find_wav_files(p)?.into_iter().map(|n| p.join(n)));
+            out.extend(find_wav_files(p)?.files.into_iter().map(|(_, path)| path));
         } else {
             out.push(p.clone());
         }
@@ -87,9 +87,8 @@ pub fn eval(
     for (i, path) in files.iter().enumerate() {
         reporter.progress("scoring", i as u64, files.len() as u64);
         let audio = wav::read_mono(path)?;
-        let codes = settings
-            .encode(&audio)
-            .map_err(|why| Error::BadWav { path: path.clone(), reason: format!("nothing to score: {why}") })?;
+        let codes =
+            settings.encode_for_scoring(&audio).map_err(|reason| Error::NoAudio { path: path.clone(), reason })?;
         let nats = nll_of_codes(&model, &codes, label, window_len, 8)?;
         total_nats += nats;
         total_samples += codes.len();

@@ -60,6 +60,9 @@ pub struct GenerateOptions {
     pub spectrogram: Option<PathBuf>,
     /// Threads the engine splits the streams over.
     pub threads: usize,
+    /// Return the generated codes and audio in the summary (memory grows with seconds ×
+    /// streams; without it, generation runs in the memory of one second of audio).
+    pub keep: bool,
 }
 
 impl GenerateOptions {
@@ -79,6 +82,7 @@ impl GenerateOptions {
             exact: false,
             spectrogram: None,
             threads: 1,
+            keep: true,
         }
     }
 }
@@ -104,10 +108,10 @@ pub struct GenerateSummary {
     pub method: Method,
     /// The engine's kernels (for the engine).
     pub kernels: Option<&'static str>,
-    /// The generated audio of each stream (not printed).
+    /// The generated audio of each stream, when asked to keep it (not printed).
     #[serde(skip)]
     pub audio: Vec<Vec<f32>>,
-    /// The generated codes of each stream (not printed).
+    /// The generated codes of each stream, when asked to keep them (not printed).
     #[serde(skip)]
     pub codes: Vec<Vec<u32>>,
 }
@@ -119,14 +123,62 @@ fn numbered(path: &Path, i: usize) -> PathBuf {
     path.with_file_name(format!("{stem}-{i}{ext}"))
 }
 
+/// The longest generation: a day of audio.
+pub const MAX_SECONDS: f64 = 86_400.0;
+/// The most streams generated together.
+pub const MAX_STREAMS: usize = 1024;
+/// The candle methods keep every code in memory and are references, not for long audio.
+const MAX_REFERENCE_SECONDS: f64 = 60.0;
+/// The spectrogram shows at most this much of the first stream.
+const MAX_SPECTROGRAM_SECONDS: f64 = 600.0;
+
+/// Where generated chunks go: the WAV files, and what the summary keeps.
+struct Sinks {
+    writers: Vec<wav::PcmWriter>,
+    files: Vec<PathBuf>,
+    multichannel: bool,
+    keep: Option<Vec<Vec<u32>>>,
+    spectrogram: Option<Vec<f32>>,
+    spectrogram_limit: usize,
+}
+
+impl Sinks {
+    fn take(&mut self, codes: &[Vec<u32>]) -> Result<()> {
+        let audio: Vec<Vec<f32>> = codes.iter().map(|c| c.iter().map(|&x| mulaw::decode(x as u8)).collect()).collect();
+        if self.multichannel {
+            let channels: Vec<&[f32]> = audio.iter().map(|a| a.as_slice()).collect();
+            self.writers[0].write(&channels)?;
+        } else {
+            for (w, a) in self.writers.iter_mut().zip(&audio) {
+                w.write(&[a])?;
+            }
+        }
+        if let Some(kept) = &mut self.keep {
+            kept.iter_mut().zip(codes).for_each(|(k, c)| k.extend_from_slice(c));
+        }
+        if let Some(first) = &mut self.spectrogram {
+            let room = self.spectrogram_limit.saturating_sub(first.len());
+            first.extend_from_slice(&audio[0][..room.min(audio[0].len())]);
+        }
+        Ok(())
+    }
+}
+
 /// Generates audio.
 pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<GenerateSummary> {
     opts.sampler.validate()?;
-    if !(opts.seconds > 0.0 && opts.seconds.is_finite()) {
-        return Err(Error::Config(format!("--seconds must be positive, got {}", opts.seconds)));
+    if !(opts.seconds > 0.0 && opts.seconds <= MAX_SECONDS) {
+        return Err(Error::Config(format!(
+            "--seconds is {}; it must be more than 0 and at most {MAX_SECONDS} (a day)",
+            opts.seconds
+        )));
     }
-    if opts.streams == 0 {
-        return Err(Error::Config("--streams must be at least 1".into()));
+    crate::models::within("--streams", opts.streams, 1, MAX_STREAMS)?;
+    if opts.method != Method::Engine && opts.seconds > MAX_REFERENCE_SECONDS {
+        return Err(Error::Config(format!(
+            "--method {:?} is a slow reference: at most {MAX_REFERENCE_SECONDS} s (use the engine for long audio)",
+            opts.method
+        )));
     }
     let m = AudioModel::load(&opts.checkpoint)?;
     let rate = m.audio().settings.sample_rate;
@@ -143,30 +195,60 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
     };
     let steps = (opts.seconds * rate as f64).round().max(1.0) as usize;
     let n = opts.streams;
-    let mut primed_at = None;
-    let mut progress = |done: usize| {
-        primed_at.get_or_insert_with(Instant::now);
-        reporter.progress("generating", done as u64, steps as u64);
+
+    // The outputs first: a bad path fails before any work is done.
+    let mut sinks = Sinks {
+        writers: vec![],
+        files: vec![],
+        multichannel: opts.multichannel && n > 1,
+        keep: opts.keep.then(|| vec![Vec::new(); n]),
+        spectrogram: opts.spectrogram.as_ref().map(|_| Vec::new()),
+        spectrogram_limit: (MAX_SPECTROGRAM_SECONDS * rate as f64) as usize,
     };
+    if let Some(out) = &opts.out {
+        if n == 1 || opts.multichannel {
+            sinks.writers.push(wav::PcmWriter::create(out, rate, n, steps as u64)?);
+            sinks.files.push(out.clone());
+        } else {
+            for i in 0..n {
+                let path = numbered(out, i);
+                sinks.writers.push(wav::PcmWriter::create(&path, rate, 1, steps as u64)?);
+                sinks.files.push(path);
+            }
+        }
+    }
+
     let mut kernels = None;
-    let codes = match opts.method {
+    let primed_at;
+    match opts.method {
         Method::Engine => {
             let engine = Engine::new(&m.model, Kernels::detect(), opts.exact)?;
             kernels = Some(engine.kernels().name);
-            let mut specs: Vec<StreamSpec> = (0..n)
+            let specs: Vec<StreamSpec> = (0..n)
                 .map(|i| StreamSpec {
                     sampler: opts.sampler.clone(),
                     rng: Rng::derived(opts.seed + i as u64, "sample"),
                     label: label.unwrap_or(0),
                 })
                 .collect();
-            engine::generate_parallel(&engine, &mut specs, &prime, steps, opts.threads, &mut progress)?
+            let mut generator = engine::Generator::new(&engine, specs, &prime, opts.threads)?;
+            primed_at = Instant::now();
+            // One second at a time: memory stays that of one second, whatever the length.
+            let chunk = rate as usize;
+            let mut done = 0;
+            while done < steps {
+                reporter.progress("generating", done as u64, steps as u64);
+                let len = chunk.min(steps - done);
+                sinks.take(&generator.next_chunk(len)?)?;
+                done += len;
+            }
         }
         Method::Stepper | Method::Naive => {
             let labels = label.map(|l| Tensor::new(vec![l; n], &Device::Cpu)).transpose()?;
             let method = if opts.method == Method::Naive { sample::Method::Naive } else { sample::Method::Cached };
             let mut rng = Rng::derived(opts.seed, "sample");
-            sample::generate(
+            let mut started = None;
+            let codes = sample::generate(
                 &m.model,
                 &vec![prime; n],
                 labels.as_ref(),
@@ -174,32 +256,28 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
                 &opts.sampler,
                 &mut rng,
                 method,
-                &mut progress,
-            )?
+                &mut |done| {
+                    started.get_or_insert_with(Instant::now);
+                    reporter.progress("generating", done as u64, steps as u64);
+                },
+            )?;
+            primed_at = started.unwrap_or_else(Instant::now);
+            sinks.take(&codes)?;
         }
-    };
-    let elapsed = primed_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    }
+    reporter.progress("generating", steps as u64, steps as u64);
+    let elapsed = primed_at.elapsed().as_secs_f64();
     let samples_per_second = (steps * n) as f64 / elapsed.max(1e-9);
-    let audio: Vec<Vec<f32>> = codes.iter().map(|c| c.iter().map(|&x| mulaw::decode(x as u8)).collect()).collect();
-    let mut written = Vec::new();
-    if let Some(out) = &opts.out {
-        if n == 1 || opts.multichannel {
-            let channels: Vec<&[f32]> = audio.iter().map(|a| a.as_slice()).collect();
-            wav::write_pcm16(out, rate, &channels)?;
-            written.push(out.clone());
-        } else {
-            for (i, a) in audio.iter().enumerate() {
-                let path = numbered(out, i);
-                wav::write_pcm16(&path, rate, &[a])?;
-                written.push(path);
-            }
-        }
+    for w in sinks.writers.drain(..) {
+        w.finish()?;
     }
-    if let Some(png) = &opts.spectrogram {
-        spectrogram::write_png(png, &audio[0])?;
+    if let (Some(png), Some(first)) = (&opts.spectrogram, &sinks.spectrogram) {
+        spectrogram::write_png(png, first)?;
     }
+    let codes = sinks.keep.unwrap_or_default();
+    let audio = codes.iter().map(|c| c.iter().map(|&x| mulaw::decode(x as u8)).collect()).collect();
     Ok(GenerateSummary {
-        out: written,
+        out: sinks.files,
         samples: steps,
         seconds: steps as f64 / rate as f64,
         sample_rate: rate,
