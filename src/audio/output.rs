@@ -10,8 +10,38 @@ use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 
 use crate::{Error, Result};
 
+/// Stops the ALSA library from printing its own diagnostics on stderr (eight lines of
+/// configuration noise on a machine without a sound card): the error wavegen reports is the
+/// one line that says what to do. Called before cpal touches ALSA.
+fn silence_alsa_diagnostics() {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::{c_char, c_int};
+        type Handler = unsafe extern "C" fn(*const c_char, c_int, *const c_char, c_int, *const c_char, ...);
+        #[link(name = "asound")]
+        unsafe extern "C" {
+            fn snd_lib_error_set_handler(handler: Option<Handler>) -> c_int;
+        }
+        unsafe extern "C" fn ignore(_: *const c_char, _: c_int, _: *const c_char, _: c_int, _: *const c_char) {}
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: ALSA calls the handler as a C variadic function; stable Rust cannot define
+            // one, so a function of the five fixed parameters stands in. On the Linux ABIs
+            // (System V x86-64, AArch64 AAPCS) the fixed arguments of a variadic call are
+            // passed exactly as in a plain call, and the callee never reads the rest.
+            unsafe {
+                let handler: Handler = std::mem::transmute(
+                    ignore as unsafe extern "C" fn(*const c_char, c_int, *const c_char, c_int, *const c_char),
+                );
+                snd_lib_error_set_handler(Some(handler));
+            }
+        });
+    }
+}
+
 /// Names of the output devices of the default host.
 pub fn list_devices() -> Result<Vec<String>> {
+    silence_alsa_diagnostics();
     let host = cpal::default_host();
     let devices = host.output_devices().map_err(|e| Error::Audio(format!("cannot list output devices: {e}")))?;
     Ok(devices.map(|d| d.to_string()).collect())
@@ -50,11 +80,12 @@ pub struct Device {
 impl Device {
     /// Opens `name` (a substring of a device name), or the default output device.
     pub fn open(name: Option<&str>, latency_s: f64) -> Result<Self> {
+        silence_alsa_diagnostics();
         let host = cpal::default_host();
         let device = match name {
             None => host.default_output_device().ok_or_else(|| {
                 Error::Audio(
-                    "no audio output device found: write a file with --out FILE instead, or see --list-devices".into(),
+                    "no audio output device found: `wavegen generate --out FILE` writes the audio to a file instead; see also --list-devices".into(),
                 )
             })?,
             Some(wanted) => host
@@ -66,7 +97,7 @@ impl Device {
         let name = device.to_string();
         let supported = device.default_output_config().map_err(|e| {
             Error::Audio(format!(
-                "output device {name:?} is not available ({e}): use --out FILE to write a WAV, or --list-devices"
+                "output device {name:?} is not available ({e}): `wavegen generate --out FILE` writes the audio to a file instead; see also --list-devices"
             ))
         })?;
         // The device's period: about a quarter of the latency, so that its buffer (two to four

@@ -46,7 +46,9 @@ enum Command {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(n) = cli.threads {
-        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        // Each thread costs a stack and start-up time; more than this is a typo, not a machine.
+        const MAX_THREADS: usize = 1024;
+        anyhow::ensure!((1..=MAX_THREADS).contains(&n), "--threads is {n}; it must be from 1 to {MAX_THREADS}");
         // candle's CPU kernels use the global rayon pool, sized from this variable when first used.
         // SAFETY: set before any other thread exists.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };

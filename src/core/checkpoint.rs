@@ -181,8 +181,18 @@ impl Manifest {
             }
             (None, Some(images)) => {
                 images.validate()?;
-                if self.model.wavenet().is_some() {
-                    return Err(Error::Config("a WaveNet is an audio model, but images are given".into()));
+                let pixels = match &self.model {
+                    ModelConfig::Wavenet(_) => {
+                        return Err(Error::Config("a WaveNet is an audio model, but images are given".into()));
+                    }
+                    ModelConfig::Fvsbn(c) => c.pixels,
+                    ModelConfig::Nade(c) => c.pixels,
+                    ModelConfig::Made(c) => c.pixels,
+                    ModelConfig::Rnade(c) => c.pixels,
+                };
+                let mnist = crate::data::mnist::PIXELS;
+                if pixels != mnist {
+                    return Err(Error::Config(format!("an MNIST model has {mnist} pixels, not {pixels}")));
                 }
             }
             (Some(_), Some(_)) => return Err(Error::Config("both audio and images are given".into())),

@@ -31,7 +31,10 @@ impl SamplerConfig {
     /// Checks the ranges.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Config(format!("--temperature must be ≥ 0, got {}", self.temperature)));
+            return Err(Error::Config(format!(
+                "--temperature must be a finite number ≥ 0 (0 always takes the likeliest code), got {}",
+                self.temperature
+            )));
         }
         if self.top_k == Some(0) {
             return Err(Error::Config("--top-k must be at least 1".into()));

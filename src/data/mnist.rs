@@ -20,16 +20,24 @@ pub struct Idx {
     pub data: Vec<u8>,
 }
 
+/// The largest IDX file read (raw or inflated): 1 GiB.
+const MAX_IDX_BYTES: u64 = 1 << 30;
+
 /// Reads an IDX file of unsigned bytes (type code 0x08), gzip-compressed or not, checking the
 /// magic number, the type, the dimensions and that the length matches them exactly.
 pub fn read_idx(path: &Path) -> Result<Idx> {
     let bad = |reason: String| Error::Dataset { path: path.to_path_buf(), reason };
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let raw = crate::fsutil::read_regular(path, MAX_IDX_BYTES)?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
+        // Bounded: a damaged or hostile file must not inflate without limit.
         flate2::read::GzDecoder::new(raw.as_slice())
+            .take(MAX_IDX_BYTES + 1)
             .read_to_end(&mut out)
             .map_err(|e| bad(format!("broken gzip data: {e}")))?;
+        if out.len() as u64 > MAX_IDX_BYTES {
+            return Err(bad(format!("inflates to more than {MAX_IDX_BYTES} bytes: not an MNIST file")));
+        }
         out
     } else {
         raw
@@ -50,7 +58,7 @@ pub fn read_idx(path: &Path) -> Result<Idx> {
     let dims: Vec<usize> = (0..ndims)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
         .collect();
-    let expected = dims.iter().product::<usize>();
+    let expected = dims.iter().try_fold(1usize, |p, &d| p.checked_mul(d)).unwrap_or(usize::MAX);
     let actual = bytes.len() - header;
     if actual != expected {
         return Err(bad(format!(
@@ -157,6 +165,15 @@ pub fn grey(data_dir: &Path) -> Result<(Images, Images)> {
 /// validation: the last 10k, test: the 10k test images).
 pub fn grey_splits(data_dir: &Path) -> Result<(Images, Images, Images)> {
     let (all, test) = grey(data_dir)?;
+    if all.n <= 10_000 {
+        return Err(Error::Dataset {
+            path: data_dir.join("mnist"),
+            reason: format!(
+                "the training set holds {} images: the validation split takes the last 10,000, so it needs more",
+                all.n
+            ),
+        });
+    }
     let cut = all.n - 10_000;
     let part = |from: usize, to: usize| Images {
         pixels: all.pixels[from * PIXELS..to * PIXELS].to_vec(),

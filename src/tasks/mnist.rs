@@ -25,6 +25,10 @@ use crate::rng::Rng;
 use crate::{Error, Result};
 
 const LAST: &str = "last";
+/// Images sampled together.
+const SAMPLING_GROUP: usize = 100;
+/// The most images a grid of samples or completions may hold.
+const MAX_GRID_IMAGES: usize = 10_000;
 /// The most epochs a run may ask for.
 const MAX_EPOCHS: u64 = 100_000;
 
@@ -429,6 +433,12 @@ pub fn eval(
     let m = ImageModel::load(dir)?;
     let (_, valid, test) = splits(dataset_of(&m.manifest), data_dir)?;
     let set = if split == Split::Test { &test } else { &valid };
+    if set.n == 0 {
+        return Err(Error::Dataset {
+            path: data_dir.to_path_buf(),
+            reason: format!("the {} split holds no images: nothing to evaluate", if split == Split::Test { "test" } else { "validation" }),
+        });
+    }
     let k = masks.unwrap_or(m.model.connectivities()).clamp(1, m.model.connectivities());
     let nll: Vec<f64> = ensemble_log_probs(&m.model, set, k, reporter)?.into_iter().map(|lp| -lp).collect();
     let n = nll.len() as f64;
@@ -463,9 +473,15 @@ fn draw_images(
     let given = prefixes.first().map_or(0, |p| p.len());
     let steps = PIXELS - given;
     let mut rng = Rng::derived(seed, "mnist samples");
-    let drawn = sample::generate(model, prefixes, None, steps, &sampler, &mut rng, Method::Cached, &mut |done| {
-        reporter.progress("sampling pixels", done as u64, steps as u64)
-    })?;
+    // In groups: the sampler's memory grows with the images drawn together (megabytes each).
+    let mut drawn = Vec::with_capacity(prefixes.len());
+    for (g, group) in prefixes.chunks(SAMPLING_GROUP).enumerate() {
+        let before = g * SAMPLING_GROUP;
+        drawn.extend(sample::generate(model, group, None, steps, &sampler, &mut rng, Method::Cached, &mut |done| {
+            let done = (before * steps + done * group.len()) as u64;
+            reporter.progress("sampling pixels", done, (prefixes.len() * steps) as u64)
+        })?);
+    }
     let order = model.ordering().unwrap_or_else(|| (0..PIXELS).collect());
     Ok(prefixes
         .iter()
@@ -527,9 +543,7 @@ pub fn sample(
     out: &Path,
     reporter: &mut dyn Reporter,
 ) -> Result<Vec<Vec<u8>>> {
-    if n == 0 {
-        return Err(Error::Config("--n must be at least 1".into()));
-    }
+    crate::models::within("--n", n, 1, MAX_GRID_IMAGES)?;
     let m = ImageModel::load(dir)?;
     let images = draw_images(&m.model, &vec![vec![]; n], temperature, seed, reporter)?;
     let grey = is_grey(&m.manifest.model);
@@ -548,11 +562,19 @@ pub fn complete(
     out: &Path,
     reporter: &mut dyn Reporter,
 ) -> Result<Vec<Vec<u8>>> {
-    if digits == 0 || per_digit == 0 {
-        return Err(Error::Config("--n and --per-digit must be at least 1".into()));
+    crate::models::within("--n", digits, 1, MAX_GRID_IMAGES)?;
+    crate::models::within("--per-digit", per_digit, 1, MAX_GRID_IMAGES)?;
+    if digits * (per_digit + 1) > MAX_GRID_IMAGES {
+        return Err(Error::Config(format!(
+            "--n {digits} × (--per-digit {per_digit} + 1) is {} images, more than the {MAX_GRID_IMAGES} a grid may hold",
+            digits * (per_digit + 1)
+        )));
     }
     let m = ImageModel::load(dir)?;
     let (_, _, test) = splits(dataset_of(&m.manifest), data_dir)?;
+    if test.n == 0 {
+        return Err(Error::Dataset { path: data_dir.to_path_buf(), reason: "the test split holds no images".into() });
+    }
     // Spread the chosen digits over the (digit-sorted) test split.
     let chosen: Vec<usize> = (0..digits).map(|i| (2 * i + 1) * test.n / (2 * digits)).collect();
     let half = PIXELS / 2;
