@@ -11,6 +11,14 @@ pub fn resample(samples: &[f32], from: u32, to: u32) -> Result<Vec<f32>> {
     if from == to || samples.is_empty() {
         return Ok(samples.to_vec());
     }
+    let out_len = (samples.len() as u128 * to as u128).div_ceil(from.max(1) as u128);
+    if out_len > crate::audio::wav::MAX_SAMPLES as u128 {
+        return Err(Error::Config(format!(
+            "{} samples at {from} Hz make {out_len} at {to} Hz, more than the {} one signal may hold: split the file",
+            samples.len(),
+            crate::audio::wav::MAX_SAMPLES
+        )));
+    }
     let mut resampler = Fft::<f32>::new(from as usize, to as usize, 1024, 1, FixedSync::Input)
         .map_err(|e| Error::Config(format!("cannot resample {from} Hz to {to} Hz: {e}")))?;
     let input =
