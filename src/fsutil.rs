@@ -32,9 +32,7 @@ impl Output {
         let fail = |e: std::io::Error| Error::io(path, e);
         match std::fs::metadata(path) {
             // Follows links: what matters is the kind of file at the end of them.
-            Ok(meta) if meta.is_dir() => {
-                Err(fail(std::io::Error::other("is a folder: give a file name inside it")))
-            }
+            Ok(meta) if meta.is_dir() => Err(fail(std::io::Error::other("is a folder: give a file name inside it"))),
             Ok(meta) if !meta.is_file() => {
                 // A device, FIFO or socket: write into it, never rename over it.
                 let file = std::fs::OpenOptions::new().write(true).open(path).map_err(fail)?;

@@ -3,32 +3,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-fn wavegen(args: &[&str], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wavegen"))
-        .args(args)
-        .env("WAVEGEN_CACHE", cache)
-        .output()
-        .expect("the binary runs")
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
-    assert_eq!(stdout.lines().count(), 1, "one JSON object on stdout: {stdout}");
-    serde_json::from_str(&stdout).unwrap()
-}
-
-/// Fails unless the command exited non-zero with a one-line error naming `needle`, no panic.
-fn assert_clear_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "should have failed");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in {stderr}"));
-    assert!(line.contains(needle), "error {line:?} should mention {needle:?}");
-}
+use common::{assert_clear_error, json, wavegen};
 
 #[test]
 fn train_info_generate_eval_with_json() {

@@ -87,7 +87,8 @@ fn mutate_json(text: &str, rng: &mut Rng) -> Vec<u8> {
     if rng.below(2) == 0 {
         return mutate(text.as_bytes(), rng);
     }
-    let extremes = ["0", "-1", "-5", "1e9", "1e300", "18446744073709551615", "99999999999", "0.5", "null", "[]", "\"x\""];
+    let extremes =
+        ["0", "-1", "-5", "1e9", "1e300", "18446744073709551615", "99999999999", "0.5", "null", "[]", "\"x\""];
     let bytes = text.as_bytes();
     let mut numbers = Vec::new(); // (start, end) of each run of number characters
     let mut i = 0;
@@ -114,7 +115,13 @@ fn mutate_json(text: &str, rng: &mut Rng) -> Vec<u8> {
 
 /// Runs `load` on `cases` mutations; fails listing every case that panicked. Returns how many
 /// inputs loaded (`load` returned true) and how many were refused with an error.
-fn fuzz(name: &str, seed: u64, cases: usize, make: impl Fn(&mut Rng) -> Vec<u8>, load: impl Fn(&[u8]) -> bool) -> (usize, usize) {
+fn fuzz(
+    name: &str,
+    seed: u64,
+    cases: usize,
+    make: impl Fn(&mut Rng) -> Vec<u8>,
+    load: impl Fn(&[u8]) -> bool,
+) -> (usize, usize) {
     let mut rng = Rng::derived(seed, name);
     let (mut loaded, mut refused, mut panics) = (0, 0, Vec::new());
     // Panics are caught and listed by case; keep their messages off the output meanwhile.
@@ -158,7 +165,8 @@ fn fixtures() -> Fixtures {
     let ckpt = root.join("ckpt");
     let mut opts = common::tiny_options(&data, &ckpt, 2);
     opts.train.eval_every = 1;
-    wavegen::tasks::train::train(&opts, &mut wavegen::tasks::Silent, &std::sync::atomic::AtomicBool::new(false)).unwrap();
+    wavegen::tasks::train::train(&opts, &mut wavegen::tasks::Silent, &std::sync::atomic::AtomicBool::new(false))
+        .unwrap();
     let committed = wavegen::core::checkpoint::open(&ckpt).unwrap();
     let mut manifest = committed.manifest.clone();
     manifest.files.clear();
@@ -188,30 +196,56 @@ fn run_all(cases: usize, seed: u64) {
     let wav_path = f.root.join("m.wav");
     let idx_path = f.root.join("m.idx");
     let counts = [
-        fuzz("wav", seed, cases, |r| mutate(&f.wav, r), |b| {
-            std::fs::write(&wav_path, b).unwrap();
-            match wavegen::audio::wav::read_mono(&wav_path) {
-                Ok(audio) => {
-                    let _ = settings.encode(&audio);
-                    settings.encode_for_scoring(&audio).is_ok()
+        fuzz(
+            "wav",
+            seed,
+            cases,
+            |r| mutate(&f.wav, r),
+            |b| {
+                std::fs::write(&wav_path, b).unwrap();
+                match wavegen::audio::wav::read_mono(&wav_path) {
+                    Ok(audio) => {
+                        let _ = settings.encode(&audio);
+                        settings.encode_for_scoring(&audio).is_ok()
+                    }
+                    Err(_) => false,
                 }
-                Err(_) => false,
-            }
-        }),
-        fuzz("idx", seed, cases, |r| mutate(&f.idx, r), |b| {
-            std::fs::write(&idx_path, b).unwrap();
-            wavegen::data::mnist::read_images(&idx_path).is_ok()
-        }),
-        fuzz("idx.gz", seed, cases, |r| mutate(&f.idx_gz, r), |b| {
-            std::fs::write(&idx_path, b).unwrap();
-            wavegen::data::mnist::read_images(&idx_path).is_ok()
-        }),
-        fuzz("config.json", seed, cases, |r| mutate_json(&f.config, r), |b| {
-            load_checkpoint(&f.root.join("fuzz-config"), b, &f.weights)
-        }),
-        fuzz("model.safetensors", seed, cases, |r| mutate(&f.weights, r), |b| {
-            load_checkpoint(&f.root.join("fuzz-weights"), f.config.as_bytes(), b)
-        }),
+            },
+        ),
+        fuzz(
+            "idx",
+            seed,
+            cases,
+            |r| mutate(&f.idx, r),
+            |b| {
+                std::fs::write(&idx_path, b).unwrap();
+                wavegen::data::mnist::read_images(&idx_path).is_ok()
+            },
+        ),
+        fuzz(
+            "idx.gz",
+            seed,
+            cases,
+            |r| mutate(&f.idx_gz, r),
+            |b| {
+                std::fs::write(&idx_path, b).unwrap();
+                wavegen::data::mnist::read_images(&idx_path).is_ok()
+            },
+        ),
+        fuzz(
+            "config.json",
+            seed,
+            cases,
+            |r| mutate_json(&f.config, r),
+            |b| load_checkpoint(&f.root.join("fuzz-config"), b, &f.weights),
+        ),
+        fuzz(
+            "model.safetensors",
+            seed,
+            cases,
+            |r| mutate(&f.weights, r),
+            |b| load_checkpoint(&f.root.join("fuzz-weights"), f.config.as_bytes(), b),
+        ),
     ];
     let total: usize = counts.iter().map(|c| c.0 + c.1).sum();
     eprintln!("fuzz: {total} mutated inputs through 5 loaders (seed {seed}): no panic, no allocation over 1 GiB");

@@ -58,7 +58,9 @@ fn train_eval_sample_complete_score_on_binarized_mnist() {
     ])))
     .unwrap();
     assert_eq!(t["model"], "fvsbn");
-    assert!(ckpt.join("current/model.safetensors").is_file() && ckpt.join("last/current/optimizer.safetensors").is_file());
+    assert!(
+        ckpt.join("current/model.safetensors").is_file() && ckpt.join("last/current/optimizer.safetensors").is_file()
+    );
 
     let e: serde_json::Value =
         serde_json::from_str(&ok(&wavegen(&["mnist", "eval", "--checkpoint", c, "--json"]))).unwrap();

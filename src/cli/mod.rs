@@ -82,8 +82,8 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 /// writes a checkpoint and stops cleanly. A second signal exits at once with 128 + its number,
 /// but never during a checkpoint commit: it waits for the commit to finish first.
 pub fn stop_flag() -> anyhow::Result<&'static std::sync::atomic::AtomicBool> {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use std::sync::atomic::{AtomicBool, Ordering};
     static STOP: AtomicBool = AtomicBool::new(false);
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {

@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamW;
 use super::params::{Params, parse_safetensors, safetensors_bytes};
 use super::train::{TrainConfig, TrainState};
-use crate::fsutil::DirLock;
 use crate::data::wav_folder::AudioSettings;
+use crate::fsutil::DirLock;
 use crate::models::ModelConfig;
 use crate::{Error, Result};
 
@@ -357,17 +357,17 @@ impl Checkpoint {
     fn read_tensors(&self, path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let bytes = crate::fsutil::read_regular(path, MAX_TENSOR_FILE_BYTES)?;
-        if let Some(sum) = self.manifest.files.get(&name) {
-            if bytes.len() as u64 != sum.bytes || sha256_hex(&bytes) != sum.sha256 {
-                return Err(Error::checkpoint(
-                    path,
-                    format!(
-                        "damaged: its content does not match the checksum in {MANIFEST_FILE} ({} bytes, {} expected); restore it from a copy, or retrain",
-                        bytes.len(),
-                        sum.bytes
-                    ),
-                ));
-            }
+        if let Some(sum) = self.manifest.files.get(&name)
+            && (bytes.len() as u64 != sum.bytes || sha256_hex(&bytes) != sum.sha256)
+        {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "damaged: its content does not match the checksum in {MANIFEST_FILE} ({} bytes, {} expected); restore it from a copy, or retrain",
+                    bytes.len(),
+                    sum.bytes
+                ),
+            ));
         }
         let (tensors, meta) = parse_safetensors(path, bytes)?;
         check_step(path, &meta, &self.manifest)?;
@@ -507,7 +507,8 @@ fn remove_leftovers(dir: &Path, current: &str, previous: Option<&Path>) {
         let old_tmp = [MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE, MODEL_FILE_GZ]
             .iter()
             .any(|f| name.starts_with(&format!(".{f}.")) && name.ends_with(".tmp"));
-        let flat = flat_checkpoint && [MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE, MODEL_FILE_GZ].contains(&name.as_str());
+        let flat =
+            flat_checkpoint && [MODEL_FILE, OPTIMIZER_FILE, MANIFEST_FILE, MODEL_FILE_GZ].contains(&name.as_str());
         if pointer_tmp || old_tmp || flat {
             let _ = std::fs::remove_file(entry.path());
         }
@@ -570,7 +571,9 @@ pub fn refuse_foreign_files(dir: &Path) -> Result<()> {
         if dir.join(name).exists() {
             return Err(Error::checkpoint(
                 dir,
-                format!("holds {name} but no {MANIFEST_FILE}: not a checkpoint this version can continue, and a new run would replace it; choose another --out, or move the file away"),
+                format!(
+                    "holds {name} but no {MANIFEST_FILE}: not a checkpoint this version can continue, and a new run would replace it; choose another --out, or move the file away"
+                ),
             ));
         }
     }

@@ -117,7 +117,9 @@ impl Params {
             if !finite {
                 return Err(Error::checkpoint(
                     source,
-                    format!("tensor {name} holds NaN or infinite values (training diverged): use an earlier checkpoint, or retrain with a lower --lr"),
+                    format!(
+                        "tensor {name} holds NaN or infinite values (training diverged): use an earlier checkpoint, or retrain with a lower --lr"
+                    ),
                 ));
             }
             var.set(&t)?;
@@ -140,7 +142,10 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: HashMap<String,
 
 /// Parses the bytes of a safetensors file (gzip-compressed if `path`'s name ends in `.gz`)
 /// into named tensors and its metadata; `path` names the file in errors.
-pub fn parse_safetensors(path: &Path, mut bytes: Vec<u8>) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+pub fn parse_safetensors(
+    path: &Path,
+    mut bytes: Vec<u8>,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     if path.extension().is_some_and(|e| e == "gz") {
         // Bounded: a small damaged or hostile file must not inflate without limit.
         const MAX_INFLATED: u64 = 4 << 30;

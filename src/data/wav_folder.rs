@@ -222,7 +222,8 @@ pub fn find_wav_files(root: &Path) -> Result<WavFiles> {
         return Err(Error::NoAudio { path: root.into(), reason: "not a folder (pass a folder of .wav files)".into() });
     }
     let canonical_root = root.canonicalize().map_err(|e| Error::io(root, e))?;
-    let mut w = Walk { root: root.to_path_buf(), seen_dirs: HashSet::from([canonical_root]), found: vec![], skipped: vec![] };
+    let mut w =
+        Walk { root: root.to_path_buf(), seen_dirs: HashSet::from([canonical_root]), found: vec![], skipped: vec![] };
     walk(&mut w, root);
     w.found.sort_by(|a, b| a.0.cmp(&b.0));
     let mut first_name: HashMap<PathBuf, String> = HashMap::new();
@@ -346,7 +347,8 @@ fn build(
     let mut codes = Vec::new();
     let mut files = Vec::new();
     let total = found.files.len();
-    let mut report = ScanReport { found: total + found.skipped.len(), dropped: found.skipped.clone(), ..Default::default() };
+    let mut report =
+        ScanReport { found: total + found.skipped.len(), dropped: found.skipped.clone(), ..Default::default() };
     for (i, (name, path)) in found.files.iter().enumerate() {
         progress(i, total);
         let encoded = wav::read_mono(path).map_err(|e| e.to_string()).and_then(|audio| {

@@ -156,7 +156,9 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     if opts.resume && !checkpoint::exists(&last) {
         return Err(Error::checkpoint(
             &opts.out,
-            format!("holds no committed {LAST}/ checkpoint to resume: check the path, or drop --resume to start a new run"),
+            format!(
+                "holds no committed {LAST}/ checkpoint to resume: check the path, or drop --resume to start a new run"
+            ),
         ));
     }
     if opts.epochs > MAX_EPOCHS {
@@ -172,10 +174,10 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
         )));
     }
     if existing && !opts.resume {
-        return Err(Error::Config(format!(
-            "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
-            opts.out.display()
-        )));
+        return Err(Error::checkpoint(
+            &opts.out,
+            "holds a checkpoint already: pass --resume to continue it, or choose another --out",
+        ));
     }
     if !existing {
         checkpoint::refuse_foreign_files(&opts.out)?;
@@ -436,7 +438,10 @@ pub fn eval(
     if set.n == 0 {
         return Err(Error::Dataset {
             path: data_dir.to_path_buf(),
-            reason: format!("the {} split holds no images: nothing to evaluate", if split == Split::Test { "test" } else { "validation" }),
+            reason: format!(
+                "the {} split holds no images: nothing to evaluate",
+                if split == Split::Test { "test" } else { "validation" }
+            ),
         });
     }
     let k = masks.unwrap_or(m.model.connectivities()).clamp(1, m.model.connectivities());

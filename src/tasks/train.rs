@@ -126,10 +126,10 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     let _guard = checkpoint::WriteGuard::acquire(&opts.out)?;
     let existing = checkpoint::exists(&opts.out);
     if existing && !opts.resume {
-        return Err(Error::Config(format!(
-            "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
-            opts.out.display()
-        )));
+        return Err(Error::checkpoint(
+            &opts.out,
+            "holds a checkpoint already: pass --resume to continue it, or choose another --out",
+        ));
     }
     if !existing {
         checkpoint::refuse_foreign_files(&opts.out)?;

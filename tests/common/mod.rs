@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use wavegen::core::optim::AdamWConfig;
 use wavegen::core::train::TrainConfig;
@@ -81,4 +82,36 @@ pub fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         seed: 1,
         cache_dir: out.with_extension("cache"),
     }
+}
+
+/// Runs the binary with `args`, decoded corpora cached in `cache`.
+pub fn wavegen(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wavegen"))
+        .args(args)
+        .env("WAVEGEN_CACHE", cache)
+        .output()
+        .expect("the binary runs")
+}
+
+/// The one JSON object a `--json` command printed (failing if it failed).
+pub fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "one JSON object on stdout: {stdout}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+/// Fails unless the command exited non-zero with a one-line error naming every `needle`, no panic.
+pub fn assert_clear_error(out: &Output, needle: &str) {
+    let line = error_line(out);
+    assert!(line.contains(needle), "error {line:?} should mention {needle:?}");
+}
+
+/// The `error:` line of a command that must have failed cleanly (exit 2, no panic).
+pub fn error_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should have failed: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert_eq!(out.status.code(), Some(2), "exit code of an error: {stderr}");
+    stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in {stderr}")).to_string()
 }
