@@ -65,6 +65,12 @@ impl Output {
         Ok(Output { path: path.into(), replace: Some((tmp, target)), file: Some(file) })
     }
 
+    /// Whether the target is replaced by a temporary file (which can seek), rather than
+    /// written through (a device or FIFO, which may not).
+    pub fn is_replacing(&self) -> bool {
+        self.replace.is_some()
+    }
+
     /// The open file to write into.
     pub fn file(&mut self) -> &mut File {
         self.file.as_mut().expect("invariant: open until committed")

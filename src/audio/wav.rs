@@ -166,72 +166,113 @@ fn read_f64_data(r: &mut impl Read, file_len: u64) -> std::result::Result<Vec<f3
     }
 }
 
-/// A 16-bit PCM WAV being written frame by frame. The header carries the frame count given at
-/// the start, so nothing is patched afterwards and any writable target works.
+/// A 16-bit PCM WAV being written frame by frame, in constant memory. With the frame count
+/// known at the start the header is final and any writable target works (a pipe, a FIFO);
+/// an open-ended file gets its lengths patched in at the end (a stream that cannot seek keeps
+/// the "unknown length" sizes, 0xFFFFFFFF, that streaming readers accept).
 pub struct PcmWriter {
     out: Output,
     buffer: Vec<u8>,
     channels: usize,
-    frames_left: u64,
+    /// Frames the header announced (None: open-ended).
+    announced: Option<u64>,
+    written: u64,
     path: std::path::PathBuf,
 }
+
+/// The largest data chunk a WAV file can describe.
+const MAX_DATA_BYTES: u64 = u32::MAX as u64 - 36;
 
 impl PcmWriter {
     /// Starts `path` (see [`Output`] for what happens to links, devices and FIFOs) for
     /// `frames` frames of `channels` channels.
     pub fn create(path: &Path, sample_rate: u32, channels: usize, frames: u64) -> Result<PcmWriter> {
-        let data_bytes = frames * channels as u64 * 2;
-        if channels == 0 || channels > u16::MAX as usize || data_bytes > u32::MAX as u64 - 36 {
+        Self::start(path, sample_rate, channels, Some(frames))
+    }
+
+    /// Starts `path` for frames whose number is not known yet.
+    pub fn open_ended(path: &Path, sample_rate: u32, channels: usize) -> Result<PcmWriter> {
+        Self::start(path, sample_rate, channels, None)
+    }
+
+    fn start(path: &Path, sample_rate: u32, channels: usize, frames: Option<u64>) -> Result<PcmWriter> {
+        let data_bytes = frames.map(|f| f.saturating_mul(channels as u64 * 2));
+        if channels == 0 || channels > u16::MAX as usize || data_bytes.is_some_and(|b| b > MAX_DATA_BYTES) {
             return Err(Error::Config(format!(
-                "{path:?}: a WAV file holds at most 4 GiB of samples and 65535 channels ({channels} channels of {frames} frames asked)"
+                "{}: a WAV file holds at most 4 GiB of samples and 65535 channels ({channels} channels of {} frames asked)",
+                path.display(),
+                frames.map_or("?".into(), |f| f.to_string())
             )));
         }
         let mut out = Output::create(path)?;
-        let block = channels as u16 * 2;
-        let mut h = Vec::with_capacity(44);
-        h.extend_from_slice(b"RIFF");
-        h.extend_from_slice(&(36 + data_bytes as u32).to_le_bytes());
-        h.extend_from_slice(b"WAVEfmt ");
-        h.extend_from_slice(&16u32.to_le_bytes());
-        h.extend_from_slice(&1u16.to_le_bytes()); // PCM
-        h.extend_from_slice(&(channels as u16).to_le_bytes());
-        h.extend_from_slice(&sample_rate.to_le_bytes());
-        h.extend_from_slice(&(sample_rate * block as u32).to_le_bytes());
-        h.extend_from_slice(&block.to_le_bytes());
-        h.extend_from_slice(&16u16.to_le_bytes());
-        h.extend_from_slice(b"data");
-        h.extend_from_slice(&(data_bytes as u32).to_le_bytes());
-        out.file().write_all(&h).map_err(|e| Error::io(path, e))?;
-        Ok(PcmWriter { out, buffer: Vec::new(), channels, frames_left: frames, path: path.to_path_buf() })
+        let header = header(sample_rate, channels as u16, data_bytes.map_or(u32::MAX, |b| b as u32));
+        out.file().write_all(&header).map_err(|e| Error::io(path, e))?;
+        Ok(PcmWriter { out, buffer: Vec::new(), channels, announced: frames, written: 0, path: path.to_path_buf() })
     }
 
     /// Appends frames: `channels` equally long slices, one per channel.
     pub fn write(&mut self, channels: &[&[f32]]) -> Result<()> {
-        let frames = channels.first().map_or(0, |c| c.len());
-        if channels.len() != self.channels || channels.iter().any(|c| c.len() != frames) {
+        let frames = channels.first().map_or(0, |c| c.len()) as u64;
+        if channels.len() != self.channels || channels.iter().any(|c| c.len() as u64 != frames) {
             return Err(Error::Config("PcmWriter::write: one equally long slice per channel".into()));
         }
-        if frames as u64 > self.frames_left {
-            return Err(Error::Config("PcmWriter::write: more frames than the header announced".into()));
+        let limit = self.announced.unwrap_or(MAX_DATA_BYTES / (2 * self.channels as u64));
+        if self.written + frames > limit {
+            return Err(Error::Config(format!("{}: more frames than the file can hold", self.path.display())));
         }
         self.buffer.clear();
-        for i in 0..frames {
+        for i in 0..frames as usize {
             for ch in channels {
                 let v = (ch[i].clamp(-1.0, 1.0) * 32767.0).round() as i16;
                 self.buffer.extend_from_slice(&v.to_le_bytes());
             }
         }
-        self.frames_left -= frames as u64;
+        self.written += frames;
         self.out.file().write_all(&self.buffer).map_err(|e| Error::io(&self.path, e))
     }
 
-    /// Finishes the file (all announced frames must have been written).
-    pub fn finish(self) -> Result<()> {
-        if self.frames_left != 0 {
-            return Err(Error::Config(format!("{} frames fewer than announced were written", self.frames_left)));
+    /// Finishes the file: all announced frames must have been written; an open-ended file
+    /// gets its lengths.
+    pub fn finish(mut self) -> Result<()> {
+        match self.announced {
+            Some(n) if n != self.written => {
+                return Err(Error::Config(format!("{} frames fewer than announced were written", n - self.written)));
+            }
+            Some(_) => {}
+            None if self.out.is_replacing() => {
+                let data = (self.written * 2 * self.channels as u64) as u32;
+                let file = self.out.file();
+                let patch = |f: &mut std::fs::File| -> std::io::Result<()> {
+                    f.seek(SeekFrom::Start(4))?;
+                    f.write_all(&(36 + data).to_le_bytes())?;
+                    f.seek(SeekFrom::Start(40))?;
+                    f.write_all(&data.to_le_bytes())
+                };
+                patch(file).map_err(|e| Error::io(&self.path, e))?;
+            }
+            None => {} // a stream: sizes stay "unknown"
         }
         self.out.commit()
     }
+}
+
+/// The 44-byte header of 16-bit PCM with `data_bytes` of samples.
+fn header(sample_rate: u32, channels: u16, data_bytes: u32) -> Vec<u8> {
+    let block = channels * 2;
+    let mut h = Vec::with_capacity(44);
+    h.extend_from_slice(b"RIFF");
+    h.extend_from_slice(&data_bytes.saturating_add(36).to_le_bytes());
+    h.extend_from_slice(b"WAVEfmt ");
+    h.extend_from_slice(&16u32.to_le_bytes());
+    h.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    h.extend_from_slice(&channels.to_le_bytes());
+    h.extend_from_slice(&sample_rate.to_le_bytes());
+    h.extend_from_slice(&(sample_rate * block as u32).to_le_bytes());
+    h.extend_from_slice(&block.to_le_bytes());
+    h.extend_from_slice(&16u16.to_le_bytes());
+    h.extend_from_slice(b"data");
+    h.extend_from_slice(&data_bytes.to_le_bytes());
+    h
 }
 
 /// Writes a mono 16-bit PCM WAV, or several equally long signals as one multichannel file.
@@ -264,6 +305,12 @@ mod tests {
         write_pcm16(&path, 16000, &[&x, &x, &x]).unwrap();
         let r = hound::WavReader::open(&path).unwrap();
         assert_eq!((r.spec().channels, r.spec().sample_rate, r.len()), (3, 16000, 3000));
+        // Open-ended: the lengths are patched in at the end.
+        let mut w = PcmWriter::open_ended(&path, 8000, 1).unwrap();
+        w.write(&[&x[..300]]).unwrap();
+        w.write(&[&x[300..]]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(read_mono(&path).unwrap().samples.len(), 1000);
     }
 
     #[test]

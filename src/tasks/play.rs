@@ -145,6 +145,21 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    // What was played goes to the file as it is played: memory stays bounded however long.
+    let mut recorder = match &opts.out {
+        Some(path) => Some(wav::PcmWriter::open_ended(path, model_rate, 1)?),
+        None => None,
+    };
+    let mut recorded = 0usize;
+    let mut record_played = |played_samples: usize, recorder: &mut Option<wav::PcmWriter>| -> Result<()> {
+        let Some(w) = recorder else { return Ok(()) };
+        let mut rec = recording.lock().expect("invariant: not poisoned");
+        let n = played_samples.saturating_sub(recorded).min(rec.len());
+        w.write(&[&rec[..n]])?;
+        rec.drain(..n);
+        recorded += n;
+        Ok(())
+    };
     let out = device.start(consumer)?;
     let counters = out.counters.clone();
     let played_model = |played: u64| (played as f64 * model_rate as f64 / device_rate as f64) as u64;
@@ -169,6 +184,7 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
             break;
         }
         if last_status.elapsed() > Duration::from_millis(250) {
+            record_played(played_model(played) as usize, &mut recorder)?;
             let gen_samples = generated.load(Ordering::Relaxed) as f64;
             let status = PlayStatus {
                 realtime_factor: gen_samples
@@ -199,10 +215,9 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
     // The last callback finds the ring short once generation has ended: that is the end, not an underrun.
     let underruns = counters.underruns.load(Ordering::Relaxed).saturating_sub(u64::from(total.is_some()));
     let generated_samples = generated.load(Ordering::Relaxed);
-    if let Some(path) = &opts.out {
-        let rec = recording.lock().expect("invariant: generator finished");
-        let n = (played_model(played) as usize).min(rec.len());
-        wav::write_pcm16(path, model_rate, &[&rec[..n]])?;
+    record_played(played_model(played) as usize, &mut recorder)?;
+    if let Some(w) = recorder {
+        w.finish()?;
     }
     Ok(PlaySummary {
         device: device_name,
