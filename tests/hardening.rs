@@ -285,3 +285,54 @@ fn valid_files_are_scored_and_true_errors_named() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("no-such-device-xyz"), "{stderr}");
 }
+
+/// A binarized-MNIST folder of `train`, `valid` and `test` random images.
+fn tiny_mnist(dir: &Path, train: u32, valid: u32, test: u32) -> PathBuf {
+    let folder = dir.join("binarized_mnist");
+    std::fs::create_dir_all(&folder).unwrap();
+    let mut rng = wavegen::rng::Rng::new(5);
+    for (split, n) in [("train", train), ("valid", valid), ("test", test)] {
+        let mut bytes = vec![0, 0, 0x08, 3];
+        for d in [n, 28, 28] {
+            bytes.extend_from_slice(&d.to_be_bytes());
+        }
+        bytes.extend((0..n as usize * 784).map(|_| u8::from(rng.uniform() < 0.2)));
+        std::fs::write(folder.join(format!("binarized_mnist_{split}-images-idx3-ubyte")), bytes).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+#[test]
+fn image_commands_refuse_empty_splits_and_huge_grids() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let data = tiny_mnist(&dir.path().join("data"), 40, 10, 0);
+    let ckpt = dir.path().join("fvsbn");
+    let c = ckpt.to_str().unwrap();
+    let mnist = |args: &[&str]| {
+        let mut all = vec!["mnist"];
+        all.extend_from_slice(args);
+        if args[0] != "sample" {
+            all.extend_from_slice(&["--data", data.to_str().unwrap()]);
+        }
+        within_a_minute(&all, &cache)
+    };
+    let out = mnist(&["train", "--model", "fvsbn", "--out", c, "--epochs", "1", "--batch-size", "20"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let grid = dir.path().join("grid.png");
+    let g = grid.to_str().unwrap();
+    assert_clear_error(&mnist(&["complete", "--checkpoint", c, "--out", g]), "no images");
+    assert_clear_error(&mnist(&["eval", "--checkpoint", c]), "no images");
+    assert_clear_error(
+        &mnist(&["complete", "--checkpoint", c, "--out", g, "--n", "10001", "--per-digit", "1"]),
+        "10000",
+    );
+    assert_clear_error(&mnist(&["sample", "--checkpoint", c, "--out", g, "--n", "1000000"]), "--n");
+    assert!(!grid.exists());
+    // --resume needs the latest state, and a second run needs --resume.
+    assert_clear_error(&mnist(&["train", "--model", "fvsbn", "--out", c, "--epochs", "1"]), "--resume");
+    let other = dir.path().join("other");
+    let o = other.to_str().unwrap();
+    assert_clear_error(&mnist(&["train", "--model", "fvsbn", "--out", o, "--resume"]), "no committed");
+    assert!(!other.exists());
+}
