@@ -168,3 +168,32 @@ fn labels_from_subfolders_condition_training_and_generation() {
     ));
     assert!(e["bits_per_sample"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn the_default_model_is_built_in_and_works_from_any_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wavegen")).args(args).current_dir(dir.path()).output().unwrap()
+    };
+    let info = json(&run(&["info", "--json"]));
+    assert_eq!(info["receptive_field_samples"], 4096);
+    let embedded = dir.path().join("embedded.wav");
+    json(&run(&["generate", "--seconds", "0.1", "--seed", "3", "--out", embedded.to_str().unwrap(), "--json"]));
+    // The same model as the shipped checkpoint: the same seed gives the same audio.
+    let shipped = dir.path().join("shipped.wav");
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let from_dir = format!("{repo}/checkpoints/default");
+    json(&run(&[
+        "generate",
+        "--checkpoint",
+        &from_dir,
+        "--seconds",
+        "0.1",
+        "--seed",
+        "3",
+        "--out",
+        shipped.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(std::fs::read(&embedded).unwrap(), std::fs::read(&shipped).unwrap());
+}

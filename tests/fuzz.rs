@@ -186,7 +186,7 @@ fn load_checkpoint(dir: &Path, config: &[u8], weights: &[u8]) -> bool {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), config).unwrap();
     std::fs::write(dir.join("model.safetensors"), weights).unwrap();
-    let info = wavegen::tasks::info(dir).is_ok();
+    let info = wavegen::tasks::info(Some(dir)).is_ok();
     wavegen::tasks::AudioModel::load(dir).is_ok() && info
 }
 

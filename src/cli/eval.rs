@@ -26,8 +26,7 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Checkpoint directory.
-    #[arg(required_unless_present = "checkpoint")]
+    /// Checkpoint directory [default: the default model built into wavegen].
     dir: Option<PathBuf>,
     /// Checkpoint directory (the same as the positional argument).
     #[arg(long)]
@@ -54,14 +53,15 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
-    let dir = a.checkpoint.or(a.dir).expect("invariant: clap requires one");
-    let i = info(&dir)?;
+    let dir = a.checkpoint.or(a.dir);
+    let i = info(dir.as_deref())?;
     if a.json {
         super::print_json(&i)?;
         return Ok(ExitCode::SUCCESS);
     }
     let m = &i.manifest;
-    println!("checkpoint      {}", dir.display());
+    let name = dir.as_ref().map_or(wavegen::tasks::embedded::NAME.into(), |d| d.display().to_string());
+    println!("checkpoint      {name}");
     println!("model           {:?}", m.model);
     println!("parameters      {}", i.parameters);
     if let Some(audio) = &m.audio {

@@ -11,9 +11,9 @@ use super::report::Bars;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory [default: the shipped real-time model].
-    #[arg(long, default_value = "checkpoints/default")]
-    checkpoint: PathBuf,
+    /// Checkpoint directory [default: the real-time music model built into wavegen].
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// Seconds of audio to generate.
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,

@@ -12,9 +12,9 @@ use super::report::Bars;
 
 #[derive(Debug, Args)]
 pub struct PlayArgs {
-    /// Checkpoint directory.
-    #[arg(long, default_value = "checkpoints/default")]
-    checkpoint: PathBuf,
+    /// Checkpoint directory [default: the real-time music model built into wavegen].
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// Sampling temperature: below 1 is more conservative.
     #[arg(long, default_value_t = 1.0)]
     temperature: f32,

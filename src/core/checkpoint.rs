@@ -320,6 +320,18 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint { dir: folder, manifest })
 }
 
+/// A checkpoint held in memory (the default model compiled into the binary): its config.json
+/// and weights file, checked as those of a directory are; `name` stands for the path in errors.
+pub fn from_bytes(name: &Path, config: &[u8], weights: &[u8]) -> Result<(Manifest, HashMap<String, Tensor>)> {
+    let manifest: Manifest =
+        serde_json::from_slice(config).map_err(|e| Error::Json { path: name.join(MANIFEST_FILE), source: e })?;
+    manifest.validate().map_err(|e| Error::checkpoint(name, e.to_string()))?;
+    let path = name.join(MODEL_FILE);
+    let (tensors, meta) = parse_safetensors(&path, weights.to_vec())?;
+    check_step(&path, &meta, &manifest)?;
+    Ok((manifest, tensors))
+}
+
 /// Reads config.json of the checkpoint `dir`.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(open(dir)?.manifest)

@@ -33,8 +33,8 @@ pub enum Method {
 /// Everything `wavegen generate` needs.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
-    /// Checkpoint directory.
-    pub checkpoint: PathBuf,
+    /// Checkpoint directory (None: the embedded default model).
+    pub checkpoint: Option<PathBuf>,
     /// Seconds of audio to make.
     pub seconds: f64,
     /// Output WAV (None: keep the audio in memory only). With several streams, one file per
@@ -69,7 +69,7 @@ impl GenerateOptions {
     /// Defaults for everything but the checkpoint and length.
     pub fn new(checkpoint: PathBuf, seconds: f64) -> Self {
         GenerateOptions {
-            checkpoint,
+            checkpoint: Some(checkpoint),
             seconds,
             out: None,
             sampler: SamplerConfig::default(),
@@ -180,7 +180,7 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
             opts.method
         )));
     }
-    let m = AudioModel::load(&opts.checkpoint)?;
+    let m = AudioModel::open(opts.checkpoint.as_deref())?;
     let rate = m.audio().settings.sample_rate;
     let label = m.label_index(opts.label.as_deref())?;
     let rf = m.model.receptive_field().expect("invariant: WaveNet has a finite receptive field");

@@ -7,7 +7,6 @@ use std::path::Path;
 use candle_core::DType;
 use serde::Serialize;
 
-use crate::core::Autoregressive;
 use crate::core::checkpoint::{self, Manifest};
 use crate::core::params::Params;
 use crate::core::train::Event;
@@ -51,7 +50,37 @@ pub struct AudioModel {
     pub params: Params,
 }
 
+/// The default real-time model (`checkpoints/default`), compiled into the binary so that
+/// `play`, `generate` and `info` work from any directory and after `cargo install`.
+pub mod embedded {
+    /// Its config.json.
+    pub const CONFIG: &[u8] = include_bytes!("../../checkpoints/default/config.json");
+    /// Its weights (468 KB).
+    pub const WEIGHTS: &[u8] = include_bytes!("../../checkpoints/default/model.safetensors");
+    /// How errors and `info` name it.
+    pub const NAME: &str = "<embedded default model>";
+}
+
 impl AudioModel {
+    /// Loads the checkpoint directory `dir` (or a file in it), or the embedded default model.
+    pub fn open(dir: Option<&Path>) -> Result<Self> {
+        match dir {
+            Some(dir) => Self::load(dir),
+            None => Self::embedded(),
+        }
+    }
+
+    /// The default model compiled into the binary.
+    pub fn embedded() -> Result<Self> {
+        let name = Path::new(embedded::NAME);
+        let (manifest, tensors) = checkpoint::from_bytes(name, embedded::CONFIG, embedded::WEIGHTS)?;
+        let cfg = manifest.model.wavenet().ok_or_else(|| Error::checkpoint(name, "not an audio model"))?;
+        let params = Params::new(manifest.seed);
+        let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
+        params.assign(&tensors, &name.join(checkpoint::MODEL_FILE))?;
+        Ok(AudioModel { manifest, model, params })
+    }
+
     /// Loads the checkpoint directory `dir` (or a file in it).
     pub fn load(dir: &Path) -> Result<Self> {
         let ckpt = checkpoint::open(dir)?;
@@ -106,14 +135,22 @@ pub struct Info {
     pub last_val_bits_per_sample: Option<f64>,
 }
 
-/// Describes a checkpoint of any model.
-pub fn info(dir: &Path) -> Result<Info> {
-    let ckpt = checkpoint::open(dir)?;
-    let manifest = ckpt.manifest.clone();
-    let params = Params::new(manifest.seed);
-    let model = manifest.model.build(params.var_builder(DType::F32))?;
-    ckpt.load_weights(&params)?;
-    let rf = manifest.audio.as_ref().and(model.receptive_field());
+/// Describes a checkpoint of any model, or (`None`) the embedded default model.
+pub fn info(dir: Option<&Path>) -> Result<Info> {
+    let (manifest, params) = match dir {
+        None => {
+            let m = AudioModel::embedded()?;
+            (m.manifest, m.params)
+        }
+        Some(dir) => {
+            let ckpt = checkpoint::open(dir)?;
+            let params = Params::new(ckpt.manifest.seed);
+            ckpt.manifest.model.build(params.var_builder(DType::F32))?;
+            ckpt.load_weights(&params)?;
+            (ckpt.manifest, params)
+        }
+    };
+    let rf = manifest.audio.as_ref().and(manifest.model.wavenet()).map(|c| c.receptive_field());
     let rate = manifest.audio.as_ref().map(|a| a.settings.sample_rate as f64);
     Ok(Info {
         parameters: params.count(),

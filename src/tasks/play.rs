@@ -21,8 +21,8 @@ use crate::{Error, Result};
 /// Everything `wavegen play` needs.
 #[derive(Debug, Clone)]
 pub struct PlayOptions {
-    /// Checkpoint directory.
-    pub checkpoint: PathBuf,
+    /// Checkpoint directory (None: the embedded default model).
+    pub checkpoint: Option<PathBuf>,
     /// Temperature, top-k, top-p.
     pub sampler: SamplerConfig,
     /// Seed of the sampler.
@@ -82,7 +82,7 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
     if !(opts.latency_ms > 0.0 && opts.latency_ms.is_finite()) {
         return Err(Error::Config(format!("--latency-ms must be positive, got {}", opts.latency_ms)));
     }
-    let m = AudioModel::load(&opts.checkpoint)?;
+    let m = AudioModel::open(opts.checkpoint.as_deref())?;
     let model_rate = m.audio().settings.sample_rate;
     let label = m.label_index(opts.label.as_deref())?.unwrap_or(0);
     let engine = Engine::new(&m.model, Kernels::detect(), opts.exact)?;
