@@ -1,18 +1,31 @@
-//! `wavegen mnist …` on the real binarized MNIST (from `WAVEGEN_DATA`, as CI sets it): a
-//! short FVSBN run, then eval (JSON), sample and complete (PNG grids of the right size),
-//! score (CSV, lowest likelihood first), resume, and clear errors on bad input.
+//! `wavegen mnist …` on real MNIST: a short FVSBN run, then eval (JSON), sample and complete
+//! (PNG grids of the right size), score (CSV, lowest likelihood first), resume, and clear
+//! errors on bad input. By default on the small subsets in `tests/fixtures`; the `#[ignore]`d
+//! variants run the same on the full sets in `WAVEGEN_DATA`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn data_dir() -> String {
-    std::env::var("WAVEGEN_DATA").unwrap_or_else(|_| "../shared/datasets".into())
+/// The small real subsets committed with the tests.
+fn fixtures() -> String {
+    format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The full datasets, for the ignored tests.
+fn full_data() -> String {
+    let dir = std::env::var("WAVEGEN_DATA").expect("the full-data tests need WAVEGEN_DATA (see datasets/README.md)");
+    assert!(Path::new(&dir).join("binarized_mnist").is_dir(), "{dir}/binarized_mnist is missing: wavegen data fetch");
+    dir
 }
 
 fn wavegen(args: &[&str]) -> Output {
+    wavegen_on(&fixtures(), args)
+}
+
+fn wavegen_on(data: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wavegen"))
         .args(args)
-        .env("WAVEGEN_DATA", data_dir())
+        .env("WAVEGEN_DATA", data)
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .expect("the binary runs")
@@ -37,6 +50,17 @@ fn png_size(path: &Path) -> (u32, u32) {
 
 #[test]
 fn train_eval_sample_complete_score_on_binarized_mnist() {
+    train_eval_sample_complete_score(&fixtures(), "20", 100);
+}
+
+#[test]
+#[ignore = "needs the full binarized MNIST in WAVEGEN_DATA"]
+fn train_eval_sample_complete_score_on_the_full_binarized_mnist() {
+    train_eval_sample_complete_score(&full_data(), "1", 10_000);
+}
+
+fn train_eval_sample_complete_score(data: &str, epochs: &str, test_images: u64) {
+    let wavegen = |args: &[&str]| wavegen_on(data, args);
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("fvsbn");
     let c = ckpt.to_str().unwrap();
@@ -49,7 +73,7 @@ fn train_eval_sample_complete_score_on_binarized_mnist() {
         "--out",
         c,
         "--epochs",
-        "1",
+        epochs,
         "--minutes",
         "0.05",
         "--lr",
@@ -67,7 +91,7 @@ fn train_eval_sample_complete_score_on_binarized_mnist() {
     let nll = e["nll_nats"].as_f64().unwrap();
     assert_eq!(
         (e["model"].as_str(), e["split"].as_str(), e["images"].as_u64()),
-        (Some("fvsbn"), Some("test"), Some(10_000))
+        (Some("fvsbn"), Some("test"), Some(test_images))
     );
     assert!(nll > 60.0 && nll < 784.0 * 2f64.ln() / 2.0, "{nll} nats/image");
     let ci = e["ci95"].as_array().unwrap();
@@ -115,7 +139,7 @@ fn train_eval_sample_complete_score_on_binarized_mnist() {
 
     let csv = ok(&wavegen(&["mnist", "score", "--checkpoint", c]));
     let rows: Vec<f64> = csv.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
-    assert_eq!(rows.len(), 10_000);
+    assert_eq!(rows.len() as u64, test_images);
     assert!(rows.windows(2).all(|w| w[0] >= w[1]), "lowest likelihood (highest NLL) first");
     let mean = rows.iter().sum::<f64>() / rows.len() as f64;
     assert!((mean - nll).abs() < 1e-2, "score and eval agree: {mean} vs {nll}");
@@ -130,6 +154,17 @@ fn train_eval_sample_complete_score_on_binarized_mnist() {
 
 #[test]
 fn dynamic_binarization_and_rnade_train_and_evaluate() {
+    dynamic_binarization_and_rnade(&fixtures());
+}
+
+#[test]
+#[ignore = "needs the full MNIST in WAVEGEN_DATA"]
+fn dynamic_binarization_and_rnade_on_the_full_mnist() {
+    dynamic_binarization_and_rnade(&full_data());
+}
+
+fn dynamic_binarization_and_rnade(data: &str) {
+    let wavegen = |args: &[&str]| wavegen_on(data, args);
     let dir = tempfile::tempdir().unwrap();
     for (model, extra, scale, low, high) in [
         // Dynamically binarized grey MNIST: worse than uniform pixels (543 nats) is a failure.
