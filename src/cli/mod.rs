@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod data;
 mod eval;
 mod generate;
 mod mnist;
@@ -39,6 +40,10 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Describe a checkpoint: config, parameters, receptive field, training.
     Info(eval::InfoArgs),
+    /// Datasets: download them (`data fetch`), or see which are present (`data list`).
+    Data(data::DataArgs),
+    /// Print a shell completion script: `wavegen completions bash > ~/.local/share/bash-completion/completions/wavegen`.
+    Completions(data::CompletionsArgs),
     /// The image models on MNIST (FVSBN, NADE, MADE on binarized digits; RNADE on grey levels): train, eval, sample, complete, score.
     Mnist(mnist::MnistArgs),
 }
@@ -61,6 +66,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(args) => eval::run_eval(args),
         Command::Info(args) => eval::run_info(args),
         Command::Mnist(args) => mnist::run(args),
+        Command::Data(args) => data::run(args),
+        Command::Completions(args) => data::completions(args),
     }
 }
 

@@ -54,9 +54,13 @@ impl Reporter for Bars {
             }
             let b = ProgressBar::new(total).with_prefix(phase.to_string());
             b.set_style(
-                ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-                    .expect("invariant: valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(if phase.starts_with("downloading") {
+                    "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+                } else {
+                    "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta}"
+                })
+                .expect("invariant: valid template")
+                .progress_chars("=> "),
             );
             self.bar = Some((phase.to_string(), b));
         }
