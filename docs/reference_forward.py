@@ -8,11 +8,14 @@
 `wavegen eval --checkpoint C FILE` prints the same number for a file that needs no resampling
 and has no quiet lead-in or tail to trim. Needs: numpy, safetensors.
 """
+import gzip
 import json
+import os
 import sys
 import wave
 
 import numpy as np
+import safetensors.numpy
 from safetensors.numpy import load_file
 
 MU = 255.0
@@ -50,11 +53,25 @@ def logits(w, cfg, tokens, label=None):
     return h @ w["head.1.weight"] + w["head.1.bias"]
 
 
+def committed_folder(ckpt):
+    """The folder of the committed files: `current`'s target, or the directory itself (flat)."""
+    return os.path.join(ckpt, "current") if os.path.isdir(os.path.join(ckpt, "current")) else ckpt
+
+
+def load_weights(folder):
+    """model.safetensors, or the gzip-compressed model.safetensors.gz of a shipping copy."""
+    plain = os.path.join(folder, "model.safetensors")
+    if os.path.exists(plain):
+        return load_file(plain)
+    return safetensors.numpy.load(gzip.open(plain + ".gz").read())
+
+
 def main(ckpt, wav_path):
+    ckpt = committed_folder(ckpt)
     manifest = json.load(open(f"{ckpt}/config.json"))
     cfg = manifest["model"]
     rate = manifest["audio"]["settings"]["sample_rate"]
-    w = {k: v.astype(np.float64) for k, v in load_file(f"{ckpt}/model.safetensors").items()}
+    w = {k: v.astype(np.float64) for k, v in load_weights(ckpt).items()}
     with wave.open(wav_path) as f:
         assert f.getframerate() == rate and f.getnchannels() == 1 and f.getsampwidth() == 2, "16-bit mono at the model rate"
         samples = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2") / 32768.0
