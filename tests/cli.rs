@@ -197,3 +197,16 @@ fn the_default_model_is_built_in_and_works_from_any_directory() {
     ]));
     assert_eq!(std::fs::read(&embedded).unwrap(), std::fs::read(&shipped).unwrap());
 }
+
+#[test]
+fn version_and_shell_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = wavegen(&["--version"], dir.path());
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("wavegen "));
+    for shell in ["bash", "zsh", "fish", "powershell"] {
+        let out = wavegen(&["completions", shell], dir.path());
+        assert!(out.status.success());
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains("wavegen") && script.contains("generate"), "{shell}");
+    }
+}

@@ -24,10 +24,12 @@ enum Reply {
     CutOnce(Vec<u8>),
 }
 
+/// The requests a server saw: (path, Range header).
+type RequestLog = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 struct Server {
     base: String,
-    /// The requests seen: (path, Range header).
-    log: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    log: RequestLog,
 }
 
 fn serve(routes: HashMap<String, Reply>) -> Server {

@@ -512,7 +512,8 @@ mod tests {
         assert!(fsdd.iter().all(|(n, s)| n.starts_with("fsdd/recordings/") && n.ends_with(".wav") && s.len() == 64));
         assert_eq!(dataset("music16k").unwrap().expected().len(), 16);
         assert_eq!(dataset("mnist").unwrap().expected().len(), 4);
-        assert!(dataset("cifar").unwrap_err().to_string().contains("fsdd, mnist, binarized_mnist, music16k"));
+        let unknown = dataset("cifar").err().expect("no such dataset").to_string();
+        assert!(unknown.contains("fsdd, mnist, binarized_mnist, music16k"), "{unknown}");
     }
 
     #[test]

@@ -181,6 +181,7 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
         )));
     }
     let m = AudioModel::open(opts.checkpoint.as_deref())?;
+    let source = opts.checkpoint.clone().unwrap_or_else(|| PathBuf::from(super::embedded::NAME));
     let rate = m.audio().settings.sample_rate;
     let label = m.label_index(opts.label.as_deref())?;
     let rf = m.model.receptive_field().expect("invariant: WaveNet has a finite receptive field");
@@ -239,7 +240,8 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
             while done < steps {
                 reporter.progress("generating", done as u64, steps as u64);
                 let len = chunk.min(steps - done);
-                sinks.take(&generator.next_chunk(len)?)?;
+                let chunk = generator.next_chunk(len).map_err(|e| Error::checkpoint(&source, e.to_string()))?;
+                sinks.take(&chunk)?;
                 done += len;
             }
         }

@@ -113,6 +113,7 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
         let sampler = opts.sampler.clone();
         let record = opts.out.is_some();
         let seed = opts.seed;
+        let source = opts.checkpoint.clone().unwrap_or_else(|| PathBuf::from(super::embedded::NAME));
         std::thread::Builder::new()
             .name("generator".into())
             .spawn(move || -> Result<()> {
@@ -130,6 +131,7 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
                     &generated,
                     &pushed,
                     &busy_us,
+                    &source,
                 );
                 done.store(true, Ordering::SeqCst);
                 result
@@ -248,6 +250,7 @@ fn run_generator(
     generated: &AtomicU64,
     pushed: &AtomicU64,
     busy_us: &AtomicU64,
+    source: &std::path::Path,
 ) -> Result<()> {
     const CHUNK: usize = 256;
     let mut streams = engine.streams(&[label])?;
@@ -283,6 +286,12 @@ fn run_generator(
         let work = Instant::now();
         let mut prev = [0u32];
         for slot in chunk.iter_mut().take(n) {
+            if !logits[..classes].iter().all(|x| x.is_finite()) {
+                return Err(Error::checkpoint(
+                    source,
+                    "the model produced NaN or infinite logits: its weights are damaged or it diverged in training",
+                ));
+            }
             prev[0] = sampler.sample(&logits[..classes], &mut rng);
             *slot = mulaw::decode(prev[0] as u8);
             logits = engine.step(&mut streams, Some(&prev));
