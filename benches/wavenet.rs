@@ -169,9 +169,19 @@ fn training(c: &mut Criterion) {
     let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
     let data = wavegen::data::Batch { tokens, mask, labels: None, values: None };
     group.throughput(Throughput::Elements((batch * window) as u64));
-    group.bench_function("default_b4_w4096", |b| {
+    group.bench_function("default_b4_w4096/fused", |b| {
         b.iter(|| {
             let loss = masked_nll(&m, &data).unwrap();
+            let grads = loss.backward().unwrap();
+            black_box(opt.step(&grads, 1e-4).unwrap())
+        })
+    });
+    // The same step through candle's operations and autograd (the path before the fused op).
+    group.bench_function("default_b4_w4096/candle", |b| {
+        b.iter(|| {
+            let logits = m.reference_logits(&data.tokens, None).unwrap();
+            let nll = wavegen::core::token_nll(&logits, &data.tokens).unwrap();
+            let loss = ((nll * &data.mask).unwrap().sum_all().unwrap() / (batch * window) as f64).unwrap();
             let grads = loss.backward().unwrap();
             black_box(opt.step(&grads, 1e-4).unwrap())
         })

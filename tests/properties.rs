@@ -175,6 +175,28 @@ fn gradients_match_finite_differences_at_batch_two() {
 }
 
 #[test]
+fn hand_written_backward_passes_equal_candles_autograd_at_batch_three() {
+    let mut checked = 0;
+    for (name, cfg) in ModelConfig::examples() {
+        for dtype in [DType::F64, DType::F32] {
+            let (model, params) = build(&cfg, dtype, 11);
+            let mut rng = Rng::new(12);
+            let len = length(&cfg, 37);
+            let tokens = check::random_tokens(3, len, model.vocab_size(), &mut rng).unwrap();
+            let mask: Vec<f32> = (0..3 * len).map(|i| if i % len < 5 { 0.0 } else { 1.0 }).collect();
+            let mask = Tensor::from_vec(mask, (3, len), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let batch = Batch { tokens, mask, labels: labels_for(&model, 3), values: None };
+            let Some((logits, at, err)) = check::fused_vs_reference(&model, &params, &batch).unwrap() else { continue };
+            let tolerance = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
+            assert!(logits < tolerance, "{name} ({dtype:?}): logits differ by {logits:e}");
+            assert!(err < tolerance, "{name} ({dtype:?}): gradient of {at} differs by {err:e} (relative)");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "every WaveNet example, in f32 and f64: {checked}");
+}
+
+#[test]
 fn naive_generation_equals_cached_generation_for_the_same_seed() {
     for (name, cfg) in ModelConfig::examples() {
         let (model, _) = build(&cfg, DType::F32, 9);

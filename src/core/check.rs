@@ -148,3 +148,44 @@ pub fn gradient_check<M: Autoregressive>(
     }
     Ok(worst)
 }
+
+/// For a model whose `forward` has a hand-written backward pass: compares its logits and the
+/// gradient of the mean NLL of `batch` for every parameter with candle's autograd of
+/// [`Autoregressive::forward_reference`]. Returns `None` for a model without a reference, else
+/// the largest logit difference and the worst parameter with its relative gradient error
+/// max |g − g_ref| / max(max |g_ref|, 1e-6).
+pub fn fused_vs_reference<M: Autoregressive>(
+    model: &M,
+    params: &Params,
+    batch: &Batch,
+) -> Result<Option<(f64, String, f64)>> {
+    let labels = batch.labels.as_ref();
+    let Some(reference) = model.forward_reference(&batch.tokens, labels) else { return Ok(None) };
+    let reference = reference?;
+    let fused = model.forward(&batch.tokens, labels)?;
+    let logit_diff = (&fused - &reference)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let loss = |logits: &Tensor| -> Result<Tensor> {
+        let nll = super::token_nll(logits, &batch.tokens)?;
+        let mask = batch.mask.to_dtype(nll.dtype())?;
+        let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
+        Ok(((nll * mask)?.sum_all()? / count)?)
+    };
+    let g_fused = loss(&fused)?.backward()?;
+    let g_ref = loss(&reference)?.backward()?;
+    let mut worst = (String::new(), 0.0f64);
+    for (name, var) in params.named() {
+        let get = |g: &candle_core::backprop::GradStore| -> Result<Vec<f64>> {
+            Ok(match g.get(&var) {
+                Some(t) => t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+                None => vec![0.0; var.elem_count()],
+            })
+        };
+        let (a, b) = (get(&g_fused)?, get(&g_ref)?);
+        let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-6);
+        let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale;
+        if err > worst.1 || worst.0.is_empty() {
+            worst = (name, err);
+        }
+    }
+    Ok(Some((logit_diff, worst.0, worst.1)))
+}

@@ -42,6 +42,14 @@ pub trait Autoregressive {
     /// `[b, t]` depends only on `tokens[b, ..t]`.
     fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor>;
 
+    /// The same logits as [`Autoregressive::forward`] through candle's own operations and
+    /// autograd, for a model whose `forward` is a hand-written operation with its own backward
+    /// pass (`None` otherwise). The property tests check that both give the same logits and
+    /// the same gradients.
+    fn forward_reference(&self, _tokens: &Tensor, _labels: Option<&Tensor>) -> Option<Result<Tensor>> {
+        None
+    }
+
     /// The order in which positions are generated, when it is not left to right: position
     /// `order[k]` is the k-th.
     fn ordering(&self) -> Option<Vec<usize>> {

@@ -12,6 +12,7 @@ use crate::Result;
 
 pub mod gated;
 pub mod nade;
+pub mod wavenet_stack;
 pub use gated::gated_unit;
 
 /// An affine map over the last dimension, weight stored `(in, out)` (the transpose of

@@ -256,6 +256,10 @@ impl Autoregressive for Model {
         each_model!(self, m => m.forward(tokens, labels))
     }
 
+    fn forward_reference(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Option<Result<Tensor>> {
+        each_model!(self, m => m.forward_reference(tokens, labels))
+    }
+
     fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
         each_model!(self, m => m.position_nll(batch))
     }

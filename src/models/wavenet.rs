@@ -30,6 +30,7 @@ use candle_nn::{Embedding, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::core::Autoregressive;
+use crate::layers::wavenet_stack::{ParamLayout, wavenet_logits};
 use crate::layers::{ChannelLinear, causal_taps, gated_unit};
 use crate::{Error, Result};
 
@@ -242,6 +243,8 @@ pub struct WaveNet {
     pub head0: ChannelLinear,
     /// Head: hidden → logits.
     pub head1: ChannelLinear,
+    /// Where each weight sits in the flat vector the fused training op takes.
+    layout: ParamLayout,
 }
 
 impl WaveNet {
@@ -262,7 +265,48 @@ impl WaveNet {
             layers,
             head0: ChannelLinear::new(cfg.skip_channels, cfg.head_channels, 1.0, vb.pp("head.0"))?,
             head1: ChannelLinear::new(cfg.head_channels, cfg.classes, 1.0, vb.pp("head.1"))?,
+            layout: ParamLayout::new(cfg),
         })
+    }
+
+    /// Every weight flattened into one vector, in [`ParamLayout`]'s order (the fused op's
+    /// input; the concatenation's backward gives each weight its gradient).
+    fn packed(&self) -> Result<Tensor> {
+        let mut parts = vec![self.embed.embeddings().flatten_all()?];
+        for l in &self.layers {
+            parts.push(l.dilated.weight.flatten_all()?);
+            parts.push(l.dilated.bias.clone());
+            if let Some(emb) = &l.label {
+                parts.push(emb.embeddings().flatten_all()?);
+            }
+            parts.extend([l.residual.weight.flatten_all()?, l.residual.bias.clone()]);
+            parts.extend([l.skip.weight.flatten_all()?, l.skip.bias.clone()]);
+        }
+        parts.extend([self.head0.weight.flatten_all()?, self.head0.bias.clone()]);
+        parts.extend([self.head1.weight.flatten_all()?, self.head1.bias.clone()]);
+        let packed = Tensor::cat(&parts, 0)?;
+        debug_assert_eq!(packed.elem_count(), self.layout.len);
+        Ok(packed)
+    }
+
+    /// The logits through candle's own operations and autograd: the reference the fused op
+    /// ([`crate::layers::wavenet_stack`]) is checked against, and the path of the stepper's
+    /// building blocks.
+    pub fn reference_logits(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        let (_b, t) = tokens.dims2()?;
+        let x = self.embed.forward(tokens)?; // (B, T, C)
+        let mut x = x.pad_with_zeros(1, 1, 0)?.narrow(1, 0, t)?.contiguous()?; // shifted: position t holds x_{t−1}
+        let mut skip: Option<Tensor> = None;
+        for layer in &self.layers {
+            let taps = causal_taps(&x, layer.kernel, layer.dilation)?; // (B, T, k·C)
+            let (next, s) = layer.apply(&taps, &x, layer.condition(labels)?.as_ref())?;
+            x = next;
+            skip = Some(match skip {
+                Some(acc) => (acc + s)?,
+                None => s,
+            });
+        }
+        self.head(&skip.expect("invariant: validated to have at least one layer"))
     }
 
     fn head(&self, skip: &Tensor) -> Result<Tensor> {
@@ -295,20 +339,18 @@ impl Autoregressive for WaveNet {
     }
 
     fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
-        let (_b, t) = tokens.dims2()?;
-        let x = self.embed.forward(tokens)?; // (B, T, C)
-        let mut x = x.pad_with_zeros(1, 1, 0)?.narrow(1, 0, t)?.contiguous()?; // shifted: position t holds x_{t−1}
-        let mut skip: Option<Tensor> = None;
-        for layer in &self.layers {
-            let taps = causal_taps(&x, layer.kernel, layer.dilation)?; // (B, T, k·C)
-            let (next, s) = layer.apply(&taps, &x, layer.condition(labels)?.as_ref())?;
-            x = next;
-            skip = Some(match skip {
-                Some(acc) => (acc + s)?,
-                None => s,
-            });
+        // The fused op (one forward and backward for the whole network); same logits and
+        // gradients as `reference_logits`, checked by the property tests.
+        match (self.cfg.num_labels > 0, labels.is_some()) {
+            (true, false) => return Err(Error::Config("this model is conditioned on a label: pass --label".into())),
+            (false, true) => return Err(Error::Config("this model takes no label".into())),
+            _ => {}
         }
-        self.head(&skip.expect("invariant: validated to have at least one layer"))
+        wavenet_logits(&self.layout, &self.packed()?, tokens, labels)
+    }
+
+    fn forward_reference(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Option<Result<Tensor>> {
+        Some(self.reference_logits(tokens, labels))
     }
 
     fn start(&self, batch: usize, labels: Option<&Tensor>) -> Result<State> {

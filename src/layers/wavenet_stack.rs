@@ -1,0 +1,489 @@
+//! WaveNet's whole network (embedding, residual stack, head) as one operation with its own
+//! forward and backward pass, for training. candle runs the same network as about fifteen
+//! tensor operations per layer, each allocating its output and recording its own backward;
+//! here every dilated convolution over the whole batch is `k` matrix products on shifted views
+//! of the layer input (tap j of sequence b is rows `b·T .. b·T + T − s` of the input, s =
+//! (k−1−j)·d, written into rows from `s`: no copies), and the gate, residual and skip are
+//! passes over the products' outputs. The activations the backward pass needs (each layer's
+//! input, pre-activation and gate output, the skip sum, the head's hidden layer) are kept from
+//! the forward pass in the op itself.
+//!
+//! The products use the `gemm` crate, which candle itself uses on the CPU: it handles strided
+//! (transposed) operands without copies and picks AVX-512/AVX2/NEON kernels at run time. The
+//! engine's own kernels are tuned for a handful of rows (streams), not for thousands. Single
+//! threaded: the trainer runs one shard of the batch per thread.
+//!
+//! The weights enter as one flat tensor (candle's custom ops take at most three inputs; the
+//! concatenation's backward hands each weight its part of the gradient), in [`ParamLayout`]'s
+//! order. Checked against candle's autograd of the reference formulation and against finite
+//! differences in the core's property tests.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use gemm::Parallelism;
+
+use crate::Result;
+use crate::models::wavenet::Config;
+
+/// Where each weight lives in the flat parameter vector, in the order the model packs them.
+#[derive(Debug, Clone)]
+pub struct ParamLayout {
+    /// Hyper-parameters.
+    pub cfg: Config,
+    embed: usize,
+    layers: Vec<LayerOffsets>,
+    head0_w: usize,
+    head0_b: usize,
+    head1_w: usize,
+    head1_b: usize,
+    /// Total length.
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LayerOffsets {
+    dilation: usize,
+    dilated_w: usize,
+    dilated_b: usize,
+    label: Option<usize>,
+    residual_w: usize,
+    residual_b: usize,
+    skip_w: usize,
+    skip_b: usize,
+}
+
+impl ParamLayout {
+    /// The layout of a WaveNet of `cfg`: embed, then per layer dilated weight and bias, label
+    /// table (if any), residual weight and bias, skip weight and bias; then the head.
+    pub fn new(cfg: &Config) -> Self {
+        let (k, c, g, s, h, v) = (
+            cfg.kernel_width,
+            cfg.residual_channels,
+            cfg.gate_channels,
+            cfg.skip_channels,
+            cfg.head_channels,
+            cfg.classes,
+        );
+        let mut at = 0;
+        let mut take = |n: usize| {
+            let start = at;
+            at += n;
+            start
+        };
+        let embed = take(v * c);
+        let layers = (0..cfg.layers())
+            .map(|i| LayerOffsets {
+                dilation: cfg.dilation(i),
+                dilated_w: take(k * c * 2 * g),
+                dilated_b: take(2 * g),
+                label: (cfg.num_labels > 0).then(|| take(cfg.num_labels * 2 * g)),
+                residual_w: take(g * c),
+                residual_b: take(c),
+                skip_w: take(g * s),
+                skip_b: take(s),
+            })
+            .collect();
+        let head0_w = take(s * h);
+        let head0_b = take(h);
+        let head1_w = take(h * v);
+        let head1_b = take(v);
+        ParamLayout { cfg: cfg.clone(), embed, layers, head0_w, head0_b, head1_w, head1_b, len: at }
+    }
+}
+
+/// The float types the op runs in: f32 for training, f64 for the finite-difference checks.
+trait Float:
+    Copy
+    + Default
+    + Send
+    + Sync
+    + 'static
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn sigmoid(self) -> Self;
+}
+
+impl Float for f32 {
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    fn sigmoid(self) -> f32 {
+        1.0 / (1.0 + crate::fastmath::fast_exp(-self))
+    }
+}
+
+impl Float for f64 {
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    fn sigmoid(self) -> f64 {
+        1.0 / (1.0 + (-self).exp())
+    }
+}
+
+/// A row-major matrix view: pointer, rows, columns, row stride; `t()` is its transpose.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<T> Mat<T> {
+    fn new(data: &[T], offset: usize, rows: usize, cols: usize) -> Self {
+        debug_assert!(offset + rows * cols <= data.len());
+        Mat { ptr: data[offset..].as_ptr(), rows, cols, row_stride: cols as isize, col_stride: 1 }
+    }
+    fn t(self) -> Self {
+        Mat { ptr: self.ptr, rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride }
+    }
+}
+
+/// `dst[offset..] (rows × cols, row-major) += a × b`.
+fn gemm_acc<T: Float>(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>) {
+    assert_eq!(a.cols, b.rows, "invariant: inner dimensions agree");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(offset + m * n <= dst.len(), "invariant: the product fits its destination");
+    // SAFETY: the operands are views of live slices whose extents were checked on creation
+    // (`Mat::new`) and the destination range was checked above; `gemm` reads and writes only
+    // within them.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst[offset..].as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.ptr,
+            a.col_stride,
+            a.row_stride,
+            b.ptr,
+            b.col_stride,
+            b.row_stride,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// Adds `bias` to every row of `rows` (row length `bias.len()`).
+fn add_rows<T: Float>(rows: &mut [T], bias: &[T]) {
+    for r in rows.chunks_exact_mut(bias.len()) {
+        r.iter_mut().zip(bias).for_each(|(x, &b)| *x += b);
+    }
+}
+
+/// `acc += Σ_rows rows` (row length `acc.len()`).
+fn sum_rows<T: Float>(acc: &mut [T], rows: &[T]) {
+    for r in rows.chunks_exact(acc.len()) {
+        acc.iter_mut().zip(r).for_each(|(a, &x)| *a += x);
+    }
+}
+
+/// What the forward pass keeps for the backward pass.
+struct Activations<T> {
+    /// Per layer: its input `(B·T, C)`, pre-activation `(B·T, 2G)`, gate output `(B·T, G)`.
+    inputs: Vec<Vec<T>>,
+    pres: Vec<Vec<T>>,
+    gates: Vec<Vec<T>>,
+    /// The skip sum before the head's first ReLU `(B·T, S)`, the head's hidden layer after its
+    /// ReLU `(B·T, H)`.
+    skip: Vec<T>,
+    hidden: Vec<T>,
+}
+
+/// Batch size and sequence length.
+#[derive(Debug, Clone, Copy)]
+struct Size {
+    batch: usize,
+    len: usize,
+}
+
+/// Column 0 of each row of `input` is the label, the rest the tokens.
+fn split_input(input: &[u32], size: Size) -> (Vec<u32>, &[u32]) {
+    let labels = (0..size.batch).map(|b| input[b * (size.len + 1)]).collect();
+    (labels, input)
+}
+
+fn token(input: &[u32], size: Size, b: usize, t: usize) -> usize {
+    input[b * (size.len + 1) + 1 + t] as usize
+}
+
+fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Vec<T>, Activations<T>) {
+    let cfg = &l.cfg;
+    let (k, c, g, s, h, v) =
+        (cfg.kernel_width, cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, cfg.head_channels, cfg.classes);
+    let (bsz, len) = (size.batch, size.len);
+    let n = bsz * len;
+    let (labels, _) = split_input(input, size);
+    // The input is shifted by one: position t holds the embedding of token t − 1, 0 at t = 0.
+    let mut x = vec![T::ZERO; n * c];
+    for b in 0..bsz {
+        for t in 1..len {
+            let code = token(input, size, b, t - 1);
+            x[(b * len + t) * c..(b * len + t + 1) * c].copy_from_slice(&p[l.embed + code * c..l.embed + (code + 1) * c]);
+        }
+    }
+    let mut acts = Activations { inputs: vec![], pres: vec![], gates: vec![], skip: vec![T::ZERO; n * s], hidden: vec![] };
+    for layer in &l.layers {
+        let d = layer.dilation;
+        // pre = bias (+ label row) + Σ_j x[t − (k−1−j)·d] · W[j]   (B·T, 2G)
+        let mut pre = vec![T::ZERO; n * 2 * g];
+        add_rows(&mut pre, &p[layer.dilated_b..layer.dilated_b + 2 * g]);
+        if let Some(table) = layer.label {
+            for (b, &lab) in labels.iter().enumerate() {
+                let row = &p[table + lab as usize * 2 * g..table + (lab as usize + 1) * 2 * g];
+                add_rows(&mut pre[b * len * 2 * g..(b + 1) * len * 2 * g], row);
+            }
+        }
+        for j in 0..k {
+            let shift = (k - 1 - j) * d;
+            let w = Mat::new(p, layer.dilated_w + j * c * 2 * g, c, 2 * g);
+            for b in 0..bsz {
+                if shift >= len {
+                    continue;
+                }
+                let rows = len - shift;
+                gemm_acc(&mut pre, (b * len + shift) * 2 * g, Mat::new(&x, b * len * c, rows, c), w);
+            }
+        }
+        // z = tanh(f) ⊙ σ(g), with tanh(f) = 2σ(2f) − 1
+        let mut z = vec![T::ZERO; n * g];
+        for (zr, pr) in z.chunks_exact_mut(g).zip(pre.chunks_exact(2 * g)) {
+            let (f, gt) = pr.split_at(g);
+            for i in 0..g {
+                let sf = (f[i] + f[i]).sigmoid();
+                zr[i] = (sf + sf - T::ONE) * gt[i].sigmoid();
+            }
+        }
+        // x_next = x + z·W_res + b_res;  skip += z·W_skip + b_skip
+        let mut next = x.clone();
+        add_rows(&mut next, &p[layer.residual_b..layer.residual_b + c]);
+        gemm_acc(&mut next, 0, Mat::new(&z, 0, n, g), Mat::new(p, layer.residual_w, g, c));
+        add_rows(&mut acts.skip, &p[layer.skip_b..layer.skip_b + s]);
+        gemm_acc(&mut acts.skip, 0, Mat::new(&z, 0, n, g), Mat::new(p, layer.skip_w, g, s));
+        acts.inputs.push(std::mem::replace(&mut x, next));
+        acts.pres.push(pre);
+        acts.gates.push(z);
+    }
+    // Head: ReLU → 1×1 → ReLU → 1×1.
+    let relu_skip: Vec<T> = acts.skip.iter().map(|&x| if x > T::ZERO { x } else { T::ZERO }).collect();
+    let mut hidden = vec![T::ZERO; n * h];
+    add_rows(&mut hidden, &p[l.head0_b..l.head0_b + h]);
+    gemm_acc(&mut hidden, 0, Mat::new(&relu_skip, 0, n, s), Mat::new(p, l.head0_w, s, h));
+    hidden.iter_mut().for_each(|x| {
+        if *x < T::ZERO {
+            *x = T::ZERO
+        }
+    });
+    let mut logits = vec![T::ZERO; n * v];
+    add_rows(&mut logits, &p[l.head1_b..l.head1_b + v]);
+    gemm_acc(&mut logits, 0, Mat::new(&hidden, 0, n, h), Mat::new(p, l.head1_w, h, v));
+    acts.hidden = hidden;
+    (logits, acts)
+}
+
+fn backward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size, a: &Activations<T>, dlogits: &[T]) -> Vec<T> {
+    let cfg = &l.cfg;
+    let (k, c, g, s, h, v) =
+        (cfg.kernel_width, cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, cfg.head_channels, cfg.classes);
+    let (bsz, len) = (size.batch, size.len);
+    let n = bsz * len;
+    let (labels, _) = split_input(input, size);
+    let mut dp = vec![T::ZERO; p.len()];
+
+    // Head, backwards.
+    gemm_acc(&mut dp, l.head1_w, Mat::new(&a.hidden, 0, n, h).t(), Mat::new(dlogits, 0, n, v));
+    sum_rows(&mut dp[l.head1_b..l.head1_b + v], dlogits);
+    let mut dhidden = vec![T::ZERO; n * h];
+    gemm_acc(&mut dhidden, 0, Mat::new(dlogits, 0, n, v), Mat::new(p, l.head1_w, h, v).t());
+    dhidden.iter_mut().zip(&a.hidden).for_each(|(d, &x)| {
+        if x <= T::ZERO {
+            *d = T::ZERO
+        }
+    });
+    let relu_skip: Vec<T> = a.skip.iter().map(|&x| if x > T::ZERO { x } else { T::ZERO }).collect();
+    gemm_acc(&mut dp, l.head0_w, Mat::new(&relu_skip, 0, n, s).t(), Mat::new(&dhidden, 0, n, h));
+    sum_rows(&mut dp[l.head0_b..l.head0_b + h], &dhidden);
+    let mut dskip = vec![T::ZERO; n * s];
+    gemm_acc(&mut dskip, 0, Mat::new(&dhidden, 0, n, h), Mat::new(p, l.head0_w, s, h).t());
+    dskip.iter_mut().zip(&a.skip).for_each(|(d, &x)| {
+        if x <= T::ZERO {
+            *d = T::ZERO
+        }
+    });
+
+    // The residual stack, last layer first; `dx` is the gradient of the current layer's output.
+    let mut dx = vec![T::ZERO; n * c];
+    let mut dz = vec![T::ZERO; n * g];
+    let mut dpre = vec![T::ZERO; n * 2 * g];
+    for (li, layer) in l.layers.iter().enumerate().rev() {
+        let (x, pre, z) = (&a.inputs[li], &a.pres[li], &a.gates[li]);
+        let d = layer.dilation;
+        // Skip and residual 1×1s.
+        gemm_acc(&mut dp, layer.skip_w, Mat::new(z, 0, n, g).t(), Mat::new(&dskip, 0, n, s));
+        sum_rows(&mut dp[layer.skip_b..layer.skip_b + s], &dskip);
+        gemm_acc(&mut dp, layer.residual_w, Mat::new(z, 0, n, g).t(), Mat::new(&dx, 0, n, c));
+        sum_rows(&mut dp[layer.residual_b..layer.residual_b + c], &dx);
+        dz.fill(T::ZERO);
+        gemm_acc(&mut dz, 0, Mat::new(&dskip, 0, n, s), Mat::new(p, layer.skip_w, g, s).t());
+        gemm_acc(&mut dz, 0, Mat::new(&dx, 0, n, c), Mat::new(p, layer.residual_w, g, c).t());
+        // The gate: ∂z/∂f = σ(g)(1 − tanh²f), ∂z/∂g = tanh(f) σ(g)(1 − σ(g)).
+        for ((dr, pr), dzr) in dpre.chunks_exact_mut(2 * g).zip(pre.chunks_exact(2 * g)).zip(dz.chunks_exact(g)) {
+            let (f, gt) = pr.split_at(g);
+            let (df, dg) = dr.split_at_mut(g);
+            for i in 0..g {
+                let sf = (f[i] + f[i]).sigmoid();
+                let th = sf + sf - T::ONE;
+                let sg = gt[i].sigmoid();
+                df[i] = dzr[i] * sg * (T::ONE - th * th);
+                dg[i] = dzr[i] * th * sg * (T::ONE - sg);
+            }
+        }
+        sum_rows(&mut dp[layer.dilated_b..layer.dilated_b + 2 * g], &dpre);
+        if let Some(table) = layer.label {
+            for (b, &lab) in labels.iter().enumerate() {
+                let at = table + lab as usize * 2 * g;
+                sum_rows(&mut dp[at..at + 2 * g], &dpre[b * len * 2 * g..(b + 1) * len * 2 * g]);
+            }
+        }
+        // The dilated convolution: dW[j] += x_shiftedᵀ dpre; dx_in[t − s] += dpre[t] W[j]ᵀ.
+        // The residual connection passes dx through unchanged.
+        for j in 0..k {
+            let shift = (k - 1 - j) * d;
+            if shift >= len {
+                continue;
+            }
+            let rows = len - shift;
+            let w_at = layer.dilated_w + j * c * 2 * g;
+            for b in 0..bsz {
+                let xs = Mat::new(x, b * len * c, rows, c);
+                let dps = Mat::new(&dpre, (b * len + shift) * 2 * g, rows, 2 * g);
+                gemm_acc(&mut dp, w_at, xs.t(), dps);
+                gemm_acc(&mut dx, b * len * c, dps, Mat::new(p, w_at, c, 2 * g).t());
+            }
+        }
+    }
+    // The embedding: position t + 1 holds token t.
+    for b in 0..bsz {
+        for t in 1..len {
+            let code = token(input, size, b, t - 1);
+            let row = &dx[(b * len + t) * c..(b * len + t + 1) * c];
+            dp[l.embed + code * c..l.embed + (code + 1) * c].iter_mut().zip(row).for_each(|(a, &x)| *a += x);
+        }
+    }
+    dp
+}
+
+/// The op: logits `(B, T, V)` from `input (B, T + 1)` (label, then tokens) and the flat
+/// parameters; keeps its activations for its backward pass.
+struct StackOp {
+    layout: ParamLayout,
+    size: Size,
+    kept: Mutex<Option<Kept>>,
+}
+
+enum Kept {
+    F32(Activations<f32>),
+    F64(Activations<f64>),
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("wavenet stack: inputs must be contiguous"),
+    }
+}
+
+impl CustomOp2 for StackOp {
+    fn name(&self) -> &'static str {
+        "wavenet-stack"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::U32(input) = s1 else { candle_core::bail!("wavenet stack: tokens must be u32") };
+        let input = contiguous(input, l1)?;
+        let shape = Shape::from((self.size.batch, self.size.len, self.layout.cfg.classes));
+        let mut kept = self.kept.lock().expect("invariant: not poisoned");
+        Ok(match s2 {
+            CpuStorage::F32(p) => {
+                let (logits, acts) = forward(&self.layout, contiguous(p, l2)?, input, self.size);
+                *kept = Some(Kept::F32(acts));
+                (CpuStorage::F32(logits), shape)
+            }
+            CpuStorage::F64(p) => {
+                let (logits, acts) = forward(&self.layout, contiguous(p, l2)?, input, self.size);
+                *kept = Some(Kept::F64(acts));
+                (CpuStorage::F64(logits), shape)
+            }
+            _ => candle_core::bail!("wavenet stack: weights must be f32 or f64"),
+        })
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let tokens = input.flatten_all()?.to_vec1::<u32>()?;
+        let kept = self.kept.lock().expect("invariant: not poisoned").take();
+        let dp = match kept {
+            Some(Kept::F32(acts)) => {
+                let p = params.to_vec1::<f32>()?;
+                let dl = grad.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(backward(&self.layout, &p, &tokens, self.size, &acts, &dl), p.len(), params.device())?
+            }
+            Some(Kept::F64(acts)) => {
+                let p = params.to_vec1::<f64>()?;
+                let dl = grad.flatten_all()?.to_vec1::<f64>()?;
+                Tensor::from_vec(backward(&self.layout, &p, &tokens, self.size, &acts, &dl), p.len(), params.device())?
+            }
+            None => candle_core::bail!("wavenet stack: backward called twice, or before forward"),
+        };
+        Ok((None, Some(dp)))
+    }
+}
+
+/// The logits `(B, T, V)` of WaveNet `layout.cfg` for `tokens (B, T)` (and `labels (B,)`), with
+/// the weights packed in `params` as [`ParamLayout`] says.
+pub fn wavenet_logits(layout: &ParamLayout, params: &Tensor, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+    let (batch, len) = tokens.dims2()?;
+    let labels = match labels {
+        Some(l) => l.to_dtype(DType::U32)?.reshape((batch, 1))?,
+        None => Tensor::zeros((batch, 1), DType::U32, tokens.device())?,
+    };
+    if let Some(max) = labels.max_all()?.to_scalar::<u32>().ok().filter(|&m| m as usize >= layout.cfg.num_labels.max(1)) {
+        return Err(crate::Error::Config(format!("label index {max} out of range")));
+    }
+    let max_token = tokens.max_all()?.to_scalar::<u32>()?;
+    if max_token as usize >= layout.cfg.classes {
+        return Err(crate::Error::Config(format!("token {max_token} out of range")));
+    }
+    let input = Tensor::cat(&[labels, tokens.to_dtype(DType::U32)?], 1)?.contiguous()?; // (B, T + 1)
+    let op = StackOp { layout: layout.clone(), size: Size { batch, len }, kept: Mutex::new(None) };
+    Ok(input.apply_op2(&params.contiguous()?, op)?)
+}
