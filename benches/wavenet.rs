@@ -9,7 +9,6 @@ use std::hint::black_box;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wavegen::core::masked_nll;
 use wavegen::core::params::Params;
 use wavegen::core::sample::{self, Method, SamplerConfig};
 use wavegen::models::wavenet::{Config, WaveNet};
@@ -169,15 +168,16 @@ fn training(c: &mut Criterion) {
     let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
     let data = wavegen::data::Batch { tokens, mask, labels: None, values: None };
     group.throughput(Throughput::Elements((batch * window) as u64));
-    group.bench_function("default_b4_w4096/fused", |b| {
-        b.iter(|| {
-            let loss = masked_nll(&m, &data).unwrap();
-            let grads = loss.backward().unwrap();
-            black_box(opt.step(&grads, 1e-4).unwrap())
-        })
-    });
+    for threads in [1, 2] {
+        group.bench_function(format!("default_b4_w4096/fused_{threads}t"), |b| {
+            b.iter(|| {
+                let (_, grads) = wavegen::core::train::loss_and_grads(&m, &data, threads).unwrap();
+                black_box(opt.step(&grads, 1e-4).unwrap())
+            })
+        });
+    }
     // The same step through candle's operations and autograd (the path before the fused op).
-    group.bench_function("default_b4_w4096/candle", |b| {
+    group.bench_function("default_b4_w4096/candle_1t", |b| {
         b.iter(|| {
             let logits = m.reference_logits(&data.tokens, None).unwrap();
             let nll = wavegen::core::token_nll(&logits, &data.tokens).unwrap();

@@ -170,17 +170,19 @@ pub fn fused_vs_reference<M: Autoregressive>(
         let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.max(1.0);
         Ok(((nll * mask)?.sum_all()? / count)?)
     };
-    let g_fused = loss(&fused)?.backward()?;
     let g_ref = loss(&reference)?.backward()?;
+    // Both of the model's own paths: the loss from its logits, and its own per-position NLL.
+    let g_logits = loss(&fused)?.backward()?;
+    let g_nll = super::masked_nll(model, batch)?.backward()?;
     let mut worst = (String::new(), 0.0f64);
-    for (name, var) in params.named() {
+    for ((name, var), g_fused) in params.named().into_iter().flat_map(|nv| [(nv.clone(), &g_logits), (nv, &g_nll)]) {
         let get = |g: &candle_core::backprop::GradStore| -> Result<Vec<f64>> {
             Ok(match g.get(&var) {
                 Some(t) => t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
                 None => vec![0.0; var.elem_count()],
             })
         };
-        let (a, b) = (get(&g_fused)?, get(&g_ref)?);
+        let (a, b) = (get(g_fused)?, get(&g_ref)?);
         let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-6);
         let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale;
         if err > worst.1 || worst.0.is_empty() {

@@ -9,7 +9,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::optim::{AdamW, AdamWConfig};
-use super::{Autoregressive, masked_nll, masked_nll_sum};
+use candle_core::backprop::GradStore;
+
+use super::{Autoregressive, masked_nll_sum};
 use crate::data::{Batch, BatchSource};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -172,6 +174,50 @@ pub enum Stop {
     Interrupted,
 }
 
+/// The mean NLL of `batch` (the training loss) and its gradients, data-parallel: the rows are
+/// split into up to `threads` shards of consecutive rows, each shard's forward and backward
+/// runs on its own thread, and the gradients are added in shard order. The result depends
+/// only on the number of shards, so a run is deterministic for a given `--threads`.
+pub fn loss_and_grads<M: Autoregressive + Sync>(model: &M, batch: &Batch, threads: usize) -> Result<(f64, GradStore)> {
+    let rows = batch.tokens.dim(0)?;
+    let shards = threads.clamp(1, rows.max(1));
+    let count = batch.mask.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.max(1.0);
+    // Each shard's share of the mean: its summed NLL over the whole batch's count.
+    let shard = |start: usize, len: usize| -> Result<(f64, GradStore)> {
+        let (sum, _) = masked_nll_sum(model, &batch.rows(start, len)?)?;
+        let loss = (sum / count)?;
+        let grads = loss.backward()?;
+        Ok((loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, grads))
+    };
+    if shards == 1 {
+        return shard(0, rows);
+    }
+    let bounds: Vec<(usize, usize)> =
+        (0..shards).map(|i| (i * rows / shards, (i + 1) * rows / shards - i * rows / shards)).collect();
+    let results: Vec<Result<(f64, GradStore)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bounds.iter().map(|&(s, n)| scope.spawn(move || shard(s, n))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("a training thread panicked".into()))))
+            .collect()
+    });
+    let mut results = results.into_iter();
+    let (mut loss, mut grads) = results.next().expect("invariant: at least one shard")?;
+    for r in results {
+        let (l, g) = r?;
+        loss += l;
+        for id in g.get_ids() {
+            let add = g.get_id(*id).expect("invariant: listed id");
+            let sum = match grads.get_id(*id) {
+                Some(acc) => (acc + add)?,
+                None => add.clone(),
+            };
+            grads.insert_id(*id, sum);
+        }
+    }
+    Ok((loss, grads))
+}
+
 /// The summed NLL (nats) of `model` over `batches`, and the number of counted positions.
 pub fn nll_sum<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<(f64, f64)> {
     let (mut sum, mut count) = (0.0, 0.0);
@@ -192,7 +238,7 @@ pub fn evaluate<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<f64> 
 /// Trains `model` (whose parameters `opt` updates) until a stop condition holds. `save` writes
 /// a checkpoint of the current state; `stop` is raised from outside (Ctrl-C).
 #[allow(clippy::too_many_arguments)] // each is a different collaborator; a struct would only rename them
-pub fn train<M: Autoregressive>(
+pub fn train<M: Autoregressive + Sync>(
     model: &M,
     opt: &mut AdamW,
     data: &mut dyn BatchSource,
@@ -225,9 +271,7 @@ pub fn train<M: Autoregressive>(
         // forward, backward (models with several connectivities take them in turn)
         model.select_connectivity((state.step % model.connectivities() as u64) as usize);
         let batch = data.train_batch(&mut state.rng)?;
-        let loss = masked_nll(model, &batch)?;
-        let grads = loss.backward()?;
-        let loss = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let (loss, grads) = loss_and_grads(model, &batch, rayon::current_num_threads())?;
         if !loss.is_finite() {
             return Err(Error::Config(format!("the loss became {loss} at step {}: lower --lr", state.step + 1)));
         }

@@ -25,6 +25,17 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Rows `start .. start + len` of every part.
+    pub fn rows(&self, start: usize, len: usize) -> Result<Batch> {
+        let part = |t: &Tensor| t.narrow(0, start, len).and_then(|t| t.contiguous());
+        Ok(Batch {
+            tokens: part(&self.tokens)?,
+            mask: part(&self.mask)?,
+            labels: self.labels.as_ref().map(part).transpose()?,
+            values: self.values.as_ref().map(part).transpose()?,
+        })
+    }
+
     /// Builds a batch from rows of equal length.
     pub fn from_rows(
         tokens: &[Vec<u32>],

@@ -103,11 +103,14 @@ trait Float:
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
     + std::ops::AddAssign
 {
     const ZERO: Self;
     const ONE: Self;
     fn sigmoid(self) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
 }
 
 impl Float for f32 {
@@ -116,6 +119,12 @@ impl Float for f32 {
     fn sigmoid(self) -> f32 {
         1.0 / (1.0 + crate::fastmath::fast_exp(-self))
     }
+    fn exp(self) -> f32 {
+        crate::fastmath::fast_exp(self)
+    }
+    fn ln(self) -> f32 {
+        f32::ln(self)
+    }
 }
 
 impl Float for f64 {
@@ -123,6 +132,12 @@ impl Float for f64 {
     const ONE: f64 = 1.0;
     fn sigmoid(self) -> f64 {
         1.0 / (1.0 + (-self).exp())
+    }
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    fn ln(self) -> f64 {
+        f64::ln(self)
     }
 }
 
@@ -198,7 +213,8 @@ fn sum_rows<T: Float>(acc: &mut [T], rows: &[T]) {
 
 /// What the forward pass keeps for the backward pass.
 struct Activations<T> {
-    /// Per layer: its input `(B·T, C)`, pre-activation `(B·T, 2G)`, gate output `(B·T, G)`.
+    /// Per layer: its input `(B·T, C)`, [tanh(f), σ(g)] of its pre-activation `(B·T, 2G)`, gate
+    /// output `(B·T, G)`.
     inputs: Vec<Vec<T>>,
     pres: Vec<Vec<T>>,
     gates: Vec<Vec<T>>,
@@ -263,13 +279,16 @@ fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Ve
                 gemm_acc(&mut pre, (b * len + shift) * 2 * g, Mat::new(&x, b * len * c, rows, c), w);
             }
         }
-        // z = tanh(f) ⊙ σ(g), with tanh(f) = 2σ(2f) − 1
+        // z = tanh(f) ⊙ σ(g), with tanh(f) = 2σ(2f) − 1. The pre-activation is overwritten by
+        // [tanh(f), σ(g)], which is all the backward pass needs of it.
         let mut z = vec![T::ZERO; n * g];
-        for (zr, pr) in z.chunks_exact_mut(g).zip(pre.chunks_exact(2 * g)) {
-            let (f, gt) = pr.split_at(g);
+        for (zr, pr) in z.chunks_exact_mut(g).zip(pre.chunks_exact_mut(2 * g)) {
+            let (f, gt) = pr.split_at_mut(g);
             for i in 0..g {
                 let sf = (f[i] + f[i]).sigmoid();
-                zr[i] = (sf + sf - T::ONE) * gt[i].sigmoid();
+                f[i] = sf + sf - T::ONE;
+                gt[i] = gt[i].sigmoid();
+                zr[i] = f[i] * gt[i];
             }
         }
         // x_next = x + z·W_res + b_res;  skip += z·W_skip + b_skip
@@ -346,14 +365,11 @@ fn backward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size, a: &A
         gemm_acc(&mut dz, 0, Mat::new(&dx, 0, n, c), Mat::new(p, layer.residual_w, g, c).t());
         // The gate: ∂z/∂f = σ(g)(1 − tanh²f), ∂z/∂g = tanh(f) σ(g)(1 − σ(g)).
         for ((dr, pr), dzr) in dpre.chunks_exact_mut(2 * g).zip(pre.chunks_exact(2 * g)).zip(dz.chunks_exact(g)) {
-            let (f, gt) = pr.split_at(g);
+            let (th, sg) = pr.split_at(g); // tanh(f), σ(g), kept by the forward pass
             let (df, dg) = dr.split_at_mut(g);
             for i in 0..g {
-                let sf = (f[i] + f[i]).sigmoid();
-                let th = sf + sf - T::ONE;
-                let sg = gt[i].sigmoid();
-                df[i] = dzr[i] * sg * (T::ONE - th * th);
-                dg[i] = dzr[i] * th * sg * (T::ONE - sg);
+                df[i] = dzr[i] * sg[i] * (T::ONE - th[i] * th[i]);
+                dg[i] = dzr[i] * th[i] * sg[i] * (T::ONE - sg[i]);
             }
         }
         sum_rows(&mut dp[layer.dilated_b..layer.dilated_b + 2 * g], &dpre);
@@ -391,17 +407,50 @@ fn backward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size, a: &A
     dp
 }
 
-/// The op: logits `(B, T, V)` from `input (B, T + 1)` (label, then tokens) and the flat
-/// parameters; keeps its activations for its backward pass.
+/// The op: from `input (B, T + 1)` (label, then tokens) and the flat parameters, the logits
+/// `(B, T, V)`, or (`nll`) the NLL of each token `(B, T)`; keeps its activations (and, for the
+/// NLL, the softmax) for its backward pass.
 struct StackOp {
     layout: ParamLayout,
     size: Size,
+    nll: bool,
     kept: Mutex<Option<Kept>>,
 }
 
 enum Kept {
-    F32(Activations<f32>),
-    F64(Activations<f64>),
+    F32(Activations<f32>, Vec<f32>),
+    F64(Activations<f64>, Vec<f64>),
+}
+
+/// Turns `logits` (n × V) into their softmax in place and returns each row's NLL of its token
+/// (the token at the same position: the logits of position t predict token t).
+fn softmax_nll<T: Float>(logits: &mut [T], input: &[u32], size: Size, v: usize) -> Vec<T> {
+    let mut nll = Vec::with_capacity(size.batch * size.len);
+    for (r, row) in logits.chunks_exact_mut(v).enumerate() {
+        let (b, t) = (r / size.len, r % size.len);
+        let target = row[token(input, size, b, t)];
+        let max = row.iter().fold(row[0], |m, &x| if x > m { x } else { m });
+        let mut sum = T::ZERO;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = T::ONE / sum;
+        row.iter_mut().for_each(|x| *x = *x * inv);
+        nll.push(max + sum.ln() - target);
+    }
+    nll
+}
+
+/// The gradient of the logits from that of each row's NLL: g · (softmax − one-hot).
+fn nll_backward<T: Float>(mut probs: Vec<T>, grad: &[T], input: &[u32], size: Size, v: usize) -> Vec<T> {
+    for (r, row) in probs.chunks_exact_mut(v).enumerate() {
+        let (b, t) = (r / size.len, r % size.len);
+        row[token(input, size, b, t)] = row[token(input, size, b, t)] - T::ONE;
+        let g = grad[r];
+        row.iter_mut().for_each(|x| *x = *x * g);
+    }
+    probs
 }
 
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
@@ -425,18 +474,32 @@ impl CustomOp2 for StackOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::U32(input) = s1 else { candle_core::bail!("wavenet stack: tokens must be u32") };
         let input = contiguous(input, l1)?;
-        let shape = Shape::from((self.size.batch, self.size.len, self.layout.cfg.classes));
+        let (size, v) = (self.size, self.layout.cfg.classes);
+        let shape =
+            if self.nll { Shape::from((size.batch, size.len)) } else { Shape::from((size.batch, size.len, v)) };
         let mut kept = self.kept.lock().expect("invariant: not poisoned");
         Ok(match s2 {
             CpuStorage::F32(p) => {
-                let (logits, acts) = forward(&self.layout, contiguous(p, l2)?, input, self.size);
-                *kept = Some(Kept::F32(acts));
-                (CpuStorage::F32(logits), shape)
+                let (mut logits, acts) = forward(&self.layout, contiguous(p, l2)?, input, size);
+                if self.nll {
+                    let nll = softmax_nll(&mut logits, input, size, v);
+                    *kept = Some(Kept::F32(acts, logits));
+                    (CpuStorage::F32(nll), shape)
+                } else {
+                    *kept = Some(Kept::F32(acts, vec![]));
+                    (CpuStorage::F32(logits), shape)
+                }
             }
             CpuStorage::F64(p) => {
-                let (logits, acts) = forward(&self.layout, contiguous(p, l2)?, input, self.size);
-                *kept = Some(Kept::F64(acts));
-                (CpuStorage::F64(logits), shape)
+                let (mut logits, acts) = forward(&self.layout, contiguous(p, l2)?, input, size);
+                if self.nll {
+                    let nll = softmax_nll(&mut logits, input, size, v);
+                    *kept = Some(Kept::F64(acts, logits));
+                    (CpuStorage::F64(nll), shape)
+                } else {
+                    *kept = Some(Kept::F64(acts, vec![]));
+                    (CpuStorage::F64(logits), shape)
+                }
             }
             _ => candle_core::bail!("wavenet stack: weights must be f32 or f64"),
         })
@@ -451,16 +514,23 @@ impl CustomOp2 for StackOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let tokens = input.flatten_all()?.to_vec1::<u32>()?;
         let kept = self.kept.lock().expect("invariant: not poisoned").take();
+        let (size, v) = (self.size, self.layout.cfg.classes);
         let dp = match kept {
-            Some(Kept::F32(acts)) => {
+            Some(Kept::F32(acts, probs)) => {
                 let p = params.to_vec1::<f32>()?;
-                let dl = grad.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(backward(&self.layout, &p, &tokens, self.size, &acts, &dl), p.len(), params.device())?
+                let mut dl = grad.flatten_all()?.to_vec1::<f32>()?;
+                if self.nll {
+                    dl = nll_backward(probs, &dl, &tokens, size, v);
+                }
+                Tensor::from_vec(backward(&self.layout, &p, &tokens, size, &acts, &dl), p.len(), params.device())?
             }
-            Some(Kept::F64(acts)) => {
+            Some(Kept::F64(acts, probs)) => {
                 let p = params.to_vec1::<f64>()?;
-                let dl = grad.flatten_all()?.to_vec1::<f64>()?;
-                Tensor::from_vec(backward(&self.layout, &p, &tokens, self.size, &acts, &dl), p.len(), params.device())?
+                let mut dl = grad.flatten_all()?.to_vec1::<f64>()?;
+                if self.nll {
+                    dl = nll_backward(probs, &dl, &tokens, size, v);
+                }
+                Tensor::from_vec(backward(&self.layout, &p, &tokens, size, &acts, &dl), p.len(), params.device())?
             }
             None => candle_core::bail!("wavenet stack: backward called twice, or before forward"),
         };
@@ -471,6 +541,16 @@ impl CustomOp2 for StackOp {
 /// The logits `(B, T, V)` of WaveNet `layout.cfg` for `tokens (B, T)` (and `labels (B,)`), with
 /// the weights packed in `params` as [`ParamLayout`] says.
 pub fn wavenet_logits(layout: &ParamLayout, params: &Tensor, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+    apply(layout, params, tokens, labels, false)
+}
+
+/// The NLL in nats of every token, `(B, T)`: the loss without the logits ever becoming a candle
+/// tensor (the softmax and its gradient are computed in the op).
+pub fn wavenet_nll(layout: &ParamLayout, params: &Tensor, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+    apply(layout, params, tokens, labels, true)
+}
+
+fn apply(layout: &ParamLayout, params: &Tensor, tokens: &Tensor, labels: Option<&Tensor>, nll: bool) -> Result<Tensor> {
     let (batch, len) = tokens.dims2()?;
     let labels = match labels {
         Some(l) => l.to_dtype(DType::U32)?.reshape((batch, 1))?,
@@ -484,6 +564,6 @@ pub fn wavenet_logits(layout: &ParamLayout, params: &Tensor, tokens: &Tensor, la
         return Err(crate::Error::Config(format!("token {max_token} out of range")));
     }
     let input = Tensor::cat(&[labels, tokens.to_dtype(DType::U32)?], 1)?.contiguous()?; // (B, T + 1)
-    let op = StackOp { layout: layout.clone(), size: Size { batch, len }, kept: Mutex::new(None) };
+    let op = StackOp { layout: layout.clone(), size: Size { batch, len }, nll, kept: Mutex::new(None) };
     Ok(input.apply_op2(&params.contiguous()?, op)?)
 }

@@ -17,7 +17,7 @@
 //! | `output.weight` / `.bias` | `(H_L, D)` / `(D,)` | logits of each pixel |
 //! | `direct.weight` | `(D, D)` | only with `direct`: input → output |
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -64,7 +64,8 @@ pub struct Made {
     output: (Tensor, Tensor),
     direct: Option<Tensor>,
     connectivities: Vec<Connectivity>,
-    selected: Cell<usize>,
+    /// The connectivity in use (atomic, so that threads training shards of a batch can share the model).
+    selected: std::sync::Arc<AtomicUsize>,
 }
 
 fn mask(rows: usize, cols: usize, keep: impl Fn(usize, usize) -> bool, like: &Tensor) -> Result<Tensor> {
@@ -124,12 +125,12 @@ impl Made {
                 Ok(Connectivity { order, hidden, output, direct })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Made { cfg: cfg.clone(), layers, output, direct, connectivities, selected: Cell::new(0) })
+        Ok(Made { cfg: cfg.clone(), layers, output, direct, connectivities, selected: std::sync::Arc::new(AtomicUsize::new(0)) })
     }
 
     /// The logits of every pixel (`(B, D)`) from inputs `x (B, D)` under the selected masks.
     fn scores(&self, x: &Tensor) -> Result<Tensor> {
-        let conn = &self.connectivities[self.selected.get()];
+        let conn = &self.connectivities[self.selected.load(Ordering::Relaxed)];
         let mut h = x.clone();
         for ((w, b), m) in self.layers.iter().zip(&conn.hidden) {
             h = h.matmul(&(w * m)?)?.broadcast_add(b)?.relu()?;
@@ -181,7 +182,7 @@ impl Autoregressive for Made {
     }
 
     fn ordering(&self) -> Option<Vec<usize>> {
-        let order = &self.connectivities[self.selected.get()].order;
+        let order = &self.connectivities[self.selected.load(Ordering::Relaxed)].order;
         order.iter().enumerate().any(|(i, &p)| i != p).then(|| order.clone())
     }
 
@@ -190,7 +191,7 @@ impl Autoregressive for Made {
     }
 
     fn select_connectivity(&self, k: usize) {
-        self.selected.set(k % self.connectivities.len());
+        self.selected.store(k % self.connectivities.len(), Ordering::Relaxed);
     }
 
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
@@ -203,7 +204,7 @@ impl Autoregressive for Made {
     }
 
     fn step(&self, state: &mut State, prev: Option<&Tensor>) -> Result<Tensor> {
-        let order = &self.connectivities[self.selected.get()].order;
+        let order = &self.connectivities[self.selected.load(Ordering::Relaxed)].order;
         if let Some(p) = prev {
             for (row, v) in state.x.iter_mut().zip(p.to_vec1::<u32>()?) {
                 row[order[state.t - 1]] = v as f32;

@@ -30,7 +30,7 @@ use candle_nn::{Embedding, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::core::Autoregressive;
-use crate::layers::wavenet_stack::{ParamLayout, wavenet_logits};
+use crate::layers::wavenet_stack::{ParamLayout, wavenet_logits, wavenet_nll};
 use crate::layers::{ChannelLinear, causal_taps, gated_unit};
 use crate::{Error, Result};
 
@@ -347,6 +347,16 @@ impl Autoregressive for WaveNet {
             _ => {}
         }
         wavenet_logits(&self.layout, &self.packed()?, tokens, labels)
+    }
+
+    fn position_nll(&self, batch: &crate::data::Batch) -> Result<Tensor> {
+        let labels = batch.labels.as_ref();
+        match (self.cfg.num_labels > 0, labels.is_some()) {
+            (true, false) => return Err(Error::Config("this model is conditioned on a label: pass --label".into())),
+            (false, true) => return Err(Error::Config("this model takes no label".into())),
+            _ => {}
+        }
+        wavenet_nll(&self.layout, &self.packed()?, &batch.tokens, labels)
     }
 
     fn forward_reference(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Option<Result<Tensor>> {
