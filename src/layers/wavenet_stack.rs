@@ -157,7 +157,13 @@ impl<T> Mat<T> {
         Mat { ptr: data[offset..].as_ptr(), rows, cols, row_stride: cols as isize, col_stride: 1 }
     }
     fn t(self) -> Self {
-        Mat { ptr: self.ptr, rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride }
+        Mat {
+            ptr: self.ptr,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
     }
 }
 
@@ -202,6 +208,15 @@ fn add_rows<T: Float>(rows: &mut [T], bias: &[T]) {
     for r in rows.chunks_exact_mut(bias.len()) {
         r.iter_mut().zip(bias).for_each(|(x, &b)| *x += b);
     }
+}
+
+/// `rows` copies of `row`, one after the other (a product's destination, starting at its bias).
+fn repeat_rows<T: Float>(row: &[T], rows: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(rows * row.len());
+    for _ in 0..rows {
+        out.extend_from_slice(row);
+    }
+    out
 }
 
 /// `acc += Σ_rows rows` (row length `acc.len()`).
@@ -253,15 +268,16 @@ fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Ve
     for b in 0..bsz {
         for t in 1..len {
             let code = token(input, size, b, t - 1);
-            x[(b * len + t) * c..(b * len + t + 1) * c].copy_from_slice(&p[l.embed + code * c..l.embed + (code + 1) * c]);
+            x[(b * len + t) * c..(b * len + t + 1) * c]
+                .copy_from_slice(&p[l.embed + code * c..l.embed + (code + 1) * c]);
         }
     }
-    let mut acts = Activations { inputs: vec![], pres: vec![], gates: vec![], skip: vec![T::ZERO; n * s], hidden: vec![] };
+    let mut acts =
+        Activations { inputs: vec![], pres: vec![], gates: vec![], skip: vec![T::ZERO; n * s], hidden: vec![] };
     for layer in &l.layers {
         let d = layer.dilation;
         // pre = bias (+ label row) + Σ_j x[t − (k−1−j)·d] · W[j]   (B·T, 2G)
-        let mut pre = vec![T::ZERO; n * 2 * g];
-        add_rows(&mut pre, &p[layer.dilated_b..layer.dilated_b + 2 * g]);
+        let mut pre = repeat_rows(&p[layer.dilated_b..layer.dilated_b + 2 * g], n);
         if let Some(table) = layer.label {
             for (b, &lab) in labels.iter().enumerate() {
                 let row = &p[table + lab as usize * 2 * g..table + (lab as usize + 1) * 2 * g];
@@ -303,22 +319,27 @@ fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Ve
     }
     // Head: ReLU → 1×1 → ReLU → 1×1.
     let relu_skip: Vec<T> = acts.skip.iter().map(|&x| if x > T::ZERO { x } else { T::ZERO }).collect();
-    let mut hidden = vec![T::ZERO; n * h];
-    add_rows(&mut hidden, &p[l.head0_b..l.head0_b + h]);
+    let mut hidden = repeat_rows(&p[l.head0_b..l.head0_b + h], n);
     gemm_acc(&mut hidden, 0, Mat::new(&relu_skip, 0, n, s), Mat::new(p, l.head0_w, s, h));
     hidden.iter_mut().for_each(|x| {
         if *x < T::ZERO {
             *x = T::ZERO
         }
     });
-    let mut logits = vec![T::ZERO; n * v];
-    add_rows(&mut logits, &p[l.head1_b..l.head1_b + v]);
+    let mut logits = repeat_rows(&p[l.head1_b..l.head1_b + v], n);
     gemm_acc(&mut logits, 0, Mat::new(&hidden, 0, n, h), Mat::new(p, l.head1_w, h, v));
     acts.hidden = hidden;
     (logits, acts)
 }
 
-fn backward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size, a: &Activations<T>, dlogits: &[T]) -> Vec<T> {
+fn backward<T: Float>(
+    l: &ParamLayout,
+    p: &[T],
+    input: &[u32],
+    size: Size,
+    a: &Activations<T>,
+    dlogits: &[T],
+) -> Vec<T> {
     let cfg = &l.cfg;
     let (k, c, g, s, h, v) =
         (cfg.kernel_width, cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, cfg.head_channels, cfg.classes);
@@ -475,8 +496,7 @@ impl CustomOp2 for StackOp {
         let CpuStorage::U32(input) = s1 else { candle_core::bail!("wavenet stack: tokens must be u32") };
         let input = contiguous(input, l1)?;
         let (size, v) = (self.size, self.layout.cfg.classes);
-        let shape =
-            if self.nll { Shape::from((size.batch, size.len)) } else { Shape::from((size.batch, size.len, v)) };
+        let shape = if self.nll { Shape::from((size.batch, size.len)) } else { Shape::from((size.batch, size.len, v)) };
         let mut kept = self.kept.lock().expect("invariant: not poisoned");
         Ok(match s2 {
             CpuStorage::F32(p) => {
@@ -540,7 +560,12 @@ impl CustomOp2 for StackOp {
 
 /// The logits `(B, T, V)` of WaveNet `layout.cfg` for `tokens (B, T)` (and `labels (B,)`), with
 /// the weights packed in `params` as [`ParamLayout`] says.
-pub fn wavenet_logits(layout: &ParamLayout, params: &Tensor, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+pub fn wavenet_logits(
+    layout: &ParamLayout,
+    params: &Tensor,
+    tokens: &Tensor,
+    labels: Option<&Tensor>,
+) -> Result<Tensor> {
     apply(layout, params, tokens, labels, false)
 }
 
@@ -556,7 +581,8 @@ fn apply(layout: &ParamLayout, params: &Tensor, tokens: &Tensor, labels: Option<
         Some(l) => l.to_dtype(DType::U32)?.reshape((batch, 1))?,
         None => Tensor::zeros((batch, 1), DType::U32, tokens.device())?,
     };
-    if let Some(max) = labels.max_all()?.to_scalar::<u32>().ok().filter(|&m| m as usize >= layout.cfg.num_labels.max(1)) {
+    if let Some(max) = labels.max_all()?.to_scalar::<u32>().ok().filter(|&m| m as usize >= layout.cfg.num_labels.max(1))
+    {
         return Err(crate::Error::Config(format!("label index {max} out of range")));
     }
     let max_token = tokens.max_all()?.to_scalar::<u32>()?;

@@ -125,7 +125,14 @@ impl Made {
                 Ok(Connectivity { order, hidden, output, direct })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Made { cfg: cfg.clone(), layers, output, direct, connectivities, selected: std::sync::Arc::new(AtomicUsize::new(0)) })
+        Ok(Made {
+            cfg: cfg.clone(),
+            layers,
+            output,
+            direct,
+            connectivities,
+            selected: std::sync::Arc::new(AtomicUsize::new(0)),
+        })
     }
 
     /// The logits of every pixel (`(B, D)`) from inputs `x (B, D)` under the selected masks.
