@@ -152,40 +152,45 @@ fn engine(c: &mut Criterion) {
     group.finish();
 }
 
+/// Target samples per second of one training step (forward, backward, clipping, AdamW) at
+/// batch 4 × 4,096 target samples, each window with its receptive field as context: the fused
+/// op on 1 and 2 threads (the data-parallel trainer), and candle's own operations (the path
+/// before the fused op) on 1. Run with RAYON_NUM_THREADS equal to the threads measured.
 fn training(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
-    let cfg = Config::default();
-    let params = Params::new(0);
-    let m = WaveNet::new(&cfg, params.var_builder(DType::F32)).unwrap();
-    let mut opt = wavegen::core::optim::AdamW::new(&params, Default::default()).unwrap();
-    let (batch, window) = (4, 4096);
-    let len = cfg.receptive_field() + window;
-    let mut rng = Rng::new(2);
-    let tokens: Vec<u32> = (0..batch * len).map(|_| rng.below(256) as u32).collect();
-    let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
-    let mask: Vec<f32> = (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
-    let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
-    let data = wavegen::data::Batch { tokens, mask, labels: None, values: None };
-    group.throughput(Throughput::Elements((batch * window) as u64));
-    for threads in [1, 2] {
-        group.bench_function(format!("default_b4_w4096/fused_{threads}t"), |b| {
+    for (preset, cfg) in [("default", Config::default()), ("realtime", Config::realtime())] {
+        let params = Params::new(0);
+        let m = WaveNet::new(&cfg, params.var_builder(DType::F32)).unwrap();
+        let mut opt = wavegen::core::optim::AdamW::new(&params, Default::default()).unwrap();
+        let (batch, window) = (4, 4096);
+        let len = cfg.receptive_field() + window;
+        let mut rng = Rng::new(2);
+        let tokens: Vec<u32> = (0..batch * len).map(|_| rng.below(256) as u32).collect();
+        let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
+        let mask: Vec<f32> =
+            (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
+        let data = wavegen::data::Batch { tokens, mask, labels: None, values: None };
+        group.throughput(Throughput::Elements((batch * window) as u64));
+        for threads in [1, 2] {
+            group.bench_function(format!("{preset}_b4_w4096/fused_{threads}t"), |b| {
+                b.iter(|| {
+                    let (_, grads) = wavegen::core::train::loss_and_grads(&m, &data, threads).unwrap();
+                    black_box(opt.step(&grads, 1e-4).unwrap())
+                })
+            });
+        }
+        group.bench_function(format!("{preset}_b4_w4096/candle_1t"), |b| {
             b.iter(|| {
-                let (_, grads) = wavegen::core::train::loss_and_grads(&m, &data, threads).unwrap();
+                let logits = m.reference_logits(&data.tokens, None).unwrap();
+                let nll = wavegen::core::token_nll(&logits, &data.tokens).unwrap();
+                let loss = ((nll * &data.mask).unwrap().sum_all().unwrap() / (batch * window) as f64).unwrap();
+                let grads = loss.backward().unwrap();
                 black_box(opt.step(&grads, 1e-4).unwrap())
             })
         });
     }
-    // The same step through candle's operations and autograd (the path before the fused op).
-    group.bench_function("default_b4_w4096/candle_1t", |b| {
-        b.iter(|| {
-            let logits = m.reference_logits(&data.tokens, None).unwrap();
-            let nll = wavegen::core::token_nll(&logits, &data.tokens).unwrap();
-            let loss = ((nll * &data.mask).unwrap().sum_all().unwrap() / (batch * window) as f64).unwrap();
-            let grads = loss.backward().unwrap();
-            black_box(opt.step(&grads, 1e-4).unwrap())
-        })
-    });
     group.finish();
 }
 

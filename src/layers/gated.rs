@@ -67,13 +67,6 @@ fn backward<T: Float>(pre: &[T], grad: &[T], gate: usize) -> Vec<T> {
     out
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("gated unit: input must be contiguous"),
-    }
-}
-
 fn halve(shape: &Shape) -> candle_core::Result<(usize, Shape)> {
     let mut dims = shape.dims().to_vec();
     let last = dims.last_mut().ok_or_else(|| candle_core::Error::Msg("gated unit: scalar input".into()))?;
@@ -92,8 +85,8 @@ impl CustomOp1 for GatedUnit {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (gate, shape) = halve(layout.shape())?;
         let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(forward(contiguous(v, layout)?, gate)),
-            CpuStorage::F64(v) => CpuStorage::F64(forward(contiguous(v, layout)?, gate)),
+            CpuStorage::F32(v) => CpuStorage::F32(forward(super::contiguous_slice(v, layout, "gated unit")?, gate)),
+            CpuStorage::F64(v) => CpuStorage::F64(forward(super::contiguous_slice(v, layout, "gated unit")?, gate)),
             _ => candle_core::bail!("gated unit: only f32 and f64 are supported"),
         };
         Ok((out, shape))
@@ -118,12 +111,16 @@ impl CustomOp2 for GatedUnitGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (gate, _) = halve(l1.shape())?;
         let out = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(g)) => {
-                CpuStorage::F32(backward(contiguous(p, l1)?, contiguous(g, l2)?, gate))
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(g)) => {
-                CpuStorage::F64(backward(contiguous(p, l1)?, contiguous(g, l2)?, gate))
-            }
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => CpuStorage::F32(backward(
+                super::contiguous_slice(p, l1, "gated unit")?,
+                super::contiguous_slice(g, l2, "gated unit")?,
+                gate,
+            )),
+            (CpuStorage::F64(p), CpuStorage::F64(g)) => CpuStorage::F64(backward(
+                super::contiguous_slice(p, l1, "gated unit")?,
+                super::contiguous_slice(g, l2, "gated unit")?,
+                gate,
+            )),
             _ => candle_core::bail!("gated unit: unsupported dtypes"),
         };
         Ok((out, l1.shape().clone()))

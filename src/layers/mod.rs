@@ -15,6 +15,18 @@ pub mod nade;
 pub mod wavenet_stack;
 pub use gated::gated_unit;
 
+/// The slice of a custom op's input that `layout` describes, which must be contiguous.
+pub(crate) fn contiguous_slice<'a, T>(
+    data: &'a [T],
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: inputs must be contiguous"),
+    }
+}
+
 /// An affine map over the last dimension, weight stored `(in, out)` (the transpose of
 /// PyTorch's `nn.Linear.weight`).
 #[derive(Debug, Clone)]

@@ -285,13 +285,6 @@ mod fast {
     }
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("nade: inputs must be contiguous"),
-    }
-}
-
 fn dims(x: &Shape, wc: &Shape, v: &Shape) -> candle_core::Result<Dims> {
     let (batch, len) = x.dims2()?;
     let (rows, hidden) = wc.dims2()?;
@@ -318,12 +311,20 @@ impl CustomOp3 for NadeOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = dims(l1.shape(), l2.shape(), l3.shape())?;
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(v)) => {
-                CpuStorage::F32(fast::forward(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(v, l3)?, d, self.act))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(v)) => {
-                CpuStorage::F64(forward(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(v, l3)?, d, self.act))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(v)) => CpuStorage::F32(fast::forward(
+                super::contiguous_slice(x, l1, "nade")?,
+                super::contiguous_slice(w, l2, "nade")?,
+                super::contiguous_slice(v, l3, "nade")?,
+                d,
+                self.act,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(v)) => CpuStorage::F64(forward(
+                super::contiguous_slice(x, l1, "nade")?,
+                super::contiguous_slice(w, l2, "nade")?,
+                super::contiguous_slice(v, l3, "nade")?,
+                d,
+                self.act,
+            )),
             _ => candle_core::bail!("nade: inputs must all be f32 or all f64"),
         };
         Ok((out, Shape::from((d.batch, d.len, d.outputs))))

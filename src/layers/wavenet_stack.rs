@@ -111,6 +111,9 @@ trait Float:
     fn sigmoid(self) -> Self;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
+    /// The op's output as candle storage, and what its backward pass keeps.
+    fn storage(v: Vec<Self>) -> CpuStorage;
+    fn keep(acts: Activations<Self>, probs: Vec<Self>) -> Kept;
 }
 
 impl Float for f32 {
@@ -125,6 +128,12 @@ impl Float for f32 {
     fn ln(self) -> f32 {
         f32::ln(self)
     }
+    fn storage(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+    fn keep(acts: Activations<f32>, probs: Vec<f32>) -> Kept {
+        Kept::F32(acts, probs)
+    }
 }
 
 impl Float for f64 {
@@ -138,6 +147,12 @@ impl Float for f64 {
     }
     fn ln(self) -> f64 {
         f64::ln(self)
+    }
+    fn storage(v: Vec<f64>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+    fn keep(acts: Activations<f64>, probs: Vec<f64>) -> Kept {
+        Kept::F64(acts, probs)
     }
 }
 
@@ -474,10 +489,34 @@ fn nll_backward<T: Float>(mut probs: Vec<T>, grad: &[T], input: &[u32], size: Si
     probs
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("wavenet stack: inputs must be contiguous"),
+impl StackOp {
+    /// The op's output (logits or NLL) and what its backward pass keeps.
+    fn forward_typed<T: Float>(&self, p: &[T], input: &[u32]) -> (CpuStorage, Kept) {
+        let (size, v) = (self.size, self.layout.cfg.classes);
+        let (mut logits, acts) = forward(&self.layout, p, input, size);
+        if self.nll {
+            let nll = softmax_nll(&mut logits, input, size, v);
+            (T::storage(nll), T::keep(acts, logits))
+        } else {
+            (T::storage(logits), T::keep(acts, vec![]))
+        }
+    }
+
+    fn backward_typed<T: Float + candle_core::WithDType>(
+        &self,
+        params: &Tensor,
+        grad: &Tensor,
+        tokens: &[u32],
+        acts: &Activations<T>,
+        probs: Vec<T>,
+    ) -> candle_core::Result<Tensor> {
+        let (size, v) = (self.size, self.layout.cfg.classes);
+        let p = params.to_vec1::<T>()?;
+        let mut dl = grad.flatten_all()?.to_vec1::<T>()?;
+        if self.nll {
+            dl = nll_backward(probs, &dl, tokens, size, v);
+        }
+        Tensor::from_vec(backward(&self.layout, &p, tokens, size, acts, &dl), p.len(), params.device())
     }
 }
 
@@ -494,35 +533,17 @@ impl CustomOp2 for StackOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::U32(input) = s1 else { candle_core::bail!("wavenet stack: tokens must be u32") };
-        let input = contiguous(input, l1)?;
+        let input = super::contiguous_slice(input, l1, "wavenet stack")?;
         let (size, v) = (self.size, self.layout.cfg.classes);
         let shape = if self.nll { Shape::from((size.batch, size.len)) } else { Shape::from((size.batch, size.len, v)) };
         let mut kept = self.kept.lock().expect("invariant: not poisoned");
-        Ok(match s2 {
-            CpuStorage::F32(p) => {
-                let (mut logits, acts) = forward(&self.layout, contiguous(p, l2)?, input, size);
-                if self.nll {
-                    let nll = softmax_nll(&mut logits, input, size, v);
-                    *kept = Some(Kept::F32(acts, logits));
-                    (CpuStorage::F32(nll), shape)
-                } else {
-                    *kept = Some(Kept::F32(acts, vec![]));
-                    (CpuStorage::F32(logits), shape)
-                }
-            }
-            CpuStorage::F64(p) => {
-                let (mut logits, acts) = forward(&self.layout, contiguous(p, l2)?, input, size);
-                if self.nll {
-                    let nll = softmax_nll(&mut logits, input, size, v);
-                    *kept = Some(Kept::F64(acts, logits));
-                    (CpuStorage::F64(nll), shape)
-                } else {
-                    *kept = Some(Kept::F64(acts, vec![]));
-                    (CpuStorage::F64(logits), shape)
-                }
-            }
+        let (out, k) = match s2 {
+            CpuStorage::F32(p) => self.forward_typed(super::contiguous_slice(p, l2, "wavenet stack")?, input),
+            CpuStorage::F64(p) => self.forward_typed(super::contiguous_slice(p, l2, "wavenet stack")?, input),
             _ => candle_core::bail!("wavenet stack: weights must be f32 or f64"),
-        })
+        };
+        *kept = Some(k);
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -534,24 +555,9 @@ impl CustomOp2 for StackOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let tokens = input.flatten_all()?.to_vec1::<u32>()?;
         let kept = self.kept.lock().expect("invariant: not poisoned").take();
-        let (size, v) = (self.size, self.layout.cfg.classes);
         let dp = match kept {
-            Some(Kept::F32(acts, probs)) => {
-                let p = params.to_vec1::<f32>()?;
-                let mut dl = grad.flatten_all()?.to_vec1::<f32>()?;
-                if self.nll {
-                    dl = nll_backward(probs, &dl, &tokens, size, v);
-                }
-                Tensor::from_vec(backward(&self.layout, &p, &tokens, size, &acts, &dl), p.len(), params.device())?
-            }
-            Some(Kept::F64(acts, probs)) => {
-                let p = params.to_vec1::<f64>()?;
-                let mut dl = grad.flatten_all()?.to_vec1::<f64>()?;
-                if self.nll {
-                    dl = nll_backward(probs, &dl, &tokens, size, v);
-                }
-                Tensor::from_vec(backward(&self.layout, &p, &tokens, size, &acts, &dl), p.len(), params.device())?
-            }
+            Some(Kept::F32(acts, probs)) => self.backward_typed::<f32>(params, grad, &tokens, &acts, probs)?,
+            Some(Kept::F64(acts, probs)) => self.backward_typed::<f64>(params, grad, &tokens, &acts, probs)?,
             None => candle_core::bail!("wavenet stack: backward called twice, or before forward"),
         };
         Ok((None, Some(dp)))
