@@ -92,6 +92,129 @@ impl ParamLayout {
     }
 }
 
+macro_rules! gate_forward_body {
+    ($t:ty, $pre:ident, $z:ident, $g:ident) => {{
+        // Each loop maps one slice (the form that vectorises): tanh(f) = 2σ(2f) − 1, σ(g), then
+        // their product.
+        let one = <$t as Float>::ONE;
+        for (pr, zr) in $pre.chunks_exact_mut(2 * $g).zip($z.chunks_exact_mut($g)) {
+            let (f, gt) = pr.split_at_mut($g);
+            for x in f.iter_mut() {
+                let s = <$t as Float>::sigmoid(*x + *x);
+                *x = s + s - one;
+            }
+            for x in gt.iter_mut() {
+                *x = <$t as Float>::sigmoid(*x);
+            }
+            for ((zi, &fi), &gi) in zr.iter_mut().zip(f.iter()).zip(gt.iter()) {
+                *zi = fi * gi;
+            }
+        }
+    }};
+}
+
+macro_rules! gate_backward_body {
+    ($t:ty, $kept:ident, $dz:ident, $dpre:ident, $g:ident) => {
+        for ((dr, kr), dzr) in $dpre.chunks_exact_mut(2 * $g).zip($kept.chunks_exact(2 * $g)).zip($dz.chunks_exact($g))
+        {
+            let (th, sg) = kr.split_at($g);
+            let (df, dg) = dr.split_at_mut($g);
+            for ((((dfi, dgi), &t), &s), &d) in df.iter_mut().zip(dg.iter_mut()).zip(th).zip(sg).zip(dzr) {
+                let one = <$t as Float>::ONE;
+                *dfi = d * s * (one - t * t);
+                *dgi = d * t * s * (one - s);
+            }
+        }
+    };
+}
+
+/// The gated unit's passes compiled for AVX-512 (the crate's baseline is SSE2, where these
+/// loops of exponentials stay scalar), chosen at run time where the CPU has it; the same
+/// source as the portable passes.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Float;
+
+    fn present() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn gate_forward_avx512(pre: &mut [f32], z: &mut [f32], g: usize) {
+        gate_forward_body!(f32, pre, z, g)
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn gate_backward_avx512(kept: &[f32], dz: &[f32], dpre: &mut [f32], g: usize) {
+        gate_backward_body!(f32, kept, dz, dpre, g)
+    }
+
+    /// The whole forward pass (and the NLL) compiled for AVX-512, if the CPU has it: the
+    /// elementwise passes around the products (bias rows, ReLUs, softmax) then vectorise too.
+    pub fn forward(
+        l: &super::ParamLayout,
+        p: &[f32],
+        input: &[u32],
+        size: super::Size,
+        nll: bool,
+    ) -> Option<(Vec<f32>, Vec<f32>, super::Activations<f32>)> {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn run(
+            l: &super::ParamLayout,
+            p: &[f32],
+            input: &[u32],
+            size: super::Size,
+            nll: bool,
+        ) -> (Vec<f32>, Vec<f32>, super::Activations<f32>) {
+            super::forward_and_nll(l, p, input, size, nll)
+        }
+        // SAFETY: the features the function is compiled for were detected.
+        present().then(|| unsafe { run(l, p, input, size, nll) })
+    }
+
+    /// The whole backward pass compiled for AVX-512, if the CPU has it.
+    pub fn backward(
+        l: &super::ParamLayout,
+        p: &[f32],
+        input: &[u32],
+        size: super::Size,
+        acts: &super::Activations<f32>,
+        dl: &[f32],
+    ) -> Option<Vec<f32>> {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn run(
+            l: &super::ParamLayout,
+            p: &[f32],
+            input: &[u32],
+            size: super::Size,
+            acts: &super::Activations<f32>,
+            dl: &[f32],
+        ) -> Vec<f32> {
+            super::backward(l, p, input, size, acts, dl)
+        }
+        // SAFETY: the features the function is compiled for were detected.
+        present().then(|| unsafe { run(l, p, input, size, acts, dl) })
+    }
+
+    /// Runs the AVX-512 pass if the CPU has it; `false` if not.
+    pub fn gate_forward(pre: &mut [f32], z: &mut [f32], g: usize) -> bool {
+        // SAFETY: the features the function is compiled for were detected.
+        present() && {
+            unsafe { gate_forward_avx512(pre, z, g) };
+            true
+        }
+    }
+
+    /// Runs the AVX-512 pass if the CPU has it; `false` if not.
+    pub fn gate_backward(kept: &[f32], dz: &[f32], dpre: &mut [f32], g: usize) -> bool {
+        // SAFETY: the features the function is compiled for were detected.
+        present() && {
+            unsafe { gate_backward_avx512(kept, dz, dpre, g) };
+            true
+        }
+    }
+}
+
 /// The float types the op runs in: f32 for training, f64 for the finite-difference checks.
 trait Float:
     Copy
@@ -111,6 +234,37 @@ trait Float:
     fn sigmoid(self) -> Self;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
+    /// The gated unit over rows [f | g] of `pre` (n × 2G): overwrites them with [tanh f | σ g]
+    /// (what the backward pass needs) and writes z = tanh f · σ g.
+    fn gate_forward(pre: &mut [Self], z: &mut [Self], g: usize) {
+        gate_forward_body!(Self, pre, z, g)
+    }
+    /// d pre from d z and the kept [tanh f | σ g]: ∂z/∂f = σ(g)(1 − tanh²f),
+    /// ∂z/∂g = tanh(f) σ(g)(1 − σ(g)).
+    fn gate_backward(kept: &[Self], dz: &[Self], dpre: &mut [Self], g: usize) {
+        gate_backward_body!(Self, kept, dz, dpre, g)
+    }
+    /// [`forward_and_nll`], compiled for the best instruction set the CPU has.
+    fn forward_pass(
+        l: &ParamLayout,
+        p: &[Self],
+        input: &[u32],
+        size: Size,
+        nll: bool,
+    ) -> (Vec<Self>, Vec<Self>, Activations<Self>) {
+        forward_and_nll(l, p, input, size, nll)
+    }
+    /// [`backward`], compiled for the best instruction set the CPU has.
+    fn backward_pass(
+        l: &ParamLayout,
+        p: &[Self],
+        input: &[u32],
+        size: Size,
+        acts: &Activations<Self>,
+        dl: &[Self],
+    ) -> Vec<Self> {
+        backward(l, p, input, size, acts, dl)
+    }
     /// The op's output as candle storage, and what its backward pass keeps.
     fn storage(v: Vec<Self>) -> CpuStorage;
     fn keep(acts: Activations<Self>, probs: Vec<Self>) -> Kept;
@@ -119,6 +273,7 @@ trait Float:
 impl Float for f32 {
     const ZERO: f32 = 0.0;
     const ONE: f32 = 1.0;
+    #[inline(always)]
     fn sigmoid(self) -> f32 {
         1.0 / (1.0 + crate::fastmath::fast_exp(-self))
     }
@@ -127,6 +282,47 @@ impl Float for f32 {
     }
     fn ln(self) -> f32 {
         f32::ln(self)
+    }
+    fn gate_forward(pre: &mut [f32], z: &mut [f32], g: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::gate_forward(pre, z, g) {
+            return;
+        }
+        gate_forward_body!(f32, pre, z, g)
+    }
+    fn gate_backward(kept: &[f32], dz: &[f32], dpre: &mut [f32], g: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::gate_backward(kept, dz, dpre, g) {
+            return;
+        }
+        gate_backward_body!(f32, kept, dz, dpre, g)
+    }
+    fn forward_pass(
+        l: &ParamLayout,
+        p: &[f32],
+        input: &[u32],
+        size: Size,
+        nll: bool,
+    ) -> (Vec<f32>, Vec<f32>, Activations<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(out) = avx512::forward(l, p, input, size, nll) {
+            return out;
+        }
+        forward_and_nll(l, p, input, size, nll)
+    }
+    fn backward_pass(
+        l: &ParamLayout,
+        p: &[f32],
+        input: &[u32],
+        size: Size,
+        acts: &Activations<f32>,
+        dl: &[f32],
+    ) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(out) = avx512::backward(l, p, input, size, acts, dl) {
+            return out;
+        }
+        backward(l, p, input, size, acts, dl)
     }
     fn storage(v: Vec<f32>) -> CpuStorage {
         CpuStorage::F32(v)
@@ -219,6 +415,7 @@ fn gemm_acc<T: Float>(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>) {
 }
 
 /// Adds `bias` to every row of `rows` (row length `bias.len()`).
+#[inline(always)]
 fn add_rows<T: Float>(rows: &mut [T], bias: &[T]) {
     for r in rows.chunks_exact_mut(bias.len()) {
         r.iter_mut().zip(bias).for_each(|(x, &b)| *x += b);
@@ -226,6 +423,7 @@ fn add_rows<T: Float>(rows: &mut [T], bias: &[T]) {
 }
 
 /// `rows` copies of `row`, one after the other (a product's destination, starting at its bias).
+#[inline(always)]
 fn repeat_rows<T: Float>(row: &[T], rows: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(rows * row.len());
     for _ in 0..rows {
@@ -235,6 +433,7 @@ fn repeat_rows<T: Float>(row: &[T], rows: usize) -> Vec<T> {
 }
 
 /// `acc += Σ_rows rows` (row length `acc.len()`).
+#[inline(always)]
 fn sum_rows<T: Float>(acc: &mut [T], rows: &[T]) {
     for r in rows.chunks_exact(acc.len()) {
         acc.iter_mut().zip(r).for_each(|(a, &x)| *a += x);
@@ -271,6 +470,7 @@ fn token(input: &[u32], size: Size, b: usize, t: usize) -> usize {
     input[b * (size.len + 1) + 1 + t] as usize
 }
 
+#[inline(always)]
 fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Vec<T>, Activations<T>) {
     let cfg = &l.cfg;
     let (k, c, g, s, h, v) =
@@ -313,15 +513,7 @@ fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Ve
         // z = tanh(f) ⊙ σ(g), with tanh(f) = 2σ(2f) − 1. The pre-activation is overwritten by
         // [tanh(f), σ(g)], which is all the backward pass needs of it.
         let mut z = vec![T::ZERO; n * g];
-        for (zr, pr) in z.chunks_exact_mut(g).zip(pre.chunks_exact_mut(2 * g)) {
-            let (f, gt) = pr.split_at_mut(g);
-            for i in 0..g {
-                let sf = (f[i] + f[i]).sigmoid();
-                f[i] = sf + sf - T::ONE;
-                gt[i] = gt[i].sigmoid();
-                zr[i] = f[i] * gt[i];
-            }
-        }
+        T::gate_forward(&mut pre, &mut z, g);
         // x_next = x + z·W_res + b_res;  skip += z·W_skip + b_skip
         let mut next = x.clone();
         add_rows(&mut next, &p[layer.residual_b..layer.residual_b + c]);
@@ -347,6 +539,7 @@ fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Ve
     (logits, acts)
 }
 
+#[inline(always)]
 fn backward<T: Float>(
     l: &ParamLayout,
     p: &[T],
@@ -400,14 +593,7 @@ fn backward<T: Float>(
         gemm_acc(&mut dz, 0, Mat::new(&dskip, 0, n, s), Mat::new(p, layer.skip_w, g, s).t());
         gemm_acc(&mut dz, 0, Mat::new(&dx, 0, n, c), Mat::new(p, layer.residual_w, g, c).t());
         // The gate: ∂z/∂f = σ(g)(1 − tanh²f), ∂z/∂g = tanh(f) σ(g)(1 − σ(g)).
-        for ((dr, pr), dzr) in dpre.chunks_exact_mut(2 * g).zip(pre.chunks_exact(2 * g)).zip(dz.chunks_exact(g)) {
-            let (th, sg) = pr.split_at(g); // tanh(f), σ(g), kept by the forward pass
-            let (df, dg) = dr.split_at_mut(g);
-            for i in 0..g {
-                df[i] = dzr[i] * sg[i] * (T::ONE - th[i] * th[i]);
-                dg[i] = dzr[i] * th[i] * sg[i] * (T::ONE - sg[i]);
-            }
-        }
+        T::gate_backward(pre, &dz, &mut dpre, g);
         sum_rows(&mut dp[layer.dilated_b..layer.dilated_b + 2 * g], &dpre);
         if let Some(table) = layer.label {
             for (b, &lab) in labels.iter().enumerate() {
@@ -460,17 +646,32 @@ enum Kept {
 
 /// Turns `logits` (n × V) into their softmax in place and returns each row's NLL of its token
 /// (the token at the same position: the logits of position t predict token t).
+#[inline(always)]
 fn softmax_nll<T: Float>(logits: &mut [T], input: &[u32], size: Size, v: usize) -> Vec<T> {
     let mut nll = Vec::with_capacity(size.batch * size.len);
     for (r, row) in logits.chunks_exact_mut(v).enumerate() {
         let (b, t) = (r / size.len, r % size.len);
         let target = row[token(input, size, b, t)];
-        let max = row.iter().fold(row[0], |m, &x| if x > m { x } else { m });
-        let mut sum = T::ZERO;
+        // Eight running maxima and sums (lanes), so that the reductions vectorise.
+        let mut lanes = [row[0]; 8];
+        for chunk in row.chunks(8) {
+            for (m, &x) in lanes.iter_mut().zip(chunk) {
+                if x > *m {
+                    *m = x;
+                }
+            }
+        }
+        let max = lanes.iter().fold(lanes[0], |m, &x| if x > m { x } else { m });
         for x in row.iter_mut() {
             *x = (*x - max).exp();
-            sum += *x;
         }
+        let mut sums = [T::ZERO; 8];
+        for chunk in row.chunks(8) {
+            for (s, &x) in sums.iter_mut().zip(chunk) {
+                *s += x;
+            }
+        }
+        let sum = sums.iter().fold(T::ZERO, |a, &x| a + x);
         let inv = T::ONE / sum;
         row.iter_mut().for_each(|x| *x = *x * inv);
         nll.push(max + sum.ln() - target);
@@ -479,6 +680,7 @@ fn softmax_nll<T: Float>(logits: &mut [T], input: &[u32], size: Size, v: usize) 
 }
 
 /// The gradient of the logits from that of each row's NLL: g · (softmax − one-hot).
+#[inline(always)]
 fn nll_backward<T: Float>(mut probs: Vec<T>, grad: &[T], input: &[u32], size: Size, v: usize) -> Vec<T> {
     for (r, row) in probs.chunks_exact_mut(v).enumerate() {
         let (b, t) = (r / size.len, r % size.len);
@@ -489,17 +691,30 @@ fn nll_backward<T: Float>(mut probs: Vec<T>, grad: &[T], input: &[u32], size: Si
     probs
 }
 
+/// The forward pass, then (`nll`) the NLL of each token: (output, softmax kept for the backward
+/// pass or empty, activations).
+#[inline(always)]
+fn forward_and_nll<T: Float>(
+    l: &ParamLayout,
+    p: &[T],
+    input: &[u32],
+    size: Size,
+    nll: bool,
+) -> (Vec<T>, Vec<T>, Activations<T>) {
+    let (mut logits, acts) = forward(l, p, input, size);
+    if nll {
+        let out = softmax_nll(&mut logits, input, size, l.cfg.classes);
+        (out, logits, acts)
+    } else {
+        (logits, vec![], acts)
+    }
+}
+
 impl StackOp {
     /// The op's output (logits or NLL) and what its backward pass keeps.
     fn forward_typed<T: Float>(&self, p: &[T], input: &[u32]) -> (CpuStorage, Kept) {
-        let (size, v) = (self.size, self.layout.cfg.classes);
-        let (mut logits, acts) = forward(&self.layout, p, input, size);
-        if self.nll {
-            let nll = softmax_nll(&mut logits, input, size, v);
-            (T::storage(nll), T::keep(acts, logits))
-        } else {
-            (T::storage(logits), T::keep(acts, vec![]))
-        }
+        let (out, probs, acts) = T::forward_pass(&self.layout, p, input, self.size, self.nll);
+        (T::storage(out), T::keep(acts, probs))
     }
 
     fn backward_typed<T: Float + candle_core::WithDType>(
@@ -516,7 +731,7 @@ impl StackOp {
         if self.nll {
             dl = nll_backward(probs, &dl, tokens, size, v);
         }
-        Tensor::from_vec(backward(&self.layout, &p, tokens, size, acts, &dl), p.len(), params.device())
+        Tensor::from_vec(T::backward_pass(&self.layout, &p, tokens, size, acts, &dl), p.len(), params.device())
     }
 }
 
