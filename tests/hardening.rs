@@ -92,21 +92,24 @@ fn checkpoints_are_never_lost_or_shared() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
     assert_eq!(first.wait().unwrap().code(), Some(143));
+    let at = wavegen::core::checkpoint::open(&ckpt).unwrap().manifest.state.step;
 
     // Leftovers of an interrupted commit are removed by the next writer.
     std::fs::create_dir(ckpt.join("step-000999999")).unwrap();
     std::fs::write(ckpt.join(".current.4194305.tmp"), b"").unwrap();
-    json(&wavegen(&["train", "--out", c, "--resume", "--steps", "6", "--json"], &cache));
+    let next = (at + 1).to_string();
+    json(&wavegen(&["train", "--out", c, "--resume", "--steps", &next, "--json"], &cache));
     assert!(!ckpt.join("step-000999999").exists() && !ckpt.join(".current.4194305.tmp").exists());
 
     // Resumed from another working directory with no DIR: the folder was stored absolute.
+    let after = (at + 2).to_string();
     let elsewhere = Command::new(env!("CARGO_BIN_EXE_wavegen"))
-        .args(["train", "--out", c, "--resume", "--steps", "7", "--json"])
+        .args(["train", "--out", c, "--resume", "--steps", &after, "--json"])
         .env("WAVEGEN_CACHE", &cache)
         .current_dir("/")
         .output()
         .unwrap();
-    assert_eq!(json(&elsewhere)["steps"], 7);
+    assert_eq!(json(&elsewhere)["steps"], at + 2);
 }
 
 #[test]
