@@ -194,10 +194,40 @@ fn training(c: &mut Criterion) {
     group.finish();
 }
 
+/// Throughput per target sample against window length, the same number of target samples per
+/// step (16,384), default config, fused op, one thread: each window also computes its
+/// receptive field (2,047 positions) as context, so short windows waste most of their work.
+fn training_windows(c: &mut Criterion) {
+    let mut group = c.benchmark_group("train_window");
+    group.sample_size(10);
+    let cfg = Config::default();
+    let params = Params::new(0);
+    let m = WaveNet::new(&cfg, params.var_builder(DType::F32)).unwrap();
+    let mut opt = wavegen::core::optim::AdamW::new(&params, Default::default()).unwrap();
+    for (batch, window) in [(16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16384)] {
+        let len = cfg.receptive_field() + window;
+        let mut rng = Rng::new(3);
+        let tokens: Vec<u32> = (0..batch * len).map(|_| rng.below(256) as u32).collect();
+        let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
+        let mask: Vec<f32> =
+            (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
+        let data = wavegen::data::Batch { tokens, mask, labels: None, values: None };
+        group.throughput(Throughput::Elements((batch * window) as u64));
+        group.bench_function(format!("b{batch}_w{window}"), |b| {
+            b.iter(|| {
+                let (_, grads) = wavegen::core::train::loss_and_grads(&m, &data, 1).unwrap();
+                black_box(opt.step(&grads, 1e-4).unwrap())
+            })
+        });
+    }
+    group.finish();
+}
+
 fn setup() -> Criterion {
     wavegen::keep_freed_memory();
     Criterion::default().configure_from_args()
 }
 
-criterion_group! { name = benches; config = setup(); targets = generation, realtime, engine, training }
+criterion_group! { name = benches; config = setup(); targets = generation, realtime, engine, training, training_windows }
 criterion_main!(benches);
