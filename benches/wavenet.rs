@@ -152,6 +152,18 @@ fn engine(c: &mut Criterion) {
     group.finish();
 }
 
+/// `batch` windows of random codes, each `window` targets after the receptive field as
+/// (unscored) context: what the trainer feeds a step.
+fn training_batch(cfg: &Config, batch: usize, window: usize, seed: u64) -> wavegen::data::Batch {
+    let len = cfg.receptive_field() + window;
+    let mut rng = Rng::new(seed);
+    let tokens: Vec<u32> = (0..batch * len).map(|_| rng.below(256) as u32).collect();
+    let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
+    let mask: Vec<f32> = (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
+    wavegen::data::Batch { tokens, mask, labels: None, values: None }
+}
+
 /// Target samples per second of one training step (forward, backward, clipping, AdamW) at
 /// batch 4 × 4,096 target samples, each window with its receptive field as context: the fused
 /// op on 1 and 2 threads (the data-parallel trainer), and candle's own operations (the path
@@ -164,14 +176,7 @@ fn training(c: &mut Criterion) {
         let m = WaveNet::new(&cfg, params.var_builder(DType::F32)).unwrap();
         let mut opt = wavegen::core::optim::AdamW::new(&params, Default::default()).unwrap();
         let (batch, window) = (4, 4096);
-        let len = cfg.receptive_field() + window;
-        let mut rng = Rng::new(2);
-        let tokens: Vec<u32> = (0..batch * len).map(|_| rng.below(256) as u32).collect();
-        let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
-        let mask: Vec<f32> =
-            (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
-        let data = wavegen::data::Batch { tokens, mask, labels: None, values: None };
+        let data = training_batch(&cfg, batch, window, 2);
         group.throughput(Throughput::Elements((batch * window) as u64));
         for threads in [1, 2] {
             group.bench_function(format!("{preset}_b4_w4096/fused_{threads}t"), |b| {
@@ -205,14 +210,7 @@ fn training_windows(c: &mut Criterion) {
     let m = WaveNet::new(&cfg, params.var_builder(DType::F32)).unwrap();
     let mut opt = wavegen::core::optim::AdamW::new(&params, Default::default()).unwrap();
     for (batch, window) in [(16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16384)] {
-        let len = cfg.receptive_field() + window;
-        let mut rng = Rng::new(3);
-        let tokens: Vec<u32> = (0..batch * len).map(|_| rng.below(256) as u32).collect();
-        let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
-        let mask: Vec<f32> =
-            (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
-        let data = wavegen::data::Batch { tokens, mask, labels: None, values: None };
+        let data = training_batch(&cfg, batch, window, 3);
         group.throughput(Throughput::Elements((batch * window) as u64));
         group.bench_function(format!("b{batch}_w{window}"), |b| {
             b.iter(|| {
