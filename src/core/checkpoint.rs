@@ -567,7 +567,9 @@ impl WriteGuard {
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
-        let committed = exists(&self.dir) || exists(&self.dir.join("last"));
+        // A checkpoint here, or in a folder of it (`mnist train` keeps its latest state in one).
+        let committed = exists(&self.dir)
+            || std::fs::read_dir(&self.dir).into_iter().flatten().flatten().any(|e| exists(&e.path()));
         if self.created && !committed {
             // Still locked: nobody else can have written here.
             let _ = std::fs::remove_dir_all(&self.dir);

@@ -221,12 +221,20 @@ impl ResidualLayer {
     }
 
     fn condition(&self, labels: Option<&Tensor>) -> Result<Option<Tensor>> {
+        check_labels(self.label.is_some(), labels)?;
         match (&self.label, labels) {
             (Some(emb), Some(l)) => Ok(Some(emb.forward(l)?.unsqueeze(1)?)), // (B, 1, 2G)
-            (Some(_), None) => Err(Error::Config("this model is conditioned on a label: pass --label".into())),
-            (None, Some(_)) => Err(Error::Config("this model takes no label".into())),
-            (None, None) => Ok(None),
+            _ => Ok(None),
         }
+    }
+}
+
+/// Fails unless labels are given exactly when the model is conditioned on them.
+fn check_labels(conditioned: bool, labels: Option<&Tensor>) -> Result<()> {
+    match (conditioned, labels.is_some()) {
+        (true, false) => Err(Error::Config("this model is conditioned on a label: pass --label".into())),
+        (false, true) => Err(Error::Config("this model takes no label".into())),
+        _ => Ok(()),
     }
 }
 
@@ -341,21 +349,13 @@ impl Autoregressive for WaveNet {
     fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         // The fused op (one forward and backward for the whole network); same logits and
         // gradients as `reference_logits`, checked by the property tests.
-        match (self.cfg.num_labels > 0, labels.is_some()) {
-            (true, false) => return Err(Error::Config("this model is conditioned on a label: pass --label".into())),
-            (false, true) => return Err(Error::Config("this model takes no label".into())),
-            _ => {}
-        }
+        check_labels(self.cfg.num_labels > 0, labels)?;
         wavenet_logits(&self.layout, &self.packed()?, tokens, labels)
     }
 
     fn position_nll(&self, batch: &crate::data::Batch) -> Result<Tensor> {
         let labels = batch.labels.as_ref();
-        match (self.cfg.num_labels > 0, labels.is_some()) {
-            (true, false) => return Err(Error::Config("this model is conditioned on a label: pass --label".into())),
-            (false, true) => return Err(Error::Config("this model takes no label".into())),
-            _ => {}
-        }
+        check_labels(self.cfg.num_labels > 0, labels)?;
         wavenet_nll(&self.layout, &self.packed()?, &batch.tokens, labels)
     }
 

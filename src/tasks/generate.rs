@@ -144,17 +144,22 @@ struct Sinks {
 
 impl Sinks {
     fn take(&mut self, codes: &[Vec<u32>]) -> Result<()> {
+        if let Some(kept) = &mut self.keep {
+            kept.iter_mut().zip(codes).for_each(|(k, c)| k.extend_from_slice(c));
+        }
+        if self.writers.is_empty() && self.spectrogram.is_none() {
+            return Ok(()); // nothing needs the samples
+        }
         let audio: Vec<Vec<f32>> = codes.iter().map(|c| c.iter().map(|&x| mulaw::decode(x as u8)).collect()).collect();
         if self.multichannel {
             let channels: Vec<&[f32]> = audio.iter().map(|a| a.as_slice()).collect();
-            self.writers[0].write(&channels)?;
+            if let Some(w) = self.writers.first_mut() {
+                w.write(&channels)?;
+            }
         } else {
             for (w, a) in self.writers.iter_mut().zip(&audio) {
                 w.write(&[a])?;
             }
-        }
-        if let Some(kept) = &mut self.keep {
-            kept.iter_mut().zip(codes).for_each(|(k, c)| k.extend_from_slice(c));
         }
         if let Some(first) = &mut self.spectrogram {
             let room = self.spectrogram_limit.saturating_sub(first.len());
