@@ -186,6 +186,18 @@ fn training(c: &mut Criterion) {
                 })
             });
         }
+        // `--precision bf16`: the same step with the products on the AMX tile unit.
+        if wavegen::layers::matmul::amx::available() {
+            let m = m.clone().with_precision(wavegen::core::train::Precision::Bf16);
+            for threads in [1, 2] {
+                group.bench_function(format!("{preset}_b4_w4096/fused_bf16_{threads}t"), |b| {
+                    b.iter(|| {
+                        let (_, grads) = wavegen::core::train::loss_and_grads(&m, &data, threads).unwrap();
+                        black_box(opt.step(&grads, 1e-4).unwrap())
+                    })
+                });
+            }
+        }
         group.bench_function(format!("{preset}_b4_w4096/candle_1t"), |b| {
             b.iter(|| {
                 let logits = m.reference_logits(&data.tokens, None).unwrap();
@@ -200,7 +212,7 @@ fn training(c: &mut Criterion) {
 }
 
 /// Throughput per target sample against window length, the same number of target samples per
-/// step (16,384), default config, fused op, one thread: each window also computes its
+/// step (16,384), default config, fused op, on one and two threads: each window also computes its
 /// receptive field (2,047 positions) as context, so short windows waste most of their work.
 fn training_windows(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_window");
@@ -212,12 +224,15 @@ fn training_windows(c: &mut Criterion) {
     for (batch, window) in [(16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16384)] {
         let data = training_batch(&cfg, batch, window, 3);
         group.throughput(Throughput::Elements((batch * window) as u64));
-        group.bench_function(format!("b{batch}_w{window}"), |b| {
-            b.iter(|| {
-                let (_, grads) = wavegen::core::train::loss_and_grads(&m, &data, 1).unwrap();
-                black_box(opt.step(&grads, 1e-4).unwrap())
-            })
-        });
+        // Two threads need at least two windows: the trainer shards a batch by rows.
+        for threads in [1, 2].into_iter().filter(|&t| t <= batch) {
+            group.bench_function(format!("b{batch}_w{window}/{threads}t"), |b| {
+                b.iter(|| {
+                    let (_, grads) = wavegen::core::train::loss_and_grads(&m, &data, threads).unwrap();
+                    black_box(opt.step(&grads, 1e-4).unwrap())
+                })
+            });
+        }
     }
     group.finish();
 }

@@ -16,6 +16,19 @@ use crate::data::{Batch, BatchSource};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
+/// How the products of training run: exactly in f32, or on bfloat16-rounded operands with f32
+/// sums (models that have such a path: WaveNet). Weights, gradients and the optimizer's state
+/// stay f32 either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Exact f32 products.
+    #[default]
+    F32,
+    /// bfloat16 operands, f32 sums (AMX).
+    Bf16,
+}
+
 /// Settings of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -37,6 +50,9 @@ pub struct TrainConfig {
     pub eval_every: u64,
     /// Write a checkpoint every this many steps (and always at the end).
     pub checkpoint_every: u64,
+    /// Precision of the products in the forward and backward passes.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -51,6 +67,7 @@ impl Default for TrainConfig {
             adamw: AdamWConfig::default(),
             eval_every: 250,
             checkpoint_every: 250,
+            precision: Precision::F32,
         }
     }
 }

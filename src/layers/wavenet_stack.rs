@@ -21,9 +21,10 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
-use gemm::Parallelism;
 
+use super::matmul::{Bf16, Exact, Mat, Products, Scalar};
 use crate::Result;
+use crate::core::train::Precision;
 use crate::models::wavenet::Config;
 
 /// Where each weight lives in the flat parameter vector, in the order the model packs them.
@@ -96,7 +97,7 @@ macro_rules! gate_forward_body {
     ($t:ty, $pre:ident, $z:ident, $g:ident) => {{
         // Each loop maps one slice (the form that vectorises): tanh(f) = 2σ(2f) − 1, σ(g), then
         // their product.
-        let one = <$t as Float>::ONE;
+        let one = <$t as $crate::layers::matmul::Scalar>::ONE;
         for (pr, zr) in $pre.chunks_exact_mut(2 * $g).zip($z.chunks_exact_mut($g)) {
             let (f, gt) = pr.split_at_mut($g);
             for x in f.iter_mut() {
@@ -120,7 +121,7 @@ macro_rules! gate_backward_body {
             let (th, sg) = kr.split_at($g);
             let (df, dg) = dr.split_at_mut($g);
             for ((((dfi, dgi), &t), &s), &d) in df.iter_mut().zip(dg.iter_mut()).zip(th).zip(sg).zip(dzr) {
-                let one = <$t as Float>::ONE;
+                let one = <$t as $crate::layers::matmul::Scalar>::ONE;
                 *dfi = d * s * (one - t * t);
                 *dgi = d * t * s * (one - s);
             }
@@ -133,7 +134,7 @@ macro_rules! gate_backward_body {
 /// source as the portable passes.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Float;
+    use super::{Float, Products};
 
     fn present() -> bool {
         std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl")
@@ -151,7 +152,7 @@ mod avx512 {
 
     /// The whole forward pass (and the NLL) compiled for AVX-512, if the CPU has it: the
     /// elementwise passes around the products (bias rows, ReLUs, softmax) then vectorise too.
-    pub fn forward(
+    pub fn forward<P: Products<f32>>(
         l: &super::ParamLayout,
         p: &[f32],
         input: &[u32],
@@ -159,21 +160,21 @@ mod avx512 {
         nll: bool,
     ) -> Option<(Vec<f32>, Vec<f32>, super::Activations<f32>)> {
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn run(
+        unsafe fn run<P: Products<f32>>(
             l: &super::ParamLayout,
             p: &[f32],
             input: &[u32],
             size: super::Size,
             nll: bool,
         ) -> (Vec<f32>, Vec<f32>, super::Activations<f32>) {
-            super::forward_and_nll(l, p, input, size, nll)
+            super::forward_and_nll::<f32, P>(l, p, input, size, nll)
         }
         // SAFETY: the features the function is compiled for were detected.
-        present().then(|| unsafe { run(l, p, input, size, nll) })
+        present().then(|| unsafe { run::<P>(l, p, input, size, nll) })
     }
 
     /// The whole backward pass compiled for AVX-512, if the CPU has it.
-    pub fn backward(
+    pub fn backward<P: Products<f32>>(
         l: &super::ParamLayout,
         p: &[f32],
         input: &[u32],
@@ -182,7 +183,7 @@ mod avx512 {
         dl: &[f32],
     ) -> Option<Vec<f32>> {
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn run(
+        unsafe fn run<P: Products<f32>>(
             l: &super::ParamLayout,
             p: &[f32],
             input: &[u32],
@@ -190,10 +191,10 @@ mod avx512 {
             acts: &super::Activations<f32>,
             dl: &[f32],
         ) -> Vec<f32> {
-            super::backward(l, p, input, size, acts, dl)
+            super::backward::<f32, P>(l, p, input, size, acts, dl)
         }
         // SAFETY: the features the function is compiled for were detected.
-        present().then(|| unsafe { run(l, p, input, size, acts, dl) })
+        present().then(|| unsafe { run::<P>(l, p, input, size, acts, dl) })
     }
 
     /// Runs the AVX-512 pass if the CPU has it; `false` if not.
@@ -217,11 +218,8 @@ mod avx512 {
 
 /// The float types the op runs in: f32 for training, f64 for the finite-difference checks.
 trait Float:
-    Copy
+    Scalar
     + Default
-    + Send
-    + Sync
-    + 'static
     + PartialOrd
     + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
@@ -230,7 +228,6 @@ trait Float:
     + std::ops::AddAssign
 {
     const ZERO: Self;
-    const ONE: Self;
     fn sigmoid(self) -> Self;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
@@ -244,17 +241,20 @@ trait Float:
     fn gate_backward(kept: &[Self], dz: &[Self], dpre: &mut [Self], g: usize) {
         gate_backward_body!(Self, kept, dz, dpre, g)
     }
-    /// [`forward_and_nll`], compiled for the best instruction set the CPU has.
+    /// [`forward_and_nll`], compiled for the best instruction set the CPU has, its products
+    /// in `precision` (f64 is always exact).
     fn forward_pass(
         l: &ParamLayout,
         p: &[Self],
         input: &[u32],
         size: Size,
         nll: bool,
+        _precision: Precision,
     ) -> (Vec<Self>, Vec<Self>, Activations<Self>) {
-        forward_and_nll(l, p, input, size, nll)
+        forward_and_nll::<Self, Exact>(l, p, input, size, nll)
     }
-    /// [`backward`], compiled for the best instruction set the CPU has.
+    /// [`backward`], compiled for the best instruction set the CPU has, its products in
+    /// `precision`.
     fn backward_pass(
         l: &ParamLayout,
         p: &[Self],
@@ -262,8 +262,9 @@ trait Float:
         size: Size,
         acts: &Activations<Self>,
         dl: &[Self],
+        _precision: Precision,
     ) -> Vec<Self> {
-        backward(l, p, input, size, acts, dl)
+        backward::<Self, Exact>(l, p, input, size, acts, dl)
     }
     /// The op's output as candle storage, and what its backward pass keeps.
     fn storage(v: Vec<Self>) -> CpuStorage;
@@ -272,7 +273,6 @@ trait Float:
 
 impl Float for f32 {
     const ZERO: f32 = 0.0;
-    const ONE: f32 = 1.0;
     #[inline(always)]
     fn sigmoid(self) -> f32 {
         1.0 / (1.0 + crate::fastmath::fast_exp(-self))
@@ -303,12 +303,25 @@ impl Float for f32 {
         input: &[u32],
         size: Size,
         nll: bool,
+        precision: Precision,
     ) -> (Vec<f32>, Vec<f32>, Activations<f32>) {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(out) = avx512::forward(l, p, input, size, nll) {
-            return out;
+        fn with<P: Products<f32>>(
+            l: &ParamLayout,
+            p: &[f32],
+            input: &[u32],
+            size: Size,
+            nll: bool,
+        ) -> (Vec<f32>, Vec<f32>, Activations<f32>) {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(out) = avx512::forward::<P>(l, p, input, size, nll) {
+                return out;
+            }
+            forward_and_nll::<f32, P>(l, p, input, size, nll)
         }
-        forward_and_nll(l, p, input, size, nll)
+        match precision {
+            Precision::F32 => with::<Exact>(l, p, input, size, nll),
+            Precision::Bf16 => with::<Bf16>(l, p, input, size, nll),
+        }
     }
     fn backward_pass(
         l: &ParamLayout,
@@ -317,12 +330,26 @@ impl Float for f32 {
         size: Size,
         acts: &Activations<f32>,
         dl: &[f32],
+        precision: Precision,
     ) -> Vec<f32> {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(out) = avx512::backward(l, p, input, size, acts, dl) {
-            return out;
+        fn with<P: Products<f32>>(
+            l: &ParamLayout,
+            p: &[f32],
+            input: &[u32],
+            size: Size,
+            acts: &Activations<f32>,
+            dl: &[f32],
+        ) -> Vec<f32> {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(out) = avx512::backward::<P>(l, p, input, size, acts, dl) {
+                return out;
+            }
+            backward::<f32, P>(l, p, input, size, acts, dl)
         }
-        backward(l, p, input, size, acts, dl)
+        match precision {
+            Precision::F32 => with::<Exact>(l, p, input, size, acts, dl),
+            Precision::Bf16 => with::<Bf16>(l, p, input, size, acts, dl),
+        }
     }
     fn storage(v: Vec<f32>) -> CpuStorage {
         CpuStorage::F32(v)
@@ -334,7 +361,6 @@ impl Float for f32 {
 
 impl Float for f64 {
     const ZERO: f64 = 0.0;
-    const ONE: f64 = 1.0;
     fn sigmoid(self) -> f64 {
         1.0 / (1.0 + (-self).exp())
     }
@@ -349,68 +375,6 @@ impl Float for f64 {
     }
     fn keep(acts: Activations<f64>, probs: Vec<f64>) -> Kept {
         Kept::F64(acts, probs)
-    }
-}
-
-/// A row-major matrix view: pointer, rows, columns, row stride; `t()` is its transpose.
-#[derive(Clone, Copy)]
-struct Mat<T> {
-    ptr: *const T,
-    rows: usize,
-    cols: usize,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-impl<T> Mat<T> {
-    fn new(data: &[T], offset: usize, rows: usize, cols: usize) -> Self {
-        debug_assert!(offset + rows * cols <= data.len());
-        Mat { ptr: data[offset..].as_ptr(), rows, cols, row_stride: cols as isize, col_stride: 1 }
-    }
-    fn t(self) -> Self {
-        Mat {
-            ptr: self.ptr,
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-        }
-    }
-}
-
-/// `dst[offset..] (rows × cols, row-major) += a × b`.
-fn gemm_acc<T: Float>(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>) {
-    assert_eq!(a.cols, b.rows, "invariant: inner dimensions agree");
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    assert!(offset + m * n <= dst.len(), "invariant: the product fits its destination");
-    // SAFETY: the operands are views of live slices whose extents were checked on creation
-    // (`Mat::new`) and the destination range was checked above; `gemm` reads and writes only
-    // within them.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst[offset..].as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            a.ptr,
-            a.col_stride,
-            a.row_stride,
-            b.ptr,
-            b.col_stride,
-            b.row_stride,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
     }
 }
 
@@ -471,7 +435,7 @@ fn token(input: &[u32], size: Size, b: usize, t: usize) -> usize {
 }
 
 #[inline(always)]
-fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Vec<T>, Activations<T>) {
+fn forward<T: Float, P: Products<T>>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Vec<T>, Activations<T>) {
     let cfg = &l.cfg;
     let (k, c, g, s, h, v) =
         (cfg.kernel_width, cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, cfg.head_channels, cfg.classes);
@@ -499,15 +463,17 @@ fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Ve
                 add_rows(&mut pre[b * len * 2 * g..(b + 1) * len * 2 * g], row);
             }
         }
-        for j in 0..k {
-            let shift = (k - 1 - j) * d;
-            let w = Mat::new(p, layer.dilated_w + j * c * 2 * g, c, 2 * g);
-            for b in 0..bsz {
+        // Per sequence, the taps from the unshifted one (j = k − 1): every other tap's input is
+        // a prefix of its rows, so the product can reuse its operand.
+        for b in 0..bsz {
+            for j in (0..k).rev() {
+                let shift = (k - 1 - j) * d;
                 if shift >= len {
                     continue;
                 }
-                let rows = len - shift;
-                gemm_acc(&mut pre, (b * len + shift) * 2 * g, Mat::new(&x, b * len * c, rows, c), w);
+                let (w, rows) = (Mat::new(p, layer.dilated_w + j * c * 2 * g, c, 2 * g), len - shift);
+                let (at, xs) = ((b * len + shift) * 2 * g, Mat::new(&x, b * len * c, rows, c));
+                if j == k - 1 { P::acc(&mut pre, at, xs, w) } else { P::acc_again(&mut pre, at, xs, w) }
             }
         }
         // z = tanh(f) ⊙ σ(g), with tanh(f) = 2σ(2f) − 1. The pre-activation is overwritten by
@@ -517,9 +483,9 @@ fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Ve
         // x_next = x + z·W_res + b_res;  skip += z·W_skip + b_skip
         let mut next = x.clone();
         add_rows(&mut next, &p[layer.residual_b..layer.residual_b + c]);
-        gemm_acc(&mut next, 0, Mat::new(&z, 0, n, g), Mat::new(p, layer.residual_w, g, c));
+        P::acc(&mut next, 0, Mat::new(&z, 0, n, g), Mat::new(p, layer.residual_w, g, c));
         add_rows(&mut acts.skip, &p[layer.skip_b..layer.skip_b + s]);
-        gemm_acc(&mut acts.skip, 0, Mat::new(&z, 0, n, g), Mat::new(p, layer.skip_w, g, s));
+        P::acc_again(&mut acts.skip, 0, Mat::new(&z, 0, n, g), Mat::new(p, layer.skip_w, g, s));
         acts.inputs.push(std::mem::replace(&mut x, next));
         acts.pres.push(pre);
         acts.gates.push(z);
@@ -527,20 +493,20 @@ fn forward<T: Float>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Ve
     // Head: ReLU → 1×1 → ReLU → 1×1.
     let relu_skip: Vec<T> = acts.skip.iter().map(|&x| if x > T::ZERO { x } else { T::ZERO }).collect();
     let mut hidden = repeat_rows(&p[l.head0_b..l.head0_b + h], n);
-    gemm_acc(&mut hidden, 0, Mat::new(&relu_skip, 0, n, s), Mat::new(p, l.head0_w, s, h));
+    P::acc(&mut hidden, 0, Mat::new(&relu_skip, 0, n, s), Mat::new(p, l.head0_w, s, h));
     hidden.iter_mut().for_each(|x| {
         if *x < T::ZERO {
             *x = T::ZERO
         }
     });
     let mut logits = repeat_rows(&p[l.head1_b..l.head1_b + v], n);
-    gemm_acc(&mut logits, 0, Mat::new(&hidden, 0, n, h), Mat::new(p, l.head1_w, h, v));
+    P::acc(&mut logits, 0, Mat::new(&hidden, 0, n, h), Mat::new(p, l.head1_w, h, v));
     acts.hidden = hidden;
     (logits, acts)
 }
 
 #[inline(always)]
-fn backward<T: Float>(
+fn backward<T: Float, P: Products<T>>(
     l: &ParamLayout,
     p: &[T],
     input: &[u32],
@@ -557,20 +523,20 @@ fn backward<T: Float>(
     let mut dp = vec![T::ZERO; p.len()];
 
     // Head, backwards.
-    gemm_acc(&mut dp, l.head1_w, Mat::new(&a.hidden, 0, n, h).t(), Mat::new(dlogits, 0, n, v));
+    P::acc(&mut dp, l.head1_w, Mat::new(&a.hidden, 0, n, h).t(), Mat::new(dlogits, 0, n, v));
     sum_rows(&mut dp[l.head1_b..l.head1_b + v], dlogits);
     let mut dhidden = vec![T::ZERO; n * h];
-    gemm_acc(&mut dhidden, 0, Mat::new(dlogits, 0, n, v), Mat::new(p, l.head1_w, h, v).t());
+    P::acc(&mut dhidden, 0, Mat::new(dlogits, 0, n, v), Mat::new(p, l.head1_w, h, v).t());
     dhidden.iter_mut().zip(&a.hidden).for_each(|(d, &x)| {
         if x <= T::ZERO {
             *d = T::ZERO
         }
     });
     let relu_skip: Vec<T> = a.skip.iter().map(|&x| if x > T::ZERO { x } else { T::ZERO }).collect();
-    gemm_acc(&mut dp, l.head0_w, Mat::new(&relu_skip, 0, n, s).t(), Mat::new(&dhidden, 0, n, h));
+    P::acc(&mut dp, l.head0_w, Mat::new(&relu_skip, 0, n, s).t(), Mat::new(&dhidden, 0, n, h));
     sum_rows(&mut dp[l.head0_b..l.head0_b + h], &dhidden);
     let mut dskip = vec![T::ZERO; n * s];
-    gemm_acc(&mut dskip, 0, Mat::new(&dhidden, 0, n, h), Mat::new(p, l.head0_w, s, h).t());
+    P::acc(&mut dskip, 0, Mat::new(&dhidden, 0, n, h), Mat::new(p, l.head0_w, s, h).t());
     dskip.iter_mut().zip(&a.skip).for_each(|(d, &x)| {
         if x <= T::ZERO {
             *d = T::ZERO
@@ -585,13 +551,13 @@ fn backward<T: Float>(
         let (x, pre, z) = (&a.inputs[li], &a.pres[li], &a.gates[li]);
         let d = layer.dilation;
         // Skip and residual 1×1s.
-        gemm_acc(&mut dp, layer.skip_w, Mat::new(z, 0, n, g).t(), Mat::new(&dskip, 0, n, s));
+        P::acc(&mut dp, layer.skip_w, Mat::new(z, 0, n, g).t(), Mat::new(&dskip, 0, n, s));
         sum_rows(&mut dp[layer.skip_b..layer.skip_b + s], &dskip);
-        gemm_acc(&mut dp, layer.residual_w, Mat::new(z, 0, n, g).t(), Mat::new(&dx, 0, n, c));
+        P::acc_again(&mut dp, layer.residual_w, Mat::new(z, 0, n, g).t(), Mat::new(&dx, 0, n, c));
         sum_rows(&mut dp[layer.residual_b..layer.residual_b + c], &dx);
         dz.fill(T::ZERO);
-        gemm_acc(&mut dz, 0, Mat::new(&dskip, 0, n, s), Mat::new(p, layer.skip_w, g, s).t());
-        gemm_acc(&mut dz, 0, Mat::new(&dx, 0, n, c), Mat::new(p, layer.residual_w, g, c).t());
+        P::acc(&mut dz, 0, Mat::new(&dskip, 0, n, s), Mat::new(p, layer.skip_w, g, s).t());
+        P::acc(&mut dz, 0, Mat::new(&dx, 0, n, c), Mat::new(p, layer.residual_w, g, c).t());
         // The gate: ∂z/∂f = σ(g)(1 − tanh²f), ∂z/∂g = tanh(f) σ(g)(1 − σ(g)).
         T::gate_backward(pre, &dz, &mut dpre, g);
         sum_rows(&mut dp[layer.dilated_b..layer.dilated_b + 2 * g], &dpre);
@@ -603,18 +569,24 @@ fn backward<T: Float>(
         }
         // The dilated convolution: dW[j] += x_shiftedᵀ dpre; dx_in[t − s] += dpre[t] W[j]ᵀ.
         // The residual connection passes dx through unchanged.
-        for j in 0..k {
-            let shift = (k - 1 - j) * d;
-            if shift >= len {
-                continue;
+        // The weight gradients first, per sequence from the unshifted tap (whose xᵀ the other
+        // taps' products reuse), then the input gradient.
+        let taps = |b: usize| {
+            (0..k).rev().filter_map(move |j| {
+                let shift = (k - 1 - j) * d;
+                (shift < len).then(|| (j, layer.dilated_w + j * c * 2 * g, len - shift, (b * len + shift) * 2 * g))
+            })
+        };
+        for b in 0..bsz {
+            for (j, w_at, rows, dpre_at) in taps(b) {
+                let (xs, dps) = (Mat::new(x, b * len * c, rows, c), Mat::new(&dpre, dpre_at, rows, 2 * g));
+                if j == k - 1 { P::acc(&mut dp, w_at, xs.t(), dps) } else { P::acc_again(&mut dp, w_at, xs.t(), dps) }
             }
-            let rows = len - shift;
-            let w_at = layer.dilated_w + j * c * 2 * g;
-            for b in 0..bsz {
-                let xs = Mat::new(x, b * len * c, rows, c);
-                let dps = Mat::new(&dpre, (b * len + shift) * 2 * g, rows, 2 * g);
-                gemm_acc(&mut dp, w_at, xs.t(), dps);
-                gemm_acc(&mut dx, b * len * c, dps, Mat::new(p, w_at, c, 2 * g).t());
+        }
+        for b in 0..bsz {
+            for (_, w_at, rows, dpre_at) in taps(b) {
+                let dps = Mat::new(&dpre, dpre_at, rows, 2 * g);
+                P::acc(&mut dx, b * len * c, dps, Mat::new(p, w_at, c, 2 * g).t());
             }
         }
     }
@@ -636,6 +608,7 @@ struct StackOp {
     layout: ParamLayout,
     size: Size,
     nll: bool,
+    precision: Precision,
     kept: Mutex<Option<Kept>>,
 }
 
@@ -694,14 +667,14 @@ fn nll_backward<T: Float>(mut probs: Vec<T>, grad: &[T], input: &[u32], size: Si
 /// The forward pass, then (`nll`) the NLL of each token: (output, softmax kept for the backward
 /// pass or empty, activations).
 #[inline(always)]
-fn forward_and_nll<T: Float>(
+fn forward_and_nll<T: Float, P: Products<T>>(
     l: &ParamLayout,
     p: &[T],
     input: &[u32],
     size: Size,
     nll: bool,
 ) -> (Vec<T>, Vec<T>, Activations<T>) {
-    let (mut logits, acts) = forward(l, p, input, size);
+    let (mut logits, acts) = forward::<T, P>(l, p, input, size);
     if nll {
         let out = softmax_nll(&mut logits, input, size, l.cfg.classes);
         (out, logits, acts)
@@ -713,7 +686,7 @@ fn forward_and_nll<T: Float>(
 impl StackOp {
     /// The op's output (logits or NLL) and what its backward pass keeps.
     fn forward_typed<T: Float>(&self, p: &[T], input: &[u32]) -> (CpuStorage, Kept) {
-        let (out, probs, acts) = T::forward_pass(&self.layout, p, input, self.size, self.nll);
+        let (out, probs, acts) = T::forward_pass(&self.layout, p, input, self.size, self.nll, self.precision);
         (T::storage(out), T::keep(acts, probs))
     }
 
@@ -731,7 +704,11 @@ impl StackOp {
         if self.nll {
             dl = nll_backward(probs, &dl, tokens, size, v);
         }
-        Tensor::from_vec(T::backward_pass(&self.layout, &p, tokens, size, acts, &dl), p.len(), params.device())
+        Tensor::from_vec(
+            T::backward_pass(&self.layout, &p, tokens, size, acts, &dl, self.precision),
+            p.len(),
+            params.device(),
+        )
     }
 }
 
@@ -786,17 +763,37 @@ pub fn wavenet_logits(
     params: &Tensor,
     tokens: &Tensor,
     labels: Option<&Tensor>,
+    precision: Precision,
 ) -> Result<Tensor> {
-    apply(layout, params, tokens, labels, false)
+    apply(layout, params, tokens, labels, false, precision)
 }
 
 /// The NLL in nats of every token, `(B, T)`: the loss without the logits ever becoming a candle
 /// tensor (the softmax and its gradient are computed in the op).
-pub fn wavenet_nll(layout: &ParamLayout, params: &Tensor, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
-    apply(layout, params, tokens, labels, true)
+pub fn wavenet_nll(
+    layout: &ParamLayout,
+    params: &Tensor,
+    tokens: &Tensor,
+    labels: Option<&Tensor>,
+    precision: Precision,
+) -> Result<Tensor> {
+    apply(layout, params, tokens, labels, true, precision)
 }
 
-fn apply(layout: &ParamLayout, params: &Tensor, tokens: &Tensor, labels: Option<&Tensor>, nll: bool) -> Result<Tensor> {
+fn apply(
+    layout: &ParamLayout,
+    params: &Tensor,
+    tokens: &Tensor,
+    labels: Option<&Tensor>,
+    nll: bool,
+    precision: Precision,
+) -> Result<Tensor> {
+    if precision == Precision::Bf16 && !super::matmul::amx::available() {
+        return Err(crate::Error::Config(
+            "--precision bf16 needs a CPU with AMX-BF16 (Intel Xeon 4th generation or later); use --precision f32"
+                .into(),
+        ));
+    }
     let (batch, len) = tokens.dims2()?;
     let labels = match labels {
         Some(l) => l.to_dtype(DType::U32)?.reshape((batch, 1))?,
@@ -811,6 +808,6 @@ fn apply(layout: &ParamLayout, params: &Tensor, tokens: &Tensor, labels: Option<
         return Err(crate::Error::Config(format!("token {max_token} out of range")));
     }
     let input = Tensor::cat(&[labels, tokens.to_dtype(DType::U32)?], 1)?.contiguous()?; // (B, T + 1)
-    let op = StackOp { layout: layout.clone(), size: Size { batch, len }, nll, kept: Mutex::new(None) };
+    let op = StackOp { layout: layout.clone(), size: Size { batch, len }, nll, precision, kept: Mutex::new(None) };
     Ok(input.apply_op2(&params.contiguous()?, op)?)
 }

@@ -30,6 +30,7 @@ use candle_nn::{Embedding, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::core::Autoregressive;
+use crate::core::train::Precision;
 use crate::layers::wavenet_stack::{ParamLayout, wavenet_logits, wavenet_nll};
 use crate::layers::{ChannelLinear, causal_taps, gated_unit};
 use crate::{Error, Result};
@@ -253,6 +254,8 @@ pub struct WaveNet {
     pub head1: ChannelLinear,
     /// Where each weight sits in the flat vector the fused training op takes.
     layout: ParamLayout,
+    /// Precision of the fused op's products.
+    precision: Precision,
 }
 
 impl WaveNet {
@@ -274,7 +277,14 @@ impl WaveNet {
             head0: ChannelLinear::new(cfg.skip_channels, cfg.head_channels, 1.0, vb.pp("head.0"))?,
             head1: ChannelLinear::new(cfg.head_channels, cfg.classes, 1.0, vb.pp("head.1"))?,
             layout: ParamLayout::new(cfg),
+            precision: Precision::F32,
         })
+    }
+
+    /// The same model (sharing its weights) with the fused op's products in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// Every weight flattened into one vector, in [`ParamLayout`]'s order (the fused op's
@@ -350,13 +360,13 @@ impl Autoregressive for WaveNet {
         // The fused op (one forward and backward for the whole network); same logits and
         // gradients as `reference_logits`, checked by the property tests.
         check_labels(self.cfg.num_labels > 0, labels)?;
-        wavenet_logits(&self.layout, &self.packed()?, tokens, labels)
+        wavenet_logits(&self.layout, &self.packed()?, tokens, labels, self.precision)
     }
 
     fn position_nll(&self, batch: &crate::data::Batch) -> Result<Tensor> {
         let labels = batch.labels.as_ref();
         check_labels(self.cfg.num_labels > 0, labels)?;
-        wavenet_nll(&self.layout, &self.packed()?, &batch.tokens, labels)
+        wavenet_nll(&self.layout, &self.packed()?, &batch.tokens, labels, self.precision)
     }
 
     fn forward_reference(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Option<Result<Tensor>> {

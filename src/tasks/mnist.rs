@@ -296,6 +296,7 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
         },
         eval_every: 1,
         checkpoint_every: 1,
+        precision: Default::default(),
     };
     train.validate()?;
     Ok(Manifest {

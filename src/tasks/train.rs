@@ -11,7 +11,7 @@ use super::Reporter;
 use crate::core::checkpoint::{self, AudioData, FORMAT, Manifest};
 use crate::core::optim::AdamW;
 use crate::core::params::Params;
-use crate::core::train::{self, Stop, TrainConfig, TrainState};
+use crate::core::train::{self, Precision, Stop, TrainConfig, TrainState};
 use crate::data::wav_folder::{AudioBatches, AudioSettings, Corpus, split_by_name};
 use crate::models::ModelConfig;
 use crate::models::wavenet::{self, WaveNet};
@@ -41,6 +41,8 @@ pub struct TrainOptions {
     pub train: TrainConfig,
     /// On resume: move the end of the cosine decay here (a warm restart that extends training).
     pub reschedule_decay: Option<u64>,
+    /// On resume: switch the precision of the products to this.
+    pub change_precision: Option<Precision>,
     /// Target samples per training window.
     pub window: usize,
     /// Windows per batch.
@@ -143,6 +145,10 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
         if let Some(decay_steps) = opts.reschedule_decay {
             m.train.decay_steps = decay_steps;
         }
+        if let Some(precision) = opts.change_precision.filter(|&p| p != m.train.precision) {
+            reporter.note(&format!("precision: {precision:?} (the run had {:?})", m.train.precision));
+            m.train.precision = precision;
+        }
         m.train.validate()?;
         let Some(audio) = m.audio.as_mut() else {
             return Err(Error::checkpoint(&opts.out, "not an audio checkpoint: resume it with `wavegen mnist train`"));
@@ -214,7 +220,7 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     // Model and optimizer, fresh or restored.
     let cfg = manifest.model.wavenet().ok_or_else(|| Error::checkpoint(&opts.out, "not a WaveNet checkpoint"))?;
     let params = Params::new(manifest.seed);
-    let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
+    let model = WaveNet::new(cfg, params.var_builder(DType::F32))?.with_precision(manifest.train.precision);
     let mut opt = AdamW::new(&params, manifest.train.adamw.clone())?;
     if let Some(ckpt) = &resumed {
         ckpt.load_weights(&params)?;

@@ -1,0 +1,625 @@
+//! The matrix products of the fused training ops: `dst += a × b` into a row-major buffer, the
+//! operands strided views (a transpose is a view, not a copy). Two ways to compute them:
+//!
+//! - [`Exact`]: the `gemm` crate, which candle itself uses on the CPU. It handles strided
+//!   operands without copies and picks AVX-512/AVX2/NEON kernels at run time; f32 or f64.
+//! - [`Bf16`]: the AMX tile unit of recent Xeons (`--precision bf16`). The operands are rounded
+//!   to bfloat16 and packed into the tile layouts, the products are summed in f32. A tile
+//!   product (16 × 16 outputs, 32 deep) does in one instruction what takes AVX-512 sixteen FMAs
+//!   per row; packing costs one pass over each operand.
+
+/// A row-major matrix view: pointer, rows, columns, row and column strides; `t()` is its
+/// transpose (the same memory).
+#[derive(Clone, Copy)]
+pub struct Mat<T> {
+    ptr: *const T,
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<T> Mat<T> {
+    /// `rows × cols` of `data`, row-major from `offset`.
+    pub fn new(data: &[T], offset: usize, rows: usize, cols: usize) -> Self {
+        assert!(offset + rows * cols <= data.len(), "invariant: the view lies inside its buffer");
+        Mat { ptr: data[offset..].as_ptr(), rows, cols, row_stride: cols as isize, col_stride: 1 }
+    }
+
+    /// The transpose: the same memory, strides swapped.
+    pub fn t(self) -> Self {
+        Mat {
+            ptr: self.ptr,
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
+    /// Element (i, j); `i < rows`, `j < cols`.
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, j: usize) -> T
+    where
+        T: Copy,
+    {
+        // SAFETY (caller): the indices are inside the view, which lies inside its buffer.
+        unsafe { *self.ptr.offset(i as isize * self.row_stride + j as isize * self.col_stride) }
+    }
+}
+
+/// The number types the products run in.
+pub trait Scalar: Copy + Send + Sync + 'static {
+    /// 1, the products' α and β.
+    const ONE: Self;
+}
+
+impl Scalar for f32 {
+    const ONE: f32 = 1.0;
+}
+
+impl Scalar for f64 {
+    const ONE: f64 = 1.0;
+}
+
+/// One way of computing `dst[offset..] (a.rows × b.cols, row-major) += a × b`.
+pub trait Products<T> {
+    /// `dst[offset..] += a × b`.
+    fn acc(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>);
+
+    /// The same, where `a` is the previous product's `a` on this thread, unchanged since, or
+    /// its first rows or columns (same memory and strides): a way that prepares its operands
+    /// may reuse that work.
+    fn acc_again(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>) {
+        Self::acc(dst, offset, a, b)
+    }
+}
+
+/// Products in the operands' own precision, by the `gemm` crate.
+pub struct Exact;
+
+impl<T: Scalar> Products<T> for Exact {
+    fn acc(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>) {
+        let (m, n, k) = check(dst.len(), offset, &a, &b);
+        if m == 0 || n == 0 || k == 0 {
+            return;
+        }
+        // SAFETY: the operands are views of live slices whose extents were checked on creation
+        // (`Mat::new`) and the destination range was checked above; `gemm` reads and writes only
+        // within them.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst[offset..].as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                a.ptr,
+                a.col_stride,
+                a.row_stride,
+                b.ptr,
+                b.col_stride,
+                b.row_stride,
+                T::ONE,
+                T::ONE,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+}
+
+/// Products of bfloat16-rounded operands summed in f32, on the AMX tile unit. Callers check
+/// [`amx::available`] first.
+pub struct Bf16;
+
+impl Products<f32> for Bf16 {
+    fn acc(dst: &mut [f32], offset: usize, a: Mat<f32>, b: Mat<f32>) {
+        let (m, n, k) = check(dst.len(), offset, &a, &b);
+        if m == 0 || n == 0 || k == 0 {
+            return;
+        }
+        amx::gemm_acc(&mut dst[offset..offset + m * n], a, b, false);
+    }
+
+    fn acc_again(dst: &mut [f32], offset: usize, a: Mat<f32>, b: Mat<f32>) {
+        let (m, n, k) = check(dst.len(), offset, &a, &b);
+        if m == 0 || n == 0 || k == 0 {
+            return;
+        }
+        amx::gemm_acc(&mut dst[offset..offset + m * n], a, b, true);
+    }
+}
+
+fn check<T>(dst_len: usize, offset: usize, a: &Mat<T>, b: &Mat<T>) -> (usize, usize, usize) {
+    assert_eq!(a.cols, b.rows, "invariant: inner dimensions agree");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert!(offset + m * n <= dst_len, "invariant: the product fits its destination");
+    (m, n, k)
+}
+
+/// f32 → bfloat16, rounding to nearest even (the top 16 bits of the f32, rounded).
+#[cfg(test)]
+fn to_bf16(x: f32) -> u16 {
+    (amx::pair(x, 0.0) & 0xffff) as u16
+}
+
+/// bfloat16 → f32 (exact).
+#[cfg(test)]
+fn from_bf16(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// The AMX path. Tiles are 16 rows of 64 bytes: an A tile is 16 rows × 32 bf16 (row-major), a B
+/// tile 16 rows of 16 column pairs (rows k and k+1 of B interleaved: the "VNNI" layout), a C tile
+/// 16 × 16 f32. Both operands are packed once per product into zero-padded tile layouts (so
+/// every tile is whole) in per-thread buffers that are reused.
+pub mod amx {
+    use super::Mat;
+
+    /// Whether this CPU has AMX with bf16 and the kernel lets this process use the tile data
+    /// (Linux asks each process to request it once).
+    pub fn available() -> bool {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(imp::enable)
+    }
+
+    /// `dst += a × b`; `again`: `a` is (a part of) the previous call's, still packed.
+    pub(super) fn gemm_acc(dst: &mut [f32], a: Mat<f32>, b: Mat<f32>, again: bool) {
+        assert!(available(), "invariant: the AMX path runs only where amx::available() said so");
+        imp::gemm_acc(dst, a, b, again)
+    }
+
+    /// Packing, shared with the tests.
+    pub(super) const TILE_ROWS: usize = 16;
+    pub(super) const TILE_DEPTH: usize = 32;
+
+    fn round_up(x: usize, to: usize) -> usize {
+        x.div_ceil(to) * to
+    }
+
+    /// Two f32 rounded to bfloat16 and packed as one 32-bit pair, `lo` in the low half (the
+    /// order a tile row holds them in memory). Plain integer arithmetic, so that the packing
+    /// loops vectorise.
+    #[inline(always)]
+    pub(super) fn pair(lo: f32, hi: f32) -> u32 {
+        let round = |x: f32| {
+            let bits = x.to_bits();
+            bits.wrapping_add(0x7fff + ((bits >> 16) & 1))
+        };
+        (round(hi) & 0xffff_0000) | (round(lo) >> 16)
+    }
+
+    /// Row `r` of a view whose columns are contiguous, as a slice.
+    ///
+    /// # Safety
+    /// `r < m.rows` and `m.col_stride == 1`.
+    #[inline(always)]
+    unsafe fn row<'a>(m: &Mat<f32>, r: usize) -> &'a [f32] {
+        // SAFETY (caller): the row lies inside the view, which lies inside its buffer.
+        unsafe { std::slice::from_raw_parts(m.ptr.offset(r as isize * m.row_stride), m.cols) }
+    }
+
+    /// A (m × k) as rows of bf16 pairs along k: `round_up(m, 16)` rows of `round_up(k, 32) / 2`
+    /// pairs, zero-padded. Returns the padded row length in pairs.
+    #[inline(always)]
+    pub(super) fn pack_a(a: &Mat<f32>, out: &mut Vec<u32>) -> usize {
+        let (m, k) = (a.rows, a.cols);
+        let (mp, kq) = (round_up(m, TILE_ROWS), round_up(k, TILE_DEPTH) / 2);
+        out.resize(out.len().max(mp * kq), 0);
+        if a.col_stride == 1 {
+            for i in 0..m {
+                // SAFETY: i < m, columns contiguous.
+                let src = unsafe { row(a, i) };
+                let dst = &mut out[i * kq..(i + 1) * kq];
+                let (pairs, tail) = src.split_at(k - k % 2);
+                for (o, p) in dst.iter_mut().zip(pairs.chunks_exact(2)) {
+                    *o = pair(p[0], p[1]);
+                }
+                dst[k / 2..].fill(0);
+                if let Some(&x) = tail.first() {
+                    dst[k / 2] = pair(x, 0.0);
+                }
+            }
+        } else if a.row_stride != 1 {
+            // Neither layout (no product of the ops): element by element.
+            for i in 0..m {
+                for q in 0..kq {
+                    // SAFETY: indices inside the view.
+                    let at = |kk: usize| if kk < k { unsafe { a.at(i, kk) } } else { 0.0 };
+                    out[i * kq + q] = pair(at(2 * q), at(2 * q + 1));
+                }
+            }
+        } else {
+            // A transposed view: source row kk (contiguous over i) is column kk of A. Walk pairs
+            // of source rows, reading contiguously; the writes stride by a row of `out`.
+            let src = a.t();
+            // Sixteen pairs at a time by gathers (the same rows of 32 source rows stay in L1).
+            #[cfg(target_arch = "x86_64")]
+            let first = {
+                let full = (k / 2) / 16 * 16;
+                // SAFETY: the caller compiled this for AVX-512 (see `imp::gemm_acc`); the gathers
+                // read rows below `full * 2 ≤ k`.
+                unsafe { gather_pairs(&src, full, out, kq) };
+                full
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let first = 0;
+            for q in first..kq {
+                let zeros = [0.0f32; 0];
+                // SAFETY: rows below k exist, columns contiguous (the view is transposed).
+                let r0 = if 2 * q < k { unsafe { row(&src, 2 * q) } } else { &zeros };
+                let r1 = if 2 * q + 1 < k { unsafe { row(&src, 2 * q + 1) } } else { &zeros };
+                match (r0.len(), r1.len()) {
+                    (0, _) => (0..m).for_each(|i| out[i * kq + q] = 0),
+                    (_, 0) => r0.iter().enumerate().for_each(|(i, &x)| out[i * kq + q] = pair(x, 0.0)),
+                    _ => r0.iter().zip(r1).enumerate().for_each(|(i, (&x, &y))| out[i * kq + q] = pair(x, y)),
+                }
+            }
+        }
+        out[m * kq..mp * kq].fill(0);
+        kq
+    }
+
+    /// `out[i · kq + q] = pair(src[2q][i], src[2q + 1][i])` for q below `pairs` (a multiple of
+    /// 16) and every i: per output row, two gathers of 16 down the source's columns.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `src` has at least `2 · pairs` rows, its columns contiguous.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gather_pairs(src: &Mat<f32>, pairs: usize, out: &mut [u32], kq: usize) {
+        use std::arch::x86_64::*;
+        let m = src.cols;
+        let step = 2 * src.row_stride as i32;
+        let index = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(step),
+        );
+        let (round, low, high) =
+            (_mm512_set1_epi32(0x7fff), _mm512_set1_epi32(1), _mm512_set1_epi32(0xffff_0000u32 as i32));
+        assert!(out.len() >= m * kq && pairs <= kq, "invariant: the output holds every row");
+        for q0 in (0..pairs).step_by(16) {
+            // SAFETY (caller): rows 2·q0 … 2·q0 + 31 exist; each gather reads column i of 16 of them.
+            unsafe {
+                let even = src.ptr.offset(2 * q0 as isize * src.row_stride);
+                let odd = even.offset(src.row_stride);
+                for i in 0..m {
+                    let x = _mm512_i32gather_epi32::<4>(index, even.add(i) as *const i32);
+                    let y = _mm512_i32gather_epi32::<4>(index, odd.add(i) as *const i32);
+                    // Round to nearest even, as `pair` does: + 0x7fff + bit 16.
+                    let rx =
+                        _mm512_add_epi32(x, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32::<16>(x), low)));
+                    let ry =
+                        _mm512_add_epi32(y, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32::<16>(y), low)));
+                    let pairs = _mm512_or_si512(_mm512_and_si512(ry, high), _mm512_srli_epi32::<16>(rx));
+                    _mm512_storeu_si512(out.as_mut_ptr().add(i * kq + q0) as *mut __m512i, pairs);
+                }
+            }
+        }
+    }
+
+    /// B (k × n) as pairs of rows interleaved: row q holds (B[2q][j], B[2q+1][j]) for each column
+    /// j, `round_up(n, 16)` of them, `round_up(k, 32) / 2` rows, zero-padded. Returns the padded
+    /// row length.
+    #[inline(always)]
+    pub(super) fn pack_b(b: &Mat<f32>, out: &mut Vec<u32>) -> usize {
+        let (k, n) = (b.rows, b.cols);
+        let (kq, np) = (round_up(k, TILE_DEPTH) / 2, round_up(n, TILE_ROWS));
+        out.resize(out.len().max(kq * np), 0);
+        for q in 0..kq {
+            let dst = &mut out[q * np..(q + 1) * np];
+            dst[n..].fill(0);
+            let (k0, k1) = (2 * q, 2 * q + 1);
+            if k0 >= k {
+                dst.fill(0);
+            } else if b.col_stride == 1 {
+                // SAFETY: rows below k, columns contiguous.
+                let r0 = unsafe { row(b, k0) };
+                if k1 < k {
+                    let r1 = unsafe { row(b, k1) };
+                    dst.iter_mut().zip(r0.iter().zip(r1)).for_each(|(o, (&x, &y))| *o = pair(x, y));
+                } else {
+                    dst.iter_mut().zip(r0).for_each(|(o, &x)| *o = pair(x, 0.0));
+                }
+            } else {
+                // A transposed view (small: the weights); element by element.
+                for (j, o) in dst[..n].iter_mut().enumerate() {
+                    // SAFETY: indices inside the view.
+                    *o = unsafe { pair(b.at(k0, j), if k1 < k { b.at(k1, j) } else { 0.0 }) };
+                }
+            }
+        }
+        np
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    mod imp {
+        use std::arch::asm;
+        use std::cell::RefCell;
+
+        use super::super::Mat;
+        use super::{TILE_DEPTH, TILE_ROWS, pack_a, pack_b};
+
+        /// AMX-TILE and AMX-BF16 in CPUID, then the kernel's permission for the tile data.
+        pub fn enable() -> bool {
+            // CPUID leaf 7 (asked only where the CPU reports it): EDX bit 24 AMX-TILE, 22 AMX-BF16.
+            let has = std::arch::x86_64::__cpuid(0).eax >= 7 && {
+                let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+                edx & (1 << 24) != 0 && edx & (1 << 22) != 0
+            };
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: arch_prctl with these arguments only changes this process's permissions.
+            has && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
+        }
+
+        /// The tile configuration: palette 1, tiles 0–7 all 16 rows × 64 bytes.
+        #[repr(C, align(64))]
+        struct TileConfig {
+            palette: u8,
+            start_row: u8,
+            reserved: [u8; 14],
+            bytes_per_row: [u16; 16],
+            rows: [u8; 16],
+        }
+
+        const CONFIG: TileConfig = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+            rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+
+        thread_local! {
+            static PACKED: RefCell<Packed> = const {
+                RefCell::new(Packed { a: Vec::new(), b: Vec::new(), a_view: None })
+            };
+        }
+
+        macro_rules! tile_load {
+            ($t:literal, $ptr:expr, $stride:expr) => {
+                asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}*1]"), p = in(reg) $ptr, s = in(reg) $stride,
+                     options(nostack, readonly))
+            };
+        }
+        macro_rules! tile_store {
+            ($t:literal, $ptr:expr, $stride:expr) => {
+                asm!(concat!("tilestored [{p} + {s}*1], tmm", $t), p = in(reg) $ptr, s = in(reg) $stride,
+                     options(nostack))
+            };
+        }
+        macro_rules! tile_dot {
+            ($c:literal, $a:literal, $b:literal) => {
+                asm!(concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b), options(nostack, nomem))
+            };
+        }
+
+        /// Where C tile `t` (0–3) is loaded from and stored to: `dst` itself when the tile lies
+        /// inside it, else a scratch tile holding the part that does.
+        struct CTile {
+            ptr: *mut f32,
+            stride: usize,
+            /// (row, column, rows, columns) of `dst` when the scratch is used.
+            partial: Option<(usize, usize, usize, usize)>,
+        }
+
+        unsafe fn load_c(t: usize, c: &CTile) {
+            // SAFETY (caller): `c.ptr` holds 16 rows of 16 f32 at `c.stride` bytes.
+            unsafe {
+                match t {
+                    0 => tile_load!(0, c.ptr, c.stride),
+                    1 => tile_load!(1, c.ptr, c.stride),
+                    2 => tile_load!(2, c.ptr, c.stride),
+                    _ => tile_load!(3, c.ptr, c.stride),
+                }
+            }
+        }
+
+        unsafe fn store_c(t: usize, c: &CTile) {
+            // SAFETY (caller): `c.ptr` holds 16 rows of 16 f32 at `c.stride` bytes.
+            unsafe {
+                match t {
+                    0 => tile_store!(0, c.ptr, c.stride),
+                    1 => tile_store!(1, c.ptr, c.stride),
+                    2 => tile_store!(2, c.ptr, c.stride),
+                    _ => tile_store!(3, c.ptr, c.stride),
+                }
+            }
+        }
+
+        /// The packed operands of this thread's last product, and which view A was.
+        struct Packed {
+            a: Vec<u32>,
+            b: Vec<u32>,
+            /// (pointer, rows, columns, row stride, column stride, pairs per row).
+            a_view: Option<(usize, usize, usize, isize, isize, usize)>,
+        }
+
+        pub fn gemm_acc(dst: &mut [f32], a: Mat<f32>, b: Mat<f32>, again: bool) {
+            /// The packing compiled for AVX-512 (every AMX CPU has it).
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            unsafe fn pack(m: &Mat<f32>, out: &mut Vec<u32>, as_a: bool) -> usize {
+                if as_a { pack_a(m, out) } else { pack_b(m, out) }
+            }
+            PACKED.with_borrow_mut(|packed| {
+                // SAFETY: AMX was enabled (the caller checked `available`), so the CPU has
+                // AVX-512; the packed operands hold whole tiles for every index the loops reach
+                // (a reused A has at least this product's rows and depth, and B's padding rows
+                // are zero, so A's entries past this depth are multiplied by zeros), and C tiles
+                // outside `dst` go through the scratch tiles.
+                unsafe {
+                    let kq = match packed.a_view {
+                        Some((ptr, rows, cols, rs, cs, kq))
+                            if again
+                                && ptr == a.ptr as usize
+                                && (rs, cs) == (a.row_stride, a.col_stride)
+                                && a.rows <= rows
+                                && a.cols <= cols =>
+                        {
+                            kq
+                        }
+                        _ => {
+                            assert!(!again, "invariant: acc_again follows a product of the same A");
+                            let kq = pack(&a, &mut packed.a, true);
+                            packed.a_view = Some((a.ptr as usize, a.rows, a.cols, a.row_stride, a.col_stride, kq));
+                            kq
+                        }
+                    };
+                    let np = pack(&b, &mut packed.b, false);
+                    run(dst, a.rows, b.cols, &packed.a, kq, a.cols.div_ceil(TILE_DEPTH), &packed.b, np)
+                }
+            })
+        }
+
+        /// `dst (m × n) += A B` from the packed operands, in blocks of 2 × 2 C tiles (tiles 0–3),
+        /// with A tiles in 4–5 and B tiles in 6–7.
+        #[allow(clippy::too_many_arguments)] // the product's shape and both packed operands
+        unsafe fn run(dst: &mut [f32], m: usize, n: usize, pa: &[u32], kq: usize, kt: usize, pb: &[u32], np: usize) {
+            let (mt, nt) = (m.div_ceil(TILE_ROWS), n.div_ceil(TILE_ROWS));
+            let (a_stride, b_stride, d_stride) = (kq * 4, np * 4, n * 4);
+            let mut scratch = [[0f32; 256]; 4];
+            // SAFETY: see `gemm_acc`.
+            unsafe {
+                asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+                for jb in (0..nt).step_by(2) {
+                    for ib in (0..mt).step_by(2) {
+                        let (two_i, two_j) = (ib + 1 < mt, jb + 1 < nt);
+                        let mut tiles: [Option<CTile>; 4] = [None, None, None, None];
+                        for (t, (scr, slot)) in scratch.iter_mut().zip(tiles.iter_mut()).enumerate() {
+                            let (ti, tj) = (ib + t / 2, jb + t % 2);
+                            if ti >= mt || tj >= nt {
+                                continue;
+                            }
+                            let (r0, c0) = (ti * TILE_ROWS, tj * TILE_ROWS);
+                            let (rows, cols) = ((m - r0).min(TILE_ROWS), (n - c0).min(TILE_ROWS));
+                            let tile = if rows == TILE_ROWS && cols == TILE_ROWS {
+                                CTile { ptr: dst.as_mut_ptr().add(r0 * n + c0), stride: d_stride, partial: None }
+                            } else {
+                                scr.fill(0.0);
+                                for r in 0..rows {
+                                    scr[r * 16..r * 16 + cols].copy_from_slice(&dst[(r0 + r) * n + c0..][..cols]);
+                                }
+                                CTile { ptr: scr.as_mut_ptr(), stride: 64, partial: Some((r0, c0, rows, cols)) }
+                            };
+                            load_c(t, &tile);
+                            *slot = Some(tile);
+                        }
+                        for kb in 0..kt {
+                            let a0 = pa.as_ptr().add(ib * TILE_ROWS * kq + kb * TILE_DEPTH / 2);
+                            let b0 = pb.as_ptr().add(kb * TILE_DEPTH / 2 * np + jb * TILE_ROWS);
+                            tile_load!(4, a0, a_stride);
+                            tile_load!(6, b0, b_stride);
+                            tile_dot!(0, 4, 6);
+                            if two_j {
+                                tile_load!(7, b0.add(TILE_ROWS), b_stride);
+                                tile_dot!(1, 4, 7);
+                            }
+                            if two_i {
+                                tile_load!(5, a0.add(TILE_ROWS * kq), a_stride);
+                                tile_dot!(2, 5, 6);
+                                if two_j {
+                                    tile_dot!(3, 5, 7);
+                                }
+                            }
+                        }
+                        for (t, slot) in tiles.iter().enumerate() {
+                            let Some(tile) = slot else { continue };
+                            store_c(t, tile);
+                            if let Some((r0, c0, rows, cols)) = tile.partial {
+                                let scr = &scratch[t];
+                                for r in 0..rows {
+                                    dst[(r0 + r) * n + c0..][..cols].copy_from_slice(&scr[r * 16..r * 16 + cols]);
+                                }
+                            }
+                        }
+                    }
+                }
+                asm!("tilerelease", options(nostack, nomem));
+            }
+        }
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    mod imp {
+        use super::super::Mat;
+
+        pub fn enable() -> bool {
+            false
+        }
+
+        pub fn gemm_acc(_: &mut [f32], _: Mat<f32>, _: Mat<f32>) {
+            unreachable!("invariant: AMX is never available here")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `dst += a × b` in f64 from the bf16-rounded operands: what the tile unit must produce,
+    /// up to the order of f32 sums.
+    fn reference(dst: &mut [f32], a: Mat<f32>, b: Mat<f32>) {
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                let mut s = dst[i * b.cols + j] as f64;
+                for k in 0..a.cols {
+                    // SAFETY: indices inside the views.
+                    let (x, y) = unsafe { (a.at(i, k), b.at(k, j)) };
+                    s += from_bf16(to_bf16(x)) as f64 * from_bf16(to_bf16(y)) as f64;
+                }
+                dst[i * b.cols + j] = s as f32;
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        assert_eq!(from_bf16(to_bf16(1.0 + 1.0 / 256.0)), 1.0); // a tie: to the even 1.0
+        assert_eq!(from_bf16(to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0); // a tie: up to even
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+    }
+
+    /// Every shape class the WaveNet op uses, with ragged edges and transposed operands:
+    /// A (m × k) by B (k × n), into a destination that already holds values.
+    #[test]
+    fn tile_products_match_the_reference() {
+        if !amx::available() {
+            eprintln!("skipped: this CPU has no AMX-BF16");
+            return;
+        }
+        for &(m, k, n) in &[(1, 1, 1), (16, 32, 16), (37, 45, 70), (200, 32, 64), (32, 333, 64), (5, 128, 256)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (av, bv) = (filled(m * k, 1), filled(k * n, 2));
+                let a = if ta { Mat::new(&av, 0, k, m).t() } else { Mat::new(&av, 0, m, k) };
+                let b = if tb { Mat::new(&bv, 0, n, k).t() } else { Mat::new(&bv, 0, k, n) };
+                let start = filled(m * n, 3);
+                let (mut got, mut want) = (start.clone(), start);
+                Bf16::acc(&mut got, 0, a, b);
+                reference(&mut want, a, b);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}×{k}×{n} ({ta}, {tb}): {g} vs {w}");
+                }
+            }
+        }
+    }
+}
