@@ -69,13 +69,14 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
-    /// Windows per batch [default: 2, tiny: 4]. Each thread trains on whole windows, so use at
-    /// least as many windows as --threads.
+    /// Windows per batch [default: 16,384 / --window; tiny: 4]. Each thread trains on whole
+    /// windows, so use at least as many windows as --threads.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Target samples per window (each window also carries the receptive field as context, so
-    /// long windows waste less: 2 × 8,192 trains 1.3× faster per sample than 8 × 2,048)
-    /// [default: 8192, tiny: 256].
+    /// Target samples per window. Each window also carries the receptive field as context, so
+    /// long windows waste less (2 × 8,192 trains 1.3× faster per sample than 8 × 2,048), but
+    /// past the end of a file a window is padding [default: the median file length rounded up
+    /// to a power of two, 1,024–8,192; tiny: 256].
     #[arg(long)]
     window: Option<usize>,
     /// Precision of the training products: f32, or bf16 (bfloat16 products summed in f32, on
@@ -201,8 +202,8 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         labels: a.labels,
         audio: AudioSettings { sample_rate: a.sample_rate, trim_db: a.trim_db, ..AudioSettings::default() },
         train: train_cfg,
-        window: a.window.unwrap_or(if tiny { 256 } else { 8192 }),
-        batch_size: a.batch_size.unwrap_or(if tiny { 4 } else { 2 }),
+        window: a.window.or(tiny.then_some(256)),
+        batch_size: a.batch_size.or(tiny.then_some(4)),
         max_val_windows: a.val_windows,
         seed: a.seed,
         cache_dir: cache_dir(a.cache_dir),

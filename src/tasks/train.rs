@@ -12,7 +12,7 @@ use crate::core::checkpoint::{self, AudioData, FORMAT, Manifest};
 use crate::core::optim::AdamW;
 use crate::core::params::Params;
 use crate::core::train::{self, Precision, Stop, TrainConfig, TrainState};
-use crate::data::wav_folder::{AudioBatches, AudioSettings, Corpus, split_by_name};
+use crate::data::wav_folder::{AudioBatches, AudioSettings, Corpus, SAMPLES_PER_STEP, split_by_name};
 use crate::models::ModelConfig;
 use crate::models::wavenet::{self, WaveNet};
 use crate::{Error, Result};
@@ -43,10 +43,10 @@ pub struct TrainOptions {
     pub reschedule_decay: Option<u64>,
     /// On resume: switch the precision of the products to this.
     pub change_precision: Option<Precision>,
-    /// Target samples per training window.
-    pub window: usize,
+    /// Target samples per training window [default: for the data, `Corpus::default_window`].
+    pub window: Option<usize>,
     /// Windows per batch.
-    pub batch_size: usize,
+    pub batch_size: Option<usize>,
     /// Validation windows per evaluation.
     pub max_val_windows: usize,
     /// Seed of the weights and of the data order.
@@ -195,6 +195,14 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     let mut audio = audio;
     audio.train_files = train_files.iter().map(|&i| train_corpus.files[i].name.clone()).collect();
     audio.val_files = val_files.iter().map(|&i| val.files[i].name.clone()).collect();
+    if !existing && (opts.window.is_none() || opts.batch_size.is_none()) {
+        audio.window = opts.window.unwrap_or_else(|| train_corpus.default_window(&train_files));
+        audio.batch_size = opts.batch_size.unwrap_or((SAMPLES_PER_STEP / audio.window).max(1));
+        reporter.note(&format!(
+            "windows: {} × {} target samples per step (chosen for the files; set --window and --batch-size to change)",
+            audio.batch_size, audio.window
+        ));
+    }
     if !existing && opts.labels {
         audio.labels = train_corpus.labels();
         if audio.labels.is_empty() {
@@ -302,8 +310,9 @@ fn new_manifest(opts: &TrainOptions) -> Result<Manifest> {
             val_fraction: opts.val_fraction,
             train_files: vec![],
             val_files: vec![],
-            window: opts.window,
-            batch_size: opts.batch_size,
+            // Until the folder is read (then `Corpus::default_window`).
+            window: opts.window.unwrap_or(SAMPLES_PER_STEP),
+            batch_size: opts.batch_size.unwrap_or(1),
             max_val_windows: opts.max_val_windows,
         }),
         images: None,
