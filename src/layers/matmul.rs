@@ -10,7 +10,6 @@
 
 /// A row-major matrix view: pointer, rows, columns, row and column strides; `t()` is its
 /// transpose (the same memory).
-#[derive(Clone, Copy)]
 pub struct Mat<T> {
     ptr: *const T,
     rows: usize,
@@ -18,6 +17,15 @@ pub struct Mat<T> {
     row_stride: isize,
     col_stride: isize,
 }
+
+// By hand: a view is Copy whatever `T` is (derive would ask `T: Copy`).
+impl<T> Clone for Mat<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Mat<T> {}
 
 impl<T> Mat<T> {
     /// `rows × cols` of `data`, row-major from `offset`.
@@ -35,6 +43,21 @@ impl<T> Mat<T> {
             row_stride: self.col_stride,
             col_stride: self.row_stride,
         }
+    }
+
+    /// `rows × cols` of `data` from `offset`, rows `row_stride` apart (a block of columns of a
+    /// wider matrix).
+    pub fn strided(data: &[T], offset: usize, rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(cols <= row_stride || rows <= 1, "invariant: rows do not overlap");
+        assert!(rows == 0 || offset + (rows - 1) * row_stride + cols <= data.len(), "invariant: inside the buffer");
+        Mat { ptr: data[offset..].as_ptr(), rows, cols, row_stride: row_stride as isize, col_stride: 1 }
+    }
+
+    /// Rows `start .. start + count` of the view.
+    pub fn row_range(self, start: usize, count: usize) -> Self {
+        assert!(start + count <= self.rows, "invariant: the rows lie inside the view");
+        // SAFETY: the new first row lies inside the view (checked above).
+        Mat { ptr: unsafe { self.ptr.offset(start as isize * self.row_stride) }, rows: count, ..self }
     }
 
     /// Element (i, j); `i < rows`, `j < cols`.
@@ -72,6 +95,24 @@ pub trait Products<T> {
     /// may reuse that work.
     fn acc_again(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>) {
         Self::acc(dst, offset, a, b)
+    }
+
+    /// A dilated convolution, one output row per input row: row t of `dst[offset..]` (n
+    /// columns) += Σ over `taps` (o, W) of `x[t + o] × W`, rows of `x` outside it counting as
+    /// zero. A way may sum all taps before touching `dst`.
+    fn conv_acc(dst: &mut [T], offset: usize, x: Mat<T>, taps: &[(isize, Mat<T>)]) {
+        for &(o, w) in taps {
+            let skip = o.unsigned_abs();
+            if skip >= x.rows {
+                continue;
+            }
+            let rows = x.rows - skip;
+            if o <= 0 {
+                Self::acc(dst, offset + skip * w.cols, x.row_range(0, rows), w);
+            } else {
+                Self::acc(dst, offset, x.row_range(skip, rows), w);
+            }
+        }
     }
 }
 
@@ -133,6 +174,18 @@ impl Products<f32> for Bf16 {
         }
         amx::gemm_acc(&mut dst[offset..offset + m * n], a, b, true);
     }
+
+    fn conv_acc(dst: &mut [f32], offset: usize, x: Mat<f32>, taps: &[(isize, Mat<f32>)]) {
+        let Some(&(_, w0)) = taps.first() else { return };
+        let (m, n) = (x.rows, w0.cols);
+        for (_, w) in taps {
+            check(dst.len(), offset, &x, w);
+        }
+        if m == 0 || n == 0 || x.cols == 0 {
+            return;
+        }
+        amx::conv_acc(&mut dst[offset..offset + m * n], x, taps);
+    }
 }
 
 fn check<T>(dst_len: usize, offset: usize, a: &Mat<T>, b: &Mat<T>) -> (usize, usize, usize) {
@@ -174,11 +227,17 @@ pub mod amx {
         imp::gemm_acc(dst, a, b, again)
     }
 
-    /// Packing, shared with the tests.
+    /// See [`super::Products::conv_acc`]; at most 16 taps.
+    pub(super) fn conv_acc(dst: &mut [f32], x: Mat<f32>, taps: &[(isize, Mat<f32>)]) {
+        assert!(available(), "invariant: the AMX path runs only where amx::available() said so");
+        assert!(taps.len() <= 16, "invariant: at most 16 taps (the kernel width limit)");
+        imp::conv_acc(dst, x, taps)
+    }
+
     pub(super) const TILE_ROWS: usize = 16;
     pub(super) const TILE_DEPTH: usize = 32;
 
-    fn round_up(x: usize, to: usize) -> usize {
+    pub(super) fn round_up(x: usize, to: usize) -> usize {
         x.div_ceil(to) * to
     }
 
@@ -208,9 +267,17 @@ pub mod amx {
     /// pairs, zero-padded. Returns the padded row length in pairs.
     #[inline(always)]
     pub(super) fn pack_a(a: &Mat<f32>, out: &mut Vec<u32>) -> usize {
-        let (m, k) = (a.rows, a.cols);
-        let (mp, kq) = (round_up(m, TILE_ROWS), round_up(k, TILE_DEPTH) / 2);
+        let (mp, kq) = (round_up(a.rows, TILE_ROWS), round_up(a.cols, TILE_DEPTH) / 2);
         out.resize(out.len().max(mp * kq), 0);
+        pack_a_rows(a, &mut out[..mp * kq], kq);
+        kq
+    }
+
+    /// A's rows packed into `out` (rows of `kq` pairs), and every row of `out` after them zeroed.
+    #[inline(always)]
+    pub(super) fn pack_a_rows(a: &Mat<f32>, out: &mut [u32], kq: usize) {
+        let (m, k) = (a.rows, a.cols);
+        assert!(out.len() >= m * kq && 2 * kq >= k, "invariant: the rows fit");
         if a.col_stride == 1 {
             for i in 0..m {
                 // SAFETY: i < m, columns contiguous.
@@ -261,8 +328,7 @@ pub mod amx {
                 }
             }
         }
-        out[m * kq..mp * kq].fill(0);
-        kq
+        out[m * kq..].fill(0);
     }
 
     /// `out[i · kq + q] = pair(src[2q][i], src[2q + 1][i])` for q below `pairs` (a multiple of
@@ -308,9 +374,18 @@ pub mod amx {
     /// row length.
     #[inline(always)]
     pub(super) fn pack_b(b: &Mat<f32>, out: &mut Vec<u32>) -> usize {
-        let (k, n) = (b.rows, b.cols);
-        let (kq, np) = (round_up(k, TILE_DEPTH) / 2, round_up(n, TILE_ROWS));
+        let (kq, np) = (round_up(b.rows, TILE_DEPTH) / 2, round_up(b.cols, TILE_ROWS));
         out.resize(out.len().max(kq * np), 0);
+        pack_b_rows(b, &mut out[..kq * np], np);
+        np
+    }
+
+    /// B packed into `out` (rows of `np` pairs; as many rows as `out` holds, zero past B).
+    #[inline(always)]
+    pub(super) fn pack_b_rows(b: &Mat<f32>, out: &mut [u32], np: usize) {
+        let (k, n) = (b.rows, b.cols);
+        let kq = out.len() / np;
+        assert!(np >= n && 2 * kq >= k, "invariant: B fits");
         for q in 0..kq {
             let dst = &mut out[q * np..(q + 1) * np];
             dst[n..].fill(0);
@@ -334,7 +409,6 @@ pub mod amx {
                 }
             }
         }
-        np
     }
 
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -343,7 +417,7 @@ pub mod amx {
         use std::cell::RefCell;
 
         use super::super::Mat;
-        use super::{TILE_DEPTH, TILE_ROWS, pack_a, pack_b};
+        use super::{TILE_DEPTH, TILE_ROWS, pack_a, pack_a_rows, pack_b, pack_b_rows, round_up};
 
         /// AMX-TILE and AMX-BF16 in CPUID, then the kernel's permission for the tile data.
         pub fn enable() -> bool {
@@ -472,15 +546,61 @@ pub mod amx {
                         }
                     };
                     let np = pack(&b, &mut packed.b, false);
-                    run(dst, a.rows, b.cols, &packed.a, kq, a.cols.div_ceil(TILE_DEPTH), &packed.b, np)
+                    let term = [(packed.a.as_ptr(), packed.b.as_ptr())];
+                    run(dst, a.rows, b.cols, &term, kq, a.cols.div_ceil(TILE_DEPTH), np)
                 }
             })
         }
 
-        /// `dst (m × n) += A B` from the packed operands, in blocks of 2 × 2 C tiles (tiles 0–3),
-        /// with A tiles in 4–5 and B tiles in 6–7.
-        #[allow(clippy::too_many_arguments)] // the product's shape and both packed operands
-        unsafe fn run(dst: &mut [f32], m: usize, n: usize, pa: &[u32], kq: usize, kt: usize, pb: &[u32], np: usize) {
+        /// See [`super::conv_acc`]: `x` is packed once, with zero rows before and after it as far
+        /// as the taps reach, and each tap's A tiles are the same packed rows moved by its
+        /// offset; every C tile is loaded and stored once for all the taps.
+        pub fn conv_acc(dst: &mut [f32], x: Mat<f32>, taps: &[(isize, Mat<f32>)]) {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            unsafe fn pack(x: &Mat<f32>, taps: &[(isize, Mat<f32>)], packed: &mut Packed, front: usize, back: usize) {
+                let (kq, np) = (round_up(x.cols, TILE_DEPTH) / 2, round_up(taps[0].1.cols, TILE_ROWS));
+                let rows = front + round_up(x.rows, TILE_ROWS) + back;
+                packed.a.resize(packed.a.len().max(rows * kq), 0);
+                packed.a[..front * kq].fill(0);
+                pack_a_rows(x, &mut packed.a[front * kq..rows * kq], kq);
+                packed.b.resize(packed.b.len().max(taps.len() * kq * np), 0);
+                for (i, (_, w)) in taps.iter().enumerate() {
+                    pack_b_rows(w, &mut packed.b[i * kq * np..(i + 1) * kq * np], np);
+                }
+            }
+            let front = taps.iter().map(|&(o, _)| (-o).max(0) as usize).max().unwrap_or(0);
+            let back = taps.iter().map(|&(o, _)| o.max(0) as usize).max().unwrap_or(0);
+            let (m, n, k) = (x.rows, taps[0].1.cols, x.cols);
+            let (kq, np) = (round_up(k, TILE_DEPTH) / 2, round_up(n, TILE_ROWS));
+            PACKED.with_borrow_mut(|packed| {
+                packed.a_view = None;
+                // SAFETY: as in `gemm_acc`; a tap's A tiles start `front + o ≥ 0` rows into the
+                // packed x and end at most `front + o + round_up(m, 16) ≤ front + back +
+                // round_up(m, 16)` rows in, all packed (zeros outside x).
+                unsafe {
+                    pack(&x, taps, packed, front, back);
+                    let mut terms = [(std::ptr::null(), std::ptr::null()); 16];
+                    for (i, &(o, _)) in taps.iter().enumerate() {
+                        let a_row = (front as isize + o) as usize;
+                        terms[i] = (packed.a.as_ptr().add(a_row * kq), packed.b.as_ptr().add(i * kq * np));
+                    }
+                    run(dst, m, n, &terms[..taps.len()], kq, k.div_ceil(TILE_DEPTH), np)
+                }
+            })
+        }
+
+        /// `dst (m × n) += Σ A B` over `terms` (pointers to packed A's first row and to packed
+        /// B; A rows of `kq` pairs, B rows of `np`, `kt` tiles deep), in blocks of 2 × 2 C tiles
+        /// (tiles 0–3), with A tiles in 4–5 and B tiles in 6–7.
+        unsafe fn run(
+            dst: &mut [f32],
+            m: usize,
+            n: usize,
+            terms: &[(*const u32, *const u32)],
+            kq: usize,
+            kt: usize,
+            np: usize,
+        ) {
             let (mt, nt) = (m.div_ceil(TILE_ROWS), n.div_ceil(TILE_ROWS));
             let (a_stride, b_stride, d_stride) = (kq * 4, np * 4, n * 4);
             let mut scratch = [[0f32; 256]; 4];
@@ -510,9 +630,9 @@ pub mod amx {
                             load_c(t, &tile);
                             *slot = Some(tile);
                         }
-                        for kb in 0..kt {
-                            let a0 = pa.as_ptr().add(ib * TILE_ROWS * kq + kb * TILE_DEPTH / 2);
-                            let b0 = pb.as_ptr().add(kb * TILE_DEPTH / 2 * np + jb * TILE_ROWS);
+                        for (kb, &(pa, pb)) in (0..kt).flat_map(|kb| terms.iter().map(move |t| (kb, t))) {
+                            let a0 = pa.add(ib * TILE_ROWS * kq + kb * TILE_DEPTH / 2);
+                            let b0 = pb.add(kb * TILE_DEPTH / 2 * np + jb * TILE_ROWS);
                             tile_load!(4, a0, a_stride);
                             tile_load!(6, b0, b_stride);
                             tile_dot!(0, 4, 6);
@@ -587,6 +707,36 @@ mod tests {
                     s += from_bf16(to_bf16(x)) as f64 * from_bf16(to_bf16(y)) as f64;
                 }
                 dst[i * b.cols + j] = s as f32;
+            }
+        }
+    }
+
+    /// The convolution form: taps before and after, reaching past the ends, ragged sizes.
+    #[test]
+    fn tile_convolutions_match_the_reference() {
+        if !amx::available() {
+            eprintln!("skipped: this CPU has no AMX-BF16");
+            return;
+        }
+        for &(m, k, n, ref offsets) in
+            &[(50, 32, 64, vec![-4isize, 0]), (37, 45, 20, vec![-70, -1, 0, 3]), (100, 64, 32, vec![0, 8, 99, 150])]
+        {
+            let xv = filled(m * k, 4);
+            let x = Mat::new(&xv, 0, m, k);
+            let ws: Vec<Vec<f32>> = (0..offsets.len()).map(|i| filled(k * n, 5 + i as u32)).collect();
+            let taps: Vec<(isize, Mat<f32>)> =
+                offsets.iter().zip(&ws).map(|(&o, w)| (o, Mat::new(w, 0, k, n))).collect();
+            let start = filled(m * n, 9);
+            let (mut got, mut want) = (start.clone(), start);
+            Bf16::conv_acc(&mut got, 0, x, &taps);
+            for &(o, w) in &taps {
+                for t in 0..m {
+                    let Some(src) = t.checked_add_signed(o).filter(|&s| s < m) else { continue };
+                    reference(&mut want[t * n..(t + 1) * n], x.row_range(src, 1), w);
+                }
+            }
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}×{k}×{n} {offsets:?}: {g} vs {w}");
             }
         }
     }

@@ -406,15 +406,23 @@ fn sum_rows<T: Float>(acc: &mut [T], rows: &[T]) {
 
 /// What the forward pass keeps for the backward pass.
 struct Activations<T> {
-    /// Per layer: its input `(B·T, C)`, [tanh(f), σ(g)] of its pre-activation `(B·T, 2G)`, gate
-    /// output `(B·T, G)`.
+    /// Per layer: its input `(B·T, C)`, [tanh(f), σ(g)] of its pre-activation `(B·T, 2G)`.
     inputs: Vec<Vec<T>>,
     pres: Vec<Vec<T>>,
-    gates: Vec<Vec<T>>,
+    /// Every layer's gate output side by side, `(B·T, L·G)`: layer l's is columns l·G ..
+    /// (l+1)·G. The skip sum is then one product with all the skip weights stacked
+    /// (`L·G × S`), instead of L products each reading and writing the whole `(B·T, S)` sum.
+    gates: Vec<T>,
     /// The skip sum before the head's first ReLU `(B·T, S)`, the head's hidden layer after its
     /// ReLU `(B·T, H)`.
     skip: Vec<T>,
     hidden: Vec<T>,
+}
+
+/// Every layer's skip weights stacked, `(L·G, S)`: rows l·G .. (l+1)·G are layer l's.
+fn stacked_skip_weights<T: Float>(l: &ParamLayout, p: &[T]) -> Vec<T> {
+    let (g, s) = (l.cfg.gate_channels, l.cfg.skip_channels);
+    l.layers.iter().flat_map(|layer| p[layer.skip_w..layer.skip_w + g * s].iter().copied()).collect()
 }
 
 /// Batch size and sequence length.
@@ -451,8 +459,10 @@ fn forward<T: Float, P: Products<T>>(l: &ParamLayout, p: &[T], input: &[u32], si
                 .copy_from_slice(&p[l.embed + code * c..l.embed + (code + 1) * c]);
         }
     }
+    let lg = l.layers.len() * g;
     let mut acts =
-        Activations { inputs: vec![], pres: vec![], gates: vec![], skip: vec![T::ZERO; n * s], hidden: vec![] };
+        Activations { inputs: vec![], pres: vec![], gates: vec![T::ZERO; n * lg], skip: vec![], hidden: vec![] };
+    let mut z = vec![T::ZERO; n * g];
     for layer in &l.layers {
         let d = layer.dilation;
         // pre = bias (+ label row) + Σ_j x[t − (k−1−j)·d] · W[j]   (B·T, 2G)
@@ -463,33 +473,35 @@ fn forward<T: Float, P: Products<T>>(l: &ParamLayout, p: &[T], input: &[u32], si
                 add_rows(&mut pre[b * len * 2 * g..(b + 1) * len * 2 * g], row);
             }
         }
-        // Per sequence, the taps from the unshifted one (j = k − 1): every other tap's input is
-        // a prefix of its rows, so the product can reuse its operand.
+        // Per sequence: pre[t] += Σ_j x[t − (k−1−j)·d] W[j].
+        let taps: Vec<(isize, Mat<T>)> = (0..k)
+            .map(|j| (-(((k - 1 - j) * d) as isize), Mat::new(p, layer.dilated_w + j * c * 2 * g, c, 2 * g)))
+            .collect();
         for b in 0..bsz {
-            for j in (0..k).rev() {
-                let shift = (k - 1 - j) * d;
-                if shift >= len {
-                    continue;
-                }
-                let (w, rows) = (Mat::new(p, layer.dilated_w + j * c * 2 * g, c, 2 * g), len - shift);
-                let (at, xs) = ((b * len + shift) * 2 * g, Mat::new(&x, b * len * c, rows, c));
-                if j == k - 1 { P::acc(&mut pre, at, xs, w) } else { P::acc_again(&mut pre, at, xs, w) }
-            }
+            P::conv_acc(&mut pre, b * len * 2 * g, Mat::new(&x, b * len * c, len, c), &taps);
         }
         // z = tanh(f) ⊙ σ(g), with tanh(f) = 2σ(2f) − 1. The pre-activation is overwritten by
         // [tanh(f), σ(g)], which is all the backward pass needs of it.
-        let mut z = vec![T::ZERO; n * g];
         T::gate_forward(&mut pre, &mut z, g);
-        // x_next = x + z·W_res + b_res;  skip += z·W_skip + b_skip
+        // x_next = x + z·W_res + b_res
         let mut next = x.clone();
         add_rows(&mut next, &p[layer.residual_b..layer.residual_b + c]);
         P::acc(&mut next, 0, Mat::new(&z, 0, n, g), Mat::new(p, layer.residual_w, g, c));
-        add_rows(&mut acts.skip, &p[layer.skip_b..layer.skip_b + s]);
-        P::acc_again(&mut acts.skip, 0, Mat::new(&z, 0, n, g), Mat::new(p, layer.skip_w, g, s));
+        let li = acts.pres.len();
+        for (dst, src) in acts.gates.chunks_exact_mut(lg).zip(z.chunks_exact(g)) {
+            dst[li * g..(li + 1) * g].copy_from_slice(src);
+        }
         acts.inputs.push(std::mem::replace(&mut x, next));
         acts.pres.push(pre);
-        acts.gates.push(z);
     }
+    // skip = Σ_l (z_l·W_skip,l + b_skip,l), as one product.
+    let skip_bias = l.layers.iter().fold(vec![T::ZERO; s], |mut acc, layer| {
+        acc.iter_mut().zip(&p[layer.skip_b..layer.skip_b + s]).for_each(|(a, &b)| *a += b);
+        acc
+    });
+    let stacked = stacked_skip_weights(l, p);
+    acts.skip = repeat_rows(&skip_bias, n);
+    P::acc(&mut acts.skip, 0, Mat::new(&acts.gates, 0, n, lg), Mat::new(&stacked, 0, lg, s));
     // Head: ReLU → 1×1 → ReLU → 1×1.
     let relu_skip: Vec<T> = acts.skip.iter().map(|&x| if x > T::ZERO { x } else { T::ZERO }).collect();
     let mut hidden = repeat_rows(&p[l.head0_b..l.head0_b + h], n);
@@ -543,20 +555,34 @@ fn backward<T: Float, P: Products<T>>(
         }
     });
 
+    // The skip sum's product, backwards: every layer's skip weights and d z at once.
+    let lg = l.layers.len() * g;
+    let stacked = stacked_skip_weights(l, p);
+    let mut dstacked = vec![T::ZERO; lg * s];
+    P::acc(&mut dstacked, 0, Mat::new(&a.gates, 0, n, lg).t(), Mat::new(&dskip, 0, n, s));
+    let mut dskip_bias = vec![T::ZERO; s];
+    sum_rows(&mut dskip_bias, &dskip);
+    for (li, layer) in l.layers.iter().enumerate() {
+        let rows = &dstacked[li * g * s..(li + 1) * g * s];
+        dp[layer.skip_w..layer.skip_w + g * s].iter_mut().zip(rows).for_each(|(d, &x)| *d += x);
+        dp[layer.skip_b..layer.skip_b + s].iter_mut().zip(&dskip_bias).for_each(|(d, &x)| *d += x);
+    }
+    let mut dgates = vec![T::ZERO; n * lg];
+    P::acc(&mut dgates, 0, Mat::new(&dskip, 0, n, s), Mat::new(&stacked, 0, lg, s).t());
+
     // The residual stack, last layer first; `dx` is the gradient of the current layer's output.
     let mut dx = vec![T::ZERO; n * c];
     let mut dz = vec![T::ZERO; n * g];
     let mut dpre = vec![T::ZERO; n * 2 * g];
     for (li, layer) in l.layers.iter().enumerate().rev() {
-        let (x, pre, z) = (&a.inputs[li], &a.pres[li], &a.gates[li]);
+        let (x, pre, z) = (&a.inputs[li], &a.pres[li], Mat::strided(&a.gates, li * g, n, g, lg));
         let d = layer.dilation;
-        // Skip and residual 1×1s.
-        P::acc(&mut dp, layer.skip_w, Mat::new(z, 0, n, g).t(), Mat::new(&dskip, 0, n, s));
-        sum_rows(&mut dp[layer.skip_b..layer.skip_b + s], &dskip);
-        P::acc_again(&mut dp, layer.residual_w, Mat::new(z, 0, n, g).t(), Mat::new(&dx, 0, n, c));
+        // The residual 1×1; d z from the skip product and from the residual.
+        P::acc(&mut dp, layer.residual_w, z.t(), Mat::new(&dx, 0, n, c));
         sum_rows(&mut dp[layer.residual_b..layer.residual_b + c], &dx);
-        dz.fill(T::ZERO);
-        P::acc(&mut dz, 0, Mat::new(&dskip, 0, n, s), Mat::new(p, layer.skip_w, g, s).t());
+        for (dst, src) in dz.chunks_exact_mut(g).zip(dgates.chunks_exact(lg)) {
+            dst.copy_from_slice(&src[li * g..(li + 1) * g]);
+        }
         P::acc(&mut dz, 0, Mat::new(&dx, 0, n, c), Mat::new(p, layer.residual_w, g, c).t());
         // The gate: ∂z/∂f = σ(g)(1 − tanh²f), ∂z/∂g = tanh(f) σ(g)(1 − σ(g)).
         T::gate_backward(pre, &dz, &mut dpre, g);
@@ -583,11 +609,12 @@ fn backward<T: Float, P: Products<T>>(
                 if j == k - 1 { P::acc(&mut dp, w_at, xs.t(), dps) } else { P::acc_again(&mut dp, w_at, xs.t(), dps) }
             }
         }
+        // dx[t] += Σ_j dpre[t + (k−1−j)·d] W[j]ᵀ.
+        let back_taps: Vec<(isize, Mat<T>)> = (0..k)
+            .map(|j| (((k - 1 - j) * d) as isize, Mat::new(p, layer.dilated_w + j * c * 2 * g, c, 2 * g).t()))
+            .collect();
         for b in 0..bsz {
-            for (_, w_at, rows, dpre_at) in taps(b) {
-                let dps = Mat::new(&dpre, dpre_at, rows, 2 * g);
-                P::acc(&mut dx, b * len * c, dps, Mat::new(p, w_at, c, 2 * g).t());
-            }
+            P::conv_acc(&mut dx, b * len * c, Mat::new(&dpre, b * len * 2 * g, len, 2 * g), &back_taps);
         }
     }
     // The embedding: position t + 1 holds token t.
