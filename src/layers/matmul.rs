@@ -265,17 +265,24 @@ pub mod amx {
 
     /// A (m × k) as rows of bf16 pairs along k: `round_up(m, 16)` rows of `round_up(k, 32) / 2`
     /// pairs, zero-padded. Returns the padded row length in pairs.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (every AMX CPU does).
     #[inline(always)]
-    pub(super) fn pack_a(a: &Mat<f32>, out: &mut Vec<u32>) -> usize {
+    pub(super) unsafe fn pack_a(a: &Mat<f32>, out: &mut Vec<u32>) -> usize {
         let (mp, kq) = (round_up(a.rows, TILE_ROWS), round_up(a.cols, TILE_DEPTH) / 2);
         out.resize(out.len().max(mp * kq), 0);
-        pack_a_rows(a, &mut out[..mp * kq], kq);
+        // SAFETY (caller): AVX-512F.
+        unsafe { pack_a_rows(a, &mut out[..mp * kq], kq) };
         kq
     }
 
     /// A's rows packed into `out` (rows of `kq` pairs), and every row of `out` after them zeroed.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (the transposed case gathers with it).
     #[inline(always)]
-    pub(super) fn pack_a_rows(a: &Mat<f32>, out: &mut [u32], kq: usize) {
+    pub(super) unsafe fn pack_a_rows(a: &Mat<f32>, out: &mut [u32], kq: usize) {
         let (m, k) = (a.rows, a.cols);
         assert!(out.len() >= m * kq && 2 * kq >= k, "invariant: the rows fit");
         if a.col_stride == 1 {
@@ -309,8 +316,8 @@ pub mod amx {
             #[cfg(target_arch = "x86_64")]
             let first = {
                 let full = (k / 2) / 16 * 16;
-                // SAFETY: the caller compiled this for AVX-512 (see `imp::gemm_acc`); the gathers
-                // read rows below `full * 2 ≤ k`.
+                // SAFETY: the CPU has AVX-512F (this function's contract); the gathers read rows
+                // below `full * 2 ≤ k`.
                 unsafe { gather_pairs(&src, full, out, kq) };
                 full
             };
@@ -519,7 +526,8 @@ pub mod amx {
             /// The packing compiled for AVX-512 (every AMX CPU has it).
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
             unsafe fn pack(m: &Mat<f32>, out: &mut Vec<u32>, as_a: bool) -> usize {
-                if as_a { pack_a(m, out) } else { pack_b(m, out) }
+                // SAFETY: compiled for, and run on, a CPU with AVX-512.
+                if as_a { unsafe { pack_a(m, out) } } else { pack_b(m, out) }
             }
             PACKED.with_borrow_mut(|packed| {
                 // SAFETY: AMX was enabled (the caller checked `available`), so the CPU has
@@ -562,7 +570,8 @@ pub mod amx {
                 let rows = front + round_up(x.rows, TILE_ROWS) + back;
                 packed.a.resize(packed.a.len().max(rows * kq), 0);
                 packed.a[..front * kq].fill(0);
-                pack_a_rows(x, &mut packed.a[front * kq..rows * kq], kq);
+                // SAFETY: compiled for, and run on, a CPU with AVX-512.
+                unsafe { pack_a_rows(x, &mut packed.a[front * kq..rows * kq], kq) };
                 packed.b.resize(packed.b.len().max(taps.len() * kq * np), 0);
                 for (i, (_, w)) in taps.iter().enumerate() {
                     pack_b_rows(w, &mut packed.b[i * kq * np..(i + 1) * kq * np], np);
