@@ -3,15 +3,18 @@
 //! tensor operations per layer, each allocating its output and recording its own backward;
 //! here every dilated convolution over the whole batch is `k` matrix products on shifted views
 //! of the layer input (tap j of sequence b is rows `b·T .. b·T + T − s` of the input, s =
-//! (k−1−j)·d, written into rows from `s`: no copies), and the gate, residual and skip are
-//! passes over the products' outputs. The activations the backward pass needs (each layer's
-//! input, pre-activation and gate output, the skip sum, the head's hidden layer) are kept from
-//! the forward pass in the op itself.
+//! (k−1−j)·d, written into rows from `s`: no copies), and the gate and residual are passes over
+//! the products' outputs. The skip sum is one product for all layers: their gate outputs side
+//! by side (B·T × L·G) by their skip weights stacked (L·G × S), so the wide (B·T × S) sum is
+//! written once, not read and written by every layer. The activations the backward pass needs
+//! (each layer's input and pre-activation, the gate outputs, the skip sum, the head's hidden
+//! layer) are kept from the forward pass in the op itself.
 //!
-//! The products use the `gemm` crate, which candle itself uses on the CPU: it handles strided
-//! (transposed) operands without copies and picks AVX-512/AVX2/NEON kernels at run time. The
-//! engine's own kernels are tuned for a handful of rows (streams), not for thousands. Single
-//! threaded: the trainer runs one shard of the batch per thread.
+//! The products go through [`Products`](super::matmul::Products): exactly in f32 by the `gemm`
+//! crate (which candle itself uses on the CPU: it handles strided, transposed operands without
+//! copies and picks AVX-512/AVX2/NEON kernels at run time; the engine's own kernels are tuned
+//! for a handful of rows, not thousands), or with `--precision bf16` on the AMX tile unit.
+//! Single threaded: the trainer runs one shard of the batch per thread.
 //!
 //! The weights enter as one flat tensor (candle's custom ops take at most three inputs; the
 //! concatenation's backward hands each weight its part of the gradient), in [`ParamLayout`]'s
