@@ -428,6 +428,18 @@ fn stacked_skip_weights<T: Float>(l: &ParamLayout, p: &[T]) -> Vec<T> {
     l.layers.iter().flat_map(|layer| p[layer.skip_w..layer.skip_w + g * s].iter().copied()).collect()
 }
 
+/// The taps of `layer`'s dilated convolution: for each j, how far back it reads,
+/// (k−1−j)·d, and its weight W[j] (C × 2G).
+fn dilated_taps<'a, T>(
+    l: &ParamLayout,
+    layer: &LayerOffsets,
+    p: &'a [T],
+) -> impl DoubleEndedIterator<Item = (usize, Mat<T>)> + ExactSizeIterator + 'a {
+    let (k, c, g, d, at) =
+        (l.cfg.kernel_width, l.cfg.residual_channels, l.cfg.gate_channels, layer.dilation, layer.dilated_w);
+    (0..k).map(move |j| ((k - 1 - j) * d, Mat::new(p, at + j * c * 2 * g, c, 2 * g)))
+}
+
 /// Batch size and sequence length.
 #[derive(Debug, Clone, Copy)]
 struct Size {
@@ -448,8 +460,7 @@ fn token(input: &[u32], size: Size, b: usize, t: usize) -> usize {
 #[inline(always)]
 fn forward<T: Float, P: Products<T>>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Vec<T>, Activations<T>) {
     let cfg = &l.cfg;
-    let (k, c, g, s, h, v) =
-        (cfg.kernel_width, cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, cfg.head_channels, cfg.classes);
+    let (c, g, s, h, v) = (cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, cfg.head_channels, cfg.classes);
     let (bsz, len) = (size.batch, size.len);
     let n = bsz * len;
     let (labels, _) = split_input(input, size);
@@ -467,7 +478,6 @@ fn forward<T: Float, P: Products<T>>(l: &ParamLayout, p: &[T], input: &[u32], si
         Activations { inputs: vec![], pres: vec![], gates: vec![T::ZERO; n * lg], skip: vec![], hidden: vec![] };
     let mut z = vec![T::ZERO; n * g];
     for layer in &l.layers {
-        let d = layer.dilation;
         // pre = bias (+ label row) + Σ_j x[t − (k−1−j)·d] · W[j]   (B·T, 2G)
         let mut pre = repeat_rows(&p[layer.dilated_b..layer.dilated_b + 2 * g], n);
         if let Some(table) = layer.label {
@@ -477,9 +487,7 @@ fn forward<T: Float, P: Products<T>>(l: &ParamLayout, p: &[T], input: &[u32], si
             }
         }
         // Per sequence: pre[t] += Σ_j x[t − (k−1−j)·d] W[j].
-        let taps: Vec<(isize, Mat<T>)> = (0..k)
-            .map(|j| (-(((k - 1 - j) * d) as isize), Mat::new(p, layer.dilated_w + j * c * 2 * g, c, 2 * g)))
-            .collect();
+        let taps: Vec<(isize, Mat<T>)> = dilated_taps(l, layer, p).map(|(s, w)| (-(s as isize), w)).collect();
         for b in 0..bsz {
             P::conv_acc(&mut pre, b * len * 2 * g, Mat::new(&x, b * len * c, len, c), &taps);
         }
@@ -579,7 +587,6 @@ fn backward<T: Float, P: Products<T>>(
     let mut dpre = vec![T::ZERO; n * 2 * g];
     for (li, layer) in l.layers.iter().enumerate().rev() {
         let (x, pre, z) = (&a.inputs[li], &a.pres[li], Mat::strided(&a.gates, li * g, n, g, lg));
-        let d = layer.dilation;
         // The residual 1×1; d z from the skip product and from the residual.
         P::acc(&mut dp, layer.residual_w, z.t(), Mat::new(&dx, 0, n, c));
         sum_rows(&mut dp[layer.residual_b..layer.residual_b + c], &dx);
@@ -600,22 +607,17 @@ fn backward<T: Float, P: Products<T>>(
         // The residual connection passes dx through unchanged.
         // The weight gradients first, per sequence from the unshifted tap (whose xᵀ the other
         // taps' products reuse), then the input gradient.
-        let taps = |b: usize| {
-            (0..k).rev().filter_map(move |j| {
-                let shift = (k - 1 - j) * d;
-                (shift < len).then(|| (j, layer.dilated_w + j * c * 2 * g, len - shift, (b * len + shift) * 2 * g))
-            })
-        };
         for b in 0..bsz {
-            for (j, w_at, rows, dpre_at) in taps(b) {
-                let (xs, dps) = (Mat::new(x, b * len * c, rows, c), Mat::new(&dpre, dpre_at, rows, 2 * g));
+            let taps = dilated_taps(l, layer, p).enumerate().rev().filter(|&(_, (shift, _))| shift < len);
+            for (j, (shift, _)) in taps {
+                let (rows, w_at) = (len - shift, layer.dilated_w + j * c * 2 * g);
+                let (xs, dps) =
+                    (Mat::new(x, b * len * c, rows, c), Mat::new(&dpre, (b * len + shift) * 2 * g, rows, 2 * g));
                 if j == k - 1 { P::acc(&mut dp, w_at, xs.t(), dps) } else { P::acc_again(&mut dp, w_at, xs.t(), dps) }
             }
         }
         // dx[t] += Σ_j dpre[t + (k−1−j)·d] W[j]ᵀ.
-        let back_taps: Vec<(isize, Mat<T>)> = (0..k)
-            .map(|j| (((k - 1 - j) * d) as isize, Mat::new(p, layer.dilated_w + j * c * 2 * g, c, 2 * g).t()))
-            .collect();
+        let back_taps: Vec<(isize, Mat<T>)> = dilated_taps(l, layer, p).map(|(s, w)| (s as isize, w.t())).collect();
         for b in 0..bsz {
             P::conv_acc(&mut dx, b * len * c, Mat::new(&dpre, b * len * 2 * g, len, 2 * g), &back_taps);
         }
