@@ -80,8 +80,8 @@ pub struct TrainArgs {
     #[arg(long)]
     window: Option<usize>,
     /// Precision of the training products: f32, or bf16 (bfloat16 products summed in f32, on
-    /// CPUs with AMX-BF16; weights and optimizer stay f32) [default: f32; with --resume, the
-    /// run's].
+    /// CPUs with AMX-BF16; weights and optimizer stay f32) [default: bf16 where the CPU has
+    /// AMX-BF16, else f32; with --resume, the run's].
     #[arg(long, value_enum)]
     precision: Option<PrecisionArg>,
     /// Fraction of the files held out for validation (chosen from the file names).
@@ -183,7 +183,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         adamw: AdamWConfig::default(),
         eval_every: a.eval_every.unwrap_or(every),
         checkpoint_every: a.checkpoint_every.unwrap_or(every),
-        precision: a.precision.map_or(Precision::F32, Precision::from),
+        precision: a.precision.map_or_else(wavegen::layers::matmul::fastest_precision, Precision::from),
     };
     let opts = TrainOptions {
         // On resume the checkpoint knows its folder; a DIR given then replaces it.

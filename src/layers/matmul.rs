@@ -207,6 +207,13 @@ fn from_bf16(x: u16) -> f32 {
     f32::from_bits((x as u32) << 16)
 }
 
+/// The precision a new training run gets unless told: bf16 where the CPU has AMX-BF16 (measured
+/// 1.3× the f32 throughput for the same held-out likelihood, see the README), else f32.
+pub fn fastest_precision() -> crate::core::train::Precision {
+    use crate::core::train::Precision;
+    if amx::available() { Precision::Bf16 } else { Precision::F32 }
+}
+
 /// The AMX path. Tiles are 16 rows of 64 bytes: an A tile is 16 rows × 32 bf16 (row-major), a B
 /// tile 16 rows of 16 column pairs (rows k and k+1 of B interleaved: the "VNNI" layout), a C tile
 /// 16 × 16 f32. Both operands are packed once per product into zero-padded tile layouts (so

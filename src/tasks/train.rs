@@ -146,7 +146,7 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
             m.train.decay_steps = decay_steps;
         }
         if let Some(precision) = opts.change_precision.filter(|&p| p != m.train.precision) {
-            reporter.note(&format!("precision: {precision:?} (the run had {:?})", m.train.precision));
+            reporter.note(&format!("precision: {precision} (the run had {})", m.train.precision));
             m.train.precision = precision;
         }
         m.train.validate()?;
@@ -236,11 +236,12 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     }
     let receptive_field = cfg.receptive_field();
     reporter.note(&format!(
-        "WaveNet: {} layers, {} parameters, receptive field {} samples ({:.0} ms)",
+        "WaveNet: {} layers, {} parameters, receptive field {} samples ({:.0} ms), {} products",
         cfg.layers(),
         params.count(),
         receptive_field,
-        1000.0 * receptive_field as f64 / audio.settings.sample_rate as f64
+        1000.0 * receptive_field as f64 / audio.settings.sample_rate as f64,
+        manifest.train.precision
     ));
     let label_names = (!audio.labels.is_empty()).then_some(audio.labels.as_slice());
     let mut batches = AudioBatches::new(
