@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::DType;
 use wavegen::core::checkpoint;
+use wavegen::tasks::run;
 
 const STEPS: &str = "12";
 
@@ -48,7 +49,7 @@ fn run_ok(mut cmd: Command) {
 
 /// The weights of a committed checkpoint, as raw f32 bits by name.
 fn weights(dir: &Path) -> Vec<(String, Vec<u32>)> {
-    let mut w: Vec<(String, Vec<u32>)> = checkpoint::open(dir)
+    let mut w: Vec<(String, Vec<u32>)> = run::open(dir)
         .unwrap_or_else(|e| panic!("{e}"))
         .weights()
         .unwrap()
@@ -67,7 +68,7 @@ fn weights(dir: &Path) -> Vec<(String, Vec<u32>)> {
 fn recover_and_compare(data: &Path, out: &Path, cache: &Path, reference: &[(String, Vec<u32>)], what: &str) {
     let resume = checkpoint::exists(out);
     if resume {
-        let ckpt = checkpoint::open(out).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let ckpt = run::open(out).unwrap_or_else(|e| panic!("{what}: {e}"));
         ckpt.weights().unwrap_or_else(|e| panic!("{what}: {e}"));
         assert!(ckpt.manifest.state.step >= 1, "{what}");
     }
@@ -146,7 +147,7 @@ fn a_damaged_weights_file_is_detected_by_its_checksum() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x10; // one bit of one weight
     std::fs::write(&file, &bytes).unwrap();
-    let err = checkpoint::open(&out).unwrap().weights().unwrap_err().to_string();
+    let err = run::open(&out).unwrap().weights().unwrap_err().to_string();
     assert!(err.contains("model.safetensors") && err.contains("checksum"), "{err}");
 }
 
@@ -176,7 +177,7 @@ fn sigterm_and_sighup_stop_training_with_a_checkpoint() {
     for (signal, code) in [(libc::SIGTERM, 143), (libc::SIGHUP, 129), (libc::SIGINT, 130)] {
         let (status, out, _dir) = interrupt(&[signal], "ckpt");
         assert_eq!(status.code(), Some(code), "signal {signal}: {status:?}");
-        let ckpt = checkpoint::open(&out).unwrap();
+        let ckpt = run::open(&out).unwrap();
         ckpt.weights().unwrap();
         assert!(ckpt.manifest.state.step < 1_000_000);
     }
@@ -184,7 +185,7 @@ fn sigterm_and_sighup_stop_training_with_a_checkpoint() {
     for _ in 0..5 {
         let (status, out, _dir) = interrupt(&[libc::SIGTERM, libc::SIGTERM], "twice");
         assert_eq!(status.code(), Some(143), "{status:?}");
-        checkpoint::open(&out).unwrap().weights().unwrap();
+        run::open(&out).unwrap().weights().unwrap();
     }
 }
 

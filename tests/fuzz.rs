@@ -167,7 +167,7 @@ fn fixtures() -> Fixtures {
     opts.train.eval_every = 1;
     wavegen::tasks::train::train(&opts, &mut wavegen::tasks::Silent, &std::sync::atomic::AtomicBool::new(false))
         .unwrap();
-    let committed = wavegen::core::checkpoint::open(&ckpt).unwrap();
+    let committed = wavegen::tasks::run::open(&ckpt).unwrap();
     let mut manifest = committed.manifest.clone();
     manifest.files.clear();
     Fixtures {

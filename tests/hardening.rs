@@ -92,7 +92,7 @@ fn checkpoints_are_never_lost_or_shared() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
     assert_eq!(first.wait().unwrap().code(), Some(143));
-    let at = wavegen::core::checkpoint::open(&ckpt).unwrap().manifest.state.step;
+    let at = wavegen::tasks::run::open(&ckpt).unwrap().manifest.state.step;
 
     // Leftovers of an interrupted commit are removed by the next writer.
     std::fs::create_dir(ckpt.join("step-000999999")).unwrap();
@@ -265,7 +265,7 @@ fn valid_files_are_scored_and_true_errors_named() {
     // NaN weights: an error naming the checkpoint, from every command that loads them.
     let nan = dir.path().join("nan");
     std::fs::create_dir(&nan).unwrap();
-    let committed = wavegen::core::checkpoint::open(&ckpt).unwrap();
+    let committed = wavegen::tasks::run::open(&ckpt).unwrap();
     let mut manifest = committed.manifest.clone();
     manifest.files.clear();
     std::fs::write(nan.join("config.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();

@@ -23,13 +23,7 @@ fn build(cfg: &ModelConfig, dtype: DType, seed: u64) -> (Model, Params) {
 
 /// A sequence length that suits the model: the image models' pixel count, or `default`.
 fn length(cfg: &ModelConfig, default: usize) -> usize {
-    match cfg {
-        ModelConfig::Fvsbn(c) => c.pixels,
-        ModelConfig::Nade(c) => c.pixels,
-        ModelConfig::Made(c) => c.pixels,
-        ModelConfig::Rnade(c) => c.pixels,
-        ModelConfig::Wavenet(_) => default,
-    }
+    cfg.sequence_len().unwrap_or(default)
 }
 
 fn labels_for(model: &Model, batch: usize) -> Option<Tensor> {
@@ -38,12 +32,12 @@ fn labels_for(model: &Model, batch: usize) -> Option<Tensor> {
 }
 
 /// Runs `check` on every connectivity of the model.
-fn for_each_connectivity(model: &Model, mut check: impl FnMut(usize)) {
+fn for_each_connectivity(model: &Model, mut check: impl FnMut(&Model, usize)) {
     for k in 0..model.connectivities() {
+        let mut model = model.clone();
         model.select_connectivity(k);
-        check(k);
+        check(&model, k);
     }
-    model.select_connectivity(0);
 }
 
 #[test]
@@ -53,8 +47,8 @@ fn causality_holds_for_every_model() {
         let mut rng = Rng::new(5);
         let tokens = check::random_tokens(2, length(&cfg, 24), model.vocab_size(), &mut rng).unwrap();
         let labels = labels_for(&model, 2);
-        for_each_connectivity(&model, |k| {
-            if let Err(why) = check::causality(&model, &tokens, labels.as_ref()).unwrap() {
+        for_each_connectivity(&model, |model, k| {
+            if let Err(why) = check::causality(model, &tokens, labels.as_ref()).unwrap() {
                 panic!("{name}, connectivity {k}: {why}");
             }
         });
@@ -70,7 +64,7 @@ fn causality_check_catches_a_model_that_sees_the_present() {
         fn vocab_size(&self) -> usize {
             self.0.vocab_size()
         }
-        fn receptive_field(&self) -> Option<usize> {
+        fn dependency_window(&self) -> Option<usize> {
             None
         }
         fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> wavegen::Result<Tensor> {
@@ -111,7 +105,7 @@ fn zeroing_unused_weights_changes_no_logit() {
         let labels = labels_for(&model, 2);
         let all_logits = || -> Vec<Vec<f32>> {
             let mut out = vec![];
-            for_each_connectivity(&model, |_| {
+            for_each_connectivity(&model, |model, _| {
                 let l = model.forward(&tokens, labels.as_ref()).unwrap();
                 out.push(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             });
@@ -130,16 +124,31 @@ fn zeroing_unused_weights_changes_no_logit() {
 }
 
 #[test]
+fn prefill_gives_the_parallel_logits_after_the_prefix() {
+    for (name, cfg) in ModelConfig::examples() {
+        let (model, _) = build(&cfg, DType::F32, 5);
+        let mut rng = Rng::new(9);
+        let len = length(&cfg, model.dependency_window().unwrap_or(0) + 20);
+        let tokens = check::random_tokens(2, len, model.vocab_size(), &mut rng).unwrap();
+        let labels = labels_for(&model, 2);
+        for_each_connectivity(&model, |model, k| {
+            let diff = check::prefill_vs_forward(model, &tokens, labels.as_ref(), &[0, 1, len / 2, len - 1]).unwrap();
+            assert!(diff < 1e-4, "{name}, connectivity {k}: prefill and parallel logits differ by {diff}");
+        });
+    }
+}
+
+#[test]
 fn cached_stepping_equals_the_parallel_pass() {
     for (name, cfg) in ModelConfig::examples() {
         let (model, _) = build(&cfg, DType::F32, 4);
         let mut rng = Rng::new(6);
         // Past the receptive field, so that WaveNet's queues wrap.
-        let len = length(&cfg, model.receptive_field().unwrap_or(0) + 20);
+        let len = length(&cfg, model.dependency_window().unwrap_or(0) + 20);
         let tokens = check::random_tokens(3, len, model.vocab_size(), &mut rng).unwrap();
         let labels = labels_for(&model, 3);
-        for_each_connectivity(&model, |k| {
-            let diff = check::stepper_vs_forward(&model, &tokens, labels.as_ref()).unwrap();
+        for_each_connectivity(&model, |model, k| {
+            let diff = check::stepper_vs_forward(model, &tokens, labels.as_ref()).unwrap();
             assert!(diff < 1e-4, "{name}, connectivity {k}: stepper and parallel logits differ by {diff}");
         });
     }
@@ -148,7 +157,7 @@ fn cached_stepping_equals_the_parallel_pass() {
 #[test]
 fn gradients_match_finite_differences_at_batch_two() {
     for (name, cfg) in ModelConfig::examples() {
-        let (model, params) = build(&cfg, DType::F64, 7);
+        let (mut model, params) = build(&cfg, DType::F64, 7);
         let mut rng = Rng::new(8);
         let len = length(&cfg, 20);
         let tokens = check::random_tokens(2, len, model.vocab_size(), &mut rng).unwrap();
@@ -294,7 +303,7 @@ fn every_model_learns_a_toy_distribution_to_its_known_nll() {
         if cfg.wavenet().is_some_and(|c| c.num_labels > 0) {
             continue; // the toy data has no labels
         }
-        let (model, params) = build(&cfg, DType::F32, 11);
+        let (mut model, params) = build(&cfg, DType::F32, 11);
         let len = length(&cfg, 12);
         let mut data = FourPatterns::new(len);
         let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
@@ -312,7 +321,8 @@ fn every_model_learns_a_toy_distribution_to_its_known_nll() {
         let mut state = TrainState::new(1);
         let stop = std::sync::atomic::AtomicBool::new(false);
         let why =
-            train::train(&model, &mut opt, &mut data, &tc, &mut state, &mut |_, _| Ok(()), &mut |_| {}, &stop).unwrap();
+            train::train(&mut model, &mut opt, &mut data, &tc, &mut state, &mut |_, _| Ok(()), &mut |_| {}, &stop)
+                .unwrap();
         assert!(matches!(why, Stop::Steps));
         // The NLL of the whole sequence, in nats: at best ln 4 (two free bits).
         let per_sequence = train::evaluate(&model, &data.val_batches().unwrap()).unwrap() * len as f64;

@@ -8,9 +8,9 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
 use wavegen::core::Autoregressive;
-use wavegen::core::checkpoint;
 use wavegen::core::sample::SamplerConfig;
 use wavegen::tasks::generate::{GenerateOptions, generate};
+use wavegen::tasks::run;
 use wavegen::tasks::train::train;
 use wavegen::tasks::{AudioModel, Silent};
 
@@ -80,8 +80,8 @@ fn stopping_and_resuming_gives_the_same_run_as_never_stopping() {
     second.model.residual_channels = 99; // ignored on resume: the checkpoint's config wins
     train(&second, &mut Silent, &AtomicBool::new(false)).unwrap();
 
-    let w1 = checkpoint::open(&whole).unwrap().weights().unwrap();
-    let w2 = checkpoint::open(&split).unwrap().weights().unwrap();
+    let w1 = run::open(&whole).unwrap().weights().unwrap();
+    let w2 = run::open(&split).unwrap().weights().unwrap();
     assert_eq!(w1.len(), w2.len());
     for (name, t1) in &w1 {
         let d = (t1 - &w2[name])
@@ -96,8 +96,8 @@ fn stopping_and_resuming_gives_the_same_run_as_never_stopping() {
             .unwrap();
         assert_eq!(d, 0.0, "tensor {name} differs by {d}");
     }
-    let h1 = checkpoint::read_manifest(&whole).unwrap().state;
-    let h2 = checkpoint::read_manifest(&split).unwrap().state;
+    let h1 = run::read_manifest(&whole).unwrap().state;
+    let h2 = run::read_manifest(&split).unwrap().state;
     let losses = |s: &wavegen::core::train::TrainState| {
         s.history.iter().map(|e| (e.step, e.train_nats, e.val_nats)).collect::<Vec<_>>()
     };
@@ -129,17 +129,17 @@ fn bf16_training_learns_resumes_and_repeats() {
         r => r.unwrap(),
     };
     assert!(first.val_bits_per_sample.is_some());
-    let manifest = checkpoint::read_manifest(&dir.path().join("a")).unwrap();
+    let manifest = run::read_manifest(&dir.path().join("a")).unwrap();
     assert_eq!(manifest.train.precision, Precision::Bf16);
     let resumed = run("a", 200, true).unwrap();
     let bits = resumed.val_bits_per_sample.unwrap();
     assert!(bits < 0.5, "validation NLL {bits} bits/sample after 200 bf16 steps");
-    assert_eq!(checkpoint::read_manifest(&dir.path().join("a")).unwrap().train.precision, Precision::Bf16);
+    assert_eq!(run::read_manifest(&dir.path().join("a")).unwrap().train.precision, Precision::Bf16);
     run("b", 120, false).unwrap();
     run("b", 200, true).unwrap();
     let (wa, wb) = (
-        checkpoint::open(&dir.path().join("a")).unwrap().weights().unwrap(),
-        checkpoint::open(&dir.path().join("b")).unwrap().weights().unwrap(),
+        run::open(&dir.path().join("a")).unwrap().weights().unwrap(),
+        run::open(&dir.path().join("b")).unwrap().weights().unwrap(),
     );
     for (name, t) in &wa {
         let same = t.flatten_all().unwrap().to_vec1::<f32>().unwrap()

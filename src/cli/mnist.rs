@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Args, Subcommand, ValueEnum};
 use wavegen::layers::nade::Activation;
-use wavegen::models::{ModelConfig, fvsbn, made, nade, rnade};
+use wavegen::models::{ModelConfig, Settings};
 use wavegen::tasks::mnist::{self, MnistTrainOptions, Split};
 
 use super::report::Bars;
@@ -32,16 +33,11 @@ enum MnistCommand {
     Compact(CompactArgs),
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Kind {
-    /// Fully visible sigmoid belief network: a logistic regression per pixel.
-    Fvsbn,
-    /// NADE: shared hidden weights with the O(D·H) running update.
-    Nade,
-    /// MADE: a masked MLP; several masks make an ensemble.
-    Made,
-    /// RNADE: NADE for real values, a mixture of Gaussians per pixel, on dequantised grey-level MNIST.
-    Rnade,
+/// `--model`: the image models of the registry, with their summaries as help.
+fn image_model() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        ModelConfig::image_models().into_iter().map(|(name, help)| PossibleValue::new(name).help(help)),
+    )
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -53,8 +49,8 @@ enum Act {
 #[derive(Debug, Args)]
 struct TrainArgs {
     /// The model.
-    #[arg(long, value_enum)]
-    model: Kind,
+    #[arg(long, value_parser = image_model())]
+    model: String,
     /// Checkpoint directory [default: checkpoints/mnist-MODEL].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -67,12 +63,13 @@ struct TrainArgs {
     /// NADE's and RNADE's hidden non-linearity [default: NADE sigmoid, RNADE relu].
     #[arg(long, value_enum)]
     activation: Option<Act>,
-    /// RNADE: Gaussian components per pixel.
-    #[arg(long, default_value_t = 10)]
-    components: usize,
-    /// MADE: number of connectivities (masks) trained in turn and averaged at test time.
-    #[arg(long, default_value_t = 1)]
-    masks: usize,
+    /// RNADE: Gaussian components per pixel [default: 10].
+    #[arg(long)]
+    components: Option<usize>,
+    /// MADE: number of connectivities (masks) trained in turn and averaged at test time
+    /// [default: 1].
+    #[arg(long)]
+    masks: Option<usize>,
     /// MADE: connectivities after the first also draw a random pixel ordering.
     #[arg(long)]
     orderings: bool,
@@ -281,38 +278,19 @@ pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
-    let pixels = wavegen::data::mnist::PIXELS;
-    let default_hidden = if matches!(a.model, Kind::Rnade) { 100 } else { 500 };
-    let hidden = if a.hidden.is_empty() { vec![default_hidden] } else { a.hidden.clone() };
-    let activation = |default| match a.activation.unwrap_or(default) {
-        Act::Sigmoid => Activation::Sigmoid,
-        Act::Relu => Activation::Relu,
-    };
-    let single = || -> anyhow::Result<usize> {
-        anyhow::ensure!(hidden.len() == 1, "--hidden takes one size for this model (several are for MADE)");
-        Ok(hidden[0])
-    };
-    let model = match a.model {
-        Kind::Fvsbn => ModelConfig::Fvsbn(fvsbn::Config { pixels }),
-        Kind::Nade => {
-            ModelConfig::Nade(nade::Config { pixels, hidden: single()?, activation: activation(Act::Sigmoid) })
-        }
-        Kind::Rnade => ModelConfig::Rnade(rnade::Config {
-            pixels,
-            hidden: single()?,
-            components: a.components,
-            levels: 256,
-            activation: activation(Act::Relu),
+    let settings = Settings {
+        hidden: a.hidden.clone(),
+        activation: a.activation.map(|act| match act {
+            Act::Sigmoid => Activation::Sigmoid,
+            Act::Relu => Activation::Relu,
         }),
-        Kind::Made => ModelConfig::Made(made::Config {
-            pixels,
-            hidden,
-            direct: a.direct,
-            masks: a.masks,
-            orderings: a.orderings,
-            mask_seed: a.seed,
-        }),
+        components: a.components,
+        masks: a.masks,
+        orderings: a.orderings,
+        direct: a.direct,
+        seed: a.seed,
     };
+    let model = ModelConfig::image(&a.model, wavegen::data::mnist::PIXELS, &settings)?;
     let out = a.out.unwrap_or_else(|| PathBuf::from(format!("checkpoints/mnist-{}", model.name())));
     let opts = MnistTrainOptions {
         data_dir: super::data_dir(a.data),

@@ -95,6 +95,32 @@ pub fn stepper_vs_forward<M: Autoregressive>(model: &M, tokens: &Tensor, labels:
     Ok(worst)
 }
 
+/// The largest absolute difference between the parallel logits and those [`Autoregressive::prefill`]
+/// gives after the first `prefix` tokens (in the model's ordering), for every prefix length
+/// in `prefixes`.
+pub fn prefill_vs_forward<M: Autoregressive>(
+    model: &M,
+    tokens: &Tensor,
+    labels: Option<&Tensor>,
+    prefixes: &[usize],
+) -> Result<f64> {
+    let (b, len) = tokens.dims2()?;
+    let order = generation_order(model, len)?;
+    let full = to_rows(&model.forward(tokens, labels)?)?;
+    let rows = tokens.to_vec2::<u32>()?;
+    let mut worst: f64 = 0.0;
+    for &t in prefixes.iter().filter(|&&t| t < len) {
+        let prefix: Vec<u32> = rows.iter().flat_map(|r| order[..t].iter().map(|&p| r[p])).collect();
+        let prefix = Tensor::from_vec(prefix, (b, t), &Device::Cpu)?;
+        let mut state = model.start(b, labels)?;
+        let next = model.prefill(&mut state, &prefix)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        for i in 0..b {
+            worst = worst.max(max_abs_diff(&next[i], &full[i][order[t]]));
+        }
+    }
+    Ok(worst)
+}
+
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }

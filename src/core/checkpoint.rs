@@ -2,8 +2,8 @@
 //! - `model.safetensors`: the weights, named as each model file documents (a shipping copy
 //!   made by `wavegen mnist compact` holds `model.safetensors.gz` instead);
 //! - `optimizer.safetensors`: AdamW's moments (`m.NAME`, `v.NAME`), needed only to resume;
-//! - `config.json`: the [`Manifest`]: model config, audio settings, file split, training
-//!   settings and state (step, data generator, log), and the length and SHA-256 of each file.
+//! - `config.json`: a [`Record`] (for wavegen's runs `tasks::run::Manifest`: model config,
+//!   data settings, training settings and state), with the length and SHA-256 of each file.
 //!
 //! A commit writes a new folder `step-NNNNNNNNN/` (every file fsynced, config.json last), then
 //! switches the symbolic link `current` to it with one rename, the atomic step; the previous
@@ -19,14 +19,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamW;
 use super::params::{Params, parse_safetensors, safetensors_bytes};
-use super::train::{TrainConfig, TrainState};
-use crate::data::wav_folder::AudioSettings;
 use crate::fsutil::DirLock;
-use crate::models::ModelConfig;
 use crate::{Error, Result};
 
 /// The `format` field of every config.json this version writes.
@@ -38,174 +36,22 @@ pub const MODEL_FILE_GZ: &str = "model.safetensors.gz";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const MANIFEST_FILE: &str = "config.json";
 
-/// Where the training audio came from and how it was split.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AudioData {
-    /// Resampling, trimming and coding settings (the sample rate is the model's).
-    pub settings: AudioSettings,
-    /// Global-conditioning labels, in the order of their index.
-    pub labels: Vec<String>,
-    /// The training folder.
-    pub train_dir: PathBuf,
-    /// The validation folder, when it is not a split of the training folder.
-    pub val_dir: Option<PathBuf>,
-    /// The fraction of files held out (when `val_dir` is not given).
-    pub val_fraction: f64,
-    /// Training files, relative to `train_dir`.
-    pub train_files: Vec<String>,
-    /// Validation files, relative to `val_dir` or `train_dir`.
-    pub val_files: Vec<String>,
-    /// Target positions per training window (the left context is the receptive field).
-    pub window: usize,
-    /// Windows per batch.
-    pub batch_size: usize,
-    /// Validation windows evaluated during training.
-    pub max_val_windows: usize,
-}
-
-/// Which image data a model was trained on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ImageData {
-    /// The dataset: `binarized` (static binarized MNIST), `grey` (dequantised grey levels) or
-    /// `dynamic` (grey levels binarized afresh in every batch).
-    pub dataset: String,
-    /// The data folder it was read from.
-    pub data_dir: PathBuf,
-    /// Images per batch.
-    pub batch_size: usize,
-    /// Steps per epoch (training images ÷ batch size, rounded up).
-    pub steps_per_epoch: u64,
-}
-
-/// The content of config.json.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// Always [`FORMAT`].
-    pub format: String,
-    /// The model and its hyper-parameters.
-    pub model: ModelConfig,
-    /// The seed of the initial weights.
-    pub seed: u64,
-    /// Audio settings and data, for audio models.
-    #[serde(default)]
-    pub audio: Option<AudioData>,
-    /// Image data, for image models.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub images: Option<ImageData>,
-    /// Training settings.
-    pub train: TrainConfig,
-    /// Training state.
-    pub state: TrainState,
+/// What the checkpoint machinery needs of a config.json. The core knows none of the models or
+/// data that sit on it: the manifest of wavegen's runs is `tasks::run::Manifest`.
+pub trait Record: Serialize + DeserializeOwned + Clone {
+    /// The `format` field ([`FORMAT`] for what this version writes).
+    fn format(&self) -> &str;
+    /// The training step this state is of (also written into each tensor file, so that a file
+    /// of another step is caught).
+    fn step(&self) -> u64;
     /// AdamW's update count.
-    pub optimizer_steps: u64,
-    /// Length and SHA-256 of each tensor file of the committed folder, by name (absent in
-    /// checkpoints written before version 0.2 and by other tools: then nothing is checked).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub files: BTreeMap<String, FileSum>,
-}
-
-/// Limits of the data settings of a run (sizes from a flag or a config.json).
-const MAX_WINDOW: usize = 1 << 20;
-const MAX_BATCH: usize = 4096;
-/// A training batch's activations may take at most this many bytes (an estimate).
-const MAX_BATCH_BYTES: f64 = 16.0 * (1u64 << 30) as f64;
-
-impl AudioData {
-    /// Checks the data settings of an audio run of `model`.
-    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
-        use crate::models::within;
-        self.settings.validate()?;
-        within("--window", self.window, 1, MAX_WINDOW)?;
-        within("--batch-size", self.batch_size, 1, MAX_BATCH)?;
-        within("--val-windows", self.max_val_windows, 1, 1_000_000)?;
-        if !(0.0..1.0).contains(&self.val_fraction) {
-            return Err(Error::Config(format!("--val-fraction must be in [0, 1), got {}", self.val_fraction)));
-        }
-        let Some(cfg) = model.wavenet() else {
-            return Err(Error::Config(format!("a {} is not an audio model", model.name())));
-        };
-        if cfg.classes != 256 {
-            return Err(Error::Config(format!("an audio WaveNet has 256 classes (μ-law codes), not {}", cfg.classes)));
-        }
-        if cfg.num_labels != self.labels.len() {
-            return Err(Error::Config(format!(
-                "the model has {} labels but {} label names are listed",
-                cfg.num_labels,
-                self.labels.len()
-            )));
-        }
-        // What one training step holds for the backward pass, about: per position and layer
-        // the input, pre-activation, gate output and skip, then the head.
-        let positions = (self.batch_size * (self.window + cfg.receptive_field())) as f64;
-        let (c, g, sk, h) = (cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, cfg.head_channels);
-        let per_position = (cfg.layers() * 3 * (c + 3 * g + sk) + 3 * (sk + h + 2 * cfg.classes)) as f64;
-        let bytes = positions * per_position * 4.0;
-        if bytes > MAX_BATCH_BYTES {
-            return Err(Error::Config(format!(
-                "a training batch of {} windows of {} + {} samples would need about {:.0} GiB: lower --batch-size or --window, or use a smaller model",
-                self.batch_size,
-                cfg.receptive_field(),
-                self.window,
-                bytes / (1u64 << 30) as f64
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl ImageData {
-    /// Checks the data settings of an image run.
-    pub fn validate(&self) -> Result<()> {
-        if !["binarized", "grey", "dynamic"].contains(&self.dataset.as_str()) {
-            return Err(Error::Config(format!(
-                "dataset {:?}: expected \"binarized\", \"grey\" or \"dynamic\"",
-                self.dataset
-            )));
-        }
-        crate::models::within("--batch-size", self.batch_size, 1, 100_000)?;
-        Ok(())
-    }
-}
-
-impl Manifest {
+    fn optimizer_steps(&self) -> u64;
+    /// Length and SHA-256 of each tensor file of the committed folder, by name.
+    fn files(&self) -> &BTreeMap<String, FileSum>;
+    /// Replaces the file sums (the commit records those of the files it wrote).
+    fn set_files(&mut self, files: BTreeMap<String, FileSum>);
     /// Checks every setting against its limit, before anything is built from it.
-    pub fn validate(&self) -> Result<()> {
-        self.model.validate()?;
-        self.train.validate()?;
-        match (&self.audio, &self.images) {
-            (Some(audio), None) => {
-                audio.validate(&self.model)?;
-                if audio.train_files.is_empty() || audio.val_files.is_empty() {
-                    return Err(Error::Config("train_files or val_files is empty: the file split is lost".into()));
-                }
-            }
-            (None, Some(images)) => {
-                images.validate()?;
-                let pixels = match &self.model {
-                    ModelConfig::Wavenet(_) => {
-                        return Err(Error::Config("a WaveNet is an audio model, but images are given".into()));
-                    }
-                    ModelConfig::Fvsbn(c) => c.pixels,
-                    ModelConfig::Nade(c) => c.pixels,
-                    ModelConfig::Made(c) => c.pixels,
-                    ModelConfig::Rnade(c) => c.pixels,
-                };
-                let mnist = crate::data::mnist::PIXELS;
-                if pixels != mnist {
-                    return Err(Error::Config(format!("an MNIST model has {mnist} pixels, not {pixels}")));
-                }
-            }
-            (Some(_), Some(_)) => return Err(Error::Config("both audio and images are given".into())),
-            (None, None) => return Err(Error::Config("neither audio nor images are given".into())),
-        }
-        Ok(())
-    }
-
-    /// This manifest with the training state and optimizer step count of now (what a
-    /// checkpoint written during training records).
-    pub fn at(&self, state: &TrainState, optimizer_steps: u64) -> Manifest {
-        Manifest { state: state.clone(), optimizer_steps, ..self.clone() }
-    }
+    fn validate(&self) -> Result<()>;
 }
 
 /// The symbolic link that names the committed folder.
@@ -232,11 +78,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// A committed checkpoint, opened: the folder its files are in, and its config.json.
 #[derive(Debug, Clone)]
-pub struct Checkpoint {
+pub struct Checkpoint<M> {
     /// The folder holding config.json and the tensor files (`DIR/step-…` or `DIR` itself).
     pub dir: PathBuf,
     /// config.json.
-    pub manifest: Manifest,
+    pub manifest: M,
 }
 
 /// Resolves what the user passed as `--checkpoint`: the directory, or a file inside it.
@@ -280,7 +126,7 @@ pub fn exists(dir: &Path) -> bool {
 
 /// Opens the committed checkpoint of `path` (a checkpoint directory, or a file in one) and
 /// checks its config.json: format, and every setting within its limits.
-pub fn open(path: &Path) -> Result<Checkpoint> {
+pub fn open<M: Record>(path: &Path) -> Result<Checkpoint<M>> {
     let dir = resolve_dir(path);
     match std::fs::metadata(&dir) {
         Err(_) => {
@@ -311,10 +157,9 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
     remove_leftovers_if_free(&dir);
     let path = folder.join(MANIFEST_FILE);
     let bytes = crate::fsutil::read_regular(&path, MAX_MANIFEST_BYTES)?;
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|e| Error::Json { path: path.clone(), source: e })?;
-    if manifest.format != FORMAT {
-        return Err(Error::checkpoint(&path, format!("format {:?}, this wavegen reads {FORMAT:?}", manifest.format)));
+    let manifest: M = serde_json::from_slice(&bytes).map_err(|e| Error::Json { path: path.clone(), source: e })?;
+    if manifest.format() != FORMAT {
+        return Err(Error::checkpoint(&path, format!("format {:?}, this wavegen reads {FORMAT:?}", manifest.format())));
     }
     manifest.validate().map_err(|e| Error::checkpoint(&path, e.to_string()))?;
     Ok(Checkpoint { dir: folder, manifest })
@@ -322,22 +167,17 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
 
 /// A checkpoint held in memory (the default model compiled into the binary): its config.json
 /// and weights file, checked as those of a directory are; `name` stands for the path in errors.
-pub fn from_bytes(name: &Path, config: &[u8], weights: &[u8]) -> Result<(Manifest, HashMap<String, Tensor>)> {
-    let manifest: Manifest =
+pub fn from_bytes<M: Record>(name: &Path, config: &[u8], weights: &[u8]) -> Result<(M, HashMap<String, Tensor>)> {
+    let manifest: M =
         serde_json::from_slice(config).map_err(|e| Error::Json { path: name.join(MANIFEST_FILE), source: e })?;
     manifest.validate().map_err(|e| Error::checkpoint(name, e.to_string()))?;
     let path = name.join(MODEL_FILE);
     let (tensors, meta) = parse_safetensors(&path, weights.to_vec())?;
-    check_step(&path, &meta, &manifest)?;
+    check_step(&path, &meta, manifest.step())?;
     Ok((manifest, tensors))
 }
 
-/// Reads config.json of the checkpoint `dir`.
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    Ok(open(dir)?.manifest)
-}
-
-impl Checkpoint {
+impl<M: Record> Checkpoint<M> {
     /// The weights file: `model.safetensors`, or the compressed one of a shipping copy.
     pub fn weights_file(&self) -> PathBuf {
         let gz = self.dir.join(MODEL_FILE_GZ);
@@ -362,14 +202,14 @@ impl Checkpoint {
     pub fn load_optimizer(&self, opt: &mut AdamW) -> Result<()> {
         let path = self.dir.join(OPTIMIZER_FILE);
         let (tensors, _) = self.read_tensors(&path)?;
-        opt.load_state(&tensors, self.manifest.optimizer_steps)
+        opt.load_state(&tensors, self.manifest.optimizer_steps())
             .ok_or_else(|| Error::checkpoint(&path, "optimizer state does not match the model's parameters"))
     }
 
     fn read_tensors(&self, path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let bytes = crate::fsutil::read_regular(path, MAX_TENSOR_FILE_BYTES)?;
-        if let Some(sum) = self.manifest.files.get(&name)
+        if let Some(sum) = self.manifest.files().get(&name)
             && (bytes.len() as u64 != sum.bytes || sha256_hex(&bytes) != sum.sha256)
         {
             return Err(Error::checkpoint(
@@ -382,19 +222,18 @@ impl Checkpoint {
             ));
         }
         let (tensors, meta) = parse_safetensors(path, bytes)?;
-        check_step(path, &meta, &self.manifest)?;
+        check_step(path, &meta, self.manifest.step())?;
         Ok((tensors, meta))
     }
 }
 
-fn check_step(path: &Path, meta: &HashMap<String, String>, manifest: &Manifest) -> Result<()> {
+fn check_step(path: &Path, meta: &HashMap<String, String>, expected: u64) -> Result<()> {
     match meta.get("step").map(|s| s.parse::<u64>()) {
-        Some(Ok(step)) if step == manifest.state.step => Ok(()),
+        Some(Ok(step)) if step == expected => Ok(()),
         Some(Ok(step)) => Err(Error::checkpoint(
             path,
             format!(
-                "holds step {step} but config.json says step {}: the checkpoint was interrupted while being written",
-                manifest.state.step
+                "holds step {step} but config.json says step {expected}: the checkpoint was interrupted while being written"
             ),
         )),
         _ => Ok(()), // written by another tool: nothing to check against
@@ -403,7 +242,7 @@ fn check_step(path: &Path, meta: &HashMap<String, String>, manifest: &Manifest) 
 
 /// Commits a checkpoint to `dir`: weights, optimizer (if given) and config.json, as one atomic
 /// step. The caller holds `dir`'s [`DirLock`] (or that of a directory above it).
-pub fn save(dir: &Path, manifest: &Manifest, params: &Params, opt: Option<&AdamW>) -> Result<()> {
+pub fn save<M: Record>(dir: &Path, manifest: &M, params: &Params, opt: Option<&AdamW>) -> Result<()> {
     let mut files = vec![(MODEL_FILE, safetensors_bytes(&params.tensors(), metadata(manifest))?)];
     if let Some(opt) = opt {
         files.push((OPTIMIZER_FILE, safetensors_bytes(&opt.state_tensors(), metadata(manifest))?));
@@ -413,7 +252,7 @@ pub fn save(dir: &Path, manifest: &Manifest, params: &Params, opt: Option<&AdamW
 
 /// Commits a shipping copy to `dir`: `weights` (named tensors of any float type: loading
 /// converts) gzip-compressed, and config.json; no optimizer, so it cannot be resumed.
-pub fn save_shipping_copy(dir: &Path, manifest: &Manifest, weights: &[(String, Tensor)]) -> Result<()> {
+pub fn save_shipping_copy<M: Record>(dir: &Path, manifest: &M, weights: &[(String, Tensor)]) -> Result<()> {
     use std::io::Write;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     let zipped = gz.write_all(&safetensors_bytes(weights, metadata(manifest))?).and_then(|_| gz.finish());
@@ -427,20 +266,21 @@ pub static COMMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The commit: a new step folder, each file written and fsynced, config.json (with every
 /// file's length and checksum) last, the folder fsynced, then `current` switched by a rename.
-fn commit(dir: &Path, manifest: &Manifest, files: &[(&str, Vec<u8>)]) -> Result<()> {
+fn commit<M: Record>(dir: &Path, manifest: &M, files: &[(&str, Vec<u8>)]) -> Result<()> {
     let _commit = COMMIT.lock().unwrap_or_else(|e| e.into_inner());
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let previous = std::fs::read_link(dir.join(CURRENT)).ok();
-    let name = fresh_step_name(dir, manifest.state.step, previous.as_deref())?;
+    let name = fresh_step_name(dir, manifest.step(), previous.as_deref())?;
     let folder = dir.join(&name);
     std::fs::create_dir(&folder).map_err(|e| Error::io(&folder, e))?;
-    let mut manifest = manifest.clone();
-    manifest.files.clear();
+    let mut sums = BTreeMap::new();
     for (file, bytes) in files {
         write_durably(&folder.join(file), bytes)?;
-        manifest.files.insert(file.to_string(), FileSum { bytes: bytes.len() as u64, sha256: sha256_hex(bytes) });
+        sums.insert(file.to_string(), FileSum { bytes: bytes.len() as u64, sha256: sha256_hex(bytes) });
         crate::fsutil::crash_point("checkpoint-file");
     }
+    let mut manifest = manifest.clone();
+    manifest.set_files(sums);
     let json = serde_json::to_vec_pretty(&manifest).expect("invariant: plain data serialises");
     write_durably(&folder.join(MANIFEST_FILE), &json)?;
     crate::fsutil::sync_dir(&folder);
@@ -607,6 +447,6 @@ pub fn prepare_for_writing(dir: &Path) {
     }
 }
 
-fn metadata(manifest: &Manifest) -> HashMap<String, String> {
-    HashMap::from([("step".to_string(), manifest.state.step.to_string()), ("format".into(), FORMAT.into())])
+fn metadata<M: Record>(manifest: &M) -> HashMap<String, String> {
+    HashMap::from([("step".to_string(), manifest.step().to_string()), ("format".into(), FORMAT.into())])
 }

@@ -29,9 +29,21 @@ pub trait Autoregressive {
     /// The number of distinct tokens.
     fn vocab_size(&self) -> usize;
 
-    /// How many previous tokens the logits at t depend on: x_{t−R} … x_{t−1}. `None` when
-    /// they depend on the whole prefix.
-    fn receptive_field(&self) -> Option<usize>;
+    /// How many previous tokens the logits at t depend on: x_{t−R} … x_{t−1} (WaveNet's
+    /// receptive field). `None` when they depend on the whole prefix.
+    fn dependency_window(&self) -> Option<usize>;
+
+    /// The longest sequence the model can take (an image model's pixels, a transformer's
+    /// positions); `None` when any length will do. Apart from [`Autoregressive::dependency_window`]:
+    /// a model may depend on the whole prefix and still have a limit, or the reverse.
+    fn max_context(&self) -> Option<usize> {
+        None
+    }
+
+    /// What the model's likelihood is: categorical over its tokens, or a density.
+    fn likelihood(&self) -> Likelihood {
+        Likelihood::Categorical
+    }
 
     /// The number of distinct global-conditioning labels (0: the model takes none).
     fn num_labels(&self) -> usize {
@@ -62,9 +74,9 @@ pub trait Autoregressive {
         1
     }
 
-    /// Makes connectivity `k` (< `connectivities()`) the one `forward`, `start` and
-    /// `ordering` use.
-    fn select_connectivity(&self, _k: usize) {}
+    /// Makes connectivity `k` (modulo `connectivities()`) the one `forward`, `start` and
+    /// `ordering` use. Part of the model's value, not hidden state: a clone keeps its own.
+    fn select_connectivity(&mut self, _k: usize) {}
 
     /// The NLL in nats of every position of `batch`, `(B, T)`, unmasked. By default the
     /// categorical NLL of the tokens under [`Autoregressive::forward`]; a model of real values
@@ -79,6 +91,33 @@ pub trait Autoregressive {
     /// Advances the state by the previous token of each sequence (`(B,)` u32; `None` at the
     /// first position) and returns the logits of the next one, `(B, V)`.
     fn step(&self, state: &mut Self::State, prev: Option<&Tensor>) -> Result<Tensor>;
+
+    /// Feeds the tokens `(B, T)` into a fresh `state` and returns the logits of the token after
+    /// them, `(B, V)`: the same as [`Autoregressive::step`] with `None`, then with each token in
+    /// turn (the default), which a model may do in one parallel pass.
+    fn prefill(&self, state: &mut Self::State, tokens: &Tensor) -> Result<Tensor> {
+        let (_b, len) = tokens.dims2()?;
+        let mut logits = self.step(state, None)?;
+        for t in 0..len {
+            logits = self.step(state, Some(&tokens.narrow(1, t, 1)?.squeeze(1)?.contiguous()?))?;
+        }
+        Ok(logits)
+    }
+}
+
+/// What a model's likelihood is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Likelihood {
+    /// A categorical distribution over the `vocab_size()` tokens at each position: its NLL in
+    /// nats is the score of the data.
+    Categorical,
+    /// A density over real values in [0, 1), the data being quantised to `levels` levels and
+    /// dequantised with uniform noise (RNADE): the score of the quantised data adds
+    /// ln(`levels`) per position to the density's NLL.
+    Density {
+        /// Quantisation levels of the data.
+        levels: usize,
+    },
 }
 
 /// The NLL in nats of each token under `logits`: `logits (B, T, V)`, `tokens (B, T)` u32 →
@@ -104,7 +143,7 @@ pub fn masked_nll<M: Autoregressive + ?Sized>(model: &M, batch: &Batch) -> Resul
 }
 
 /// The logits of the next token of each history, recomputed from scratch by the parallel
-/// pass over the last `receptive_field` tokens: the slow reference the cached stepper is
+/// pass over the last `dependency_window` tokens: the slow reference the cached stepper is
 /// compared with (`--naive`). All histories must have the same length.
 pub fn naive_next_logits<M: Autoregressive>(
     model: &M,
@@ -112,7 +151,10 @@ pub fn naive_next_logits<M: Autoregressive>(
     labels: Option<&Tensor>,
 ) -> Result<Tensor> {
     let len = histories.first().map_or(0, |h| h.len());
-    let keep = model.receptive_field().map_or(len, |r| r.min(len));
+    if let Some(max) = model.max_context().filter(|&m| len >= m) {
+        return Err(crate::Error::Config(format!("a history of {len} tokens leaves no room in a context of {max}")));
+    }
+    let keep = model.dependency_window().map_or(len, |r| r.min(len));
     // Any token will do in the last slot: logits at the last position never see it.
     let rows: Vec<u32> = histories.iter().flat_map(|h| h[len - keep..].iter().copied().chain([0])).collect();
     let tokens = Tensor::from_vec(rows, (histories.len(), keep + 1), &candle_core::Device::Cpu)?;

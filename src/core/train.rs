@@ -265,7 +265,7 @@ pub fn evaluate<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<f64> 
 /// a checkpoint of the current state; `stop` is raised from outside (Ctrl-C).
 #[allow(clippy::too_many_arguments)] // each is a different collaborator; a struct would only rename them
 pub fn train<M: Autoregressive + Sync>(
-    model: &M,
+    model: &mut M,
     opt: &mut AdamW,
     data: &mut dyn BatchSource,
     cfg: &TrainConfig,
@@ -297,7 +297,7 @@ pub fn train<M: Autoregressive + Sync>(
         // forward, backward (models with several connectivities take them in turn)
         model.select_connectivity((state.step % model.connectivities() as u64) as usize);
         let batch = data.train_batch(&mut state.rng)?;
-        let (loss, grads) = loss_and_grads(model, &batch, rayon::current_num_threads())?;
+        let (loss, grads) = loss_and_grads(&*model, &batch, rayon::current_num_threads())?;
         if !loss.is_finite() {
             return Err(Error::Config(format!("the loss became {loss} at step {}: lower --lr", state.step + 1)));
         }
@@ -330,7 +330,7 @@ pub fn train<M: Autoregressive + Sync>(
 }
 
 fn log_eval<M: Autoregressive>(
-    model: &M,
+    model: &mut M,
     val: &[Batch],
     state: &mut TrainState,
     lr: f64,
@@ -339,7 +339,7 @@ fn log_eval<M: Autoregressive>(
     observe: &mut dyn FnMut(Event),
 ) -> Result<()> {
     model.select_connectivity(0);
-    let val_nats = evaluate(model, val)?;
+    let val_nats = evaluate(&*model, val)?;
     let entry = LogEntry {
         step: state.step,
         train_nats: *loss_sum / (*loss_steps).max(1) as f64,

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{binary_inputs, binary_logits, require_pixels};
+use super::{MAX_PIXELS, Registered, Settings, binary_inputs, binary_logits, require_pixels, within};
 use crate::Result;
 use crate::core::Autoregressive;
 
@@ -45,11 +45,6 @@ impl Fvsbn {
         Ok(Fvsbn { cfg: cfg.clone(), weight, mask, bias })
     }
 
-    /// The mask of `weight`: only its strict upper triangle is used (see `Model::weight_masks`).
-    pub fn weight_masks(&self) -> Vec<(String, Tensor)> {
-        vec![("weight".into(), self.mask.clone())]
-    }
-
     fn masked_weight(&self) -> Result<Tensor> {
         Ok((&self.weight * &self.mask)?)
     }
@@ -62,6 +57,35 @@ pub struct State {
     t: usize,
 }
 
+impl Registered for Fvsbn {
+    type Config = Config;
+
+    fn build(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Fvsbn::new(cfg, vb)
+    }
+
+    fn weights(cfg: &Config) -> Result<usize> {
+        within("pixels", cfg.pixels, 2, MAX_PIXELS)?;
+        Ok(cfg.pixels * cfg.pixels)
+    }
+
+    fn sequence_len(cfg: &Config) -> Option<usize> {
+        Some(cfg.pixels)
+    }
+
+    fn image_config(pixels: usize, _settings: &Settings) -> Option<Result<Config>> {
+        Some(Ok(Config { pixels }))
+    }
+
+    fn examples() -> Vec<(&'static str, Config)> {
+        vec![("fvsbn", Config { pixels: 12 })]
+    }
+
+    fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![("weight".into(), self.mask.clone())])
+    }
+}
+
 impl Autoregressive for Fvsbn {
     type State = State;
 
@@ -69,8 +93,12 @@ impl Autoregressive for Fvsbn {
         2
     }
 
-    fn receptive_field(&self) -> Option<usize> {
+    fn dependency_window(&self) -> Option<usize> {
         None
+    }
+
+    fn max_context(&self) -> Option<usize> {
+        Some(self.cfg.pixels)
     }
 
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {

@@ -17,13 +17,11 @@
 //! | `output.weight` / `.bias` | `(H_L, D)` / `(D,)` | logits of each pixel |
 //! | `direct.weight` | `(D, D)` | only with `direct`: input → output |
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use candle_core::{Device, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{binary_inputs, binary_logits, require_pixels};
+use super::{MAX_HIDDEN, MAX_PIXELS, Registered, Settings, binary_inputs, binary_logits, require_pixels, within};
 use crate::core::Autoregressive;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -65,7 +63,7 @@ pub struct Made {
     direct: Option<Tensor>,
     connectivities: Vec<Connectivity>,
     /// The connectivity in use (atomic, so that threads training shards of a batch can share the model).
-    selected: std::sync::Arc<AtomicUsize>,
+    selected: usize,
 }
 
 fn mask(rows: usize, cols: usize, keep: impl Fn(usize, usize) -> bool, like: &Tensor) -> Result<Tensor> {
@@ -125,19 +123,12 @@ impl Made {
                 Ok(Connectivity { order, hidden, output, direct })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Made {
-            cfg: cfg.clone(),
-            layers,
-            output,
-            direct,
-            connectivities,
-            selected: std::sync::Arc::new(AtomicUsize::new(0)),
-        })
+        Ok(Made { cfg: cfg.clone(), layers, output, direct, connectivities, selected: 0 })
     }
 
     /// The logits of every pixel (`(B, D)`) from inputs `x (B, D)` under the selected masks.
     fn scores(&self, x: &Tensor) -> Result<Tensor> {
-        let conn = &self.connectivities[self.selected.load(Ordering::Relaxed)];
+        let conn = &self.connectivities[self.selected];
         let mut h = x.clone();
         for ((w, b), m) in self.layers.iter().zip(&conn.hidden) {
             h = h.matmul(&(w * m)?)?.broadcast_add(b)?.relu()?;
@@ -152,7 +143,7 @@ impl Made {
     /// For each weight matrix (by parameter name), the union of its masks over all
     /// connectivities: 1 where some connectivity uses the weight, 0 where none does. The
     /// weights under a 0 never reach an output, so they may be zeroed (see `mnist compact`).
-    pub fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
+    fn union_masks(&self) -> Result<Vec<(String, Tensor)>> {
         let union = |pick: &dyn Fn(&Connectivity) -> &Tensor| -> Result<Tensor> {
             let mut all = self.connectivities.iter().map(pick);
             let first = all.next().expect("invariant: at least one connectivity").clone();
@@ -177,6 +168,55 @@ pub struct State {
     t: usize,
 }
 
+impl Registered for Made {
+    type Config = Config;
+
+    fn build(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Made::new(cfg, vb)
+    }
+
+    fn weights(cfg: &Config) -> Result<usize> {
+        within("pixels", cfg.pixels, 2, MAX_PIXELS)?;
+        within("hidden layers", cfg.hidden.len(), 1, 8)?;
+        for &h in &cfg.hidden {
+            within("hidden", h, 1, MAX_HIDDEN)?;
+        }
+        within("masks", cfg.masks, 1, 1000)?;
+        let sizes: Vec<usize> = std::iter::once(cfg.pixels).chain(cfg.hidden.iter().copied()).collect();
+        let weights: usize = sizes.windows(2).map(|w| w[0] * w[1]).sum::<usize>()
+            + cfg.hidden.last().copied().unwrap_or(0) * cfg.pixels
+            + if cfg.direct { cfg.pixels * cfg.pixels } else { 0 };
+        // Each connectivity keeps its masks, as large as the weights.
+        Ok(weights.saturating_mul(cfg.masks.min(super::MAX_PARAMETERS) + 1))
+    }
+
+    fn sequence_len(cfg: &Config) -> Option<usize> {
+        Some(cfg.pixels)
+    }
+
+    /// One hidden layer of 500 units and one connectivity by default.
+    fn image_config(pixels: usize, s: &Settings) -> Option<Result<Config>> {
+        Some(Ok(Config {
+            pixels,
+            hidden: if s.hidden.is_empty() { vec![500] } else { s.hidden.clone() },
+            direct: s.direct,
+            masks: s.masks.unwrap_or(1),
+            orderings: s.orderings,
+            mask_seed: s.seed,
+        }))
+    }
+
+    fn examples() -> Vec<(&'static str, Config)> {
+        let one = Config { pixels: 12, hidden: vec![16], direct: false, masks: 1, orderings: false, mask_seed: 3 };
+        let two = Config { hidden: vec![16, 13], direct: true, masks: 3, orderings: true, ..one.clone() };
+        vec![("made 1 layer", one), ("made 2 layers, direct, 3 orderings", two)]
+    }
+
+    fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
+        self.union_masks()
+    }
+}
+
 impl Autoregressive for Made {
     type State = State;
 
@@ -184,12 +224,16 @@ impl Autoregressive for Made {
         2
     }
 
-    fn receptive_field(&self) -> Option<usize> {
+    fn dependency_window(&self) -> Option<usize> {
         None
     }
 
+    fn max_context(&self) -> Option<usize> {
+        Some(self.cfg.pixels)
+    }
+
     fn ordering(&self) -> Option<Vec<usize>> {
-        let order = &self.connectivities[self.selected.load(Ordering::Relaxed)].order;
+        let order = &self.connectivities[self.selected].order;
         order.iter().enumerate().any(|(i, &p)| i != p).then(|| order.clone())
     }
 
@@ -197,8 +241,8 @@ impl Autoregressive for Made {
         self.connectivities.len()
     }
 
-    fn select_connectivity(&self, k: usize) {
-        self.selected.store(k % self.connectivities.len(), Ordering::Relaxed);
+    fn select_connectivity(&mut self, k: usize) {
+        self.selected = k % self.connectivities.len();
     }
 
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
@@ -211,7 +255,7 @@ impl Autoregressive for Made {
     }
 
     fn step(&self, state: &mut State, prev: Option<&Tensor>) -> Result<Tensor> {
-        let order = &self.connectivities[self.selected.load(Ordering::Relaxed)].order;
+        let order = &self.connectivities[self.selected].order;
         if let Some(p) = prev {
             for (row, v) in state.x.iter_mut().zip(p.to_vec1::<u32>()?) {
                 row[order[state.t - 1]] = v as f32;

@@ -1,13 +1,21 @@
-//! The models of the core, one file each. [`ModelConfig`] names a model and its settings in a
-//! checkpoint's `config.json`; [`Model`] holds any of them behind one [`Autoregressive`]
-//! implementation, so that commands and tests handle every model the same way.
+//! The models of the core, one file each, and the registry that lists them.
+//!
+//! Adding a model is its own file (a `Config`, the model, `impl Autoregressive` and
+//! `impl Registered`) plus one line in `registry!` below. From that list the macro generates
+//! [`ModelConfig`] (which model a checkpoint holds, tagged by name in `config.json`), [`Model`]
+//! and [`ModelState`] (any model and its stepper state behind one [`Autoregressive`]
+//! implementation), [`MODELS`] (the names and summaries the command line offers) and the lists
+//! the property tests run over. A macro rather than trait objects: `Autoregressive` has an
+//! associated `State` type, and an enum keeps `Model` a plain value that clones and matches.
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::core::Autoregressive;
+use crate::core::{Autoregressive, Likelihood};
 use crate::data::Batch;
+use crate::layers::nade::Activation;
 use crate::{Error, Result};
 
 pub mod fvsbn;
@@ -16,34 +24,263 @@ pub mod nade;
 pub mod rnade;
 pub mod wavenet;
 
-/// Which model a checkpoint holds, with its hyper-parameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum ModelConfig {
-    /// WaveNet over μ-law codes.
-    Wavenet(wavenet::Config),
-    /// Fully visible sigmoid belief network over binary pixels.
-    Fvsbn(fvsbn::Config),
-    /// NADE over binary pixels.
-    Nade(nade::Config),
-    /// MADE over binary pixels.
-    Made(made::Config),
-    /// RNADE over real values (dequantised grey levels).
-    Rnade(rnade::Config),
+/// What the registry needs of a model beside [`Autoregressive`].
+pub trait Registered: Autoregressive + Clone + std::fmt::Debug + Sized {
+    /// Its hyper-parameters, as stored in a checkpoint's `config.json`.
+    type Config: Clone + std::fmt::Debug + PartialEq + Serialize + DeserializeOwned;
+
+    /// Loads or creates the weights under `vb`.
+    fn build(cfg: &Self::Config, vb: VarBuilder) -> Result<Self>;
+
+    /// Checks every size against its limit (before anything is allocated: a `config.json` can
+    /// ask for anything) and returns about how many weights (and masks) the model will hold.
+    fn weights(cfg: &Self::Config) -> Result<usize>;
+
+    /// The length of every sequence, when the model fixes it (an image model's pixels).
+    fn sequence_len(cfg: &Self::Config) -> Option<usize>;
+
+    /// A configuration for images of `pixels` from the command line's `settings`, or `None`
+    /// when this is not an image model.
+    fn image_config(pixels: usize, settings: &Settings) -> Option<Result<Self::Config>>;
+
+    /// Small configurations for the property tests: listing one here is what puts the model
+    /// under the causality, stepping, gradient and learning checks.
+    fn examples() -> Vec<(&'static str, Self::Config)>;
+
+    /// What the likelihood of a model of `cfg` is (see [`Autoregressive::likelihood`]), known
+    /// before the model is built.
+    fn likelihood(_cfg: &Self::Config) -> Likelihood {
+        Likelihood::Categorical
+    }
+
+    /// For each weight matrix that has one, the mask of the weights the model can use (1) or
+    /// never uses (0); empty for models without masks.
+    fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![])
+    }
+}
+
+/// Hyper-parameters of an image model as the command line gives them; each model reads the
+/// ones it has and takes its own defaults for what is not given.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Hidden units, one size per hidden layer.
+    pub hidden: Vec<usize>,
+    /// The hidden non-linearity.
+    pub activation: Option<Activation>,
+    /// RNADE's Gaussian components per pixel.
+    pub components: Option<usize>,
+    /// MADE's number of connectivities.
+    pub masks: Option<usize>,
+    /// MADE: connectivities after the first also draw a pixel ordering.
+    pub orderings: bool,
+    /// MADE: direct input → output connections.
+    pub direct: bool,
+    /// Seed of anything a configuration draws (MADE's masks).
+    pub seed: u64,
+}
+
+impl Settings {
+    /// The one hidden size of a single-layer model, `default` when none is given.
+    pub fn single_hidden(&self, default: usize) -> Result<usize> {
+        match self.hidden[..] {
+            [] => Ok(default),
+            [h] => Ok(h),
+            _ => Err(Error::Config("--hidden takes one size for this model (several are for MADE)".into())),
+        }
+    }
+}
+
+/// Runs `$body` with `$m` bound to the inner value of `$value`, a variant of `$enum`.
+macro_rules! dispatch {
+    ($value:expr, $enum:ident, [$($variant:ident),*], $m:ident => $body:expr) => {
+        match $value {
+            $($enum::$variant($m) => $body,)*
+        }
+    };
+}
+
+/// Generates the registry from one line per model: `/// summary` `"name" => Variant(Type)`.
+macro_rules! registry {
+    ($($(#[doc = $doc:literal])+ $name:literal => $variant:ident($model:ty),)+) => {
+        /// Which model a checkpoint holds, with its hyper-parameters.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind")]
+        pub enum ModelConfig {
+            $($(#[doc = $doc])+ #[serde(rename = $name)] $variant(<$model as Registered>::Config),)+
+        }
+
+        /// Any model of the core.
+        #[derive(Debug, Clone)]
+        pub enum Model {
+            $($(#[doc = $doc])+ $variant($model),)+
+        }
+
+        /// The stepper state of any model.
+        pub enum ModelState {
+            $($(#[doc = $doc])+ $variant(<$model as Autoregressive>::State),)+
+        }
+
+        /// Every model: its name (as in `config.json` and on the command line) and summary.
+        pub const MODELS: &[(&str, &str)] = &[$(($name, concat!($($doc),+)),)+];
+
+        impl ModelConfig {
+            /// The model's name as the command line spells it.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(ModelConfig::$variant(_) => $name,)+
+                }
+            }
+
+            /// The length of every sequence, when the model fixes it (an image model's pixels).
+            pub fn sequence_len(&self) -> Option<usize> {
+                match self {
+                    $(ModelConfig::$variant(c) => <$model as Registered>::sequence_len(c),)+
+                }
+            }
+
+            /// See [`Registered::likelihood`].
+            pub fn likelihood(&self) -> Likelihood {
+                match self {
+                    $(ModelConfig::$variant(c) => <$model as Registered>::likelihood(c),)+
+                }
+            }
+
+            fn weights(&self) -> Result<usize> {
+                match self {
+                    $(ModelConfig::$variant(c) => <$model as Registered>::weights(c),)+
+                }
+            }
+
+            /// Builds the model, loading or creating its weights under `vb`.
+            pub fn build(&self, vb: VarBuilder) -> Result<Model> {
+                self.validate()?;
+                Ok(match self {
+                    $(ModelConfig::$variant(c) => Model::$variant(<$model as Registered>::build(c, vb)?),)+
+                })
+            }
+
+            /// The image model `name` for images of `pixels`, configured from `settings`.
+            pub fn image(name: &str, pixels: usize, settings: &Settings) -> Result<ModelConfig> {
+                $(if name == $name {
+                    return match <$model as Registered>::image_config(pixels, settings) {
+                        Some(c) => Ok(ModelConfig::$variant(c?)),
+                        None => Err(Error::Config(format!("{name} is not an image model"))),
+                    };
+                })+
+                Err(Error::Config(format!("no model is called {name:?}")))
+            }
+
+            /// The name and summary of every model that models images.
+            pub fn image_models() -> Vec<(&'static str, &'static str)> {
+                let mut all = Vec::new();
+                $(if <$model as Registered>::image_config(2, &Settings::default()).is_some() {
+                    all.push(($name, concat!($($doc),+).trim()));
+                })+
+                all
+            }
+
+            /// Small configurations of every model, for the property tests.
+            pub fn examples() -> Vec<(&'static str, ModelConfig)> {
+                let mut all = Vec::new();
+                $(all.extend(<$model as Registered>::examples().into_iter().map(|(n, c)| (n, ModelConfig::$variant(c))));)+
+                all
+            }
+        }
+
+        impl Model {
+            /// See [`Registered::weight_masks`].
+            pub fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
+                dispatch!(self, Model, [$($variant),+], m => m.weight_masks())
+            }
+        }
+
+        impl Autoregressive for Model {
+            type State = ModelState;
+
+            fn vocab_size(&self) -> usize {
+                dispatch!(self, Model, [$($variant),+], m => m.vocab_size())
+            }
+
+            fn dependency_window(&self) -> Option<usize> {
+                dispatch!(self, Model, [$($variant),+], m => m.dependency_window())
+            }
+
+            fn max_context(&self) -> Option<usize> {
+                dispatch!(self, Model, [$($variant),+], m => m.max_context())
+            }
+
+            fn likelihood(&self) -> Likelihood {
+                dispatch!(self, Model, [$($variant),+], m => m.likelihood())
+            }
+
+            fn num_labels(&self) -> usize {
+                dispatch!(self, Model, [$($variant),+], m => m.num_labels())
+            }
+
+            fn ordering(&self) -> Option<Vec<usize>> {
+                dispatch!(self, Model, [$($variant),+], m => m.ordering())
+            }
+
+            fn connectivities(&self) -> usize {
+                dispatch!(self, Model, [$($variant),+], m => m.connectivities())
+            }
+
+            fn select_connectivity(&mut self, k: usize) {
+                dispatch!(self, Model, [$($variant),+], m => m.select_connectivity(k))
+            }
+
+            fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+                dispatch!(self, Model, [$($variant),+], m => m.forward(tokens, labels))
+            }
+
+            fn forward_reference(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Option<Result<Tensor>> {
+                dispatch!(self, Model, [$($variant),+], m => m.forward_reference(tokens, labels))
+            }
+
+            fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
+                dispatch!(self, Model, [$($variant),+], m => m.position_nll(batch))
+            }
+
+            fn start(&self, batch: usize, labels: Option<&Tensor>) -> Result<ModelState> {
+                Ok(match self {
+                    $(Model::$variant(m) => ModelState::$variant(m.start(batch, labels)?),)+
+                })
+            }
+
+            fn step(&self, state: &mut ModelState, prev: Option<&Tensor>) -> Result<Tensor> {
+                match (self, state) {
+                    $((Model::$variant(m), ModelState::$variant(s)) => m.step(s, prev),)+
+                    #[allow(unreachable_patterns)]
+                    _ => Err(Error::Config("a stepper state was passed to another kind of model".into())),
+                }
+            }
+
+            fn prefill(&self, state: &mut ModelState, tokens: &Tensor) -> Result<Tensor> {
+                match (self, state) {
+                    $((Model::$variant(m), ModelState::$variant(s)) => m.prefill(s, tokens),)+
+                    #[allow(unreachable_patterns)]
+                    _ => Err(Error::Config("a stepper state was passed to another kind of model".into())),
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    /// WaveNet over μ-law codes (audio).
+    "wavenet" => Wavenet(wavenet::WaveNet),
+    /// Fully visible sigmoid belief network: a logistic regression per pixel.
+    "fvsbn" => Fvsbn(fvsbn::Fvsbn),
+    /// NADE: shared hidden weights with the O(D·H) running update.
+    "nade" => Nade(nade::Nade),
+    /// MADE: a masked MLP; several masks make an ensemble.
+    "made" => Made(made::Made),
+    /// RNADE: NADE for real values, a mixture of Gaussians per pixel (dequantised grey levels).
+    "rnade" => Rnade(rnade::Rnade),
 }
 
 impl ModelConfig {
-    /// The model's name as the command line spells it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            ModelConfig::Wavenet(_) => "wavenet",
-            ModelConfig::Fvsbn(_) => "fvsbn",
-            ModelConfig::Nade(_) => "nade",
-            ModelConfig::Made(_) => "made",
-            ModelConfig::Rnade(_) => "rnade",
-        }
-    }
-
     /// The WaveNet settings, if this is a WaveNet.
     pub fn wavenet(&self) -> Option<&wavenet::Config> {
         match self {
@@ -52,237 +289,16 @@ impl ModelConfig {
         }
     }
 
-    /// Checks every size against its limit (before anything is allocated: a config.json can
-    /// ask for anything).
+    /// Checks every size against its limit (before anything is allocated).
     pub fn validate(&self) -> Result<()> {
-        let params = match self {
-            ModelConfig::Wavenet(c) => return c.validate(),
-            ModelConfig::Fvsbn(c) => {
-                within("pixels", c.pixels, 2, MAX_PIXELS)?;
-                c.pixels * c.pixels
-            }
-            ModelConfig::Nade(c) => {
-                within("pixels", c.pixels, 2, MAX_PIXELS)?;
-                within("hidden", c.hidden, 1, MAX_HIDDEN)?;
-                2 * c.pixels * c.hidden
-            }
-            ModelConfig::Made(c) => {
-                within("pixels", c.pixels, 2, MAX_PIXELS)?;
-                within("hidden layers", c.hidden.len(), 1, 8)?;
-                for &h in &c.hidden {
-                    within("hidden", h, 1, MAX_HIDDEN)?;
-                }
-                within("masks", c.masks, 1, 1000)?;
-                let sizes: Vec<usize> = std::iter::once(c.pixels).chain(c.hidden.iter().copied()).collect();
-                let weights: usize = sizes.windows(2).map(|w| w[0] * w[1]).sum::<usize>()
-                    + c.hidden.last().copied().unwrap_or(0) * c.pixels
-                    + if c.direct { c.pixels * c.pixels } else { 0 };
-                // Each connectivity keeps its masks, as large as the weights.
-                weights.saturating_mul(c.masks.min(MAX_PARAMETERS) + 1)
-            }
-            ModelConfig::Rnade(c) => {
-                within("pixels", c.pixels, 2, MAX_PIXELS)?;
-                within("hidden", c.hidden, 1, MAX_HIDDEN)?;
-                within("components", c.components, 1, 1000)?;
-                within("levels", c.levels, 2, 65_536)?;
-                c.pixels * c.hidden * (1 + 3 * c.components)
-            }
-        };
-        if params > MAX_PARAMETERS {
+        let weights = self.weights()?;
+        if weights > MAX_PARAMETERS {
             return Err(Error::Config(format!(
-                "this {} would hold about {params} weights, more than the limit of {MAX_PARAMETERS}: make it smaller",
+                "this {} would hold about {weights} weights, more than the limit of {MAX_PARAMETERS}: make it smaller",
                 self.name()
             )));
         }
         Ok(())
-    }
-
-    /// Builds the model, loading or creating its weights under `vb`.
-    pub fn build(&self, vb: VarBuilder) -> Result<Model> {
-        self.validate()?;
-        Ok(match self {
-            ModelConfig::Wavenet(c) => Model::Wavenet(wavenet::WaveNet::new(c, vb)?),
-            ModelConfig::Fvsbn(c) => Model::Fvsbn(fvsbn::Fvsbn::new(c, vb)?),
-            ModelConfig::Nade(c) => Model::Nade(nade::Nade::new(c, vb)?),
-            ModelConfig::Made(c) => Model::Made(made::Made::new(c, vb)?),
-            ModelConfig::Rnade(c) => Model::Rnade(rnade::Rnade::new(c, vb)?),
-        })
-    }
-
-    /// Small configurations of every model, for the property tests: registering a model here
-    /// is what puts it under causality, stepping, gradient and learning checks.
-    pub fn examples() -> Vec<(&'static str, ModelConfig)> {
-        let wavenet = wavenet::Config {
-            residual_channels: 6,
-            gate_channels: 5,
-            skip_channels: 7,
-            head_channels: 9,
-            classes: 16,
-            ..wavenet::Config::tiny()
-        };
-        let made =
-            made::Config { pixels: 12, hidden: vec![16], direct: false, masks: 1, orderings: false, mask_seed: 3 };
-        vec![
-            (
-                "wavenet k2, 1 cycle",
-                Self::Wavenet(wavenet::Config { layers_per_cycle: 3, kernel_width: 2, ..wavenet.clone() }),
-            ),
-            (
-                "wavenet k2, 3 cycles",
-                Self::Wavenet(wavenet::Config { layers_per_cycle: 2, cycles: 3, kernel_width: 2, ..wavenet.clone() }),
-            ),
-            (
-                "wavenet k3, 2 cycles",
-                Self::Wavenet(wavenet::Config { layers_per_cycle: 3, cycles: 2, kernel_width: 3, ..wavenet.clone() }),
-            ),
-            (
-                "wavenet k4, labels",
-                Self::Wavenet(wavenet::Config { layers_per_cycle: 2, kernel_width: 4, num_labels: 3, ..wavenet }),
-            ),
-            ("fvsbn", Self::Fvsbn(fvsbn::Config { pixels: 12 })),
-            (
-                "nade sigmoid",
-                Self::Nade(nade::Config {
-                    pixels: 12,
-                    hidden: 7,
-                    activation: crate::layers::nade::Activation::Sigmoid,
-                }),
-            ),
-            (
-                "nade relu",
-                Self::Nade(nade::Config { pixels: 12, hidden: 7, activation: crate::layers::nade::Activation::Relu }),
-            ),
-            ("made 1 layer", Self::Made(made.clone())),
-            (
-                "made 2 layers, direct, 3 orderings",
-                Self::Made(made::Config { hidden: vec![16, 13], direct: true, masks: 3, orderings: true, ..made }),
-            ),
-            (
-                "rnade",
-                Self::Rnade(rnade::Config {
-                    pixels: 12,
-                    hidden: 9,
-                    components: 3,
-                    levels: 16,
-                    activation: crate::layers::nade::Activation::Relu,
-                }),
-            ),
-        ]
-    }
-}
-
-/// Any model of the core.
-#[derive(Debug, Clone)]
-pub enum Model {
-    /// WaveNet.
-    Wavenet(wavenet::WaveNet),
-    /// FVSBN.
-    Fvsbn(fvsbn::Fvsbn),
-    /// NADE.
-    Nade(nade::Nade),
-    /// MADE.
-    Made(made::Made),
-    /// RNADE.
-    Rnade(rnade::Rnade),
-}
-
-impl Model {
-    /// For each weight matrix that has one, the mask of the weights the model can use (1) or
-    /// never uses (0); empty for models without masks. See [`made::Made::weight_masks`].
-    pub fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
-        match self {
-            Model::Fvsbn(m) => Ok(m.weight_masks()),
-            Model::Made(m) => m.weight_masks(),
-            _ => Ok(vec![]),
-        }
-    }
-}
-
-/// The stepper state of any model.
-pub enum ModelState {
-    /// WaveNet's queues.
-    Wavenet(wavenet::State),
-    /// FVSBN's running logits.
-    Fvsbn(fvsbn::State),
-    /// NADE's running hidden pre-activation.
-    Nade(nade::State),
-    /// MADE's pixels so far.
-    Made(made::State),
-    /// RNADE's running hidden pre-activation.
-    Rnade(rnade::State),
-}
-
-/// Runs `$body` with `$m` bound to the inner model, whichever it is.
-macro_rules! each_model {
-    ($model:expr, $m:ident => $body:expr) => {
-        match $model {
-            Model::Wavenet($m) => $body,
-            Model::Fvsbn($m) => $body,
-            Model::Nade($m) => $body,
-            Model::Made($m) => $body,
-            Model::Rnade($m) => $body,
-        }
-    };
-}
-
-impl Autoregressive for Model {
-    type State = ModelState;
-
-    fn vocab_size(&self) -> usize {
-        each_model!(self, m => m.vocab_size())
-    }
-
-    fn receptive_field(&self) -> Option<usize> {
-        each_model!(self, m => m.receptive_field())
-    }
-
-    fn num_labels(&self) -> usize {
-        each_model!(self, m => m.num_labels())
-    }
-
-    fn ordering(&self) -> Option<Vec<usize>> {
-        each_model!(self, m => m.ordering())
-    }
-
-    fn connectivities(&self) -> usize {
-        each_model!(self, m => m.connectivities())
-    }
-
-    fn select_connectivity(&self, k: usize) {
-        each_model!(self, m => m.select_connectivity(k))
-    }
-
-    fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
-        each_model!(self, m => m.forward(tokens, labels))
-    }
-
-    fn forward_reference(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Option<Result<Tensor>> {
-        each_model!(self, m => m.forward_reference(tokens, labels))
-    }
-
-    fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
-        each_model!(self, m => m.position_nll(batch))
-    }
-
-    fn start(&self, batch: usize, labels: Option<&Tensor>) -> Result<ModelState> {
-        Ok(match self {
-            Model::Wavenet(m) => ModelState::Wavenet(m.start(batch, labels)?),
-            Model::Fvsbn(m) => ModelState::Fvsbn(m.start(batch, labels)?),
-            Model::Nade(m) => ModelState::Nade(m.start(batch, labels)?),
-            Model::Made(m) => ModelState::Made(m.start(batch, labels)?),
-            Model::Rnade(m) => ModelState::Rnade(m.start(batch, labels)?),
-        })
-    }
-
-    fn step(&self, state: &mut ModelState, prev: Option<&Tensor>) -> Result<Tensor> {
-        match (self, state) {
-            (Model::Wavenet(m), ModelState::Wavenet(s)) => m.step(s, prev),
-            (Model::Fvsbn(m), ModelState::Fvsbn(s)) => m.step(s, prev),
-            (Model::Nade(m), ModelState::Nade(s)) => m.step(s, prev),
-            (Model::Made(m), ModelState::Made(s)) => m.step(s, prev),
-            (Model::Rnade(m), ModelState::Rnade(s)) => m.step(s, prev),
-            _ => Err(Error::Config("a stepper state was passed to another kind of model".into())),
-        }
     }
 }
 

@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{binary_inputs, binary_logits, require_pixels};
+use super::{MAX_HIDDEN, MAX_PIXELS, Registered, Settings, binary_inputs, binary_logits, require_pixels, within};
 use crate::Result;
 use crate::core::Autoregressive;
 use crate::layers::nade::{Activation, nade_outputs};
@@ -65,6 +65,40 @@ pub struct State {
     t: usize,
 }
 
+impl Registered for Nade {
+    type Config = Config;
+
+    fn build(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Nade::new(cfg, vb)
+    }
+
+    fn weights(cfg: &Config) -> Result<usize> {
+        within("pixels", cfg.pixels, 2, MAX_PIXELS)?;
+        within("hidden", cfg.hidden, 1, MAX_HIDDEN)?;
+        Ok(2 * cfg.pixels * cfg.hidden)
+    }
+
+    fn sequence_len(cfg: &Config) -> Option<usize> {
+        Some(cfg.pixels)
+    }
+
+    /// 500 sigmoid hidden units by default, as in the paper.
+    fn image_config(pixels: usize, s: &Settings) -> Option<Result<Config>> {
+        Some(s.single_hidden(500).map(|hidden| Config {
+            pixels,
+            hidden,
+            activation: s.activation.unwrap_or(Activation::Sigmoid),
+        }))
+    }
+
+    fn examples() -> Vec<(&'static str, Config)> {
+        vec![
+            ("nade sigmoid", Config { pixels: 12, hidden: 7, activation: Activation::Sigmoid }),
+            ("nade relu", Config { pixels: 12, hidden: 7, activation: Activation::Relu }),
+        ]
+    }
+}
+
 impl Autoregressive for Nade {
     type State = State;
 
@@ -72,8 +106,12 @@ impl Autoregressive for Nade {
         2
     }
 
-    fn receptive_field(&self) -> Option<usize> {
+    fn dependency_window(&self) -> Option<usize> {
         None
+    }
+
+    fn max_context(&self) -> Option<usize> {
+        Some(self.cfg.pixels)
     }
 
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {

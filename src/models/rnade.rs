@@ -22,8 +22,8 @@ use candle_core::{D, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::require_pixels;
-use crate::core::{Autoregressive, token_nll};
+use super::{MAX_HIDDEN, MAX_PIXELS, Registered, Settings, require_pixels, within};
+use crate::core::{Autoregressive, Likelihood, token_nll};
 use crate::data::Batch;
 use crate::layers::nade::{Activation, nade_outputs};
 use crate::{Error, Result};
@@ -131,6 +131,45 @@ pub struct State {
     t: usize,
 }
 
+impl Registered for Rnade {
+    type Config = Config;
+
+    fn build(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Rnade::new(cfg, vb)
+    }
+
+    fn weights(cfg: &Config) -> Result<usize> {
+        within("pixels", cfg.pixels, 2, MAX_PIXELS)?;
+        within("hidden", cfg.hidden, 1, MAX_HIDDEN)?;
+        within("components", cfg.components, 1, 1000)?;
+        within("levels", cfg.levels, 2, 65_536)?;
+        Ok(cfg.pixels * cfg.hidden * (1 + 3 * cfg.components))
+    }
+
+    fn sequence_len(cfg: &Config) -> Option<usize> {
+        Some(cfg.pixels)
+    }
+
+    /// 100 ReLU hidden units and 10 components by default; 8-bit grey levels.
+    fn image_config(pixels: usize, s: &Settings) -> Option<Result<Config>> {
+        Some(s.single_hidden(100).map(|hidden| Config {
+            pixels,
+            hidden,
+            components: s.components.unwrap_or(10),
+            levels: 256,
+            activation: s.activation.unwrap_or(Activation::Relu),
+        }))
+    }
+
+    fn likelihood(cfg: &Config) -> Likelihood {
+        Likelihood::Density { levels: cfg.levels }
+    }
+
+    fn examples() -> Vec<(&'static str, Config)> {
+        vec![("rnade", Config { pixels: 12, hidden: 9, components: 3, levels: 16, activation: Activation::Relu })]
+    }
+}
+
 impl Autoregressive for Rnade {
     type State = State;
 
@@ -138,8 +177,16 @@ impl Autoregressive for Rnade {
         self.cfg.levels
     }
 
-    fn receptive_field(&self) -> Option<usize> {
+    fn dependency_window(&self) -> Option<usize> {
         None
+    }
+
+    fn max_context(&self) -> Option<usize> {
+        Some(self.cfg.pixels)
+    }
+
+    fn likelihood(&self) -> Likelihood {
+        <Self as Registered>::likelihood(&self.cfg)
     }
 
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {

@@ -29,6 +29,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Embedding, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use super::{Registered, Settings};
 use crate::core::Autoregressive;
 use crate::core::train::Precision;
 use crate::layers::wavenet_stack::{ParamLayout, wavenet_logits, wavenet_nll};
@@ -126,6 +127,13 @@ impl Config {
         1 + (self.kernel_width - 1) * (0..self.layers()).map(|i| self.dilation(i)).sum::<usize>()
     }
 
+    /// The number of weights.
+    pub fn weights(&self) -> usize {
+        let (c, g, s, h) = (self.residual_channels, self.gate_channels, self.skip_channels, self.head_channels);
+        let per_layer = self.kernel_width * c * 2 * g + (self.num_labels + 1) * 2 * g + g * (c + s) + c + s;
+        self.classes * c + self.layers() * per_layer + s * h + h * self.classes
+    }
+
     /// Checks that every size is usable, within limits that keep a model (and its receptive
     /// field) buildable; nothing is allocated before this passes.
     pub fn validate(&self) -> Result<()> {
@@ -140,9 +148,7 @@ impl Config {
         within("WaveNet classes", self.classes, 2, 65_536)?;
         within("WaveNet labels", self.num_labels, 0, 100_000)?;
         within("WaveNet receptive field (samples)", self.receptive_field(), 1, 1 << 22)?;
-        let (c, g, s, h) = (self.residual_channels, self.gate_channels, self.skip_channels, self.head_channels);
-        let per_layer = self.kernel_width * c * 2 * g + (self.num_labels + 1) * 2 * g + g * (c + s) + c + s;
-        let params = self.classes * c + self.layers() * per_layer + s * h + h * self.classes;
+        let params = self.weights();
         if params > super::MAX_PARAMETERS {
             return Err(Error::Config(format!(
                 "this WaveNet would hold {params} weights, more than the limit of {}: use fewer layers or channels",
@@ -341,6 +347,44 @@ pub struct State {
     batch: usize,
 }
 
+impl Registered for WaveNet {
+    type Config = Config;
+
+    fn build(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        WaveNet::new(cfg, vb)
+    }
+
+    fn weights(cfg: &Config) -> Result<usize> {
+        cfg.validate()?;
+        Ok(cfg.weights())
+    }
+
+    fn sequence_len(_cfg: &Config) -> Option<usize> {
+        None
+    }
+
+    fn image_config(_pixels: usize, _settings: &Settings) -> Option<Result<Config>> {
+        None
+    }
+
+    fn examples() -> Vec<(&'static str, Config)> {
+        let small = Config {
+            residual_channels: 6,
+            gate_channels: 5,
+            skip_channels: 7,
+            head_channels: 9,
+            classes: 16,
+            ..Config::tiny()
+        };
+        vec![
+            ("wavenet k2, 1 cycle", Config { layers_per_cycle: 3, kernel_width: 2, ..small.clone() }),
+            ("wavenet k2, 3 cycles", Config { layers_per_cycle: 2, cycles: 3, kernel_width: 2, ..small.clone() }),
+            ("wavenet k3, 2 cycles", Config { layers_per_cycle: 3, cycles: 2, kernel_width: 3, ..small.clone() }),
+            ("wavenet k4, labels", Config { layers_per_cycle: 2, kernel_width: 4, num_labels: 3, ..small }),
+        ]
+    }
+}
+
 impl Autoregressive for WaveNet {
     type State = State;
 
@@ -348,7 +392,7 @@ impl Autoregressive for WaveNet {
         self.cfg.classes
     }
 
-    fn receptive_field(&self) -> Option<usize> {
+    fn dependency_window(&self) -> Option<usize> {
         Some(self.cfg.receptive_field())
     }
 

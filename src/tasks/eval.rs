@@ -7,7 +7,6 @@ use serde::Serialize;
 
 use super::{AudioModel, Reporter};
 use crate::audio::wav;
-use crate::core::Autoregressive;
 use crate::core::train::nll_sum;
 use crate::data::Batch;
 use crate::data::wav_folder::{find_wav_files, window};
@@ -59,7 +58,7 @@ pub fn nll_of_codes(
     window_len: usize,
     batch: usize,
 ) -> Result<f64> {
-    let rf = model.model.receptive_field().expect("invariant: finite receptive field");
+    let rf = model.model.cfg.receptive_field();
     let starts: Vec<usize> = (0..codes.len()).step_by(window_len).collect();
     let batches = starts
         .chunks(batch)

@@ -11,7 +11,6 @@ use serde::Serialize;
 
 use super::{AudioModel, Reporter};
 use crate::audio::{mulaw, resample, spectrogram, wav};
-use crate::core::Autoregressive;
 use crate::core::sample::{self, SamplerConfig};
 use crate::engine::{self, Engine, Kernels, StreamSpec};
 use crate::rng::Rng;
@@ -189,7 +188,7 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
     let source = opts.checkpoint.clone().unwrap_or_else(|| PathBuf::from(super::embedded::NAME));
     let rate = m.audio().settings.sample_rate;
     let label = m.label_index(opts.label.as_deref())?;
-    let rf = m.model.receptive_field().expect("invariant: WaveNet has a finite receptive field");
+    let rf = m.model.cfg.receptive_field();
     // Start from the end of the prime file, or from silence (training windows start so too).
     let prime: Vec<u32> = match &opts.prime {
         Some(path) => {

@@ -13,12 +13,13 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::Reporter;
-use crate::core::Autoregressive;
-use crate::core::checkpoint::{self, FORMAT, ImageData, Manifest};
+use super::run::{self, ImageData, Manifest};
+use crate::core::checkpoint::{self, FORMAT};
 use crate::core::optim::{AdamW, AdamWConfig};
 use crate::core::params::Params;
 use crate::core::sample::{self, Method, SamplerConfig};
 use crate::core::train::{self, Event, Stop, TrainConfig, TrainState};
+use crate::core::{Autoregressive, Likelihood};
 use crate::data::mnist::{self, ImageBatches, Images, PIXELS, Prepare, batch_of};
 use crate::models::{Model, ModelConfig};
 use crate::rng::Rng;
@@ -32,9 +33,10 @@ const MAX_GRID_IMAGES: usize = 10_000;
 /// The most epochs a run may ask for.
 const MAX_EPOCHS: u64 = 100_000;
 
-/// Whether a model is of grey levels (RNADE: dequantised 8-bit MNIST) rather than binary pixels.
+/// Whether a model is of grey levels (a density over dequantised 8-bit MNIST: RNADE) rather
+/// than binary pixels.
 fn is_grey(model: &ModelConfig) -> bool {
-    matches!(model, ModelConfig::Rnade(_))
+    matches!(model.likelihood(), Likelihood::Density { .. })
 }
 
 /// The datasets, as `config.json` names them.
@@ -63,10 +65,10 @@ fn dataset_of(manifest: &Manifest) -> &str {
     manifest.images.as_ref().map_or(BINARIZED, |i| i.dataset.as_str())
 }
 
-/// log p(8-bit image) = log p(dequantised image) − D·ln 256: the density on [0, 1]^D moved to
-/// the scale of the 8-bit data, comparable with discrete models.
-fn dequantisation_correction() -> f64 {
-    PIXELS as f64 * 256f64.ln()
+/// log p(quantised image) = log p(dequantised image) − D·ln L for data of L levels: the
+/// density on [0, 1]^D moved to the scale of the 8-bit data, comparable with discrete models.
+fn dequantisation_correction(levels: usize) -> f64 {
+    PIXELS as f64 * (levels as f64).ln()
 }
 
 /// A trained image model.
@@ -82,17 +84,15 @@ pub struct ImageModel {
 impl ImageModel {
     /// Loads the checkpoint directory `dir` (or a file in it).
     pub fn load(dir: &Path) -> Result<Self> {
-        let ckpt = checkpoint::open(dir)?;
-        let manifest = ckpt.manifest.clone();
-        if manifest.images.is_none() {
-            return Err(Error::checkpoint(
-                dir,
-                format!("holds a {} model trained on audio, not an image model", manifest.model.name()),
-            ));
-        }
-        let params = Params::new(manifest.seed);
-        let model = manifest.model.build(params.var_builder(DType::F32))?;
-        ckpt.load_weights(&params)?;
+        let (manifest, model, params) = run::load(dir, |manifest, vb| {
+            if manifest.images.is_none() {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!("holds a {} model trained on audio, not an image model", manifest.model.name()),
+                ));
+            }
+            manifest.model.build(vb)
+        })?;
         Ok(ImageModel { manifest, model, params })
     }
 }
@@ -152,37 +152,12 @@ pub struct MnistTrainSummary {
 
 /// Trains (or resumes) an image model on MNIST.
 pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) -> Result<MnistTrainSummary> {
-    let last = opts.out.join(LAST);
-    if opts.resume && !checkpoint::exists(&last) {
-        return Err(Error::checkpoint(
-            &opts.out,
-            format!(
-                "holds no committed {LAST}/ checkpoint to resume: check the path, or drop --resume to start a new run"
-            ),
-        ));
-    }
     if opts.epochs > MAX_EPOCHS {
         return Err(Error::Config(format!("--epochs is {}; it must be at most {MAX_EPOCHS}", opts.epochs)));
     }
-    let _guard = checkpoint::WriteGuard::acquire(&opts.out)?;
-    checkpoint::prepare_for_writing(&last);
-    let existing = checkpoint::exists(&last);
-    if checkpoint::exists(&opts.out) && !existing {
-        return Err(Error::Config(format!(
-            "{} holds a model but no {LAST}/ state to resume: choose another --out",
-            opts.out.display()
-        )));
-    }
-    if existing && !opts.resume {
-        return Err(Error::checkpoint(
-            &opts.out,
-            "holds a checkpoint already: pass --resume to continue it, or choose another --out",
-        ));
-    }
-    if !existing {
-        checkpoint::refuse_foreign_files(&opts.out)?;
-    }
-    let resumed = if existing { Some(checkpoint::open(&last)?) } else { None };
+    let last = opts.out.join(LAST);
+    let (_guard, resumed) = run::take_for_training(&opts.out, &last, opts.resume)?;
+    let existing = resumed.is_some();
     let mut manifest = match &resumed {
         Some(ckpt) => {
             reporter.note(&format!("resuming {} at step {}", last.display(), ckpt.manifest.state.step));
@@ -190,7 +165,6 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
         }
         None => new_manifest(opts)?,
     };
-    let grey = is_grey(&manifest.model);
     let dataset = dataset_of(&manifest).to_string();
     let (train_set, val_set, _) = splits(&dataset, &opts.data_dir)?;
     if !existing {
@@ -205,13 +179,9 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     manifest.train.decay_steps = manifest.train.max_steps;
     manifest.train.max_minutes = opts.max_minutes;
 
-    let params = Params::new(manifest.seed);
-    let model = manifest.model.build(params.var_builder(DType::F32))?;
-    let mut opt = AdamW::new(&params, manifest.train.adamw.clone())?;
-    if let Some(ckpt) = &resumed {
-        ckpt.load_weights(&params)?;
-        ckpt.load_optimizer(&mut opt)?;
-    } else {
+    let (mut model, params, mut opt) =
+        run::model_and_optimizer(&manifest, resumed.as_ref(), |m, vb| m.model.build(vb))?;
+    if resumed.is_none() {
         init_output_bias(&params, &train_set)?;
     }
     reporter.note(&format!(
@@ -243,9 +213,11 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     };
     let spe = images.steps_per_epoch;
     // Per-image NLL as reported: binary nats, or nats on the 8-bit scale for grey levels.
-    let per_image = move |nats_per_pixel: f64| {
-        nats_per_pixel * PIXELS as f64 + if grey { dequantisation_correction() } else { 0.0 }
+    let correction = match model.likelihood() {
+        Likelihood::Categorical => 0.0,
+        Likelihood::Density { levels } => dequantisation_correction(levels),
     };
+    let per_image = move |nats_per_pixel: f64| nats_per_pixel * PIXELS as f64 + correction;
     let mut observe = |e: Event| match e {
         Event::Step { step, .. } => reporter.progress("epoch", (step - 1) % spe + 1, spe),
         Event::Eval(entry) => reporter.note(&format!(
@@ -257,7 +229,8 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
         )),
         Event::Saved { .. } => {}
     };
-    let stopped = train::train(&model, &mut opt, &mut batches, &train_cfg, &mut state, &mut save, &mut observe, stop)?;
+    let stopped =
+        train::train(&mut model, &mut opt, &mut batches, &train_cfg, &mut state, &mut save, &mut observe, stop)?;
     Ok(MnistTrainSummary {
         checkpoint: opts.out.clone(),
         model: manifest.model.name().into(),
@@ -355,17 +328,20 @@ fn init_output_bias(params: &Params, set: &Images) -> Result<()> {
 /// the same noise on every call, moved to the 8-bit scale).
 pub fn log_probs(model: &Model, set: &Images, reporter: &mut dyn Reporter) -> Result<Vec<f64>> {
     let chunk = 500;
-    let grey = model.vocab_size() > 2;
+    let levels = match model.likelihood() {
+        Likelihood::Categorical => None,
+        Likelihood::Density { levels } => Some(levels),
+    };
     let mut noise = Rng::derived(0, "evaluation dequantisation");
     let mut out = Vec::with_capacity(set.n);
     for start in (0..set.n).step_by(chunk) {
         reporter.progress("scoring", start as u64, set.n as u64);
         let mut batch = batch_of(set, start..(start + chunk).min(set.n))?;
-        if grey {
+        if levels.is_some() {
             batch = mnist::dequantize(batch, &mut noise)?;
         }
         let nll = model.position_nll(&batch)?; // (B, 784)
-        let correction = if grey { dequantisation_correction() } else { 0.0 };
+        let correction = levels.map_or(0.0, dequantisation_correction);
         out.extend(nll.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|n| -n - correction));
     }
     reporter.progress("scoring", set.n as u64, set.n as u64);
@@ -376,12 +352,12 @@ pub fn log_probs(model: &Model, set: &Images, reporter: &mut dyn Reporter) -> Re
 /// log((1/K) Σ_k p_k(x)), computed stably (log-mean-exp of probabilities, never of logits).
 pub fn ensemble_log_probs(model: &Model, set: &Images, masks: usize, reporter: &mut dyn Reporter) -> Result<Vec<f64>> {
     let k = masks.clamp(1, model.connectivities());
+    let mut model = model.clone();
     let mut per_mask = Vec::with_capacity(k);
     for m in 0..k {
         model.select_connectivity(m);
-        per_mask.push(log_probs(model, set, reporter)?);
+        per_mask.push(log_probs(&model, set, reporter)?);
     }
-    model.select_connectivity(0);
     Ok((0..set.n)
         .map(|i| {
             let max = per_mask.iter().map(|lp| lp[i]).fold(f64::NEG_INFINITY, f64::max);
@@ -473,7 +449,9 @@ fn draw_images(
     seed: u64,
     reporter: &mut dyn Reporter,
 ) -> Result<Vec<Vec<u8>>> {
+    let mut model = model.clone();
     model.select_connectivity(0); // left to right, so that a prefix is the top of the image
+    let model = &model;
     let sampler = SamplerConfig { temperature, ..SamplerConfig::default() };
     sampler.validate()?;
     let given = prefixes.first().map_or(0, |p| p.len());
@@ -534,7 +512,7 @@ pub fn compact(dir: &Path, out: &Path) -> Result<(u64, u64)> {
         crate::fsutil::write_bytes_atomically(&out.join("train.log"), &bytes)?;
     }
     let size = |d: &Path| -> Result<u64> {
-        let file = checkpoint::open(d)?.weights_file();
+        let file = run::open(d)?.weights_file();
         Ok(std::fs::metadata(&file).map_err(|e| Error::io(&file, e))?.len())
     };
     Ok((size(&dir)?, size(out)?))
@@ -649,7 +627,7 @@ mod tests {
             mask_seed: 5,
         });
         let params = Params::new(2);
-        let model = cfg.build(params.var_builder(DType::F32)).unwrap();
+        let mut model = cfg.build(params.var_builder(DType::F32)).unwrap();
         let mut rng = Rng::new(4);
         let set =
             Images { pixels: (0..4 * PIXELS).map(|_| u8::from(rng.uniform() < 0.2)).collect(), labels: None, n: 4 };

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::DType;
 use serde::Serialize;
 
-use crate::core::checkpoint::{self, Manifest};
+use crate::core::checkpoint;
 use crate::core::params::Params;
 use crate::core::train::Event;
 use crate::models::wavenet::WaveNet;
@@ -18,7 +18,10 @@ pub mod fetch;
 pub mod generate;
 pub mod mnist;
 pub mod play;
+pub mod run;
 pub mod train;
+
+pub use run::Manifest;
 
 /// Receives progress from long-running work (the CLI draws progress bars; tests ignore it).
 pub trait Reporter {
@@ -74,7 +77,7 @@ impl AudioModel {
     /// The default model compiled into the binary.
     pub fn embedded() -> Result<Self> {
         let name = Path::new(embedded::NAME);
-        let (manifest, tensors) = checkpoint::from_bytes(name, embedded::CONFIG, embedded::WEIGHTS)?;
+        let (manifest, tensors) = checkpoint::from_bytes::<Manifest>(name, embedded::CONFIG, embedded::WEIGHTS)?;
         let cfg = manifest.model.wavenet().ok_or_else(|| Error::checkpoint(name, "not an audio model"))?;
         let params = Params::new(manifest.seed);
         let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
@@ -84,22 +87,20 @@ impl AudioModel {
 
     /// Loads the checkpoint directory `dir` (or a file in it).
     pub fn load(dir: &Path) -> Result<Self> {
-        let ckpt = checkpoint::open(dir)?;
-        let manifest = ckpt.manifest.clone();
-        if manifest.audio.is_none() {
-            return Err(Error::checkpoint(dir, "not an audio model (no audio settings in config.json)"));
-        }
-        let cfg = manifest.model.wavenet().ok_or_else(|| {
-            Error::checkpoint(dir, format!("holds a {} model, not an audio model", manifest.model.name()))
+        let (manifest, model, params) = run::load(dir, |manifest, vb| {
+            if manifest.audio.is_none() {
+                return Err(Error::checkpoint(dir, "not an audio model (no audio settings in config.json)"));
+            }
+            let cfg = manifest.model.wavenet().ok_or_else(|| {
+                Error::checkpoint(dir, format!("holds a {} model, not an audio model", manifest.model.name()))
+            })?;
+            WaveNet::new(cfg, vb)
         })?;
-        let params = Params::new(manifest.seed);
-        let model = WaveNet::new(cfg, params.var_builder(DType::F32))?;
-        ckpt.load_weights(&params)?;
         Ok(AudioModel { manifest, model, params })
     }
 
     /// The audio settings.
-    pub fn audio(&self) -> &checkpoint::AudioData {
+    pub fn audio(&self) -> &run::AudioData {
         self.manifest.audio.as_ref().expect("invariant: checked at load")
     }
 
@@ -144,11 +145,8 @@ pub fn info(dir: Option<&Path>) -> Result<Info> {
             (m.manifest, m.params)
         }
         Some(dir) => {
-            let ckpt = checkpoint::open(dir)?;
-            let params = Params::new(ckpt.manifest.seed);
-            ckpt.manifest.model.build(params.var_builder(DType::F32))?;
-            ckpt.load_weights(&params)?;
-            (ckpt.manifest, params)
+            let (manifest, _model, params) = run::load(dir, |manifest, vb| manifest.model.build(vb))?;
+            (manifest, params)
         }
     };
     let rf = manifest.audio.as_ref().and(manifest.model.wavenet()).map(|c| c.receptive_field());

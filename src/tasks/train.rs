@@ -4,13 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
-use candle_core::DType;
 use serde::Serialize;
 
 use super::Reporter;
-use crate::core::checkpoint::{self, AudioData, FORMAT, Manifest};
+use super::run::{self, AudioData, Manifest};
+use crate::core::checkpoint::{self, FORMAT};
 use crate::core::optim::AdamW;
-use crate::core::params::Params;
 use crate::core::train::{self, Precision, Stop, TrainConfig, TrainState};
 use crate::data::wav_folder::{AudioBatches, AudioSettings, Corpus, SAMPLES_PER_STEP, split_by_name};
 use crate::models::ModelConfig;
@@ -118,27 +117,10 @@ fn indices_of(corpus: &Corpus, names: &[String]) -> Result<Vec<usize>> {
 
 /// Trains (or resumes) a WaveNet; `stop` is raised by Ctrl-C.
 pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) -> Result<TrainSummary> {
-    // Checked before anything is created: a mistyped directory must not become a new run.
-    if opts.resume && !checkpoint::exists(&opts.out) {
-        return Err(Error::checkpoint(
-            &opts.out,
-            "holds no committed checkpoint to resume: check the path, or drop --resume to start a new run",
-        ));
-    }
-    let _guard = checkpoint::WriteGuard::acquire(&opts.out)?;
-    let existing = checkpoint::exists(&opts.out);
-    if existing && !opts.resume {
-        return Err(Error::checkpoint(
-            &opts.out,
-            "holds a checkpoint already: pass --resume to continue it, or choose another --out",
-        ));
-    }
-    if !existing {
-        checkpoint::refuse_foreign_files(&opts.out)?;
-    }
+    let (_guard, resumed) = run::take_for_training(&opts.out, &opts.out, opts.resume)?;
+    let existing = resumed.is_some();
     // The run's settings: from the checkpoint when resuming, from the options otherwise.
-    let (mut manifest, resumed) = if existing {
-        let ckpt = checkpoint::open(&opts.out)?;
+    let (mut manifest, resumed) = if let Some(ckpt) = resumed {
         let mut m = ckpt.manifest.clone();
         m.train.max_steps = opts.train.max_steps;
         m.train.max_minutes = opts.train.max_minutes;
@@ -227,13 +209,9 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
 
     // Model and optimizer, fresh or restored.
     let cfg = manifest.model.wavenet().ok_or_else(|| Error::checkpoint(&opts.out, "not a WaveNet checkpoint"))?;
-    let params = Params::new(manifest.seed);
-    let model = WaveNet::new(cfg, params.var_builder(DType::F32))?.with_precision(manifest.train.precision);
-    let mut opt = AdamW::new(&params, manifest.train.adamw.clone())?;
-    if let Some(ckpt) = &resumed {
-        ckpt.load_weights(&params)?;
-        ckpt.load_optimizer(&mut opt)?;
-    }
+    let (mut model, params, mut opt) = run::model_and_optimizer(&manifest, resumed.as_ref(), |m, vb| {
+        Ok(WaveNet::new(cfg, vb)?.with_precision(m.train.precision))
+    })?;
     let receptive_field = cfg.receptive_field();
     reporter.note(&format!(
         "WaveNet: {} layers, {} parameters, receptive field {} samples ({:.0} ms), {} products",
@@ -263,7 +241,7 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
         checkpoint::save(&out, &manifest.at(state, opt.t), &params, Some(opt))
     };
     let stopped = train::train(
-        &model,
+        &mut model,
         &mut opt,
         &mut batches,
         &train_cfg,
