@@ -19,7 +19,8 @@ pub struct MnistArgs {
 
 #[derive(Debug, Subcommand)]
 enum MnistCommand {
-    /// Train FVSBN, NADE or MADE on static binarized MNIST, or RNADE on dequantised grey MNIST.
+    /// Train an image model (FVSBN, NADE, MADE, LSTM) on static binarized MNIST, or RNADE on
+    /// dequantised grey MNIST.
     Train(TrainArgs),
     /// Test NLL in nats per image, with a 95% confidence interval.
     Eval(EvalArgs),
@@ -57,12 +58,19 @@ struct TrainArgs {
     /// Continue the run in --out (its last/ state); --epochs then extends it.
     #[arg(long)]
     resume: bool,
-    /// Hidden units; for MADE a comma-separated list, one per layer [default: 500; RNADE: 100].
+    /// Hidden units; for MADE a comma-separated list, one per layer [default: 500; RNADE: 100;
+    /// LSTM: 256].
     #[arg(long, value_delimiter = ',')]
     hidden: Vec<usize>,
     /// NADE's and RNADE's hidden non-linearity [default: NADE sigmoid, RNADE relu].
     #[arg(long, value_enum)]
     activation: Option<Act>,
+    /// LSTM: stacked layers [default: 1].
+    #[arg(long)]
+    layers: Option<usize>,
+    /// LSTM: size of each pixel value's embedding [default: 16].
+    #[arg(long)]
+    embedding: Option<usize>,
     /// RNADE: Gaussian components per pixel [default: 10].
     #[arg(long)]
     components: Option<usize>,
@@ -284,6 +292,8 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             Act::Sigmoid => Activation::Sigmoid,
             Act::Relu => Activation::Relu,
         }),
+        layers: a.layers,
+        embedding: a.embedding,
         components: a.components,
         masks: a.masks,
         orderings: a.orderings,

@@ -11,6 +11,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::Result;
 
 pub mod gated;
+pub mod lstm;
 pub mod matmul;
 pub mod nade;
 pub mod wavenet_stack;

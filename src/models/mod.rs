@@ -19,6 +19,7 @@ use crate::layers::nade::Activation;
 use crate::{Error, Result};
 
 pub mod fvsbn;
+pub mod lstm;
 pub mod made;
 pub mod nade;
 pub mod rnade;
@@ -68,6 +69,10 @@ pub struct Settings {
     pub hidden: Vec<usize>,
     /// The hidden non-linearity.
     pub activation: Option<Activation>,
+    /// Stacked layers (LSTM).
+    pub layers: Option<usize>,
+    /// Size of a token's embedding (LSTM).
+    pub embedding: Option<usize>,
     /// RNADE's Gaussian components per pixel.
     pub components: Option<usize>,
     /// MADE's number of connectivities.
@@ -278,6 +283,8 @@ registry! {
     "made" => Made(made::Made),
     /// RNADE: NADE for real values, a mixture of Gaussians per pixel (dequantised grey levels).
     "rnade" => Rnade(rnade::Rnade),
+    /// LSTM: stacked recurrent layers reading the pixels in raster order.
+    "lstm" => Lstm(lstm::Lstm),
 }
 
 impl ModelConfig {
