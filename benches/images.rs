@@ -1,6 +1,7 @@
 //! Image models on binarized MNIST-sized inputs (784 pixels): training images/s (forward,
-//! backward and AdamW step, batch 100) for FVSBN, NADE and MADE, NADE computed the naive way for
-//! comparison, and NADE sampling with the running update. Run: `cargo bench --bench images`.
+//! backward and AdamW step, batch 100) for FVSBN, NADE, MADE and the LSTM, NADE computed the
+//! naive way for comparison, and NADE sampling with the running update. Run: `cargo bench
+//! --bench images` (`RAYON_NUM_THREADS=1` for one core).
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -10,7 +11,7 @@ use wavegen::core::params::Params;
 use wavegen::core::sample::{self, Method, SamplerConfig};
 use wavegen::data::Batch;
 use wavegen::layers::nade::Activation;
-use wavegen::models::{ModelConfig, fvsbn, made, nade};
+use wavegen::models::{ModelConfig, fvsbn, lstm, made, nade};
 use wavegen::rng::Rng;
 
 const PIXELS: usize = 784;
@@ -29,6 +30,14 @@ fn models() -> Vec<(&'static str, ModelConfig)> {
                 orderings: false,
                 mask_seed: 0,
             }),
+        ),
+        (
+            "lstm-128",
+            ModelConfig::Lstm(lstm::Config { classes: 2, embedding: 16, hidden: 128, layers: 1, length: Some(PIXELS) }),
+        ),
+        (
+            "lstm-256",
+            ModelConfig::Lstm(lstm::Config { classes: 2, embedding: 16, hidden: 256, layers: 1, length: Some(PIXELS) }),
         ),
     ]
 }
