@@ -122,6 +122,25 @@ fn train_eval_sample_complete_score(data: &str, epochs: &str, test_images: u64) 
     let grid = dir.path().join("samples.png");
     ok(&wavegen(&["mnist", "sample", "--checkpoint", c, "--n", "4", "--out", grid.to_str().unwrap()]));
     assert_eq!(png_size(&grid), (2 * 58 + 2, 2 * 58 + 2), "a 2×2 grid of 56-pixel digits with 2-pixel gaps");
+    // --method naive (a full pass per pixel) draws the same digits; --json reports the time.
+    let naive = dir.path().join("naive.png");
+    let s: serde_json::Value = serde_json::from_str(&ok(&wavegen(&[
+        "mnist",
+        "sample",
+        "--checkpoint",
+        c,
+        "--n",
+        "4",
+        "--method",
+        "naive",
+        "--json",
+        "--out",
+        naive.to_str().unwrap(),
+    ])))
+    .unwrap();
+    assert_eq!((s["method"].as_str(), s["images"].as_u64()), (Some("naive"), Some(4)));
+    assert!(s["seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(std::fs::read(&grid).unwrap(), std::fs::read(&naive).unwrap(), "naive and cached digits differ");
     let completions = dir.path().join("complete.png");
     ok(&wavegen(&[
         "mnist",

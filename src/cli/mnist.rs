@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Args, Subcommand, ValueEnum};
+use wavegen::core::sample::Method;
 use wavegen::layers::nade::Activation;
 use wavegen::models::{ModelConfig, Settings};
 use wavegen::tasks::mnist::{self, MnistTrainOptions, Split};
@@ -163,6 +164,22 @@ struct SampleArgs {
     /// The PNG grid to write.
     #[arg(long)]
     out: PathBuf,
+    /// How each pixel's distribution is computed: cached (the model's incremental state) or
+    /// naive (one full pass over the pixels so far for every pixel; the same digits, slowly).
+    #[arg(long, value_enum, default_value_t = SampleMethod::Cached)]
+    method: SampleMethod,
+    /// Print a JSON summary (with the seconds spent drawing) on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--method` of `mnist sample`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SampleMethod {
+    /// The model's incremental state.
+    Cached,
+    /// One full pass per pixel.
+    Naive,
 }
 
 #[derive(Debug, Args)]
@@ -242,11 +259,19 @@ pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         MnistCommand::Sample(a) => {
-            let mut bars = Bars::new(0, false);
-            let r = mnist::sample(&a.checkpoint, a.n, a.temperature, a.seed, &a.out, &mut bars);
+            let mut bars = Bars::new(0, a.json);
+            let method = match a.method {
+                SampleMethod::Cached => Method::Cached,
+                SampleMethod::Naive => Method::Naive,
+            };
+            let r = mnist::sample(&a.checkpoint, a.n, a.temperature, a.seed, method, &a.out, &mut bars);
             bars.finish();
-            r?;
-            eprintln!("wrote {} digits to {}", a.n, a.out.display());
+            let s = r?;
+            if a.json {
+                super::print_json(&s)?;
+            } else {
+                eprintln!("wrote {} digits to {} ({:.1} s, {})", s.images, s.out.display(), s.seconds, s.method);
+            }
             Ok(ExitCode::SUCCESS)
         }
         MnistCommand::Complete(a) => {

@@ -447,6 +447,7 @@ fn draw_images(
     prefixes: &[Vec<u32>],
     temperature: f32,
     seed: u64,
+    method: Method,
     reporter: &mut dyn Reporter,
 ) -> Result<Vec<Vec<u8>>> {
     let mut model = model.clone();
@@ -461,7 +462,7 @@ fn draw_images(
     let mut drawn = Vec::with_capacity(prefixes.len());
     for (g, group) in prefixes.chunks(SAMPLING_GROUP).enumerate() {
         let before = g * SAMPLING_GROUP;
-        drawn.extend(sample::generate(model, group, None, steps, &sampler, &mut rng, Method::Cached, &mut |done| {
+        drawn.extend(sample::generate(model, group, None, steps, &sampler, &mut rng, method, &mut |done| {
             let done = (before * steps + done * group.len()) as u64;
             reporter.progress("sampling pixels", done, (prefixes.len() * steps) as u64)
         })?);
@@ -524,15 +525,40 @@ pub fn sample(
     n: usize,
     temperature: f32,
     seed: u64,
+    method: Method,
     out: &Path,
     reporter: &mut dyn Reporter,
-) -> Result<Vec<Vec<u8>>> {
+) -> Result<SampleSummary> {
     crate::models::within("--n", n, 1, MAX_GRID_IMAGES)?;
     let m = ImageModel::load(dir)?;
-    let images = draw_images(&m.model, &vec![vec![]; n], temperature, seed, reporter)?;
+    let started = std::time::Instant::now();
+    let images = draw_images(&m.model, &vec![vec![]; n], temperature, seed, method, reporter)?;
+    let seconds = started.elapsed().as_secs_f64();
     let grey = is_grey(&m.manifest.model);
     mnist::write_grid(out, &images, (n as f64).sqrt().ceil() as usize, 2, grey)?;
-    Ok(images)
+    Ok(SampleSummary {
+        images: n,
+        method: match method {
+            Method::Cached => "cached",
+            Method::Naive => "naive",
+        }
+        .into(),
+        seconds,
+        out: out.to_path_buf(),
+    })
+}
+
+/// What `mnist sample` reports.
+#[derive(Debug, Serialize)]
+pub struct SampleSummary {
+    /// Digits drawn.
+    pub images: usize,
+    /// `cached` (the model's incremental state) or `naive` (one full pass per pixel).
+    pub method: String,
+    /// Seconds spent drawing them (not loading the model or writing the grid).
+    pub seconds: f64,
+    /// The PNG grid.
+    pub out: PathBuf,
 }
 
 /// Completes the bottom half of `digits` test digits, `per_digit` times each: row r of the
@@ -566,7 +592,7 @@ pub fn complete(
         .iter()
         .flat_map(|&i| std::iter::repeat_n(test.image(i)[..half].iter().map(|&v| v as u32).collect(), per_digit))
         .collect();
-    let completed = draw_images(&m.model, &prefixes, 1.0, seed, reporter)?;
+    let completed = draw_images(&m.model, &prefixes, 1.0, seed, Method::Cached, reporter)?;
     let mut grid = Vec::new();
     for (r, &i) in chosen.iter().enumerate() {
         grid.push(test.image(i).to_vec());
