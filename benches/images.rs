@@ -1,5 +1,5 @@
 //! Image models on binarized MNIST-sized inputs (784 pixels): training images/s (forward,
-//! backward and AdamW step, batch 100) for FVSBN, NADE, MADE and the LSTM, NADE computed the
+//! backward and AdamW step, batch 100) for FVSBN, NADE, MADE, the LSTM and the GRU, NADE computed the
 //! naive way for comparison, and NADE sampling with the running update. Run: `cargo bench
 //! --bench images` (`RAYON_NUM_THREADS=1` for one core).
 
@@ -11,7 +11,7 @@ use wavegen::core::params::Params;
 use wavegen::core::sample::{self, Method, SamplerConfig};
 use wavegen::data::Batch;
 use wavegen::layers::nade::Activation;
-use wavegen::models::{ModelConfig, fvsbn, lstm, made, nade};
+use wavegen::models::{ModelConfig, fvsbn, made, nade, rnn};
 use wavegen::rng::Rng;
 
 const PIXELS: usize = 784;
@@ -33,11 +33,15 @@ fn models() -> Vec<(&'static str, ModelConfig)> {
         ),
         (
             "lstm-128",
-            ModelConfig::Lstm(lstm::Config { classes: 2, embedding: 16, hidden: 128, layers: 1, length: Some(PIXELS) }),
+            ModelConfig::Lstm(rnn::Config { classes: 2, embedding: 16, hidden: 128, layers: 1, length: Some(PIXELS) }),
+        ),
+        (
+            "gru-128",
+            ModelConfig::Gru(rnn::Config { classes: 2, embedding: 16, hidden: 128, layers: 1, length: Some(PIXELS) }),
         ),
         (
             "lstm-256",
-            ModelConfig::Lstm(lstm::Config { classes: 2, embedding: 16, hidden: 256, layers: 1, length: Some(PIXELS) }),
+            ModelConfig::Lstm(rnn::Config { classes: 2, embedding: 16, hidden: 256, layers: 1, length: Some(PIXELS) }),
         ),
     ]
 }

@@ -20,7 +20,7 @@ pub struct MnistArgs {
 
 #[derive(Debug, Subcommand)]
 enum MnistCommand {
-    /// Train an image model (FVSBN, NADE, MADE, LSTM) on static binarized MNIST, or RNADE on
+    /// Train an image model (FVSBN, NADE, MADE, LSTM, GRU) on static binarized MNIST, or RNADE on
     /// dequantised grey MNIST.
     Train(TrainArgs),
     /// Test NLL in nats per image, with a 95% confidence interval.
@@ -60,16 +60,16 @@ struct TrainArgs {
     #[arg(long)]
     resume: bool,
     /// Hidden units; for MADE a comma-separated list, one per layer [default: 500; RNADE: 100;
-    /// LSTM: 256].
+    /// LSTM, GRU: 256].
     #[arg(long, value_delimiter = ',')]
     hidden: Vec<usize>,
     /// NADE's and RNADE's hidden non-linearity [default: NADE sigmoid, RNADE relu].
     #[arg(long, value_enum)]
     activation: Option<Act>,
-    /// LSTM: stacked layers [default: 1].
+    /// LSTM, GRU: stacked layers [default: 1].
     #[arg(long)]
     layers: Option<usize>,
-    /// LSTM: size of each pixel value's embedding [default: 16].
+    /// LSTM, GRU: size of each pixel value's embedding [default: 16].
     #[arg(long)]
     embedding: Option<usize>,
     /// RNADE: Gaussian components per pixel [default: 10].

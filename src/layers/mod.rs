@@ -11,9 +11,9 @@ use candle_nn::{Init, VarBuilder};
 use crate::Result;
 
 pub mod gated;
-pub mod lstm;
 pub mod matmul;
 pub mod nade;
+pub mod recurrent;
 pub mod wavenet_stack;
 pub use gated::gated_unit;
 

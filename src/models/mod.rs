@@ -19,10 +19,10 @@ use crate::layers::nade::Activation;
 use crate::{Error, Result};
 
 pub mod fvsbn;
-pub mod lstm;
 pub mod made;
 pub mod nade;
 pub mod rnade;
+pub mod rnn;
 pub mod wavenet;
 
 /// What the registry needs of a model beside [`Autoregressive`].
@@ -69,9 +69,9 @@ pub struct Settings {
     pub hidden: Vec<usize>,
     /// The hidden non-linearity.
     pub activation: Option<Activation>,
-    /// Stacked layers (LSTM).
+    /// Stacked layers (LSTM, GRU).
     pub layers: Option<usize>,
-    /// Size of a token's embedding (LSTM).
+    /// Size of a token's embedding (LSTM, GRU).
     pub embedding: Option<usize>,
     /// RNADE's Gaussian components per pixel.
     pub components: Option<usize>,
@@ -284,7 +284,9 @@ registry! {
     /// RNADE: NADE for real values, a mixture of Gaussians per pixel (dequantised grey levels).
     "rnade" => Rnade(rnade::Rnade),
     /// LSTM: stacked recurrent layers reading the pixels in raster order.
-    "lstm" => Lstm(lstm::Lstm),
+    "lstm" => Lstm(rnn::Lstm),
+    /// GRU: the LSTM's lighter cousin (three gates, no cell), in raster order.
+    "gru" => Gru(rnn::Gru),
 }
 
 impl ModelConfig {
