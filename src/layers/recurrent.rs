@@ -358,14 +358,11 @@ fn gru_backward<T: Real>(pre: &[T], w_hh: &[T], b_hn: &[T], dh_out: &[T], d: Dim
 }
 
 fn gru_dims(pre: &Shape, w_hh: &Shape, b_hn: &Shape) -> candle_core::Result<Dims> {
-    let (batch, len, g3) = pre.dims3()?;
-    let (hidden, w_cols) = w_hh.dims2()?;
-    if g3 != 3 * hidden || w_cols != g3 || b_hn.dims1()? != hidden {
-        candle_core::bail!(
-            "gru: pre {pre:?}, W_hh {w_hh:?} and b_hn {b_hn:?} do not fit together (expected (B, T, 3H), (H, 3H), (H,))"
-        );
+    let d = dims(pre, w_hh, 3, "gru")?;
+    if b_hn.dims1()? != d.hidden {
+        candle_core::bail!("gru: b_hn {b_hn:?} does not fit W_hh {w_hh:?} (expected (H,))");
     }
-    Ok(Dims { batch, len, hidden })
+    Ok(d)
 }
 
 impl CustomOp3 for GruOp {
@@ -463,11 +460,14 @@ pub fn gru_gates(p: &Tensor, u: &Tensor, b_hn: &Tensor, h: usize) -> Result<(Ten
     Ok((r, z, n))
 }
 
-fn dims(pre: &Shape, w_hh: &Shape) -> candle_core::Result<Dims> {
-    let (batch, len, g4) = pre.dims3()?;
+/// The sizes of a call with `gates` gate blocks, checked.
+fn dims(pre: &Shape, w_hh: &Shape, gates: usize, op: &str) -> candle_core::Result<Dims> {
+    let (batch, len, width) = pre.dims3()?;
     let (hidden, w_cols) = w_hh.dims2()?;
-    if g4 != 4 * hidden || w_cols != g4 {
-        candle_core::bail!("lstm: pre {pre:?} and W_hh {w_hh:?} do not fit together (expected (B, T, 4H) and (H, 4H))");
+    if width != gates * hidden || w_cols != width {
+        candle_core::bail!(
+            "{op}: pre {pre:?} and W_hh {w_hh:?} do not fit together (expected (B, T, {gates}H) and (H, {gates}H))"
+        );
     }
     Ok(Dims { batch, len, hidden })
 }
@@ -484,7 +484,7 @@ impl CustomOp2 for LstmOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims(l1.shape(), l2.shape())?;
+        let d = dims(l1.shape(), l2.shape(), 4, "lstm")?;
         use super::contiguous_slice as slice;
         let out = match (s1, s2) {
             (CpuStorage::F32(p), CpuStorage::F32(w)) => {
@@ -505,7 +505,7 @@ impl CustomOp2 for LstmOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = dims(pre.shape(), w_hh.shape())?;
+        let d = dims(pre.shape(), w_hh.shape(), 4, "lstm")?;
         let flat = |t: &Tensor| t.flatten_all();
         let (dpre, dw) = match pre.dtype() {
             candle_core::DType::F32 => {
@@ -559,68 +559,49 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    #[test]
-    fn the_lstm_equals_candles_operations_with_their_gradients() {
-        let dev = Device::Cpu;
-        let (b, len, h) = (3, 6, 5);
-        let pre = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, len, 4 * h), &dev).unwrap()).unwrap();
-        let w = Var::from_tensor(&(Tensor::randn(0f64, 1.0, (h, 4 * h), &dev).unwrap() * 0.5).unwrap()).unwrap();
-        let fused = lstm_recurrence(&pre, &w).unwrap();
-        let slow = lstm_recurrence_reference(&pre, &w).unwrap();
-        let diff = (&fused - &slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!(diff < 1e-12, "values differ by {diff}");
-        let weights = Tensor::randn(0f64, 1.0, (b, len, h), &dev).unwrap();
-        let g1 = (fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// A variable of N(0, scale²) entries.
+    fn random(shape: &[usize], scale: f64) -> Var {
+        Var::from_tensor(&(Tensor::randn(0f64, 1.0, shape, &Device::Cpu).unwrap() * scale).unwrap()).unwrap()
+    }
+
+    /// `op` (the hand-written op) equals `reference` (candle's operations) on `vars` in values
+    /// and in the gradients of a random weighting of its outputs, and in f32 within 1e-5.
+    fn check(op: impl Fn(&[Tensor]) -> Tensor, reference: impl Fn(&[Tensor]) -> Tensor, vars: &[(&str, Var)]) {
+        let inputs: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let (fused, slow) = (op(&inputs), reference(&inputs));
+        assert!(max_diff(&fused, &slow) < 1e-12, "values differ by {}", max_diff(&fused, &slow));
+        let weights = Tensor::randn(0f64, 1.0, fused.shape(), &Device::Cpu).unwrap();
+        let g1 = (&fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (&slow * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, var) in [("pre", &pre), ("W_hh", &w)] {
-            let d = (g1.get(var).unwrap() - g2.get(var).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+        for (name, var) in vars {
+            let d = max_diff(g1.get(var).unwrap(), g2.get(var).unwrap());
             assert!(d < 1e-10, "d{name} differs by {d}");
         }
-        // And in f32 the op agrees with its f64 self.
-        let f32_out = lstm_recurrence(&pre.to_dtype(DType::F32).unwrap(), &w.to_dtype(DType::F32).unwrap()).unwrap();
-        let d = (f32_out.to_dtype(DType::F64).unwrap() - &slow).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f64>().unwrap() < 1e-5);
+        let in_f32: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
+        assert!(max_diff(&op(&in_f32).to_dtype(DType::F64).unwrap(), &slow) < 1e-5, "f32 differs from f64");
+    }
+
+    #[test]
+    fn the_lstm_equals_candles_operations_with_their_gradients() {
+        let (b, len, h) = (3, 6, 5);
+        check(
+            |x| lstm_recurrence(&x[0], &x[1]).unwrap(),
+            |x| lstm_recurrence_reference(&x[0], &x[1]).unwrap(),
+            &[("pre", random(&[b, len, 4 * h], 1.0)), ("W_hh", random(&[h, 4 * h], 0.5))],
+        );
     }
 
     #[test]
     fn the_gru_equals_candles_operations_with_their_gradients() {
-        let dev = Device::Cpu;
         let (b, len, h) = (3, 6, 5);
-        let pre = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, len, 3 * h), &dev).unwrap()).unwrap();
-        let w = Var::from_tensor(&(Tensor::randn(0f64, 1.0, (h, 3 * h), &dev).unwrap() * 0.5).unwrap()).unwrap();
-        let bias = Var::from_tensor(&Tensor::randn(0f64, 1.0, h, &dev).unwrap()).unwrap();
-        let fused = gru_recurrence(&pre, &w, &bias).unwrap();
-        let slow = gru_recurrence_reference(&pre, &w, &bias).unwrap();
-        let diff = (&fused - &slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!(diff < 1e-12, "values differ by {diff}");
-        let weights = Tensor::randn(0f64, 1.0, (b, len, h), &dev).unwrap();
-        let g1 = (fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (&slow * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, var) in [("pre", &pre), ("W_hh", &w), ("b_hn", &bias)] {
-            let d = (g1.get(var).unwrap() - g2.get(var).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert!(d < 1e-10, "d{name} differs by {d}");
-        }
-        let f32_out = gru_recurrence(
-            &pre.to_dtype(DType::F32).unwrap(),
-            &w.to_dtype(DType::F32).unwrap(),
-            &bias.to_dtype(DType::F32).unwrap(),
-        )
-        .unwrap();
-        let d = (f32_out.to_dtype(DType::F64).unwrap() - &slow).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f64>().unwrap() < 1e-5);
+        check(
+            |x| gru_recurrence(&x[0], &x[1], &x[2]).unwrap(),
+            |x| gru_recurrence_reference(&x[0], &x[1], &x[2]).unwrap(),
+            &[("pre", random(&[b, len, 3 * h], 1.0)), ("W_hh", random(&[h, 3 * h], 0.5)), ("b_hn", random(&[h], 1.0))],
+        );
     }
 }
