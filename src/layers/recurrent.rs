@@ -402,31 +402,40 @@ impl CustomOp3 for GruOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = gru_dims(pre.shape(), w_hh.shape(), b_hn.shape())?;
-        let flat = |t: &Tensor| t.flatten_all();
+        let grad = grad.contiguous()?;
+        macro_rules! grads {
+            ($t:ty, $backward:path) => {
+                in_place(pre, "gru", |p: &[$t]| {
+                    in_place(w_hh, "gru", |w: &[$t]| {
+                        in_place(b_hn, "gru", |bias: &[$t]| {
+                            in_place(&grad, "gru", |g: &[$t]| {
+                                let (dp, dw, db) = $backward(p, w, bias, g, d);
+                                Ok((like(dp, pre)?, like(dw, w_hh)?, like(db, b_hn)?))
+                            })
+                        })
+                    })
+                })?
+            };
+        }
         let (dp, dw, db) = match pre.dtype() {
-            candle_core::DType::F32 => {
-                let (dp, dw, db) = fast::gru_backward(
-                    &flat(pre)?.to_vec1::<f32>()?,
-                    &flat(w_hh)?.to_vec1::<f32>()?,
-                    &flat(b_hn)?.to_vec1::<f32>()?,
-                    &flat(grad)?.to_vec1::<f32>()?,
-                    d,
-                );
-                (like(dp, pre)?, like(dw, w_hh)?, like(db, b_hn)?)
-            }
-            candle_core::DType::F64 => {
-                let (dp, dw, db) = gru_backward(
-                    &flat(pre)?.to_vec1::<f64>()?,
-                    &flat(w_hh)?.to_vec1::<f64>()?,
-                    &flat(b_hn)?.to_vec1::<f64>()?,
-                    &flat(grad)?.to_vec1::<f64>()?,
-                    d,
-                );
-                (like(dp, pre)?, like(dw, w_hh)?, like(db, b_hn)?)
-            }
+            candle_core::DType::F32 => grads!(f32, fast::gru_backward),
+            candle_core::DType::F64 => grads!(f64, gru_backward::<f64>),
             other => candle_core::bail!("gru: unsupported dtype {other:?}"),
         };
         Ok((Some(dp), Some(dw), Some(db)))
+    }
+}
+
+/// `f` of the contiguous data of `t`, read where it lies (no copy).
+fn in_place<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(super::contiguous_slice(cpu.as_slice::<T>()?, layout, op)?),
+        _ => candle_core::bail!("{op}: CPU tensors only"),
     }
 }
 
@@ -506,26 +515,24 @@ impl CustomOp2 for LstmOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let d = dims(pre.shape(), w_hh.shape(), 4, "lstm")?;
-        let flat = |t: &Tensor| t.flatten_all();
+        let grad = grad.contiguous()?;
+        // The inputs are read where they lie (copies of them cost page faults); only the
+        // gradients are new.
+        macro_rules! grads {
+            ($t:ty, $backward:path) => {
+                in_place(pre, "lstm", |p: &[$t]| {
+                    in_place(w_hh, "lstm", |w: &[$t]| {
+                        in_place(&grad, "lstm", |g: &[$t]| {
+                            let (dp, dw) = $backward(p, w, g, d);
+                            Ok((like(dp, pre)?, like(dw, w_hh)?))
+                        })
+                    })
+                })?
+            };
+        }
         let (dpre, dw) = match pre.dtype() {
-            candle_core::DType::F32 => {
-                let (dp, dw) = fast::lstm_backward(
-                    &flat(pre)?.to_vec1::<f32>()?,
-                    &flat(w_hh)?.to_vec1::<f32>()?,
-                    &flat(grad)?.to_vec1::<f32>()?,
-                    d,
-                );
-                (Tensor::from_vec(dp, pre.shape(), pre.device())?, Tensor::from_vec(dw, w_hh.shape(), w_hh.device())?)
-            }
-            candle_core::DType::F64 => {
-                let (dp, dw) = backward(
-                    &flat(pre)?.to_vec1::<f64>()?,
-                    &flat(w_hh)?.to_vec1::<f64>()?,
-                    &flat(grad)?.to_vec1::<f64>()?,
-                    d,
-                );
-                (Tensor::from_vec(dp, pre.shape(), pre.device())?, Tensor::from_vec(dw, w_hh.shape(), w_hh.device())?)
-            }
+            candle_core::DType::F32 => grads!(f32, fast::lstm_backward),
+            candle_core::DType::F64 => grads!(f64, backward::<f64>),
             other => candle_core::bail!("lstm: unsupported dtype {other:?}"),
         };
         Ok((Some(dpre), Some(dw)))
