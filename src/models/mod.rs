@@ -4,9 +4,10 @@
 //! `impl Registered`) plus one line in `registry!` below. From that list the macro generates
 //! [`ModelConfig`] (which model a checkpoint holds, tagged by name in `config.json`), [`Model`]
 //! and [`ModelState`] (any model and its stepper state behind one [`Autoregressive`]
-//! implementation), [`MODELS`] (the names and summaries the command line offers) and the lists
-//! the property tests run over. A macro rather than trait objects: `Autoregressive` has an
-//! associated `State` type, and an enum keeps `Model` a plain value that clones and matches.
+//! implementation), [`ModelConfig::image_models`] (the names and summaries `mnist train
+//! --model` offers) and [`ModelConfig::examples`] (what the property tests run over). A macro
+//! rather than trait objects: `Autoregressive` has an associated `State` type, and an enum
+//! keeps `Model` a plain value that clones and matches.
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
@@ -125,9 +126,6 @@ macro_rules! registry {
         pub enum ModelState {
             $($(#[doc = $doc])+ $variant(<$model as Autoregressive>::State),)+
         }
-
-        /// Every model: its name (as in `config.json` and on the command line) and summary.
-        pub const MODELS: &[(&str, &str)] = &[$(($name, concat!($($doc),+)),)+];
 
         impl ModelConfig {
             /// The model's name as the command line spells it.
