@@ -17,6 +17,52 @@ pub mod recurrent;
 pub mod wavenet_stack;
 pub use gated::gated_unit;
 
+/// The widest vector unit of this CPU the hand-written loops are compiled for: 2 for AVX-512, 1
+/// for AVX2 (both with FMA), 0 for neither.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn vector_level() -> u8 {
+    use std::arch::is_x86_feature_detected as has;
+    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if has!("avx512f") && has!("avx2") && has!("fma") {
+            2
+        } else if has!("avx2") && has!("fma") {
+            1
+        } else {
+            0
+        }
+    })
+}
+
+/// `pub fn NAME(args) -> R` running `INNER(args)` compiled for the CPU's vector unit (found at
+/// run time), so that one binary runs on any x86-64 and still uses AVX-512 or AVX2 where
+/// present. `INNER` should be `#[inline(always)]`, so that its loops are compiled inside.
+macro_rules! per_cpu {
+    ($(pub fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $inner:path;)*) => {$(
+        pub fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $inner($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $inner($($arg),*)
+                }
+                match $crate::layers::vector_level() {
+                    // SAFETY: the features were detected on this CPU.
+                    2 => return unsafe { avx512($($arg),*) },
+                    1 => return unsafe { avx2($($arg),*) },
+                    _ => {}
+                }
+            }
+            $inner($($arg),*)
+        }
+    )*};
+}
+pub(crate) use per_cpu;
+
 /// The slice of a custom op's input that `layout` describes, which must be contiguous.
 pub(crate) fn contiguous_slice<'a, T>(
     data: &'a [T],

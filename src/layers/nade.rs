@@ -222,66 +222,12 @@ fn backward<T: Real>(x: &[T], wc: &[T], v: &[T], dy: &[T], d: Dims, act: Activat
 /// The f32 loops compiled for the widest vector unit the CPU has (found at run time), so that
 /// one binary runs on any x86-64 and still uses AVX-512 or AVX2 where present.
 mod fast {
+    use super::super::per_cpu;
     use super::{Activation, Dims};
 
-    macro_rules! with_features {
-        ($name:ident, $features:literal) => {
-            #[cfg(target_arch = "x86_64")]
-            mod $name {
-                use super::super::{Activation, Dims, backward, forward};
-                #[target_feature(enable = $features)]
-                pub unsafe fn fwd(x: &[f32], wc: &[f32], v: &[f32], d: Dims, act: Activation) -> Vec<f32> {
-                    forward(x, wc, v, d, act)
-                }
-                #[target_feature(enable = $features)]
-                pub unsafe fn bwd(
-                    x: &[f32],
-                    wc: &[f32],
-                    v: &[f32],
-                    dy: &[f32],
-                    d: Dims,
-                    act: Activation,
-                ) -> (Vec<f32>, Vec<f32>) {
-                    backward(x, wc, v, dy, d, act)
-                }
-            }
-        };
-    }
-    with_features!(avx512, "avx512f,avx2,fma");
-    with_features!(avx2, "avx2,fma");
-
-    #[cfg(target_arch = "x86_64")]
-    fn level() -> u8 {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx2") && has!("fma") {
-            2
-        } else if has!("avx2") && has!("fma") {
-            1
-        } else {
-            0
-        }
-    }
-
-    pub fn forward(x: &[f32], wc: &[f32], v: &[f32], d: Dims, act: Activation) -> Vec<f32> {
-        #[cfg(target_arch = "x86_64")]
-        match level() {
-            // SAFETY: the features were detected on this CPU.
-            2 => return unsafe { avx512::fwd(x, wc, v, d, act) },
-            1 => return unsafe { avx2::fwd(x, wc, v, d, act) },
-            _ => {}
-        }
-        super::forward(x, wc, v, d, act)
-    }
-
-    pub fn backward(x: &[f32], wc: &[f32], v: &[f32], dy: &[f32], d: Dims, act: Activation) -> (Vec<f32>, Vec<f32>) {
-        #[cfg(target_arch = "x86_64")]
-        match level() {
-            // SAFETY: the features were detected on this CPU.
-            2 => return unsafe { avx512::bwd(x, wc, v, dy, d, act) },
-            1 => return unsafe { avx2::bwd(x, wc, v, dy, d, act) },
-            _ => {}
-        }
-        super::backward(x, wc, v, dy, d, act)
+    per_cpu! {
+        pub fn forward(x: &[f32], wc: &[f32], v: &[f32], d: Dims, act: Activation) -> Vec<f32> = super::forward::<f32>;
+        pub fn backward(x: &[f32], wc: &[f32], v: &[f32], dy: &[f32], d: Dims, act: Activation) -> (Vec<f32>, Vec<f32>) = super::backward::<f32>;
     }
 }
 

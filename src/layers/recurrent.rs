@@ -207,45 +207,8 @@ fn backward<T: Real>(pre: &[T], w_hh: &[T], dh_out: &[T], d: Dims) -> (Vec<T>, V
 /// The f32 loops compiled for the widest vector unit the CPU has (found at run time), so that
 /// one binary runs on any x86-64 and still uses AVX-512 or AVX2 where present.
 mod fast {
+    use super::super::per_cpu;
     use super::{Dims, GruGrads, Trace};
-
-    #[cfg(target_arch = "x86_64")]
-    fn level() -> u8 {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx2") && has!("fma") {
-            2
-        } else if has!("avx2") && has!("fma") {
-            1
-        } else {
-            0
-        }
-    }
-
-    /// `pub fn NAME(args) -> R` running `INNER(args)` compiled for the CPU's vector unit.
-    macro_rules! per_cpu {
-        ($(pub fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $inner:path;)*) => {$(
-            pub fn $name($($arg: $ty),*) -> $ret {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f,avx2,fma")]
-                    unsafe fn avx512($($arg: $ty),*) -> $ret {
-                        $inner($($arg),*)
-                    }
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn avx2($($arg: $ty),*) -> $ret {
-                        $inner($($arg),*)
-                    }
-                    match level() {
-                        // SAFETY: the features were detected on this CPU.
-                        2 => return unsafe { avx512($($arg),*) },
-                        1 => return unsafe { avx2($($arg),*) },
-                        _ => {}
-                    }
-                }
-                $inner($($arg),*)
-            }
-        )*};
-    }
 
     per_cpu! {
         pub fn lstm_forward(pre: &[f32], w: &[f32], d: Dims, keep: bool) -> Trace<f32> = super::forward::<f32>;
