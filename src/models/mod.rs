@@ -97,11 +97,11 @@ impl Settings {
     }
 }
 
-/// Runs `$body` with `$m` bound to the inner value of `$value`, a variant of `$enum`.
+/// Runs `$body` with `$m` bound to the model inside `$value`, a [`Model`] of one of `$variant`.
 macro_rules! dispatch {
-    ($value:expr, $enum:ident, [$($variant:ident),*], $m:ident => $body:expr) => {
+    ($value:expr, [$($variant:ident),*], $m:ident => $body:expr) => {
         match $value {
-            $($enum::$variant($m) => $body,)*
+            $(Model::$variant($m) => $body,)*
         }
     };
 }
@@ -194,7 +194,7 @@ macro_rules! registry {
         impl Model {
             /// See [`Registered::weight_masks`].
             pub fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
-                dispatch!(self, Model, [$($variant),+], m => m.weight_masks())
+                dispatch!(self, [$($variant),+], m => m.weight_masks())
             }
         }
 
@@ -202,47 +202,47 @@ macro_rules! registry {
             type State = ModelState;
 
             fn vocab_size(&self) -> usize {
-                dispatch!(self, Model, [$($variant),+], m => m.vocab_size())
+                dispatch!(self, [$($variant),+], m => m.vocab_size())
             }
 
             fn dependency_window(&self) -> Option<usize> {
-                dispatch!(self, Model, [$($variant),+], m => m.dependency_window())
+                dispatch!(self, [$($variant),+], m => m.dependency_window())
             }
 
             fn max_context(&self) -> Option<usize> {
-                dispatch!(self, Model, [$($variant),+], m => m.max_context())
+                dispatch!(self, [$($variant),+], m => m.max_context())
             }
 
             fn likelihood(&self) -> Likelihood {
-                dispatch!(self, Model, [$($variant),+], m => m.likelihood())
+                dispatch!(self, [$($variant),+], m => m.likelihood())
             }
 
             fn num_labels(&self) -> usize {
-                dispatch!(self, Model, [$($variant),+], m => m.num_labels())
+                dispatch!(self, [$($variant),+], m => m.num_labels())
             }
 
             fn ordering(&self) -> Option<Vec<usize>> {
-                dispatch!(self, Model, [$($variant),+], m => m.ordering())
+                dispatch!(self, [$($variant),+], m => m.ordering())
             }
 
             fn connectivities(&self) -> usize {
-                dispatch!(self, Model, [$($variant),+], m => m.connectivities())
+                dispatch!(self, [$($variant),+], m => m.connectivities())
             }
 
             fn select_connectivity(&mut self, k: usize) {
-                dispatch!(self, Model, [$($variant),+], m => m.select_connectivity(k))
+                dispatch!(self, [$($variant),+], m => m.select_connectivity(k))
             }
 
             fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
-                dispatch!(self, Model, [$($variant),+], m => m.forward(tokens, labels))
+                dispatch!(self, [$($variant),+], m => m.forward(tokens, labels))
             }
 
             fn forward_reference(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Option<Result<Tensor>> {
-                dispatch!(self, Model, [$($variant),+], m => m.forward_reference(tokens, labels))
+                dispatch!(self, [$($variant),+], m => m.forward_reference(tokens, labels))
             }
 
             fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
-                dispatch!(self, Model, [$($variant),+], m => m.position_nll(batch))
+                dispatch!(self, [$($variant),+], m => m.position_nll(batch))
             }
 
             fn start(&self, batch: usize, labels: Option<&Tensor>) -> Result<ModelState> {
