@@ -36,7 +36,7 @@ const MAX_EPOCHS: u64 = 100_000;
 /// Whether a model is of grey levels (a density over dequantised 8-bit MNIST: RNADE) rather
 /// than binary pixels.
 fn is_grey(model: &ModelConfig) -> bool {
-    matches!(model.likelihood(), Likelihood::Density { .. })
+    dequantisation(model.likelihood()).is_some()
 }
 
 /// The datasets, as `config.json` names them.
@@ -65,10 +65,14 @@ fn dataset_of(manifest: &Manifest) -> &str {
     manifest.images.as_ref().map_or(BINARIZED, |i| i.dataset.as_str())
 }
 
-/// log p(quantised image) = log p(dequantised image) − D·ln L for data of L levels: the
-/// density on [0, 1]^D moved to the scale of the 8-bit data, comparable with discrete models.
-fn dequantisation_correction(levels: usize) -> f64 {
-    PIXELS as f64 * (levels as f64).ln()
+/// For a density over dequantised data of L levels, D·ln L: log p(quantised image) =
+/// log p(dequantised image) − D·ln L, the density on [0, 1]^D moved to the scale of the 8-bit
+/// data, comparable with discrete models. `None` for a categorical model (binary pixels).
+fn dequantisation(likelihood: Likelihood) -> Option<f64> {
+    match likelihood {
+        Likelihood::Categorical => None,
+        Likelihood::Density { levels } => Some(PIXELS as f64 * (levels as f64).ln()),
+    }
 }
 
 /// A trained image model.
@@ -213,10 +217,7 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     };
     let spe = images.steps_per_epoch;
     // Per-image NLL as reported: binary nats, or nats on the 8-bit scale for grey levels.
-    let correction = match model.likelihood() {
-        Likelihood::Categorical => 0.0,
-        Likelihood::Density { levels } => dequantisation_correction(levels),
-    };
+    let correction = dequantisation(model.likelihood()).unwrap_or(0.0);
     let per_image = move |nats_per_pixel: f64| nats_per_pixel * PIXELS as f64 + correction;
     let mut observe = |e: Event| match e {
         Event::Step { step, .. } => reporter.progress("epoch", (step - 1) % spe + 1, spe),
@@ -328,21 +329,18 @@ fn init_output_bias(params: &Params, set: &Images) -> Result<()> {
 /// the same noise on every call, moved to the 8-bit scale).
 pub fn log_probs(model: &Model, set: &Images, reporter: &mut dyn Reporter) -> Result<Vec<f64>> {
     let chunk = 500;
-    let levels = match model.likelihood() {
-        Likelihood::Categorical => None,
-        Likelihood::Density { levels } => Some(levels),
-    };
+    let correction = dequantisation(model.likelihood());
     let mut noise = Rng::derived(0, "evaluation dequantisation");
     let mut out = Vec::with_capacity(set.n);
     for start in (0..set.n).step_by(chunk) {
         reporter.progress("scoring", start as u64, set.n as u64);
         let mut batch = batch_of(set, start..(start + chunk).min(set.n))?;
-        if levels.is_some() {
+        if correction.is_some() {
             batch = mnist::dequantize(batch, &mut noise)?;
         }
         let nll = model.position_nll(&batch)?; // (B, 784)
-        let correction = levels.map_or(0.0, dequantisation_correction);
-        out.extend(nll.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|n| -n - correction));
+        let shift = correction.unwrap_or(0.0);
+        out.extend(nll.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|n| -n - shift));
     }
     reporter.progress("scoring", set.n as u64, set.n as u64);
     Ok(out)
