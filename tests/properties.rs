@@ -332,3 +332,49 @@ fn every_model_learns_a_toy_distribution_to_its_known_nll() {
         assert!(per_sequence < best + 0.1, "{name}: learned only {per_sequence} nats per sequence, best is {best}");
     }
 }
+
+/// The pixels whose change moves the logits of pixel `target` of a `height × width` image.
+fn influencers(model: &Model, height: usize, width: usize, target: usize) -> Vec<usize> {
+    let mut rng = Rng::new(12);
+    let tokens = check::random_tokens(1, height * width, 2, &mut rng).unwrap();
+    let base = model.forward(&tokens, None).unwrap().get(0).unwrap().get(target).unwrap();
+    let mut rows = tokens.to_vec2::<u32>().unwrap();
+    (0..height * width)
+        .filter(|&p| {
+            rows[0][p] ^= 1;
+            let changed = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
+            rows[0][p] ^= 1;
+            let out = model.forward(&changed, None).unwrap().get(0).unwrap().get(target).unwrap();
+            (&out - &base).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0
+        })
+        .collect()
+}
+
+/// Gated PixelCNN has no blind spot: every earlier pixel within its reach (rows above, columns
+/// either side, and the row so far) influences a pixel's logits, and no other pixel does. The
+/// same check finds PixelCNN's blind spot (up and to the right), so it can fail.
+#[test]
+fn gated_pixelcnn_sees_every_earlier_pixel_within_reach() {
+    use wavegen::models::pixelcnn::{Config, GatedPixelCnn};
+    let cfg = Config { classes: 2, height: 7, width: 9, channels: 4, layers: 2, first_kernel: 3, kernel: 3, head: 5 };
+    let (up, side) = GatedPixelCnn::reach(&cfg);
+    let (row, col) = (5, 4);
+    let target = row * cfg.width + col;
+    let within = |p: usize| {
+        let (r, c) = (p / cfg.width, p % cfg.width);
+        p < target && row - r.min(row) <= up && c.abs_diff(col) <= side
+    };
+    let expected: Vec<usize> = (0..cfg.height * cfg.width).filter(|&p| within(p)).collect();
+    assert!(expected.len() > 30, "the reach covers several rows: {}", expected.len());
+    let (gated, params) = build(&ModelConfig::GatedPixelCnn(cfg.clone()), DType::F32, 13);
+    // Biases start at 0; move them off it so that no unit is exactly off.
+    for (_, var) in params.named() {
+        var.set(&(var.as_tensor() + 0.1).unwrap()).unwrap();
+    }
+    assert_eq!(influencers(&gated, cfg.height, cfg.width, target), expected);
+
+    let (plain, _) = build(&ModelConfig::PixelCnn(Config { layers: 3, ..cfg.clone() }), DType::F32, 13);
+    let seen = influencers(&plain, cfg.height, cfg.width, target);
+    let (r, c) = (row - 2, col + 3); // two rows up, three right: within reach, in the blind spot
+    assert!(within(r * cfg.width + c) && !seen.contains(&(r * cfg.width + c)), "PixelCNN's blind spot");
+}

@@ -14,6 +14,7 @@ pub mod gated;
 pub mod matmul;
 pub mod nade;
 pub mod recurrent;
+pub mod shifted;
 pub mod wavenet_stack;
 pub use gated::gated_unit;
 
@@ -73,6 +74,24 @@ pub(crate) fn contiguous_slice<'a, T>(
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{op}: inputs must be contiguous"),
     }
+}
+
+/// `f` of the contiguous data of `t`, read where it lies (no copy).
+pub(crate) fn in_place<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(contiguous_slice(cpu.as_slice::<T>()?, layout, op)?),
+        _ => candle_core::bail!("{op}: CPU tensors only"),
+    }
+}
+
+/// `values` as a tensor of the shape and device of `like`.
+pub(crate) fn like<T: candle_core::WithDType>(values: Vec<T>, like: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(values, like.shape(), like.device())
 }
 
 /// An affine map over the last dimension, weight stored `(in, out)` (the transpose of

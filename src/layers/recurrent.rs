@@ -24,6 +24,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::matmul::{Exact, Mat, Products, Scalar};
+use super::{in_place, like};
 use crate::Result;
 use crate::fastmath::fast_exp;
 
@@ -387,24 +388,6 @@ impl CustomOp3 for GruOp {
         };
         Ok((Some(dp), Some(dw), Some(db)))
     }
-}
-
-/// `f` of the contiguous data of `t`, read where it lies (no copy).
-fn in_place<T: candle_core::WithDType, R>(
-    t: &Tensor,
-    op: &str,
-    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(cpu) => f(super::contiguous_slice(cpu.as_slice::<T>()?, layout, op)?),
-        _ => candle_core::bail!("{op}: CPU tensors only"),
-    }
-}
-
-/// `values` as a tensor of the shape and device of `like`.
-fn like<T: candle_core::WithDType>(values: Vec<T>, like: &Tensor) -> candle_core::Result<Tensor> {
-    Tensor::from_vec(values, like.shape(), like.device())
 }
 
 /// The GRU recurrence in candle's operations, for the model's `forward_reference`.

@@ -22,6 +22,7 @@ use crate::{Error, Result};
 pub mod fvsbn;
 pub mod made;
 pub mod nade;
+pub mod pixelcnn;
 pub mod rnade;
 pub mod rnn;
 pub mod wavenet;
@@ -285,6 +286,10 @@ registry! {
     "lstm" => Lstm(rnn::Lstm),
     /// GRU: the LSTM's lighter cousin (three gates, no cell), in raster order.
     "gru" => Gru(rnn::Gru),
+    /// PixelCNN: masked convolutions, mask A and then residual blocks of mask B.
+    "pixelcnn" => PixelCnn(pixelcnn::PixelCnn),
+    /// Gated PixelCNN: vertical and horizontal stacks of tanh·σ gates, with no blind spot.
+    "gated-pixelcnn" => GatedPixelCnn(pixelcnn::GatedPixelCnn),
 }
 
 impl ModelConfig {

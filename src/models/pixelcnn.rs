@@ -1,0 +1,700 @@
+//! PixelCNN (van den Oord et al., 2016, "Pixel Recurrent Neural Networks",
+//! <https://arxiv.org/abs/1601.06759>) and Gated PixelCNN (van den Oord et al., 2016,
+//! "Conditional Image Generation with PixelCNN Decoders", <https://arxiv.org/abs/1606.05328>).
+//!
+//! Both are stacks of masked convolutions over the image, in raster order. Each convolution is
+//! a sum of shifted matrix products (`layers::shifted`): the image is laid out row after row
+//! with `pad` zero columns after each row, so that a tap at (dy, dx) is the row `dy·stride +
+//! dx` away and a horizontal shift never wraps onto a pixel. A mask is the choice of taps:
+//!
+//! - mask A (the first layer): the rows above and the pixels to the left;
+//! - mask B (after it): the same and the pixel itself;
+//! - Gated PixelCNN's vertical stack: the rows above *and* the current row, all columns, whose
+//!   output reaches the horizontal stack one row down (the "link"), and its horizontal stack:
+//!   the pixels to the left in the current row. Together they see every earlier pixel within
+//!   reach: no blind spot. Each layer is gated, tanh(f) ⊙ σ(g).
+//!
+//! Generation is cached (Ramachandran et al., 2017, "Fast Generation for Convolutional
+//! Autoregressive Models"): every layer's activations are kept, and each new pixel computes
+//! every layer at that one position (the vertical stack a whole row at a time, once the row
+//! above is complete), so a pixel costs O(layers · taps · channels²), not a full pass.
+//!
+//! | name | shape | role |
+//! |---|---|---|
+//! | `input.weight` | `(K_A, 1, 2C)` | PixelCNN: mask-A convolution of the pixel values |
+//! | `blocks.{l}.reduce.weight`, `.conv.weight`, `.expand.weight` | `(2C, C)`, `(K_B, C, C)`, `(C, 2C)` | PixelCNN's residual blocks |
+//! | `layers.{l}.vertical.weight` | `(K_v, C_in, 2C)` | Gated: vertical stack, `C_in` 1 at l = 0 |
+//! | `layers.{l}.horizontal.weight` | `(K_h, C_in, 2C)` | Gated: horizontal stack |
+//! | `layers.{l}.link.weight` | `(1, 2C, 2C)` | Gated: vertical → horizontal, one row down |
+//! | `layers.{l}.residual.weight` | `(C, C)` | Gated: horizontal output, added to its input after l = 0 |
+//! | `head.0.weight`, `head.1.weight` | `(C or 2C, H)`, `(H, V)` | ReLU, 1×1, ReLU, 1×1 to the logits |
+//!
+//! Every weight has a bias of its output size beside it.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::{MAX_HIDDEN, Registered, Settings, within};
+use crate::core::Autoregressive;
+use crate::core::train::Precision;
+use crate::layers::gated_unit;
+use crate::layers::matmul::{Exact, Mat, Products};
+use crate::layers::shifted::shifted_matmul;
+use crate::{Error, Result};
+
+/// Hyper-parameters of a PixelCNN or Gated PixelCNN.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// Pixel classes V (2 for binary images).
+    pub classes: usize,
+    /// Image height.
+    pub height: usize,
+    /// Image width.
+    pub width: usize,
+    /// Channels C of the residual stream (PixelCNN: its blocks' inner width; the stream is 2C).
+    pub channels: usize,
+    /// Residual blocks (PixelCNN) or gated layers (Gated PixelCNN) after the first layer.
+    pub layers: usize,
+    /// Side of the first layer's kernel (odd).
+    pub first_kernel: usize,
+    /// Side of the later layers' kernels (odd).
+    pub kernel: usize,
+    /// Hidden units of the 1×1 output head.
+    pub head: usize,
+}
+
+impl Config {
+    /// The pixels of an image.
+    pub fn pixels(&self) -> usize {
+        self.height * self.width
+    }
+
+    fn check(&self, name: &str) -> Result<()> {
+        within(&format!("{name} classes"), self.classes, 2, 256)?;
+        within(&format!("{name} height"), self.height, 1, 4096)?;
+        within(&format!("{name} width"), self.width, 1, 4096)?;
+        within(&format!("{name} pixels"), self.pixels(), 2, super::MAX_PIXELS)?;
+        within(&format!("{name} --channels"), self.channels, 1, MAX_HIDDEN)?;
+        within(&format!("{name} --layers"), self.layers, 0, 256)?;
+        within(&format!("{name} --head"), self.head, 1, MAX_HIDDEN)?;
+        for (what, k) in [("first kernel", self.first_kernel), ("kernel", self.kernel)] {
+            within(&format!("{name} {what}"), k, 1, 31)?;
+            if k % 2 == 0 {
+                return Err(Error::Config(format!("the {name}'s {what} is {k}; it must be odd")));
+            }
+        }
+        Ok(())
+    }
+
+    fn grid(&self) -> Grid {
+        let pad = self.first_kernel.max(self.kernel) / 2;
+        Grid { height: self.height, width: self.width, stride: self.width + pad }
+    }
+}
+
+/// The padded raster layout: `height` rows of `stride` slots, the first `width` of each a
+/// pixel, the rest zero.
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    height: usize,
+    width: usize,
+    stride: usize,
+}
+
+impl Grid {
+    fn slots(&self) -> usize {
+        self.height * self.stride
+    }
+
+    /// The slot of pixel `t` (raster order).
+    fn slot(&self, t: usize) -> usize {
+        (t / self.width) * self.stride + t % self.width
+    }
+
+    /// The offsets of the taps at (dy, dx).
+    fn offsets(&self, taps: &[(isize, isize)]) -> Vec<isize> {
+        taps.iter().map(|&(dy, dx)| dy * self.stride as isize + dx).collect()
+    }
+
+    /// `(1, slots, 1)`: 1 at the pixels, 0 at the padding.
+    fn pixel_mask(&self, dtype: DType) -> Result<Tensor> {
+        let v: Vec<f32> = (0..self.slots()).map(|s| if s % self.stride < self.width { 1.0 } else { 0.0 }).collect();
+        Ok(Tensor::from_vec(v, (1, self.slots(), 1), &Device::Cpu)?.to_dtype(dtype)?)
+    }
+
+    /// Pixel values of tokens `(B, T)` (T ≤ pixels, the rest zero) in the padded layout,
+    /// `(B, slots, 1)`, scaled to [0, 1].
+    fn values(&self, tokens: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> {
+        let (b, len) = tokens.dims2()?;
+        let pixels = self.height * self.width;
+        if len > pixels {
+            return Err(Error::Config(format!("{len} tokens given to a model of {pixels} pixels")));
+        }
+        let x = (tokens.to_dtype(dtype)? / (classes - 1) as f64)?;
+        let x = if len < pixels { x.pad_with_zeros(1, 0, pixels - len)? } else { x };
+        let x = x.reshape((b, self.height, self.width))?.pad_with_zeros(2, 0, self.stride - self.width)?;
+        Ok(x.reshape((b, self.slots(), 1))?)
+    }
+
+    /// Logits in the padded layout `(B, slots, V)` → the first `len` pixels' `(B, len, V)`.
+    fn pixels_of(&self, logits: &Tensor, len: usize) -> Result<Tensor> {
+        let (b, _, v) = logits.dims3()?;
+        let x = logits.reshape((b, self.height, self.stride, v))?.narrow(2, 0, self.width)?;
+        Ok(x.contiguous()?.reshape((b, self.height * self.width, v))?.narrow(1, 0, len)?)
+    }
+}
+
+/// Taps of a k × k kernel: the rows above (all columns), and in the current row the pixels to
+/// the left, with the pixel itself when `center` (mask B) or not (mask A).
+fn masked_taps(k: usize, center: bool) -> Vec<(isize, isize)> {
+    let r = (k / 2) as isize;
+    let above = (-r..0).flat_map(|dy| (-r..=r).map(move |dx| (dy, dx)));
+    above.chain((-r..=0).filter(|&dx| center || dx < 0).map(|dx| (0, dx))).collect()
+}
+
+/// Gated PixelCNN's vertical taps: the rows above and the current one, all columns.
+fn vertical_taps(k: usize) -> Vec<(isize, isize)> {
+    let r = (k / 2) as isize;
+    (-r..=0).flat_map(|dy| (-r..=r).map(move |dx| (dy, dx))).collect()
+}
+
+/// Gated PixelCNN's horizontal taps: the pixels to the left, and the pixel itself if `center`.
+fn horizontal_taps(k: usize, center: bool) -> Vec<(isize, isize)> {
+    let r = (k / 2) as isize;
+    (-r..=0).filter(|&dx| center || dx < 0).map(|dx| (0, dx)).collect()
+}
+
+/// A masked convolution (or a 1×1 one: the single tap (0, 0)) and its bias.
+#[derive(Debug, Clone)]
+struct Conv {
+    /// `(K, C_in, C_out)`.
+    weight: Tensor,
+    bias: Tensor,
+    offsets: Vec<isize>,
+}
+
+impl Conv {
+    fn new(grid: &Grid, taps: &[(isize, isize)], c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
+        let fan_in = (taps.len() * c_in) as f64;
+        let init = Init::Randn { mean: 0.0, stdev: 1.0 / fan_in.sqrt() };
+        Ok(Conv {
+            weight: vb.get_with_hints((taps.len(), c_in, c_out), "weight", init)?,
+            bias: vb.get_with_hints(c_out, "bias", Init::Const(0.0))?,
+            offsets: grid.offsets(taps),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
+        Ok(shifted_matmul(x, &self.weight, &self.offsets, precision)?.broadcast_add(&self.bias)?)
+    }
+
+    fn weights(taps: usize, c_in: usize, c_out: usize) -> usize {
+        (taps * c_in + 1) * c_out
+    }
+}
+
+/// The output head: ReLU, 1×1, ReLU, 1×1.
+#[derive(Debug, Clone)]
+struct Head {
+    hidden: Conv,
+    out: Conv,
+}
+
+impl Head {
+    fn new(grid: &Grid, c_in: usize, cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Head {
+            hidden: Conv::new(grid, &[(0, 0)], c_in, cfg.head, vb.pp("head.0"))?,
+            out: Conv::new(grid, &[(0, 0)], cfg.head, cfg.classes, vb.pp("head.1"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
+        let h = self.hidden.forward(&x.relu()?, precision)?;
+        self.out.forward(&h.relu()?, precision)
+    }
+
+    fn weights(c_in: usize, cfg: &Config) -> usize {
+        Conv::weights(1, c_in, cfg.head) + Conv::weights(1, cfg.head, cfg.classes)
+    }
+}
+
+/// PixelCNN: a mask-A convolution, residual blocks of a mask-B convolution, the head.
+#[derive(Debug, Clone)]
+pub struct PixelCnn {
+    /// Hyper-parameters.
+    pub cfg: Config,
+    grid: Grid,
+    input: Conv,
+    blocks: Vec<[Conv; 3]>,
+    head: Head,
+    precision: Precision,
+}
+
+/// Gated PixelCNN: vertical and horizontal stacks of gated layers, the head.
+#[derive(Debug, Clone)]
+pub struct GatedPixelCnn {
+    /// Hyper-parameters.
+    pub cfg: Config,
+    grid: Grid,
+    layers: Vec<GatedLayer>,
+    head: Head,
+    precision: Precision,
+}
+
+#[derive(Debug, Clone)]
+struct GatedLayer {
+    vertical: Conv,
+    horizontal: Conv,
+    link: Conv,
+    residual: Conv,
+}
+
+impl PixelCnn {
+    /// Loads or creates the weights under `vb`.
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        <Self as Registered>::weights(cfg)?;
+        let (grid, c) = (cfg.grid(), cfg.channels);
+        let b_taps = masked_taps(cfg.kernel, true);
+        let blocks = (0..cfg.layers)
+            .map(|l| {
+                let vb = vb.pp(format!("blocks.{l}"));
+                Ok([
+                    Conv::new(&grid, &[(0, 0)], 2 * c, c, vb.pp("reduce"))?,
+                    Conv::new(&grid, &b_taps, c, c, vb.pp("conv"))?,
+                    Conv::new(&grid, &[(0, 0)], c, 2 * c, vb.pp("expand"))?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PixelCnn {
+            cfg: cfg.clone(),
+            grid,
+            input: Conv::new(&grid, &masked_taps(cfg.first_kernel, false), 1, 2 * c, vb.pp("input"))?,
+            blocks,
+            head: Head::new(&grid, 2 * c, cfg, vb)?,
+            precision: Precision::F32,
+        })
+    }
+
+    /// The same model, its products in `precision` when training.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+}
+
+impl GatedPixelCnn {
+    /// Loads or creates the weights under `vb`.
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        <Self as Registered>::weights(cfg)?;
+        let (grid, c) = (cfg.grid(), cfg.channels);
+        let layers = (0..=cfg.layers)
+            .map(|l| {
+                let vb = vb.pp(format!("layers.{l}"));
+                let (k, c_in) = if l == 0 { (cfg.first_kernel, 1) } else { (cfg.kernel, c) };
+                Ok(GatedLayer {
+                    vertical: Conv::new(&grid, &vertical_taps(k), c_in, 2 * c, vb.pp("vertical"))?,
+                    horizontal: Conv::new(&grid, &horizontal_taps(k, l > 0), c_in, 2 * c, vb.pp("horizontal"))?,
+                    link: Conv::new(&grid, &[(-1, 0)], 2 * c, 2 * c, vb.pp("link"))?,
+                    residual: Conv::new(&grid, &[(0, 0)], c, c, vb.pp("residual"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GatedPixelCnn { cfg: cfg.clone(), grid, layers, head: Head::new(&grid, c, cfg, vb)?, precision: Precision::F32 })
+    }
+
+    /// The same model, its products in `precision` when training.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// How far the logit of a pixel reaches: `(rows above, columns to either side)`; within
+    /// that, every earlier pixel influences it (there is no blind spot).
+    pub fn reach(cfg: &Config) -> (usize, usize) {
+        let side = cfg.first_kernel / 2 + cfg.layers * (cfg.kernel / 2);
+        (side + 1, side)
+    }
+}
+
+impl Registered for PixelCnn {
+    type Config = Config;
+
+    fn build(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        PixelCnn::new(cfg, vb)
+    }
+
+    fn weights(cfg: &Config) -> Result<usize> {
+        cfg.check("PixelCNN")?;
+        let c = cfg.channels;
+        let block = Conv::weights(1, 2 * c, c) + Conv::weights(masked_taps(cfg.kernel, true).len(), c, c) + Conv::weights(1, c, 2 * c);
+        Ok(Conv::weights(masked_taps(cfg.first_kernel, false).len(), 1, 2 * c) + cfg.layers * block + Head::weights(2 * c, cfg))
+    }
+
+    fn sequence_len(cfg: &Config) -> Option<usize> {
+        Some(cfg.pixels())
+    }
+
+    /// 28 × 28 (or a square of `pixels`), 7×7 mask A, then 3×3 mask B; by default 15 blocks
+    /// of 64 channels (a stream of 128) and a head of 256.
+    fn image_config(pixels: usize, s: &Settings) -> Option<Result<Config>> {
+        Some(image_config(pixels, s, 15, 64))
+    }
+
+    fn examples() -> Vec<(&'static str, Config)> {
+vec![("pixelcnn 4×3, 2 blocks", example(2, 2)), ("pixelcnn 3 classes", example(3, 2))]
+    }
+}
+
+impl Registered for GatedPixelCnn {
+    type Config = Config;
+
+    fn build(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        GatedPixelCnn::new(cfg, vb)
+    }
+
+    fn weights(cfg: &Config) -> Result<usize> {
+        cfg.check("Gated PixelCNN")?;
+        let c = cfg.channels;
+        let layer = |k: usize, c_in: usize, first: bool| {
+            Conv::weights(vertical_taps(k).len(), c_in, 2 * c)
+                + Conv::weights(horizontal_taps(k, !first).len(), c_in, 2 * c)
+                + Conv::weights(1, 2 * c, 2 * c)
+                + Conv::weights(1, c, c)
+        };
+        Ok(layer(cfg.first_kernel, 1, true) + cfg.layers * layer(cfg.kernel, c, false) + Head::weights(c, cfg))
+    }
+
+    fn sequence_len(cfg: &Config) -> Option<usize> {
+        Some(cfg.pixels())
+    }
+
+    /// 28 × 28 (or a square of `pixels`), a 7×7 first layer, then 3×3; by default 12 layers of
+    /// 64 channels and a head of 256.
+    fn image_config(pixels: usize, s: &Settings) -> Option<Result<Config>> {
+        Some(image_config(pixels, s, 11, 64))
+    }
+
+    fn examples() -> Vec<(&'static str, Config)> {
+        vec![("gated pixelcnn 4×3, 3 layers", example(2, 2)), ("gated pixelcnn 3 classes", example(3, 2))]
+    }
+}
+
+/// A configuration for square binary images of `pixels` from the command line.
+fn image_config(pixels: usize, s: &Settings, layers: usize, channels: usize) -> Result<Config> {
+    let side = (pixels as f64).sqrt().round() as usize;
+    if side * side != pixels {
+        return Err(Error::Config(format!("PixelCNN needs square images; {pixels} pixels are not a square")));
+    }
+    Ok(Config {
+        classes: 2,
+        height: side,
+        width: side,
+        channels: s.single_hidden(channels)?,
+        layers: s.layers.map_or(layers, |l| l.saturating_sub(1)),
+        first_kernel: 7,
+        kernel: 3,
+        head: s.embedding.unwrap_or(256),
+    })
+}
+
+/// A tiny model for the property tests: 4 × 3 pixels of `classes`, `layers` after the first.
+/// The toy data copies the pixel two back, which in columns 0 and 1 is up and to the right: a
+/// 5×5 first layer reaches it (in a wider image it would be in PixelCNN's blind spot).
+fn example(classes: usize, layers: usize) -> Config {
+    Config { classes, height: 4, width: 3, channels: 6, layers, first_kernel: 5, kernel: 3, head: 8 }
+}
+
+impl Autoregressive for PixelCnn {
+    type State = cached::State;
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.classes
+    }
+
+    fn dependency_window(&self) -> Option<usize> {
+        None
+    }
+
+    fn max_context(&self) -> Option<usize> {
+        Some(self.cfg.pixels())
+    }
+
+    fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
+        let (p, len) = (self.precision, tokens.dim(1)?);
+        let x = self.grid.values(tokens, self.cfg.classes, self.input.weight.dtype())?;
+        let pixels = self.grid.pixel_mask(x.dtype())?;
+        let mut h = self.input.forward(&x, p)?.broadcast_mul(&pixels)?; // (B, slots, 2C)
+        for [reduce, conv, expand] in &self.blocks {
+            let y = reduce.forward(&h.relu()?, p)?.relu()?.broadcast_mul(&pixels)?;
+            let y = expand.forward(&conv.forward(&y, p)?.relu()?, p)?;
+            h = (h + y)?.broadcast_mul(&pixels)?;
+        }
+        self.grid.pixels_of(&self.head.forward(&h, p)?, len)
+    }
+
+    fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<cached::State> {
+        cached::State::plain(self, batch)
+    }
+
+    fn step(&self, state: &mut cached::State, prev: Option<&Tensor>) -> Result<Tensor> {
+        state.step(prev)
+    }
+}
+
+impl Autoregressive for GatedPixelCnn {
+    type State = cached::State;
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.classes
+    }
+
+    fn dependency_window(&self) -> Option<usize> {
+        None
+    }
+
+    fn max_context(&self) -> Option<usize> {
+        Some(self.cfg.pixels())
+    }
+
+    fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
+        let (p, len) = (self.precision, tokens.dim(1)?);
+        let x = self.grid.values(tokens, self.cfg.classes, self.head.out.weight.dtype())?;
+        let pixels = self.grid.pixel_mask(x.dtype())?;
+        let (mut v, mut h) = (x.clone(), x);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let v_pre = layer.vertical.forward(&v, p)?; // (B, slots, 2C)
+            let h_pre = (layer.horizontal.forward(&h, p)? + layer.link.forward(&v_pre, p)?)?;
+            v = gated_unit(&v_pre)?.broadcast_mul(&pixels)?;
+            let out = layer.residual.forward(&gated_unit(&h_pre)?, p)?;
+            h = if l == 0 { out } else { (out + h)? }.broadcast_mul(&pixels)?;
+        }
+        self.grid.pixels_of(&self.head.forward(&h, p)?, len)
+    }
+
+    fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<cached::State> {
+        cached::State::gated(self, batch)
+    }
+
+    fn step(&self, state: &mut cached::State, prev: Option<&Tensor>) -> Result<Tensor> {
+        state.step(prev)
+    }
+}
+
+/// Cached generation: every layer's activations over the padded layout, filled in as the
+/// pixels are generated, in plain loops over f32 (a step is many small products, for which
+/// candle's per-operation cost would dominate).
+pub mod cached {
+    use super::*;
+
+    /// A convolution's weights as f32 rows `(K·C_in, C_out)`.
+    struct Weights {
+        w: Vec<f32>,
+        b: Vec<f32>,
+        offsets: Vec<isize>,
+        c_in: usize,
+        c_out: usize,
+    }
+
+    impl Weights {
+        fn of(conv: &Conv) -> Result<Self> {
+            let (_k, c_in, c_out) = conv.weight.dims3()?;
+            Ok(Weights {
+                w: conv.weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                b: conv.bias.to_dtype(DType::F32)?.to_vec1()?,
+                offsets: conv.offsets.clone(),
+                c_in,
+                c_out,
+            })
+        }
+
+        /// The convolution at the slots `at` ((image, slot) pairs) of `src`, rows `(at.len(),
+        /// C_out)`: the taps gathered into one matrix, one product.
+        fn at(&self, src: &Map, at: &[(usize, usize)]) -> Vec<f32> {
+            let (k, c) = (self.offsets.len(), self.c_in);
+            let mut gathered = vec![0f32; at.len() * k * c];
+            for (i, &(b, s)) in at.iter().enumerate() {
+                for (j, &o) in self.offsets.iter().enumerate() {
+                    let q = s as isize + o;
+                    if q >= 0 && (q as usize) < src.slots {
+                        gathered[(i * k + j) * c..][..c].copy_from_slice(src.row(b, q as usize));
+                    }
+                }
+            }
+            self.product(&gathered, at.len())
+        }
+
+        /// `rows (n, K·C_in) × W + b`.
+        fn product(&self, rows: &[f32], n: usize) -> Vec<f32> {
+            let mut out: Vec<f32> = (0..n).flat_map(|_| self.b.iter().copied()).collect();
+            let depth = self.offsets.len() * self.c_in;
+            Exact::acc(&mut out, 0, Mat::new(rows, 0, n, depth), Mat::new(&self.w, 0, depth, self.c_out));
+            out
+        }
+    }
+
+    /// One layer's activations for a batch of images, `(B, slots, C)`, zero until computed
+    /// and at the padding.
+    struct Map {
+        slots: usize,
+        c: usize,
+        data: Vec<f32>,
+    }
+
+    impl Map {
+        fn new(batch: usize, slots: usize, c: usize) -> Self {
+            Map { slots, c, data: vec![0.0; batch * slots * c] }
+        }
+
+        fn row(&self, b: usize, s: usize) -> &[f32] {
+            &self.data[(b * self.slots + s) * self.c..][..self.c]
+        }
+
+        /// Stores `rows (at.len(), C)` at the slots `at`.
+        fn write(&mut self, at: &[(usize, usize)], rows: &[f32]) {
+            for (&(b, s), row) in at.iter().zip(rows.chunks_exact(self.c)) {
+                let start = (b * self.slots + s) * self.c;
+                self.data[start..start + self.c].copy_from_slice(row);
+            }
+        }
+    }
+
+    fn gate(pre: &[f32], c: usize) -> Vec<f32> {
+        let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+        pre.chunks_exact(2 * c).flat_map(|r| (0..c).map(move |i| r[i].tanh() * sigmoid(r[c + i]))).collect()
+    }
+
+    fn relu(x: &mut [f32]) {
+        x.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+
+    enum Net {
+        Plain { input: Weights, blocks: Vec<[Weights; 3]>, maps: Vec<Map> },
+        Gated { layers: Vec<[Weights; 4]>, vertical: Vec<Map>, link: Vec<Map>, horizontal: Vec<Map> },
+    }
+
+    /// The stepper state of a PixelCNN or Gated PixelCNN: the generated pixels, every layer's
+    /// activations so far, and the next pixel's index.
+    pub struct State {
+        grid: Grid,
+        classes: usize,
+        dtype: DType,
+        batch: usize,
+        pixels: Map,
+        net: Net,
+        head: [Weights; 2],
+        next: usize,
+    }
+
+    impl State {
+        /// Writes the previous pixel (if any), computes every layer at the next one, and
+        /// returns its logits `(B, V)`.
+        pub(super) fn step(&mut self, prev: Option<&Tensor>) -> Result<Tensor> {
+            let pixels = self.grid.height * self.grid.width;
+            if let Some(p) = prev {
+                let values: Vec<f32> =
+                    p.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().map(|&v| v / (self.classes - 1) as f32).collect();
+                let at: Vec<_> = (0..self.batch).map(|b| (b, self.grid.slot(self.next))).collect();
+                self.pixels.write(&at, &values);
+                self.next += 1;
+            }
+            if self.next >= pixels {
+                return Err(Error::Config(format!("all {pixels} pixels are generated; there is no next one")));
+            }
+            let (grid, slot) = (self.grid, self.grid.slot(self.next));
+            let at: Vec<_> = (0..self.batch).map(|b| (b, slot)).collect();
+            let top = match &mut self.net {
+                Net::Plain { input, blocks, maps } => {
+                    let mut h = input.at(&self.pixels, &at);
+                    for (l, [reduce, conv, expand]) in blocks.iter().enumerate() {
+                        let mut x = h.clone();
+                        relu(&mut x);
+                        let mut y = reduce.product(&x, at.len());
+                        relu(&mut y);
+                        maps[l].write(&at, &y);
+                        let mut y = conv.at(&maps[l], &at);
+                        relu(&mut y);
+                        let y = expand.product(&y, at.len());
+                        h.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+                    }
+                    h
+                }
+                Net::Gated { layers, vertical, link, horizontal } => {
+                    let (row, col) = (self.next / grid.width, self.next % grid.width);
+                    if col == 0 && row > 0 {
+                        // The row above is complete: the vertical stack over all of it.
+                        let above: Vec<_> =
+                            (0..self.batch).flat_map(|b| (0..grid.width).map(move |x| (b, (row - 1) * grid.stride + x))).collect();
+                        for (l, [vert, _, lnk, _]) in layers.iter().enumerate() {
+                            let src = if l == 0 { &self.pixels } else { &vertical[l - 1] };
+                            let pre = vert.at(src, &above);
+                            link[l].write(&above, &lnk.product(&pre, above.len()));
+                            vertical[l].write(&above, &gate(&pre, vert.c_out / 2));
+                        }
+                    }
+                    let mut h = Vec::new();
+                    for (l, [_, horiz, _, residual]) in layers.iter().enumerate() {
+                        let src = if l == 0 { &self.pixels } else { &horizontal[l - 1] };
+                        let mut pre = horiz.at(src, &at);
+                        // The vertical stack's link from the row above (only its bias in row 0).
+                        let c = horiz.c_out;
+                        for (i, &(b, _)) in at.iter().enumerate() {
+                            let above = if row > 0 { link[l].row(b, slot - grid.stride) } else { &layers[l][2].b[..] };
+                            pre[i * c..][..c].iter_mut().zip(above).for_each(|(a, v)| *a += v);
+                        }
+                        let mut out = residual.product(&gate(&pre, horiz.c_out / 2), at.len());
+                        if l > 0 {
+                            out.iter_mut().zip(&h).for_each(|(a, b): (&mut f32, &f32)| *a += b);
+                        }
+                        horizontal[l].write(&at, &out);
+                        h = out;
+                    }
+                    h
+                }
+            };
+            let mut x = top;
+            relu(&mut x);
+            let mut y = self.head[0].product(&x, self.batch);
+            relu(&mut y);
+            let logits = self.head[1].product(&y, self.batch);
+            Ok(Tensor::from_vec(logits, (self.batch, self.classes), &Device::Cpu)?.to_dtype(self.dtype)?)
+        }
+    }
+
+    fn convs<const N: usize>(convs: [&Conv; N]) -> Result<[Weights; N]> {
+        let all = convs.iter().map(|c| Weights::of(c)).collect::<Result<Vec<_>>>()?;
+        Ok(all.try_into().unwrap_or_else(|_| unreachable!("N weights from N convolutions")))
+    }
+
+    impl State {
+        fn with(grid: Grid, cfg: &Config, head: &Head, batch: usize, net: Net) -> Result<State> {
+            Ok(State {
+                grid,
+                classes: cfg.classes,
+                dtype: head.out.weight.dtype(),
+                batch,
+                pixels: Map::new(batch, grid.slots(), 1),
+                net,
+                head: convs([&head.hidden, &head.out])?,
+                next: 0,
+            })
+        }
+
+        pub(super) fn plain(m: &PixelCnn, batch: usize) -> Result<State> {
+            let blocks = m.blocks.iter().map(|[a, b, c]| convs([a, b, c])).collect::<Result<Vec<_>>>()?;
+            let maps = (0..blocks.len()).map(|_| Map::new(batch, m.grid.slots(), m.cfg.channels)).collect();
+            let net = Net::Plain { input: Weights::of(&m.input)?, blocks, maps };
+            State::with(m.grid, &m.cfg, &m.head, batch, net)
+        }
+
+        pub(super) fn gated(m: &GatedPixelCnn, batch: usize) -> Result<State> {
+            let layers =
+                m.layers.iter().map(|l| convs([&l.vertical, &l.horizontal, &l.link, &l.residual])).collect::<Result<Vec<_>>>()?;
+            let maps = |c: usize| (0..layers.len()).map(|_| Map::new(batch, m.grid.slots(), c)).collect::<Vec<_>>();
+            let c = m.cfg.channels;
+            let (vertical, link, horizontal) = (maps(c), maps(2 * c), maps(c));
+            let net = Net::Gated { layers, vertical, link, horizontal };
+            State::with(m.grid, &m.cfg, &m.head, batch, net)
+        }
+    }
+}
