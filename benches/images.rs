@@ -11,7 +11,8 @@ use wavegen::core::params::Params;
 use wavegen::core::sample::{self, Method, SamplerConfig};
 use wavegen::data::Batch;
 use wavegen::layers::nade::Activation;
-use wavegen::models::{ModelConfig, fvsbn, made, nade, rnn};
+use wavegen::core::train::{Precision, loss_and_grads};
+use wavegen::models::{ModelConfig, fvsbn, made, nade, pixelcnn, rnn};
 use wavegen::rng::Rng;
 
 const PIXELS: usize = 784;
@@ -140,5 +141,53 @@ fn sampling(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, training, naive_nade, sampling);
+/// The convolutional models at the size of the PyTorch peer (`benches/peers/pixelcnn.py`):
+/// 12 layers of 64 channels, batch 64, data-parallel over the rayon threads as `mnist train`
+/// runs them, in f32 and (with AMX) bf16.
+fn convolutional(c: &mut Criterion) {
+    let mut group = c.benchmark_group("train_step");
+    group.sample_size(10);
+    let batch = 64;
+    let batch_of_images = Batch {
+        tokens: images(batch),
+        mask: Tensor::ones((batch, PIXELS), DType::F32, &Device::Cpu).unwrap(),
+        labels: None,
+        values: None,
+    };
+    group.throughput(Throughput::Elements(batch as u64));
+    let cfg = pixelcnn::Config {
+        classes: 2,
+        height: 28,
+        width: 28,
+        channels: 64,
+        layers: 11,
+        first_kernel: 7,
+        kernel: 3,
+        head: 256,
+    };
+    let models = [
+        ("gated-pixelcnn-64x12", ModelConfig::GatedPixelCnn(cfg.clone())),
+        ("pixelcnn-64x12", ModelConfig::PixelCnn(cfg)),
+    ];
+    let threads = rayon::current_num_threads();
+    for (name, cfg) in models {
+        for precision in [Precision::F32, Precision::Bf16] {
+            if precision == Precision::Bf16 && !wavegen::layers::matmul::amx::available() {
+                continue;
+            }
+            let params = Params::new(0);
+            let model = cfg.build(params.var_builder(DType::F32)).unwrap().with_precision(precision);
+            let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
+            group.bench_function(format!("{name} {precision}"), |b| {
+                b.iter(|| {
+                    let (_, grads) = loss_and_grads(&model, &batch_of_images, threads).unwrap();
+                    opt.step(&grads, 1e-4).unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, training, naive_nade, sampling, convolutional);
 criterion_main!(benches);

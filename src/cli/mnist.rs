@@ -66,9 +66,20 @@ struct TrainArgs {
     /// NADE's and RNADE's hidden non-linearity [default: NADE sigmoid, RNADE relu].
     #[arg(long, value_enum)]
     activation: Option<Act>,
-    /// LSTM, GRU: stacked layers [default: 1].
+    /// Stacked layers: LSTM, GRU [default: 1]; PixelCNN (the first layer and its residual
+    /// blocks) [default: 16]; Gated PixelCNN [default: 12].
     #[arg(long)]
     layers: Option<usize>,
+    /// PixelCNN, Gated PixelCNN: channels of each layer [default: 64].
+    #[arg(long)]
+    channels: Option<usize>,
+    /// PixelCNN, Gated PixelCNN: hidden units of the 1×1 output head [default: 256].
+    #[arg(long)]
+    head: Option<usize>,
+    /// PixelCNN, Gated PixelCNN: precision of the training products, f32 or bf16 (bfloat16
+    /// products summed in f32, on the AMX unit) [default: bf16 where the CPU has AMX].
+    #[arg(long, value_enum)]
+    precision: Option<super::train::PrecisionArg>,
     /// LSTM, GRU: size of each pixel value's embedding [default: 16].
     #[arg(long)]
     embedding: Option<usize>,
@@ -319,6 +330,8 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         }),
         layers: a.layers,
         embedding: a.embedding,
+        channels: a.channels,
+        head: a.head,
         components: a.components,
         masks: a.masks,
         orderings: a.orderings,
@@ -342,6 +355,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         max_minutes: a.minutes,
         seed: a.seed,
         dynamic: a.dynamic,
+        precision: a.precision.map(Into::into),
     };
     let stop = super::stop_flag()?;
     let mut bars = Bars::new(0, a.json);

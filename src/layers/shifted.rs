@@ -4,45 +4,75 @@
 //! `shared/notes/candle-cpu.md`).
 //!
 //! `x (G, R, C_in)` holds G independent sequences of R rows; tap k reads the row `offsets[k]`
-//! away: `y[g, r] = Σ_k x[g, r + offsets[k]] · w[k]`, rows outside `0..R` counting as zero. A 2-D
-//! convolution over images laid out row after row (with zero columns between the rows, so that
-//! a horizontal shift never wraps onto a pixel) is one such sum: the tap at (dy, dx) reads the
-//! row `dy·stride + dx` away. A mask is simply the choice of taps, so masked-out weights are
-//! never stored or multiplied.
+//! away: `y[g, r] = b + Σ_k x[g, r + offsets[k]] · w[k]`, rows outside `0..R` counting as zero.
+//! A 2-D convolution over images laid out row after row (with zero columns after each image
+//! row, so that a horizontal shift never wraps onto a pixel) is one such sum: the tap at (dy,
+//! dx) reads the row `dy·stride + dx` away. A mask is simply the choice of taps, so masked-out
+//! weights are never stored or multiplied.
+//!
+//! Fused with it, because each would otherwise be a candle operation over the whole activation
+//! (an allocation, a pass, and another in the backward): the bias, a ReLU of the input, and
+//! zeros at the padding rows (so the padding stays zero through a stack without masks).
 //!
 //! Backward: `dx[g, r] = Σ_k dy[g, r − o_k] · w[k]ᵀ` (the same sum with negated offsets and
-//! transposed weights) and `dw[k] = Σ_r x[g, r + o_k]ᵀ dy[g, r]`, each as whole-matrix
-//! products by [`Products`] (f32/f64 exactly, or bf16 on the AMX tile unit).
+//! transposed weights), `dw[k] = Σ_r x[g, r + o_k]ᵀ dy[g, r]` and `db = Σ_r dy[g, r]`, each as
+//! whole-matrix products by [`Products`] (f32/f64 exactly, or bf16 on the AMX tile unit).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::matmul::{Bf16, Exact, Mat, Products, Scalar, amx};
 use super::{contiguous_slice, in_place, like};
 use crate::Result;
 use crate::core::train::Precision;
 
-/// `y (G, R, C_out)` with `y[g, r] = Σ_k x[g, r + offsets[k]] · w[k]`: `x (G, R, C_in)`, `w (K,
-/// C_in, C_out)`, rows outside the sequence zero. `precision` chooses the products of f32
-/// tensors (bf16 falls back to f32 on a CPU without AMX); f64 is always exact.
-pub fn shifted_matmul(x: &Tensor, w: &Tensor, offsets: &[isize], precision: Precision) -> Result<Tensor> {
+/// How a [`shifted_conv`] runs besides its taps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Options {
+    /// Precision of the products of f32 tensors (bf16 falls back to f32 on a CPU without AMX;
+    /// f64 is always exact).
+    pub precision: Precision,
+    /// Apply a ReLU to the input first.
+    pub relu_input: bool,
+    /// Padding rows, whose output is zero: `(period, valid)` makes row r padding when
+    /// `r % period ≥ valid`.
+    pub padding: Option<(usize, usize)>,
+}
+
+impl Options {
+    /// Exact products, no ReLU, no padding.
+    pub fn plain() -> Self {
+        Options { precision: Precision::F32, relu_input: false, padding: None }
+    }
+
+    fn is_padding(&self, row: usize) -> bool {
+        self.padding.is_some_and(|(period, valid)| row % period >= valid)
+    }
+}
+
+/// `y (G, R, C_out)` with `y[g, r] = b + Σ_k x'[g, r + offsets[k]] · w[k]`: `x (G, R, C_in)` (x'
+/// its ReLU if asked), `w (K, C_in, C_out)`, `b (C_out,)`, rows outside the sequence zero, and
+/// zero at padding rows.
+pub fn shifted_conv(x: &Tensor, w: &Tensor, b: &Tensor, offsets: &[isize], options: Options) -> Result<Tensor> {
     let (_g, _r, c_in) = x.dims3()?;
-    let (k, w_in, _n) = w.dims3()?;
-    if k != offsets.len() || w_in != c_in {
+    let (k, w_in, n) = w.dims3()?;
+    if k != offsets.len() || w_in != c_in || b.dims() != [n] {
         return Err(crate::Error::Config(format!(
-            "shifted_matmul: {k} weight taps of {w_in} inputs for {} offsets of {c_in} channels",
+            "shifted_conv: {k} weight taps of {w_in} × {n} and {:?} biases for {} offsets of {c_in} channels",
+            b.dims(),
             offsets.len()
         )));
     }
-    let bf16 = precision == Precision::Bf16 && amx::available();
-    let op = ShiftedMatmul { offsets: offsets.to_vec(), bf16 };
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+    let bf16 = options.precision == Precision::Bf16 && amx::available();
+    let op = ShiftedConv { offsets: offsets.to_vec(), bf16, options };
+    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)?)
 }
 
-/// The same sum in candle's operations (pad, narrow, matmul), for the tests.
-pub fn shifted_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[isize]) -> Result<Tensor> {
+/// The same in candle's operations (ReLU, pad, narrow, matmul, mask), for the tests.
+pub fn shifted_conv_reference(x: &Tensor, w: &Tensor, b: &Tensor, offsets: &[isize], options: Options) -> Result<Tensor> {
     let (g, r, c_in) = x.dims3()?;
     let n = w.dim(2)?;
-    let mut y = Tensor::zeros((g * r, n), x.dtype(), x.device())?;
+    let x = if options.relu_input { x.relu()? } else { x.clone() };
+    let mut y = b.reshape((1, n))?.broadcast_as((g * r, n))?.contiguous()?;
     for (k, &o) in offsets.iter().enumerate() {
         let reach = o.unsigned_abs();
         if reach >= r {
@@ -54,7 +84,9 @@ pub fn shifted_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[isize]) -> Re
         let shifted = padded.narrow(1, start, r)?.contiguous()?.reshape((g * r, c_in))?;
         y = (y + shifted.matmul(&w.get(k)?.contiguous()?)?)?;
     }
-    Ok(y.reshape((g, r, n))?)
+    let keep: Vec<f64> = (0..r).map(|row| if options.is_padding(row) { 0.0 } else { 1.0 }).collect();
+    let keep = Tensor::from_vec(keep, (1, r, 1), x.device())?.to_dtype(x.dtype())?;
+    Ok(y.reshape((g, r, n))?.broadcast_mul(&keep)?)
 }
 
 /// The sizes of one product: G sequences of R rows, C inputs, N outputs, K taps.
@@ -80,24 +112,76 @@ fn conv<T: Scalar, P: Products<T>>(y: &mut [T], x: &[T], d: Dims, (x_cols, y_col
     }
 }
 
-fn forward<T: Scalar + Default, P: Products<T>>(x: &[T], w: &[T], d: Dims, offsets: &[isize]) -> Vec<T> {
-    let mut y = vec![T::default(); d.g * d.r * d.n];
+/// The float types the op runs on.
+trait Float: Scalar + Default + PartialOrd + std::ops::AddAssign + candle_core::WithDType {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// x', the input the products read: `x`, or its ReLU (a copy) if asked.
+fn input<'a, T: Float>(x: &'a [T], options: &Options) -> std::borrow::Cow<'a, [T]> {
+    if options.relu_input {
+        std::borrow::Cow::Owned(x.iter().map(|&v| if v > T::default() { v } else { T::default() }).collect())
+    } else {
+        std::borrow::Cow::Borrowed(x)
+    }
+}
+
+/// Zeroes the padding rows of `y` (`cols` wide, sequences of `d.r` rows).
+fn zero_padding<T: Float>(y: &mut [T], d: Dims, cols: usize, options: &Options) {
+    if options.padding.is_none() {
+        return;
+    }
+    for (i, row) in y.chunks_exact_mut(cols).enumerate() {
+        if options.is_padding(i % d.r) {
+            row.fill(T::default());
+        }
+    }
+}
+
+fn forward<T: Float, P: Products<T>>(x: &[T], w: &[T], b: &[T], d: Dims, offsets: &[isize], options: &Options) -> Vec<T> {
+    let mut y: Vec<T> = Vec::with_capacity(d.g * d.r * d.n);
+    for _ in 0..d.g * d.r {
+        y.extend_from_slice(b);
+    }
     let taps: Vec<_> = offsets.iter().enumerate().map(|(k, &o)| (o, Mat::new(w, k * d.c * d.n, d.c, d.n))).collect();
-    conv::<T, P>(&mut y, x, d, (d.c, d.n), &taps);
+    conv::<T, P>(&mut y, &input(x, options), d, (d.c, d.n), &taps);
+    zero_padding(&mut y, d, d.n, options);
     y
 }
 
-/// `(dx, dw)` from `dy`.
-fn backward<T: Scalar + Default, P: Products<T>>(
+/// `(dx, dw, db)` from `dy`.
+fn backward<T: Float, P: Products<T>>(
     x: &[T],
     w: &[T],
     dy: &[T],
     d: Dims,
     offsets: &[isize],
-) -> (Vec<T>, Vec<T>) {
+    options: &Options,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    // Padding rows' outputs are constant zeros: nothing flows back from them.
+    let mut dy_kept;
+    let dy = if options.padding.is_some() {
+        dy_kept = dy.to_vec();
+        zero_padding(&mut dy_kept, d, d.n, options);
+        &dy_kept[..]
+    } else {
+        dy
+    };
+    let mut db = vec![T::default(); d.n];
+    for row in dy.chunks_exact(d.n) {
+        db.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+    }
     let mut dx = vec![T::default(); x.len()];
     let back: Vec<_> = offsets.iter().enumerate().map(|(k, &o)| (-o, Mat::new(w, k * d.c * d.n, d.c, d.n).t())).collect();
     conv::<T, P>(&mut dx, dy, d, (d.n, d.c), &back);
+    if options.relu_input {
+        dx.iter_mut().zip(x).for_each(|(g, &v)| {
+            if v <= T::default() {
+                *g = T::default();
+            }
+        });
+    }
+    let x = input(x, options);
     let mut dw = vec![T::default(); w.len()];
     for (k, &o) in offsets.iter().enumerate() {
         let reach = o.unsigned_abs();
@@ -108,20 +192,21 @@ fn backward<T: Scalar + Default, P: Products<T>>(
         // Output rows r with r + o inside the sequence.
         let (x_start, y_start) = if o >= 0 { (reach, 0) } else { (0, reach) };
         for g in 0..d.g {
-            let xs = Mat::new(x, g * d.r * d.c, d.r, d.c).row_range(x_start, rows).t();
+            let xs = Mat::new(&x, g * d.r * d.c, d.r, d.c).row_range(x_start, rows).t();
             let ys = Mat::new(dy, g * d.r * d.n, d.r, d.n).row_range(y_start, rows);
             P::acc(&mut dw, k * d.c * d.n, xs, ys);
         }
     }
-    (dx, dw)
+    (dx, dw, db)
 }
 
-struct ShiftedMatmul {
+struct ShiftedConv {
     offsets: Vec<isize>,
     bf16: bool,
+    options: Options,
 }
 
-impl ShiftedMatmul {
+impl ShiftedConv {
     fn dims(&self, x: &Shape, w: &Shape) -> candle_core::Result<Dims> {
         let (g, r, c) = x.dims3()?;
         let (_k, _c, n) = w.dims3()?;
@@ -129,9 +214,9 @@ impl ShiftedMatmul {
     }
 }
 
-impl CustomOp2 for ShiftedMatmul {
+impl CustomOp3 for ShiftedConv {
     fn name(&self) -> &'static str {
-        "shifted-matmul"
+        "shifted-conv"
     }
 
     fn cpu_fwd(
@@ -140,45 +225,59 @@ impl CustomOp2 for ShiftedMatmul {
         xl: &Layout,
         ws: &CpuStorage,
         wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.dims(xl.shape(), wl.shape())?;
-        let (op, o) = ("shifted-matmul", &self.offsets);
-        let y = match (xs, ws) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                let (x, w) = (contiguous_slice(x, xl, op)?, contiguous_slice(w, wl, op)?);
-                CpuStorage::F32(if self.bf16 { forward::<f32, Bf16>(x, w, d, o) } else { forward::<f32, Exact>(x, w, d, o) })
+        let (op, o, opt) = ("shifted-conv", &self.offsets, &self.options);
+        let y = match (xs, ws, bs) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                let (x, w, b) = (contiguous_slice(x, xl, op)?, contiguous_slice(w, wl, op)?, contiguous_slice(b, bl, op)?);
+                CpuStorage::F32(if self.bf16 {
+                    forward::<f32, Bf16>(x, w, b, d, o, opt)
+                } else {
+                    forward::<f32, Exact>(x, w, b, d, o, opt)
+                })
             }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                CpuStorage::F64(forward::<f64, Exact>(contiguous_slice(x, xl, op)?, contiguous_slice(w, wl, op)?, d, o))
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                let (x, w, b) = (contiguous_slice(x, xl, op)?, contiguous_slice(w, wl, op)?, contiguous_slice(b, bl, op)?);
+                CpuStorage::F64(forward::<f64, Exact>(x, w, b, d, o, opt))
             }
             _ => candle_core::bail!("{op}: f32 or f64 operands of one type only"),
         };
         Ok((y, Shape::from((d.g, d.r, d.n))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(x.shape(), w.shape())?;
-        let (op, o) = ("shifted-matmul", &self.offsets);
+        let (op, o, opt) = ("shifted-conv", &self.offsets, &self.options);
         let dy = dy.contiguous()?;
         macro_rules! grads {
             ($t:ty, $p:ty) => {
                 in_place(x, op, |xv: &[$t]| {
                     in_place(w, op, |wv: &[$t]| {
                         in_place(&dy, op, |g: &[$t]| {
-                            let (dx, dw) = backward::<$t, $p>(xv, wv, g, d, o);
-                            Ok((like(dx, x)?, like(dw, w)?))
+                            let (dx, dw, db) = backward::<$t, $p>(xv, wv, g, d, o, opt);
+                            Ok((like(dx, x)?, like(dw, w)?, like(db, b)?))
                         })
                     })
                 })?
             };
         }
-        let (dx, dw) = match x.dtype() {
+        let (dx, dw, db) = match x.dtype() {
             candle_core::DType::F32 if self.bf16 => grads!(f32, Bf16),
             candle_core::DType::F32 => grads!(f32, Exact),
             candle_core::DType::F64 => grads!(f64, Exact),
             other => candle_core::bail!("{op}: unsupported dtype {other:?}"),
         };
-        Ok((Some(dx), Some(dw)))
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -199,23 +298,27 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
     }
 
-    /// Values and both gradients equal candle's pad/narrow/matmul, for offsets of both signs,
-    /// one past the sequence, and more taps than one AMX pass sums.
+    /// Values and all gradients equal candle's operations, for offsets of both signs, one past
+    /// the sequence, more taps than one AMX pass sums, with and without ReLU and padding.
     #[test]
-    fn matches_shifted_candle_products_and_their_gradients() {
+    fn matches_candle_operations_and_their_gradients() {
         let mut rng = Rng::new(3);
         let offsets: Vec<isize> = vec![-9, -8, -3, -1, 0, 1, 2, 7, 40, -3, 5, 0, -2, -4, -5, -6, -7, 3, 4];
         let x = Var::from_tensor(&random((3, 11, 5), &mut rng)).unwrap();
         let w = Var::from_tensor(&random((offsets.len(), 5, 4), &mut rng)).unwrap();
+        let b = Var::from_tensor(&random((1, 1, 4), &mut rng).flatten_all().unwrap()).unwrap();
         let probe = random((3, 11, 4), &mut rng);
-        let ours = shifted_matmul(&x, &w, &offsets, Precision::F32).unwrap();
-        let theirs = shifted_matmul_reference(&x, &w, &offsets).unwrap();
-        assert!(max_diff(&ours, &theirs) < 1e-12);
-        let g_ours = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_theirs = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&x, &w] {
-            let (a, b) = (g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
-            assert!(max_diff(a, b) < 1e-12, "gradients differ by {}", max_diff(a, b));
+        for (relu_input, padding) in [(false, None), (true, Some((4, 3))), (false, Some((5, 1)))] {
+            let options = Options { relu_input, padding, ..Options::plain() };
+            let ours = shifted_conv(&x, &w, &b, &offsets, options).unwrap();
+            let theirs = shifted_conv_reference(&x, &w, &b, &offsets, options).unwrap();
+            assert!(max_diff(&ours, &theirs) < 1e-12, "{options:?}");
+            let g_ours = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_theirs = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w, &b] {
+                let (a, b) = (g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
+                assert!(max_diff(a, b) < 1e-12, "{options:?}: gradients differ by {}", max_diff(a, b));
+            }
         }
     }
 
@@ -229,8 +332,9 @@ mod tests {
         let offsets: Vec<isize> = (-20..0).collect();
         let x = random((2, 40, 33), &mut rng).to_dtype(DType::F32).unwrap();
         let w = random((offsets.len(), 33, 17), &mut rng).to_dtype(DType::F32).unwrap();
-        let exact = shifted_matmul(&x, &w, &offsets, Precision::F32).unwrap();
-        let bf16 = shifted_matmul(&x, &w, &offsets, Precision::Bf16).unwrap();
+        let b = Tensor::zeros(17, DType::F32, &Device::Cpu).unwrap();
+        let exact = shifted_conv(&x, &w, &b, &offsets, Options::plain()).unwrap();
+        let bf16 = shifted_conv(&x, &w, &b, &offsets, Options { precision: Precision::Bf16, ..Options::plain() }).unwrap();
         let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let err = (&exact - &bf16).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 0.02 * scale, "bf16 differs by {err} at scale {scale}");

@@ -14,6 +14,7 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::core::train::Precision;
 use crate::core::{Autoregressive, Likelihood};
 use crate::data::Batch;
 use crate::layers::nade::Activation;
@@ -56,6 +57,17 @@ pub trait Registered: Autoregressive + Clone + std::fmt::Debug + Sized {
         Likelihood::Categorical
     }
 
+    /// The same model with its training products in `precision`, for a model whose
+    /// hand-written products can run in bf16 (others ignore it).
+    fn with_precision(self, _precision: Precision) -> Self {
+        self
+    }
+
+    /// Whether [`Registered::with_precision`] changes anything for this model.
+    fn has_precision(_cfg: &Self::Config) -> bool {
+        false
+    }
+
     /// For each weight matrix that has one, the mask of the weights the model can use (1) or
     /// never uses (0); empty for models without masks.
     fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
@@ -75,6 +87,10 @@ pub struct Settings {
     pub layers: Option<usize>,
     /// Size of a token's embedding (LSTM, GRU).
     pub embedding: Option<usize>,
+    /// Channels of each convolution (PixelCNN).
+    pub channels: Option<usize>,
+    /// Hidden units of the output head (PixelCNN).
+    pub head: Option<usize>,
     /// RNADE's Gaussian components per pixel.
     pub components: Option<usize>,
     /// MADE's number of connectivities.
@@ -150,6 +166,13 @@ macro_rules! registry {
                 }
             }
 
+            /// See [`Registered::has_precision`].
+            pub fn has_precision(&self) -> bool {
+                match self {
+                    $(ModelConfig::$variant(c) => <$model as Registered>::has_precision(c),)+
+                }
+            }
+
             fn weights(&self) -> Result<usize> {
                 match self {
                     $(ModelConfig::$variant(c) => <$model as Registered>::weights(c),)+
@@ -196,6 +219,13 @@ macro_rules! registry {
             /// See [`Registered::weight_masks`].
             pub fn weight_masks(&self) -> Result<Vec<(String, Tensor)>> {
                 dispatch!(self, [$($variant),+], m => m.weight_masks())
+            }
+
+            /// See [`Registered::with_precision`].
+            pub fn with_precision(self, precision: Precision) -> Model {
+                match self {
+                    $(Model::$variant(m) => Model::$variant(m.with_precision(precision)),)+
+                }
             }
         }
 

@@ -21,9 +21,9 @@
 //!
 //! | name | shape | role |
 //! |---|---|---|
-//! | `input.weight` | `(K_A, 1, 2C)` | PixelCNN: mask-A convolution of the pixel values |
+//! | `input.weight` | `(K_A, 2, 2C)` | PixelCNN: mask-A convolution of the pixel values |
 //! | `blocks.{l}.reduce.weight`, `.conv.weight`, `.expand.weight` | `(2C, C)`, `(K_B, C, C)`, `(C, 2C)` | PixelCNN's residual blocks |
-//! | `layers.{l}.vertical.weight` | `(K_v, C_in, 2C)` | Gated: vertical stack, `C_in` 1 at l = 0 |
+//! | `layers.{l}.vertical.weight` | `(K_v, C_in, 2C)` | Gated: vertical stack, `C_in` 2 at l = 0 (the value and a one) |
 //! | `layers.{l}.horizontal.weight` | `(K_h, C_in, 2C)` | Gated: horizontal stack |
 //! | `layers.{l}.link.weight` | `(1, 2C, 2C)` | Gated: vertical → horizontal, one row down |
 //! | `layers.{l}.residual.weight` | `(C, C)` | Gated: horizontal output, added to its input after l = 0 |
@@ -40,7 +40,7 @@ use crate::core::Autoregressive;
 use crate::core::train::Precision;
 use crate::layers::gated_unit;
 use crate::layers::matmul::{Exact, Mat, Products};
-use crate::layers::shifted::shifted_matmul;
+use crate::layers::shifted::{Options, shifted_conv};
 use crate::{Error, Result};
 
 /// Hyper-parameters of a PixelCNN or Gated PixelCNN.
@@ -117,14 +117,16 @@ impl Grid {
         taps.iter().map(|&(dy, dx)| dy * self.stride as isize + dx).collect()
     }
 
-    /// `(1, slots, 1)`: 1 at the pixels, 0 at the padding.
-    fn pixel_mask(&self, dtype: DType) -> Result<Tensor> {
-        let v: Vec<f32> = (0..self.slots()).map(|s| if s % self.stride < self.width { 1.0 } else { 0.0 }).collect();
-        Ok(Tensor::from_vec(v, (1, self.slots(), 1), &Device::Cpu)?.to_dtype(dtype)?)
+    /// How the convolutions run: in `precision`, their outputs zero at the padding (so the
+    /// padding stays zero from layer to layer).
+    fn options(&self, precision: Precision) -> Options {
+        Options { precision, relu_input: false, padding: Some((self.stride, self.width)) }
     }
 
-    /// Pixel values of tokens `(B, T)` (T ≤ pixels, the rest zero) in the padded layout,
-    /// `(B, slots, 1)`, scaled to [0, 1].
+    /// The input of the first layer, `(B, slots, 2)` in the padded layout: the pixel values of
+    /// tokens `(B, T)` (T ≤ pixels, the rest zero) scaled to [0, 1], and a channel of ones at
+    /// every pixel (zero in the padding), so that the image's border is visible: without it,
+    /// the padding would look like black pixels and the first pixels like later ones.
     fn values(&self, tokens: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> {
         let (b, len) = tokens.dims2()?;
         let pixels = self.height * self.width;
@@ -134,7 +136,9 @@ impl Grid {
         let x = (tokens.to_dtype(dtype)? / (classes - 1) as f64)?;
         let x = if len < pixels { x.pad_with_zeros(1, 0, pixels - len)? } else { x };
         let x = x.reshape((b, self.height, self.width))?.pad_with_zeros(2, 0, self.stride - self.width)?;
-        Ok(x.reshape((b, self.slots(), 1))?)
+        let ones: Vec<f32> = (0..self.slots()).map(|s| if s % self.stride < self.width { 1.0 } else { 0.0 }).collect();
+        let ones = Tensor::from_vec(ones, (1, self.slots(), 1), tokens.device())?.to_dtype(dtype)?;
+        Ok(Tensor::cat(&[x.reshape((b, self.slots(), 1))?, ones.broadcast_as((b, self.slots(), 1))?], 2)?)
     }
 
     /// Logits in the padded layout `(B, slots, V)` → the first `len` pixels' `(B, len, V)`.
@@ -144,6 +148,9 @@ impl Grid {
         Ok(x.contiguous()?.reshape((b, self.height * self.width, v))?.narrow(1, 0, len)?)
     }
 }
+
+/// Input channels of the first layer: the pixel value and a constant one (see [`Grid::values`]).
+const INPUTS: usize = 2;
 
 /// Taps of a k × k kernel: the rows above (all columns), and in the current row the pixels to
 /// the left, with the pixel itself when `center` (mask B) or not (mask A).
@@ -175,9 +182,13 @@ struct Conv {
 }
 
 impl Conv {
+    /// Fresh weights N(0, 1/fan-in).
     fn new(grid: &Grid, taps: &[(isize, isize)], c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
         let fan_in = (taps.len() * c_in) as f64;
-        let init = Init::Randn { mean: 0.0, stdev: 1.0 / fan_in.sqrt() };
+        Self::with_init(grid, taps, c_in, c_out, Init::Randn { mean: 0.0, stdev: 1.0 / fan_in.sqrt() }, vb)
+    }
+
+    fn with_init(grid: &Grid, taps: &[(isize, isize)], c_in: usize, c_out: usize, init: Init, vb: VarBuilder) -> Result<Self> {
         Ok(Conv {
             weight: vb.get_with_hints((taps.len(), c_in, c_out), "weight", init)?,
             bias: vb.get_with_hints(c_out, "bias", Init::Const(0.0))?,
@@ -185,8 +196,8 @@ impl Conv {
         })
     }
 
-    fn forward(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
-        Ok(shifted_matmul(x, &self.weight, &self.offsets, precision)?.broadcast_add(&self.bias)?)
+    fn forward(&self, x: &Tensor, options: Options) -> Result<Tensor> {
+        shifted_conv(x, &self.weight, &self.bias, &self.offsets, options)
     }
 
     fn weights(taps: usize, c_in: usize, c_out: usize) -> usize {
@@ -209,9 +220,9 @@ impl Head {
         })
     }
 
-    fn forward(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
-        let h = self.hidden.forward(&x.relu()?, precision)?;
-        self.out.forward(&h.relu()?, precision)
+    fn forward(&self, x: &Tensor, options: Options) -> Result<Tensor> {
+        let relu = Options { relu_input: true, ..options };
+        self.out.forward(&self.hidden.forward(x, relu)?, relu)
     }
 
     fn weights(c_in: usize, cfg: &Config) -> usize {
@@ -262,14 +273,16 @@ impl PixelCnn {
                 Ok([
                     Conv::new(&grid, &[(0, 0)], 2 * c, c, vb.pp("reduce"))?,
                     Conv::new(&grid, &b_taps, c, c, vb.pp("conv"))?,
-                    Conv::new(&grid, &[(0, 0)], c, 2 * c, vb.pp("expand"))?,
+                    // Fresh blocks start as the identity: a deep ReLU stack then stays stable at
+                    // high learning rates.
+                    Conv::with_init(&grid, &[(0, 0)], c, 2 * c, Init::Const(0.0), vb.pp("expand"))?,
                 ])
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(PixelCnn {
             cfg: cfg.clone(),
             grid,
-            input: Conv::new(&grid, &masked_taps(cfg.first_kernel, false), 1, 2 * c, vb.pp("input"))?,
+            input: Conv::new(&grid, &masked_taps(cfg.first_kernel, false), INPUTS, 2 * c, vb.pp("input"))?,
             blocks,
             head: Head::new(&grid, 2 * c, cfg, vb)?,
             precision: Precision::F32,
@@ -291,7 +304,7 @@ impl GatedPixelCnn {
         let layers = (0..=cfg.layers)
             .map(|l| {
                 let vb = vb.pp(format!("layers.{l}"));
-                let (k, c_in) = if l == 0 { (cfg.first_kernel, 1) } else { (cfg.kernel, c) };
+                let (k, c_in) = if l == 0 { (cfg.first_kernel, INPUTS) } else { (cfg.kernel, c) };
                 Ok(GatedLayer {
                     vertical: Conv::new(&grid, &vertical_taps(k), c_in, 2 * c, vb.pp("vertical"))?,
                     horizontal: Conv::new(&grid, &horizontal_taps(k, l > 0), c_in, 2 * c, vb.pp("horizontal"))?,
@@ -324,11 +337,19 @@ impl Registered for PixelCnn {
         PixelCnn::new(cfg, vb)
     }
 
+    fn with_precision(self, precision: Precision) -> Self {
+        PixelCnn::with_precision(self, precision)
+    }
+
+    fn has_precision(_cfg: &Config) -> bool {
+        true
+    }
+
     fn weights(cfg: &Config) -> Result<usize> {
         cfg.check("PixelCNN")?;
         let c = cfg.channels;
         let block = Conv::weights(1, 2 * c, c) + Conv::weights(masked_taps(cfg.kernel, true).len(), c, c) + Conv::weights(1, c, 2 * c);
-        Ok(Conv::weights(masked_taps(cfg.first_kernel, false).len(), 1, 2 * c) + cfg.layers * block + Head::weights(2 * c, cfg))
+        Ok(Conv::weights(masked_taps(cfg.first_kernel, false).len(), INPUTS, 2 * c) + cfg.layers * block + Head::weights(2 * c, cfg))
     }
 
     fn sequence_len(cfg: &Config) -> Option<usize> {
@@ -353,6 +374,14 @@ impl Registered for GatedPixelCnn {
         GatedPixelCnn::new(cfg, vb)
     }
 
+    fn with_precision(self, precision: Precision) -> Self {
+        GatedPixelCnn::with_precision(self, precision)
+    }
+
+    fn has_precision(_cfg: &Config) -> bool {
+        true
+    }
+
     fn weights(cfg: &Config) -> Result<usize> {
         cfg.check("Gated PixelCNN")?;
         let c = cfg.channels;
@@ -362,7 +391,7 @@ impl Registered for GatedPixelCnn {
                 + Conv::weights(1, 2 * c, 2 * c)
                 + Conv::weights(1, c, c)
         };
-        Ok(layer(cfg.first_kernel, 1, true) + cfg.layers * layer(cfg.kernel, c, false) + Head::weights(c, cfg))
+        Ok(layer(cfg.first_kernel, INPUTS, true) + cfg.layers * layer(cfg.kernel, c, false) + Head::weights(c, cfg))
     }
 
     fn sequence_len(cfg: &Config) -> Option<usize> {
@@ -390,11 +419,11 @@ fn image_config(pixels: usize, s: &Settings, layers: usize, channels: usize) -> 
         classes: 2,
         height: side,
         width: side,
-        channels: s.single_hidden(channels)?,
+        channels: s.channels.unwrap_or(channels),
         layers: s.layers.map_or(layers, |l| l.saturating_sub(1)),
         first_kernel: 7,
         kernel: 3,
-        head: s.embedding.unwrap_or(256),
+        head: s.head.unwrap_or(256),
     })
 }
 
@@ -421,16 +450,15 @@ impl Autoregressive for PixelCnn {
     }
 
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
-        let (p, len) = (self.precision, tokens.dim(1)?);
+        let (plain, len) = (self.grid.options(self.precision), tokens.dim(1)?);
+        let relu = Options { relu_input: true, ..plain };
         let x = self.grid.values(tokens, self.cfg.classes, self.input.weight.dtype())?;
-        let pixels = self.grid.pixel_mask(x.dtype())?;
-        let mut h = self.input.forward(&x, p)?.broadcast_mul(&pixels)?; // (B, slots, 2C)
+        let mut h = self.input.forward(&x, plain)?; // (B, slots, 2C)
         for [reduce, conv, expand] in &self.blocks {
-            let y = reduce.forward(&h.relu()?, p)?.relu()?.broadcast_mul(&pixels)?;
-            let y = expand.forward(&conv.forward(&y, p)?.relu()?, p)?;
-            h = (h + y)?.broadcast_mul(&pixels)?;
+            let y = reduce.forward(&h, relu)?;
+            h = (&h + expand.forward(&conv.forward(&y, relu)?, relu)?)?;
         }
-        self.grid.pixels_of(&self.head.forward(&h, p)?, len)
+        self.grid.pixels_of(&self.head.forward(&h, plain)?, len)
     }
 
     fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<cached::State> {
@@ -458,16 +486,16 @@ impl Autoregressive for GatedPixelCnn {
     }
 
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
-        let (p, len) = (self.precision, tokens.dim(1)?);
+        let (p, len) = (self.grid.options(self.precision), tokens.dim(1)?);
         let x = self.grid.values(tokens, self.cfg.classes, self.head.out.weight.dtype())?;
-        let pixels = self.grid.pixel_mask(x.dtype())?;
+        // The padding is zero in every pre-activation, so also after the gates (tanh 0 = 0).
         let (mut v, mut h) = (x.clone(), x);
         for (l, layer) in self.layers.iter().enumerate() {
             let v_pre = layer.vertical.forward(&v, p)?; // (B, slots, 2C)
             let h_pre = (layer.horizontal.forward(&h, p)? + layer.link.forward(&v_pre, p)?)?;
-            v = gated_unit(&v_pre)?.broadcast_mul(&pixels)?;
+            v = gated_unit(&v_pre)?;
             let out = layer.residual.forward(&gated_unit(&h_pre)?, p)?;
-            h = if l == 0 { out } else { (out + h)? }.broadcast_mul(&pixels)?;
+            h = if l == 0 { out } else { (out + h)? };
         }
         self.grid.pixels_of(&self.head.forward(&h, p)?, len)
     }
@@ -546,6 +574,15 @@ pub mod cached {
             Map { slots, c, data: vec![0.0; batch * slots * c] }
         }
 
+        /// The first layer's input before any pixel is known: values 0, and the channel of ones.
+        fn ones_at_pixels(batch: usize, grid: Grid) -> Self {
+            let mut map = Map::new(batch, grid.slots(), INPUTS);
+            for (i, row) in map.data.chunks_exact_mut(INPUTS).enumerate() {
+                row[1] = if (i % grid.slots()) % grid.stride < grid.width { 1.0 } else { 0.0 };
+            }
+            map
+        }
+
         fn row(&self, b: usize, s: usize) -> &[f32] {
             &self.data[(b * self.slots + s) * self.c..][..self.c]
         }
@@ -593,7 +630,7 @@ pub mod cached {
             let pixels = self.grid.height * self.grid.width;
             if let Some(p) = prev {
                 let values: Vec<f32> =
-                    p.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().map(|&v| v / (self.classes - 1) as f32).collect();
+                    p.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|&v| [v / (self.classes - 1) as f32, 1.0]).collect();
                 let at: Vec<_> = (0..self.batch).map(|b| (b, self.grid.slot(self.next))).collect();
                 self.pixels.write(&at, &values);
                 self.next += 1;
@@ -673,7 +710,7 @@ pub mod cached {
                 classes: cfg.classes,
                 dtype: head.out.weight.dtype(),
                 batch,
-                pixels: Map::new(batch, grid.slots(), 1),
+                pixels: Map::ones_at_pixels(batch, grid),
                 net,
                 head: convs([&head.hidden, &head.out])?,
                 next: 0,

@@ -354,6 +354,14 @@ impl Registered for WaveNet {
         WaveNet::new(cfg, vb)
     }
 
+    fn with_precision(self, precision: Precision) -> Self {
+        WaveNet::with_precision(self, precision)
+    }
+
+    fn has_precision(_cfg: &Config) -> bool {
+        true
+    }
+
     fn weights(cfg: &Config) -> Result<usize> {
         cfg.validate()?;
         Ok(cfg.weights())

@@ -18,7 +18,7 @@ use crate::core::checkpoint::{self, FORMAT};
 use crate::core::optim::{AdamW, AdamWConfig};
 use crate::core::params::Params;
 use crate::core::sample::{self, Method, SamplerConfig};
-use crate::core::train::{self, Event, Stop, TrainConfig, TrainState};
+use crate::core::train::{self, Event, Precision, Stop, TrainConfig, TrainState};
 use crate::core::{Autoregressive, Likelihood};
 use crate::data::mnist::{self, ImageBatches, Images, PIXELS, Prepare, batch_of};
 use crate::models::{Model, ModelConfig};
@@ -133,6 +133,9 @@ pub struct MnistTrainOptions {
     /// Binary models: train on grey-level MNIST binarized afresh in every batch (dynamic
     /// binarization) instead of the static binarized split.
     pub dynamic: bool,
+    /// Precision of the products of a model that has a choice (PixelCNN): for a new run,
+    /// [`crate::layers::matmul::fastest_precision`] unless given; on resume, a change.
+    pub precision: Option<Precision>,
 }
 
 /// What a training run did.
@@ -165,7 +168,12 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     let mut manifest = match &resumed {
         Some(ckpt) => {
             reporter.note(&format!("resuming {} at step {}", last.display(), ckpt.manifest.state.step));
-            ckpt.manifest.clone()
+            let mut m = ckpt.manifest.clone();
+            if let Some(p) = opts.precision.filter(|&p| p != m.train.precision && m.model.has_precision()) {
+                reporter.note(&format!("precision: {p} (the run had {})", m.train.precision));
+                m.train.precision = p;
+            }
+            m
         }
         None => new_manifest(opts)?,
     };
@@ -184,12 +192,13 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     manifest.train.max_minutes = opts.max_minutes;
 
     let (mut model, params, mut opt) =
-        run::model_and_optimizer(&manifest, resumed.as_ref(), |m, vb| m.model.build(vb))?;
+        run::model_and_optimizer(&manifest, resumed.as_ref(), |m, vb| Ok(m.model.build(vb)?.with_precision(m.train.precision)))?;
     if resumed.is_none() {
         init_output_bias(&params, &train_set)?;
     }
+    let precision = if manifest.model.has_precision() { format!(", {} products", manifest.train.precision) } else { String::new() };
     reporter.note(&format!(
-        "{}: {} parameters; {} training and {} validation images; {} steps of {} images per epoch",
+        "{}: {} parameters{precision}; {} training and {} validation images; {} steps of {} images per epoch",
         manifest.model.name(),
         params.count(),
         train_set.n,
@@ -270,7 +279,11 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
         },
         eval_every: 1,
         checkpoint_every: 1,
-        precision: Default::default(),
+        precision: match opts.precision {
+            Some(p) => p,
+            None if opts.model.has_precision() => crate::layers::matmul::fastest_precision(),
+            None => Precision::F32,
+        },
     };
     train.validate()?;
     Ok(Manifest {
