@@ -60,16 +60,19 @@ struct TrainArgs {
     #[arg(long)]
     resume: bool,
     /// Hidden units; for MADE a comma-separated list, one per layer [default: 500; RNADE: 100;
-    /// LSTM, GRU: 256].
+    /// LSTM, GRU: 256; transformer: its width, 128].
     #[arg(long, value_delimiter = ',')]
     hidden: Vec<usize>,
     /// NADE's and RNADE's hidden non-linearity [default: NADE sigmoid, RNADE relu].
     #[arg(long, value_enum)]
     activation: Option<Act>,
-    /// Stacked layers: LSTM, GRU [default: 1]; PixelCNN (the first layer and its residual
+    /// Stacked layers: LSTM, GRU [default: 1]; transformer blocks [default: 4]; PixelCNN (the first layer and its residual
     /// blocks) [default: 16]; Gated PixelCNN [default: 12].
     #[arg(long)]
     layers: Option<usize>,
+    /// Transformer: attention heads [default: 4].
+    #[arg(long)]
+    heads: Option<usize>,
     /// PixelCNN, Gated PixelCNN: channels of each layer [default: 64].
     #[arg(long)]
     channels: Option<usize>,
@@ -330,6 +333,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         }),
         layers: a.layers,
         embedding: a.embedding,
+        heads: a.heads,
         channels: a.channels,
         head: a.head,
         components: a.components,

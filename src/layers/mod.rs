@@ -10,6 +10,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::Result;
 
+pub mod attention;
 pub mod gated;
 pub mod matmul;
 pub mod nade;

@@ -26,6 +26,7 @@ pub mod nade;
 pub mod pixelcnn;
 pub mod rnade;
 pub mod rnn;
+pub mod transformer;
 pub mod wavenet;
 
 /// What the registry needs of a model beside [`Autoregressive`].
@@ -87,6 +88,8 @@ pub struct Settings {
     pub layers: Option<usize>,
     /// Size of a token's embedding (LSTM, GRU).
     pub embedding: Option<usize>,
+    /// Attention heads (transformer).
+    pub heads: Option<usize>,
     /// Channels of each convolution (PixelCNN).
     pub channels: Option<usize>,
     /// Hidden units of the output head (PixelCNN).
@@ -316,6 +319,8 @@ registry! {
     "lstm" => Lstm(rnn::Lstm),
     /// GRU: the LSTM's lighter cousin (three gates, no cell), in raster order.
     "gru" => Gru(rnn::Gru),
+    /// Transformer: causal self-attention over the pixels in raster order, with a KV cache.
+    "transformer" => Transformer(transformer::Transformer),
     /// PixelCNN: masked convolutions, mask A and then residual blocks of mask B.
     "pixelcnn" => PixelCnn(pixelcnn::PixelCnn),
     /// Gated PixelCNN: vertical and horizontal stacks of tanh·σ gates, with no blind spot.

@@ -1,0 +1,305 @@
+//! A causal transformer over tokens (Vaswani et al., 2017, "Attention Is All You Need", in the
+//! pre-norm form of GPT-2): token and learned position embeddings, blocks of multi-head causal
+//! self-attention and a ReLU MLP, each behind a layer norm and added to the residual stream,
+//! a final layer norm and the logits. As an image model it reads the pixels in raster order.
+//!
+//! The stepper keeps every layer's keys and values (the KV cache), so the t-th token costs
+//! O(t·d) for attention and O(d²) for the rest, not a pass over the prefix; `prefill` fills
+//! the cache with one parallel pass. The attention's scale, mask and softmax are one operation
+//! (`layers::attention`). Every product is a 2-D or same-batch 3-D matmul of contiguous
+//! operands (candle 0.11 multiplies transposed views broadcast over a batch wrongly).
+//!
+//! | name | shape | role |
+//! |---|---|---|
+//! | `embed.weight` | `(V + 1, D)` | token embeddings; row V is the start token |
+//! | `position.weight` | `(L, D)` | learned position embeddings, L the longest sequence |
+//! | `blocks.{l}.norm1.weight`, `.bias` | `(D,)` | layer norm before attention |
+//! | `blocks.{l}.qkv.weight`, `.bias` | `(D, 3D)`, `(3D,)` | queries, keys, values of all heads |
+//! | `blocks.{l}.out.weight`, `.bias` | `(D, D)`, `(D,)` | heads → residual stream |
+//! | `blocks.{l}.norm2.weight`, `.bias` | `(D,)` | layer norm before the MLP |
+//! | `blocks.{l}.mlp.0.weight`, `.bias` | `(D, M)`, `(M,)` | MLP in |
+//! | `blocks.{l}.mlp.1.weight`, `.bias` | `(M, D)`, `(D,)` | MLP out |
+//! | `norm.weight`, `.bias` | `(D,)` | final layer norm |
+//! | `output.weight`, `.bias` | `(D, V)`, `(V,)` | logits |
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::{MAX_HIDDEN, Registered, Settings, within};
+use crate::core::Autoregressive;
+use crate::layers::ChannelLinear;
+use crate::layers::attention::causal_softmax;
+use crate::{Error, Result};
+
+/// Hyper-parameters of a transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// Token classes V.
+    pub classes: usize,
+    /// Width D of the residual stream.
+    pub dim: usize,
+    /// Attention heads (D a multiple of it).
+    pub heads: usize,
+    /// Blocks.
+    pub layers: usize,
+    /// Hidden units M of each MLP.
+    pub mlp: usize,
+    /// The longest sequence L (the positions learnt).
+    pub context: usize,
+    /// Whether every sequence is exactly `context` long (an image's pixels).
+    pub fixed_length: bool,
+}
+
+/// A layer norm over the last axis, in candle's operations (its fused `layer_norm` has no
+/// backward pass).
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    norm1: LayerNorm,
+    qkv: ChannelLinear,
+    out: ChannelLinear,
+    norm2: LayerNorm,
+    mlp_in: ChannelLinear,
+    mlp_out: ChannelLinear,
+}
+
+/// A causal transformer.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    /// Hyper-parameters.
+    pub cfg: Config,
+    embed: Tensor,
+    position: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    output: ChannelLinear,
+}
+
+/// One layer's keys and values so far, `(B·H, t, D/H)` each.
+struct Cache {
+    k: Tensor,
+    v: Tensor,
+}
+
+impl Transformer {
+    /// Loads or creates the weights under `vb` (GPT-2's: N(0, 0.02²), the projections into
+    /// the residual stream scaled by 1/√(2·layers)).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        <Self as Registered>::weights(cfg)?;
+        let (d, m) = (cfg.dim, cfg.mlp);
+        let init = Init::Randn { mean: 0.0, stdev: 0.02 };
+        let linear = |i: usize, o: usize, gain: f64, vb: VarBuilder| ChannelLinear::new(i, o, gain, vb);
+        // ChannelLinear draws N(0, gain²/in): a gain of 0.02·√in gives GPT-2's 0.02.
+        let g = |i: usize| 0.02 * (i as f64).sqrt();
+        let deep = 1.0 / (2.0 * cfg.layers as f64).sqrt();
+        let blocks = (0..cfg.layers)
+            .map(|l| {
+                let vb = vb.pp(format!("blocks.{l}"));
+                Ok(Block {
+                    norm1: LayerNorm::new(d, vb.pp("norm1"))?,
+                    qkv: linear(d, 3 * d, g(d), vb.pp("qkv"))?,
+                    out: linear(d, d, g(d) * deep, vb.pp("out"))?,
+                    norm2: LayerNorm::new(d, vb.pp("norm2"))?,
+                    mlp_in: linear(d, m, g(d), vb.pp("mlp.0"))?,
+                    mlp_out: linear(m, d, g(m) * deep, vb.pp("mlp.1"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Transformer {
+            cfg: cfg.clone(),
+            embed: vb.pp("embed").get_with_hints((cfg.classes + 1, d), "weight", init)?,
+            position: vb.pp("position").get_with_hints((cfg.context, d), "weight", init)?,
+            blocks,
+            norm: LayerNorm::new(d, vb.pp("norm"))?,
+            output: linear(d, cfg.classes, g(d), vb.pp("output"))?,
+        })
+    }
+
+    /// The residual stream's input for `inputs (B, T)` (tokens, V meaning the start token) at
+    /// positions `start..start + T`, `(B, T, D)`.
+    fn embed(&self, inputs: &Tensor, start: usize) -> Result<Tensor> {
+        let (b, t) = inputs.dims2()?;
+        if start + t > self.cfg.context {
+            return Err(Error::Config(format!(
+                "position {} is past the transformer's context of {}",
+                start + t - 1,
+                self.cfg.context
+            )));
+        }
+        let x = self.embed.index_select(&inputs.flatten_all()?, 0)?.reshape((b, t, self.cfg.dim))?;
+        Ok(x.broadcast_add(&self.position.narrow(0, start, t)?)?)
+    }
+
+    /// `(B, T, D)` → `(B·H, T, D/H)`, contiguous.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, dh) = (self.cfg.heads, self.cfg.dim / self.cfg.heads);
+        Ok(x.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()?.reshape((b * h, t, dh))?)
+    }
+
+    /// The blocks over `x (B, T, D)` whose positions follow the ones in `caches` (empty caches
+    /// when there are none), each cache extended by these positions' keys and values.
+    fn blocks(&self, mut x: Tensor, caches: &mut [Option<Cache>]) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let heads = self.cfg.heads;
+        let scale = 1.0 / ((d / heads) as f64).sqrt();
+        for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
+            let qkv = block.qkv.forward(&block.norm1.forward(&x)?)?; // (B, T, 3D)
+            let q = self.split_heads(&qkv.narrow(2, 0, d)?)?;
+            let mut k = self.split_heads(&qkv.narrow(2, d, d)?)?;
+            let mut v = self.split_heads(&qkv.narrow(2, 2 * d, d)?)?;
+            if let Some(c) = cache.as_ref() {
+                k = Tensor::cat(&[&c.k, &k], 1)?;
+                v = Tensor::cat(&[&c.v, &v], 1)?;
+            }
+            let scores = q.matmul(&k.t()?.contiguous()?)?; // (B·H, T, T_k)
+            let att = causal_softmax(&scores, scale)?.matmul(&v)?; // (B·H, T, D/H)
+            let att = att.reshape((b, heads, t, d / heads))?.transpose(1, 2)?.contiguous()?.reshape((b, t, d))?;
+            x = (x + block.out.forward(&att)?)?;
+            let hidden = block.mlp_in.forward(&block.norm2.forward(&x)?)?.relu()?;
+            x = (&x + block.mlp_out.forward(&hidden)?)?;
+            *cache = Some(Cache { k, v });
+        }
+        Ok(self.output.forward(&self.norm.forward(&x)?)?)
+    }
+
+    /// The inputs of tokens `(B, T)`: the start token, then all but the last token.
+    fn shifted(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let start = Tensor::full(self.cfg.classes as u32, (b, 1), tokens.device())?;
+        Ok(Tensor::cat(&[&start, &tokens.narrow(1, 0, t.saturating_sub(1))?], 1)?)
+    }
+}
+
+/// The stepper state: every layer's KV cache and the next position.
+pub struct State {
+    caches: Vec<Option<Cache>>,
+    position: usize,
+    batch: usize,
+}
+
+impl Registered for Transformer {
+    type Config = Config;
+
+    fn build(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Transformer::new(cfg, vb)
+    }
+
+    fn weights(cfg: &Config) -> Result<usize> {
+        within("transformer classes", cfg.classes, 2, 65_536)?;
+        within("transformer --hidden (width)", cfg.dim, 1, MAX_HIDDEN)?;
+        within("transformer --heads", cfg.heads, 1, cfg.dim)?;
+        if cfg.dim % cfg.heads != 0 {
+            return Err(Error::Config(format!(
+                "the transformer's width {} is not a multiple of its {} heads",
+                cfg.dim, cfg.heads
+            )));
+        }
+        within("transformer --layers", cfg.layers, 1, 256)?;
+        within("transformer MLP width", cfg.mlp, 1, 4 * MAX_HIDDEN)?;
+        within("transformer context", cfg.context, 2, 1 << 20)?;
+        let (d, m, v) = (cfg.dim, cfg.mlp, cfg.classes);
+        let block = 4 * d + (d + 1) * 3 * d + (d + 1) * d + (d + 1) * m + (m + 1) * d;
+        Ok((v + 1 + cfg.context) * d + cfg.layers * block + 2 * d + (d + 1) * v)
+    }
+
+    fn sequence_len(cfg: &Config) -> Option<usize> {
+        cfg.fixed_length.then_some(cfg.context)
+    }
+
+    /// 4 blocks of width 128 with 4 heads and an MLP of 512 by default.
+    fn image_config(pixels: usize, s: &Settings) -> Option<Result<Config>> {
+        Some(s.single_hidden(128).map(|dim| Config {
+            classes: 2,
+            dim,
+            heads: s.heads.unwrap_or(4),
+            layers: s.layers.unwrap_or(4),
+            mlp: 4 * dim,
+            context: pixels,
+            fixed_length: true,
+        }))
+    }
+
+    fn examples() -> Vec<(&'static str, Config)> {
+        vec![
+            (
+                "transformer 2 blocks",
+                Config { classes: 3, dim: 8, heads: 2, layers: 2, mlp: 12, context: 80, fixed_length: false },
+            ),
+            (
+                "transformer 12 pixels",
+                Config { classes: 2, dim: 8, heads: 4, layers: 1, mlp: 16, context: 12, fixed_length: true },
+            ),
+        ]
+    }
+}
+
+impl Autoregressive for Transformer {
+    type State = State;
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.classes
+    }
+
+    fn dependency_window(&self) -> Option<usize> {
+        None
+    }
+
+    fn max_context(&self) -> Option<usize> {
+        Some(self.cfg.context)
+    }
+
+    fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
+        let x = self.embed(&self.shifted(tokens)?, 0)?;
+        let mut no_cache: Vec<Option<Cache>> = (0..self.blocks.len()).map(|_| None).collect();
+        self.blocks(x, &mut no_cache)
+    }
+
+    fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<State> {
+        Ok(State { caches: (0..self.blocks.len()).map(|_| None).collect(), position: 0, batch })
+    }
+
+    fn step(&self, state: &mut State, prev: Option<&Tensor>) -> Result<Tensor> {
+        let input = match prev {
+            Some(p) => p.to_dtype(DType::U32)?.reshape((state.batch, 1))?,
+            None => Tensor::full(self.cfg.classes as u32, (state.batch, 1), &Device::Cpu)?,
+        };
+        let x = self.embed(&input, state.position)?;
+        let logits = self.blocks(x, &mut state.caches)?; // (B, 1, V)
+        state.position += 1;
+        Ok(logits.squeeze(1)?)
+    }
+
+    /// One parallel pass over the start token and `tokens`, keeping their keys and values.
+    fn prefill(&self, state: &mut State, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let start = Tensor::full(self.cfg.classes as u32, (b, 1), tokens.device())?;
+        let inputs = Tensor::cat(&[&start, &tokens.to_dtype(DType::U32)?], 1)?; // (B, T + 1)
+        let x = self.embed(&inputs, state.position)?;
+        let logits = self.blocks(x, &mut state.caches)?; // (B, T + 1, V)
+        state.position += t + 1;
+        Ok(logits.narrow(1, t, 1)?.squeeze(1)?)
+    }
+}
