@@ -20,9 +20,9 @@ pub struct MnistArgs {
 
 #[derive(Debug, Subcommand)]
 enum MnistCommand {
-    /// Train an image model (FVSBN, NADE, MADE, LSTM, GRU) on static binarized MNIST, or RNADE on
-    /// dequantised grey MNIST.
-    Train(TrainArgs),
+    /// Train an image model (FVSBN, NADE, MADE, LSTM, GRU, transformer, PixelCNN, Gated
+    /// PixelCNN) on static binarized MNIST, or RNADE on dequantised grey MNIST.
+    Train(Box<TrainArgs>),
     /// Test NLL in nats per image, with a 95% confidence interval.
     Eval(EvalArgs),
     /// Sample digits into a PNG grid.
@@ -246,7 +246,7 @@ struct CompactArgs {
 
 pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
     match a.command {
-        MnistCommand::Train(a) => train(a),
+        MnistCommand::Train(a) => train(*a),
         MnistCommand::Eval(a) => {
             let mut bars = Bars::new(0, a.json);
             let split = if a.valid { Split::Valid } else { Split::Test };

@@ -211,7 +211,7 @@ impl Registered for Transformer {
         within("transformer classes", cfg.classes, 2, 65_536)?;
         within("transformer --hidden (width)", cfg.dim, 1, MAX_HIDDEN)?;
         within("transformer --heads", cfg.heads, 1, cfg.dim)?;
-        if cfg.dim % cfg.heads != 0 {
+        if !cfg.dim.is_multiple_of(cfg.heads) {
             return Err(Error::Config(format!(
                 "the transformer's width {} is not a multiple of its {} heads",
                 cfg.dim, cfg.heads
