@@ -3,14 +3,22 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::{PossibleValue, PossibleValuesParser};
 use clap::{Args, ValueEnum};
 use wavegen::core::optim::AdamWConfig;
 use wavegen::core::train::{Precision, TrainConfig};
 use wavegen::data::wav_folder::AudioSettings;
-use wavegen::models::wavenet;
-use wavegen::tasks::train::{TrainOptions, train};
+use wavegen::models::{ModelConfig, Settings, wavenet};
+use wavegen::tasks::train::{AudioModelSpec, TrainOptions, train};
 
 use super::report::Bars;
+
+/// `--model`: WaveNet and the registry's sequence models for audio.
+fn audio_model() -> PossibleValuesParser {
+    let wavenet = PossibleValue::new("wavenet").help("WaveNet (the presets and flags below)");
+    let others = ModelConfig::audio_models().into_iter().map(|(name, help)| PossibleValue::new(name).help(help));
+    PossibleValuesParser::new(std::iter::once(wavenet).chain(others))
+}
 
 /// Named model sizes.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -53,9 +61,25 @@ pub struct TrainArgs {
     /// Continue the checkpoint in --out (weights, optimizer, step, data position).
     #[arg(long)]
     resume: bool,
-    /// Model size; the flags below override single settings.
+    /// The model: WaveNet, or a sequence model of the core read over each window from its
+    /// start (for comparison; `generate` and `play` run WaveNets).
+    #[arg(long, value_parser = audio_model(), default_value = "wavenet")]
+    model: String,
+    /// WaveNet's size; the WaveNet flags below override single settings.
     #[arg(long, value_enum, default_value = "default")]
     preset: Preset,
+    /// LSTM, GRU: hidden units [default: 256]; transformer: width [default: 128].
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// LSTM, GRU: stacked layers [default: 1]; transformer: blocks [default: 4].
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Transformer: attention heads [default: 4].
+    #[arg(long)]
+    heads: Option<usize>,
+    /// LSTM, GRU: size of each μ-law code's embedding [default: 32].
+    #[arg(long)]
+    embedding: Option<usize>,
     /// Train until this many steps in total [default: 2000, tiny: 50].
     #[arg(long)]
     steps: Option<u64>,
@@ -198,7 +222,19 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         resume: a.resume,
         reschedule_decay: if a.resume { a.decay_steps } else { None },
         change_precision: if a.resume { a.precision.map(Precision::from) } else { None },
-        model,
+        model: if a.model == "wavenet" {
+            AudioModelSpec::Wavenet(model)
+        } else {
+            let settings = Settings {
+                hidden: a.hidden.into_iter().collect(),
+                layers: a.layers,
+                heads: a.heads,
+                embedding: a.embedding,
+                seed: a.seed,
+                ..Settings::default()
+            };
+            AudioModelSpec::Sequence { name: a.model, settings }
+        },
         labels: a.labels,
         audio: AudioSettings { sample_rate: a.sample_rate, trim_db: a.trim_db, ..AudioSettings::default() },
         train: train_cfg,

@@ -48,6 +48,13 @@ pub trait Registered: Autoregressive + Clone + std::fmt::Debug + Sized {
     /// when this is not an image model.
     fn image_config(pixels: usize, settings: &Settings) -> Option<Result<Self::Config>>;
 
+    /// A configuration for sequences of μ-law codes (256 classes) trained in windows of
+    /// `window` samples, from the command line's `settings`, or `None` when this is not a
+    /// sequence model for audio. (WaveNet has its own presets and flags.)
+    fn audio_config(_window: usize, _settings: &Settings) -> Option<Result<Self::Config>> {
+        None
+    }
+
     /// Small configurations for the property tests: listing one here is what puts the model
     /// under the causality, stepping, gradient and learning checks.
     fn examples() -> Vec<(&'static str, Self::Config)>;
@@ -201,6 +208,27 @@ macro_rules! registry {
                 Err(Error::Config(format!("no model is called {name:?}")))
             }
 
+            /// The sequence model `name` for audio in windows of `window` samples, configured
+            /// from `settings`.
+            pub fn audio(name: &str, window: usize, settings: &Settings) -> Result<ModelConfig> {
+                $(if name == $name {
+                    return match <$model as Registered>::audio_config(window, settings) {
+                        Some(c) => Ok(ModelConfig::$variant(c?)),
+                        None => Err(Error::Config(format!("{name} is not a sequence model for audio"))),
+                    };
+                })+
+                Err(Error::Config(format!("no model is called {name:?}")))
+            }
+
+            /// The names of the sequence models for audio besides WaveNet.
+            pub fn audio_models() -> Vec<(&'static str, &'static str)> {
+                let mut all = Vec::new();
+                $(if <$model as Registered>::audio_config(2, &Settings::default()).is_some() {
+                    all.push(($name, concat!($($doc),+).trim()));
+                })+
+                all
+            }
+
             /// The name and summary of every model that models images.
             pub fn image_models() -> Vec<(&'static str, &'static str)> {
                 let mut all = Vec::new();
@@ -315,11 +343,11 @@ registry! {
     "made" => Made(made::Made),
     /// RNADE: NADE for real values, a mixture of Gaussians per pixel (dequantised grey levels).
     "rnade" => Rnade(rnade::Rnade),
-    /// LSTM: stacked recurrent layers reading the pixels in raster order.
+    /// LSTM: stacked recurrent layers (images: the pixels in raster order).
     "lstm" => Lstm(rnn::Lstm),
-    /// GRU: the LSTM's lighter cousin (three gates, no cell), in raster order.
+    /// GRU: the LSTM's lighter cousin (three gates, no cell).
     "gru" => Gru(rnn::Gru),
-    /// Transformer: causal self-attention over the pixels in raster order, with a KV cache.
+    /// Transformer: causal self-attention with a KV cache (images: pixels in raster order).
     "transformer" => Transformer(transformer::Transformer),
     /// PixelCNN: masked convolutions, mask A and then residual blocks of mask B.
     "pixelcnn" => PixelCnn(pixelcnn::PixelCnn),

@@ -251,6 +251,17 @@ impl<C: Cell> Registered for Recurrent<C> {
         }))
     }
 
+    /// μ-law codes, any length; the image defaults otherwise (embedding 32).
+    fn audio_config(_window: usize, s: &Settings) -> Option<Result<Config>> {
+        Some(s.single_hidden(256).map(|hidden| Config {
+            classes: 256,
+            embedding: s.embedding.unwrap_or(32),
+            hidden,
+            layers: s.layers.unwrap_or(1),
+            length: None,
+        }))
+    }
+
     fn examples() -> Vec<(&'static str, Config)> {
         let one = Config { classes: 5, embedding: 4, hidden: 6, layers: 1, length: None };
         let two = Config { classes: 2, embedding: 3, hidden: 5, layers: 2, length: Some(12) };

@@ -242,6 +242,11 @@ impl Registered for Transformer {
         }))
     }
 
+    /// μ-law codes in windows of `window` samples (its context), the image defaults otherwise.
+    fn audio_config(window: usize, s: &Settings) -> Option<Result<Config>> {
+        Some(Self::image_config(window, s)?.map(|c| Config { classes: 256, fixed_length: false, ..c }))
+    }
+
     fn examples() -> Vec<(&'static str, Config)> {
         vec![
             (

@@ -92,7 +92,13 @@ impl AudioModel {
                 return Err(Error::checkpoint(dir, "not an audio model (no audio settings in config.json)"));
             }
             let cfg = manifest.model.wavenet().ok_or_else(|| {
-                Error::checkpoint(dir, format!("holds a {} model, not an audio model", manifest.model.name()))
+                Error::checkpoint(
+                    dir,
+                    format!(
+                        "holds a {} model; generate, play and eval run WaveNets (its held-out score is in `wavegen info`)",
+                        manifest.model.name()
+                    ),
+                )
             })?;
             WaveNet::new(cfg, vb)
         })?;

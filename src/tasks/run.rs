@@ -168,6 +168,45 @@ const MAX_BATCH: usize = 4096;
 const MAX_BATCH_BYTES: f64 = 16.0 * (1u64 << 30) as f64;
 
 impl AudioData {
+    /// The checks of an audio run of a sequence model other than WaveNet: μ-law codes, no
+    /// labels, a window that fits its context, and the attention scores within the memory
+    /// limit.
+    fn validate_sequence_model(&self, model: &ModelConfig) -> Result<()> {
+        let fits = |classes: usize, fixed: Option<usize>| {
+            if classes != 256 || fixed.is_some() {
+                return Err(Error::Config(format!("this {} is not a model of μ-law codes (256 classes, any length)", model.name())));
+            }
+            if !self.labels.is_empty() {
+                return Err(Error::Config(format!("a {} takes no labels", model.name())));
+            }
+            Ok(())
+        };
+        match model {
+            ModelConfig::Lstm(c) | ModelConfig::Gru(c) => fits(c.classes, c.length),
+            ModelConfig::Transformer(c) => {
+                fits(c.classes, c.fixed_length.then_some(c.context))?;
+                if c.context < self.window {
+                    return Err(Error::Config(format!(
+                        "the transformer's context of {} is shorter than the window of {}",
+                        c.context, self.window
+                    )));
+                }
+                // The scores and their softmax, kept for the backward pass.
+                let bytes = (self.batch_size * c.layers * c.heads * 2) as f64 * (self.window as f64).powi(2) * 4.0;
+                if bytes > MAX_BATCH_BYTES {
+                    return Err(Error::Config(format!(
+                        "{} windows of {} would hold about {:.1} GiB of attention scores: use a smaller --batch-size or --window",
+                        self.batch_size,
+                        self.window,
+                        bytes / (1u64 << 30) as f64
+                    )));
+                }
+                Ok(())
+            }
+            _ => Err(Error::Config(format!("a {} is not an audio model", model.name()))),
+        }
+    }
+
     /// Checks the data settings of an audio run of `model`.
     pub fn validate(&self, model: &ModelConfig) -> Result<()> {
         use crate::models::within;
@@ -179,7 +218,7 @@ impl AudioData {
             return Err(Error::Config(format!("--val-fraction must be in [0, 1), got {}", self.val_fraction)));
         }
         let Some(cfg) = model.wavenet() else {
-            return Err(Error::Config(format!("a {} is not an audio model", model.name())));
+            return self.validate_sequence_model(model);
         };
         if cfg.classes != 256 {
             return Err(Error::Config(format!("an audio WaveNet has 256 classes (μ-law codes), not {}", cfg.classes)));

@@ -12,8 +12,9 @@ use crate::core::checkpoint::{self, FORMAT};
 use crate::core::optim::AdamW;
 use crate::core::train::{self, Precision, Stop, TrainConfig, TrainState};
 use crate::data::wav_folder::{AudioBatches, AudioSettings, Corpus, SAMPLES_PER_STEP, split_by_name};
-use crate::models::ModelConfig;
-use crate::models::wavenet::{self, WaveNet};
+use crate::core::Autoregressive;
+use crate::models::wavenet;
+use crate::models::{ModelConfig, Settings};
 use crate::{Error, Result};
 
 /// Everything `wavegen train` needs.
@@ -31,7 +32,7 @@ pub struct TrainOptions {
     /// Continue the checkpoint in `out` if there is one.
     pub resume: bool,
     /// The model (ignored when resuming: the checkpoint's config is used).
-    pub model: wavenet::Config,
+    pub model: AudioModelSpec,
     /// Condition on first-level subfolder names.
     pub labels: bool,
     /// Audio preprocessing (ignored when resuming).
@@ -54,6 +55,30 @@ pub struct TrainOptions {
     pub cache_dir: PathBuf,
 }
 
+/// Which model `wavegen train` trains.
+#[derive(Debug, Clone)]
+pub enum AudioModelSpec {
+    /// A WaveNet of these settings.
+    Wavenet(wavenet::Config),
+    /// A sequence model of the registry (`lstm`, `gru`, `transformer`), configured from these
+    /// settings once the training window is known (a transformer's context is the window).
+    Sequence {
+        /// Its name.
+        name: String,
+        /// Its settings from the command line.
+        settings: Settings,
+    },
+}
+
+impl AudioModelSpec {
+    fn config(&self, window: usize) -> Result<ModelConfig> {
+        match self {
+            AudioModelSpec::Wavenet(cfg) => Ok(ModelConfig::Wavenet(wavenet::Config { num_labels: 0, ..cfg.clone() })),
+            AudioModelSpec::Sequence { name, settings } => ModelConfig::audio(name, window, settings),
+        }
+    }
+}
+
 /// What a training run did.
 #[derive(Debug, Serialize)]
 pub struct TrainSummary {
@@ -73,7 +98,7 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// Trainable scalars.
     pub parameters: usize,
-    /// Receptive field in samples.
+    /// Receptive field in samples (0: the model reads the whole window, no more).
     pub receptive_field: usize,
 }
 
@@ -115,7 +140,7 @@ fn indices_of(corpus: &Corpus, names: &[String]) -> Result<Vec<usize>> {
         .collect()
 }
 
-/// Trains (or resumes) a WaveNet; `stop` is raised by Ctrl-C.
+/// Trains (or resumes) a WaveNet or a sequence model; `stop` is raised by Ctrl-C.
 pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) -> Result<TrainSummary> {
     let (_guard, resumed) = run::take_for_training(&opts.out, &opts.out, opts.resume)?;
     let existing = resumed.is_some();
@@ -185,7 +210,13 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
             audio.batch_size, audio.window
         ));
     }
+    if !existing {
+        manifest.model = opts.model.config(audio.window)?;
+    }
     if !existing && opts.labels {
+        if manifest.model.wavenet().is_none() {
+            return Err(Error::Config(format!("--labels conditions a WaveNet; a {} takes no labels", manifest.model.name())));
+        }
         audio.labels = train_corpus.labels();
         if audio.labels.is_empty() {
             return Err(Error::Config(format!(
@@ -208,19 +239,28 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     manifest.validate()?;
 
     // Model and optimizer, fresh or restored.
-    let cfg = manifest.model.wavenet().ok_or_else(|| Error::checkpoint(&opts.out, "not a WaveNet checkpoint"))?;
     let (mut model, params, mut opt) = run::model_and_optimizer(&manifest, resumed.as_ref(), |m, vb| {
-        Ok(WaveNet::new(cfg, vb)?.with_precision(m.train.precision))
+        Ok(m.model.build(vb)?.with_precision(m.train.precision))
     })?;
-    let receptive_field = cfg.receptive_field();
-    reporter.note(&format!(
-        "WaveNet: {} layers, {} parameters, receptive field {} samples ({:.0} ms), {} products",
-        cfg.layers(),
-        params.count(),
-        receptive_field,
-        1000.0 * receptive_field as f64 / audio.settings.sample_rate as f64,
-        manifest.train.precision
-    ));
+    // WaveNet's windows carry its receptive field as context; the other models read each
+    // window from its start.
+    let receptive_field = model.dependency_window().unwrap_or(0);
+    match manifest.model.wavenet() {
+        Some(cfg) => reporter.note(&format!(
+            "WaveNet: {} layers, {} parameters, receptive field {} samples ({:.0} ms), {} products",
+            cfg.layers(),
+            params.count(),
+            receptive_field,
+            1000.0 * receptive_field as f64 / audio.settings.sample_rate as f64,
+            manifest.train.precision
+        )),
+        None => reporter.note(&format!(
+            "{}: {} parameters, reading each window of {} samples from its start",
+            manifest.model.name(),
+            params.count(),
+            audio.window
+        )),
+    }
     let label_names = (!audio.labels.is_empty()).then_some(audio.labels.as_slice());
     let mut batches = AudioBatches::new(
         &train_corpus,
@@ -279,7 +319,7 @@ fn new_manifest(opts: &TrainOptions) -> Result<Manifest> {
     opts.train.validate()?;
     let manifest = Manifest {
         format: FORMAT.into(),
-        model: ModelConfig::Wavenet(wavenet::Config { num_labels: 0, ..opts.model.clone() }),
+        model: opts.model.config(opts.window.unwrap_or(SAMPLES_PER_STEP))?,
         seed: opts.seed,
         audio: Some(AudioData {
             settings: opts.audio.clone(),

@@ -63,7 +63,7 @@ pub fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         resume: false,
         reschedule_decay: None,
         change_precision: None,
-        model: wavenet::Config::tiny(),
+        model: wavegen::tasks::train::AudioModelSpec::Wavenet(wavenet::Config::tiny()),
         labels: false,
         audio: AudioSettings { sample_rate: 8000, ..AudioSettings::default() },
         train: TrainConfig {
