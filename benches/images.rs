@@ -189,5 +189,49 @@ fn convolutional(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, training, naive_nade, sampling, convolutional);
+/// Sampling 64 digits with the cached stepper against the naive way (one full parallel pass
+/// per pixel), for the first 14 pixels (naive sampling of whole digits takes minutes per
+/// sample; for PixelCNN its cost per pixel is constant, for the transformer it grows with the
+/// prefix, so a few pixels understate the transformer's ratio), and whole digits cached.
+fn cached_sampling(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sample_64");
+    group.sample_size(10);
+    let n = 64;
+    let models = [
+        (
+            "gated-pixelcnn-64x12",
+            ModelConfig::GatedPixelCnn(pixelcnn::Config {
+                classes: 2,
+                height: 28,
+                width: 28,
+                channels: 64,
+                layers: 11,
+                first_kernel: 7,
+                kernel: 3,
+                head: 256,
+            }),
+        ),
+        (
+            "transformer-128x4",
+            ModelConfig::image("transformer", PIXELS, &wavegen::models::Settings::default()).unwrap(),
+        ),
+    ];
+    for (name, cfg) in models {
+        let params = Params::new(0);
+        let model = cfg.build(params.var_builder(DType::F32)).unwrap();
+        for (method, pixels) in [(Method::Cached, 14), (Method::Naive, 14), (Method::Cached, PIXELS)] {
+            group.bench_function(format!("{name} {method:?} {pixels} px"), |b| {
+                b.iter(|| {
+                    let mut rng = Rng::new(2);
+                    let prime = vec![vec![]; n];
+                    sample::generate(&model, &prime, None, pixels, &SamplerConfig::default(), &mut rng, method, &mut |_| {})
+                        .unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, training, naive_nade, sampling, convolutional, cached_sampling);
 criterion_main!(benches);

@@ -3,9 +3,10 @@
 //! self-attention and a ReLU MLP, each behind a layer norm and added to the residual stream,
 //! a final layer norm and the logits. As an image model it reads the pixels in raster order.
 //!
-//! The stepper keeps every layer's keys and values (the KV cache), so the t-th token costs
-//! O(t·d) for attention and O(d²) for the rest, not a pass over the prefix; `prefill` fills
-//! the cache with one parallel pass. The attention's scale, mask and softmax are one operation
+//! The stepper keeps every layer's keys and values (the KV cache, plain memory written in
+//! place), so the t-th token costs O(t·d) for attention (a hand-written loop per head) and
+//! O(d²) for the rest, not a pass over the prefix; `prefill` fills the cache with one parallel
+//! pass. The attention's scale, mask and softmax are one operation
 //! (`layers::attention`). Every product is a 2-D or same-batch 3-D matmul of contiguous
 //! operands (candle 0.11 multiplies transposed views broadcast over a batch wrongly).
 //!
@@ -97,10 +98,12 @@ pub struct Transformer {
     output: ChannelLinear,
 }
 
-/// One layer's keys and values so far, `(B·H, t, D/H)` each.
-struct Cache {
-    k: Tensor,
-    v: Tensor,
+/// One layer's keys and values of every position so far, in plain memory laid out `(B·H,
+/// L, D/H)` (L the context), filled in place: a step appends one row per head and reads them
+/// all, with no copy of what is there.
+struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 impl Transformer {
@@ -159,30 +162,69 @@ impl Transformer {
         Ok(x.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()?.reshape((b * h, t, dh))?)
     }
 
-    /// The blocks over `x (B, T, D)` whose positions follow the ones in `caches` (empty caches
-    /// when there are none), each cache extended by these positions' keys and values.
-    fn blocks(&self, mut x: Tensor, caches: &mut [Option<Cache>]) -> Result<Tensor> {
+    /// The blocks over `x (B, T, D)`: in parallel over the T positions (causal attention
+    /// among them) when `step` is `None`, also writing their keys and values into `caches` if
+    /// given; or one position (T = 1) at `step`, attending to the cache.
+    fn blocks(&self, mut x: Tensor, caches: Option<&mut [KvCache]>, step: Option<usize>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let heads = self.cfg.heads;
         let scale = 1.0 / ((d / heads) as f64).sqrt();
-        for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
+        let mut caches = caches.map(|c| c.iter_mut());
+        for block in &self.blocks {
             let qkv = block.qkv.forward(&block.norm1.forward(&x)?)?; // (B, T, 3D)
-            let q = self.split_heads(&qkv.narrow(2, 0, d)?)?;
-            let mut k = self.split_heads(&qkv.narrow(2, d, d)?)?;
-            let mut v = self.split_heads(&qkv.narrow(2, 2 * d, d)?)?;
-            if let Some(c) = cache.as_ref() {
-                k = Tensor::cat(&[&c.k, &k], 1)?;
-                v = Tensor::cat(&[&c.v, &v], 1)?;
-            }
-            let scores = q.matmul(&k.t()?.contiguous()?)?; // (B·H, T, T_k)
-            let att = causal_softmax(&scores, scale)?.matmul(&v)?; // (B·H, T, D/H)
-            let att = att.reshape((b, heads, t, d / heads))?.transpose(1, 2)?.contiguous()?.reshape((b, t, d))?;
+            let cache = caches.as_mut().and_then(|c| c.next());
+            let att = match (step, cache) {
+                (Some(position), Some(cache)) => self.attend_one(&qkv, cache, position, scale)?,
+                (_, cache) => {
+                    let q = self.split_heads(&qkv.narrow(2, 0, d)?)?;
+                    let k = self.split_heads(&qkv.narrow(2, d, d)?)?;
+                    let v = self.split_heads(&qkv.narrow(2, 2 * d, d)?)?;
+                    if let Some(cache) = cache {
+                        self.fill(cache, &k, &v)?;
+                    }
+                    let scores = q.matmul(&k.t()?.contiguous()?)?; // (B·H, T, T)
+                    let att = causal_softmax(&scores, scale)?.matmul(&v)?; // (B·H, T, D/H)
+                    att.reshape((b, heads, t, d / heads))?.transpose(1, 2)?.contiguous()?.reshape((b, t, d))?
+                }
+            };
             x = (x + block.out.forward(&att)?)?;
             let hidden = block.mlp_in.forward(&block.norm2.forward(&x)?)?.relu()?;
             x = (&x + block.mlp_out.forward(&hidden)?)?;
-            *cache = Some(Cache { k, v });
         }
         Ok(self.output.forward(&self.norm.forward(&x)?)?)
+    }
+
+    /// Writes keys and values `(B·H, T, D/H)` into rows `0..T` of `cache`.
+    fn fill(&self, cache: &mut KvCache, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (bh, t, dh) = k.dims3()?;
+        let context = self.cfg.context;
+        for (dst, src) in [(&mut cache.k, k), (&mut cache.v, v)] {
+            let src = src.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            for (i, rows) in src.chunks_exact(t * dh).enumerate().take(bh) {
+                dst[i * context * dh..][..t * dh].copy_from_slice(rows);
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention of the one new position `position` (queries, keys and values `qkv (B, 1,
+    /// 3D)`) over the cache, after appending its key and value: `(B, 1, D)`.
+    fn attend_one(&self, qkv: &Tensor, cache: &mut KvCache, position: usize, scale: f64) -> Result<Tensor> {
+        let (b, _, d3) = qkv.dims3()?;
+        let (d, heads, context) = (d3 / 3, self.cfg.heads, self.cfg.context);
+        let dh = d / heads;
+        let qkv_rows = qkv.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; b * d];
+        let mut p = vec![0f32; position + 1];
+        for (i, row) in qkv_rows.chunks_exact(d3).enumerate() {
+            for h in 0..heads {
+                let base = (i * heads + h) * context * dh;
+                cache.k[base + position * dh..][..dh].copy_from_slice(&row[d + h * dh..][..dh]);
+                cache.v[base + position * dh..][..dh].copy_from_slice(&row[2 * d + h * dh..][..dh]);
+                attend(&row[h * dh..][..dh], &cache.k[base..], &cache.v[base..], &mut p, &mut out[i * d + h * dh..][..dh], scale as f32);
+            }
+        }
+        Ok(Tensor::from_vec(out, (b, 1, d), &Device::Cpu)?.to_dtype(qkv.dtype())?)
     }
 
     /// The inputs of tokens `(B, T)`: the start token, then all but the last token.
@@ -195,7 +237,7 @@ impl Transformer {
 
 /// The stepper state: every layer's KV cache and the next position.
 pub struct State {
-    caches: Vec<Option<Cache>>,
+    caches: Vec<KvCache>,
     position: usize,
     batch: usize,
 }
@@ -278,12 +320,13 @@ impl Autoregressive for Transformer {
 
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
         let x = self.embed(&self.shifted(tokens)?, 0)?;
-        let mut no_cache: Vec<Option<Cache>> = (0..self.blocks.len()).map(|_| None).collect();
-        self.blocks(x, &mut no_cache)
+        self.blocks(x, None, None)
     }
 
     fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<State> {
-        Ok(State { caches: (0..self.blocks.len()).map(|_| None).collect(), position: 0, batch })
+        let size = batch * self.cfg.context * self.cfg.dim;
+        let caches = (0..self.blocks.len()).map(|_| KvCache { k: vec![0.0; size], v: vec![0.0; size] }).collect();
+        Ok(State { caches, position: 0, batch })
     }
 
     fn step(&self, state: &mut State, prev: Option<&Tensor>) -> Result<Tensor> {
@@ -292,7 +335,7 @@ impl Autoregressive for Transformer {
             None => Tensor::full(self.cfg.classes as u32, (state.batch, 1), &Device::Cpu)?,
         };
         let x = self.embed(&input, state.position)?;
-        let logits = self.blocks(x, &mut state.caches)?; // (B, 1, V)
+        let logits = self.blocks(x, Some(&mut state.caches), Some(state.position))?; // (B, 1, V)
         state.position += 1;
         Ok(logits.squeeze(1)?)
     }
@@ -302,9 +345,32 @@ impl Autoregressive for Transformer {
         let (b, t) = tokens.dims2()?;
         let start = Tensor::full(self.cfg.classes as u32, (b, 1), tokens.device())?;
         let inputs = Tensor::cat(&[&start, &tokens.to_dtype(DType::U32)?], 1)?; // (B, T + 1)
-        let x = self.embed(&inputs, state.position)?;
-        let logits = self.blocks(x, &mut state.caches)?; // (B, T + 1, V)
+        if state.position != 0 {
+            return Err(Error::Config("prefill starts from a fresh state".into()));
+        }
+        let x = self.embed(&inputs, 0)?;
+        let logits = self.blocks(x, Some(&mut state.caches), None)?; // (B, T + 1, V)
         state.position += t + 1;
         Ok(logits.narrow(1, t, 1)?.squeeze(1)?)
+    }
+}
+
+/// One head's attention of query `q (D/H)` over the keys and values `k`, `v` (rows of D/H, as
+/// many as `p` is long), into `out`; `p` is scratch for the probabilities.
+fn attend(q: &[f32], k: &[f32], v: &[f32], p: &mut [f32], out: &mut [f32], scale: f32) {
+    let dh = q.len();
+    for (j, pj) in p.iter_mut().enumerate() {
+        *pj = q.iter().zip(&k[j * dh..][..dh]).map(|(a, b)| a * b).sum::<f32>() * scale;
+    }
+    let max = p.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0;
+    for pj in p.iter_mut() {
+        *pj = crate::fastmath::fast_exp(*pj - max);
+        sum += *pj;
+    }
+    out.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        let w = pj / sum;
+        out.iter_mut().zip(&v[j * dh..][..dh]).for_each(|(o, &x)| *o += w * x);
     }
 }
