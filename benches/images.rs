@@ -189,6 +189,33 @@ fn convolutional(c: &mut Criterion) {
     group.finish();
 }
 
+/// The transformer (4 blocks of 128, 4 heads) at batch 16, data-parallel over the rayon
+/// threads as `mnist train` runs it (its attention scores are 784² per head and image).
+fn attention(c: &mut Criterion) {
+    let mut group = c.benchmark_group("train_step");
+    group.sample_size(10);
+    let batch = 16;
+    let batch_of_images = Batch {
+        tokens: images(batch),
+        mask: Tensor::ones((batch, PIXELS), DType::F32, &Device::Cpu).unwrap(),
+        labels: None,
+        values: None,
+    };
+    group.throughput(Throughput::Elements(batch as u64));
+    let cfg = ModelConfig::image("transformer", PIXELS, &wavegen::models::Settings::default()).unwrap();
+    let params = Params::new(0);
+    let model = cfg.build(params.var_builder(DType::F32)).unwrap();
+    let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
+    let threads = rayon::current_num_threads();
+    group.bench_function("transformer-128x4", |b| {
+        b.iter(|| {
+            let (_, grads) = loss_and_grads(&model, &batch_of_images, threads).unwrap();
+            opt.step(&grads, 1e-4).unwrap()
+        })
+    });
+    group.finish();
+}
+
 /// Sampling 64 digits with the cached stepper against the naive way (one full parallel pass
 /// per pixel), for the first 14 pixels (naive sampling of whole digits takes minutes per
 /// sample; for PixelCNN its cost per pixel is constant, for the transformer it grows with the
@@ -233,5 +260,5 @@ fn cached_sampling(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, training, naive_nade, sampling, convolutional, cached_sampling);
+criterion_group!(benches, training, naive_nade, sampling, convolutional, attention, cached_sampling);
 criterion_main!(benches);
