@@ -9,9 +9,9 @@ use wavegen::core::masked_nll;
 use wavegen::core::optim::{AdamW, AdamWConfig};
 use wavegen::core::params::Params;
 use wavegen::core::sample::{self, Method, SamplerConfig};
+use wavegen::core::train::{Precision, loss_and_grads};
 use wavegen::data::Batch;
 use wavegen::layers::nade::Activation;
-use wavegen::core::train::{Precision, loss_and_grads};
 use wavegen::models::{ModelConfig, fvsbn, made, nade, pixelcnn, rnn};
 use wavegen::rng::Rng;
 
@@ -251,8 +251,17 @@ fn cached_sampling(c: &mut Criterion) {
                 b.iter(|| {
                     let mut rng = Rng::new(2);
                     let prime = vec![vec![]; n];
-                    sample::generate(&model, &prime, None, pixels, &SamplerConfig::default(), &mut rng, method, &mut |_| {})
-                        .unwrap()
+                    sample::generate(
+                        &model,
+                        &prime,
+                        None,
+                        pixels,
+                        &SamplerConfig::default(),
+                        &mut rng,
+                        method,
+                        &mut |_| {},
+                    )
+                    .unwrap()
                 })
             });
         }

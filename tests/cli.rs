@@ -224,7 +224,8 @@ fn sequence_models_train_on_audio() {
         let ckpt = dir.path().join(model);
         let c = ckpt.to_str().unwrap();
         let common = ["--hidden", "16", "--window", "128", "--batch-size", "4", "--sample-rate", "8000", "--json"];
-        let args = [&["train", d, "--out", c, "--model", model, "--steps", "30", "--lr", "0.01"][..], &common[..]].concat();
+        let args =
+            [&["train", d, "--out", c, "--model", model, "--steps", "30", "--lr", "0.01"][..], &common[..]].concat();
         let t = json(&wavegen(&args, &cache));
         assert_eq!(t["steps"], 30, "{model}");
         assert!(t["val_bits_per_sample"].as_f64().unwrap() < 7.0, "{model}: {}", t["val_bits_per_sample"]);

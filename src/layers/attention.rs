@@ -19,7 +19,8 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
 pub fn causal_softmax_reference(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = scores.dims();
     let (tq, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let mask: Vec<f64> = (0..tq * tk).map(|k| if k % tk <= k / tk + tk - tq { 0.0 } else { f64::NEG_INFINITY }).collect();
+    let mask: Vec<f64> =
+        (0..tq * tk).map(|k| if k % tk <= k / tk + tk - tq { 0.0 } else { f64::NEG_INFINITY }).collect();
     let mask = Tensor::from_vec(mask, (tq, tk), scores.device())?.to_dtype(scores.dtype())?;
     Ok(candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, candle_core::D::Minus1)?)
 }
@@ -32,7 +33,16 @@ struct CausalSoftmaxGrad {
     scale: f64,
 }
 
-trait Float: Copy + Default + PartialOrd + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self> + std::ops::AddAssign + std::ops::DivAssign + std::ops::MulAssign {
+trait Float:
+    Copy
+    + Default
+    + PartialOrd
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::DivAssign
+    + std::ops::MulAssign
+{
     fn exp(self) -> Self;
 }
 
@@ -106,7 +116,9 @@ impl CustomOp1 for CausalSoftmax {
         let (tq, tk) = sizes(layout.shape())?;
         let op = "causal softmax";
         let p = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(fast::forward_f32(contiguous_slice(v, layout, op)?, tq, tk, self.scale as f32)),
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(fast::forward_f32(contiguous_slice(v, layout, op)?, tq, tk, self.scale as f32))
+            }
             CpuStorage::F64(v) => CpuStorage::F64(forward(contiguous_slice(v, layout, op)?, tq, tk, self.scale)),
             _ => candle_core::bail!("{op}: only f32 and f64 are supported"),
         };
@@ -123,13 +135,22 @@ impl CustomOp2 for CausalSoftmaxGrad {
         "causal-softmax-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_tq, tk) = sizes(l1.shape())?;
         let op = "causal softmax";
         let ds = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(d)) => {
-                CpuStorage::F32(fast::backward_f32(contiguous_slice(p, l1, op)?, contiguous_slice(d, l2, op)?, tk, self.scale as f32))
-            }
+            (CpuStorage::F32(p), CpuStorage::F32(d)) => CpuStorage::F32(fast::backward_f32(
+                contiguous_slice(p, l1, op)?,
+                contiguous_slice(d, l2, op)?,
+                tk,
+                self.scale as f32,
+            )),
             (CpuStorage::F64(p), CpuStorage::F64(d)) => {
                 CpuStorage::F64(backward(contiguous_slice(p, l1, op)?, contiguous_slice(d, l2, op)?, tk, self.scale))
             }
@@ -153,11 +174,14 @@ mod tests {
         let mut rng = Rng::new(5);
         for (tq, tk) in [(6, 6), (2, 7), (1, 5)] {
             let n = 3 * tq * tk;
-            let s = Var::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), (3, tq, tk), &Device::Cpu).unwrap();
-            let probe = Tensor::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), (3, tq, tk), &Device::Cpu).unwrap();
+            let s =
+                Var::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), (3, tq, tk), &Device::Cpu).unwrap();
+            let probe = Tensor::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), (3, tq, tk), &Device::Cpu)
+                .unwrap();
             let ours = causal_softmax(&s, 0.7).unwrap();
             let theirs = causal_softmax_reference(&s, 0.7).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let diff =
+                |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(diff(&ours, &theirs) < 1e-12, "{tq}×{tk}");
             let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();

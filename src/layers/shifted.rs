@@ -68,7 +68,13 @@ pub fn shifted_conv(x: &Tensor, w: &Tensor, b: &Tensor, offsets: &[isize], optio
 }
 
 /// The same in candle's operations (ReLU, pad, narrow, matmul, mask), for the tests.
-pub fn shifted_conv_reference(x: &Tensor, w: &Tensor, b: &Tensor, offsets: &[isize], options: Options) -> Result<Tensor> {
+pub fn shifted_conv_reference(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    offsets: &[isize],
+    options: Options,
+) -> Result<Tensor> {
     let (g, r, c_in) = x.dims3()?;
     let n = w.dim(2)?;
     let x = if options.relu_input { x.relu()? } else { x.clone() };
@@ -103,7 +109,13 @@ const TAPS_PER_PASS: usize = 16;
 
 /// `y[g] += Σ_k x[g, · + o_k] · w_k` for every sequence, `w_k` the views `taps`; `x` and `y`
 /// have `x_cols` and `y_cols` columns.
-fn conv<T: Scalar, P: Products<T>>(y: &mut [T], x: &[T], d: Dims, (x_cols, y_cols): (usize, usize), taps: &[(isize, Mat<T>)]) {
+fn conv<T: Scalar, P: Products<T>>(
+    y: &mut [T],
+    x: &[T],
+    d: Dims,
+    (x_cols, y_cols): (usize, usize),
+    taps: &[(isize, Mat<T>)],
+) {
     for g in 0..d.g {
         let xs = Mat::new(x, g * d.r * x_cols, d.r, x_cols);
         for pass in taps.chunks(TAPS_PER_PASS) {
@@ -138,7 +150,14 @@ fn zero_padding<T: Float>(y: &mut [T], d: Dims, cols: usize, options: &Options) 
     }
 }
 
-fn forward<T: Float, P: Products<T>>(x: &[T], w: &[T], b: &[T], d: Dims, offsets: &[isize], options: &Options) -> Vec<T> {
+fn forward<T: Float, P: Products<T>>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    d: Dims,
+    offsets: &[isize],
+    options: &Options,
+) -> Vec<T> {
     let mut y: Vec<T> = Vec::with_capacity(d.g * d.r * d.n);
     for _ in 0..d.g * d.r {
         y.extend_from_slice(b);
@@ -172,7 +191,8 @@ fn backward<T: Float, P: Products<T>>(
         db.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
     }
     let mut dx = vec![T::default(); x.len()];
-    let back: Vec<_> = offsets.iter().enumerate().map(|(k, &o)| (-o, Mat::new(w, k * d.c * d.n, d.c, d.n).t())).collect();
+    let back: Vec<_> =
+        offsets.iter().enumerate().map(|(k, &o)| (-o, Mat::new(w, k * d.c * d.n, d.c, d.n).t())).collect();
     conv::<T, P>(&mut dx, dy, d, (d.n, d.c), &back);
     if options.relu_input {
         dx.iter_mut().zip(x).for_each(|(g, &v)| {
@@ -232,7 +252,8 @@ impl CustomOp3 for ShiftedConv {
         let (op, o, opt) = ("shifted-conv", &self.offsets, &self.options);
         let y = match (xs, ws, bs) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let (x, w, b) = (contiguous_slice(x, xl, op)?, contiguous_slice(w, wl, op)?, contiguous_slice(b, bl, op)?);
+                let (x, w, b) =
+                    (contiguous_slice(x, xl, op)?, contiguous_slice(w, wl, op)?, contiguous_slice(b, bl, op)?);
                 CpuStorage::F32(if self.bf16 {
                     forward::<f32, Bf16>(x, w, b, d, o, opt)
                 } else {
@@ -240,7 +261,8 @@ impl CustomOp3 for ShiftedConv {
                 })
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let (x, w, b) = (contiguous_slice(x, xl, op)?, contiguous_slice(w, wl, op)?, contiguous_slice(b, bl, op)?);
+                let (x, w, b) =
+                    (contiguous_slice(x, xl, op)?, contiguous_slice(w, wl, op)?, contiguous_slice(b, bl, op)?);
                 CpuStorage::F64(forward::<f64, Exact>(x, w, b, d, o, opt))
             }
             _ => candle_core::bail!("{op}: f32 or f64 operands of one type only"),
@@ -334,7 +356,8 @@ mod tests {
         let w = random((offsets.len(), 33, 17), &mut rng).to_dtype(DType::F32).unwrap();
         let b = Tensor::zeros(17, DType::F32, &Device::Cpu).unwrap();
         let exact = shifted_conv(&x, &w, &b, &offsets, Options::plain()).unwrap();
-        let bf16 = shifted_conv(&x, &w, &b, &offsets, Options { precision: Precision::Bf16, ..Options::plain() }).unwrap();
+        let bf16 =
+            shifted_conv(&x, &w, &b, &offsets, Options { precision: Precision::Bf16, ..Options::plain() }).unwrap();
         let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let err = (&exact - &bf16).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 0.02 * scale, "bf16 differs by {err} at scale {scale}");

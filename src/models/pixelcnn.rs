@@ -188,7 +188,14 @@ impl Conv {
         Self::with_init(grid, taps, c_in, c_out, Init::Randn { mean: 0.0, stdev: 1.0 / fan_in.sqrt() }, vb)
     }
 
-    fn with_init(grid: &Grid, taps: &[(isize, isize)], c_in: usize, c_out: usize, init: Init, vb: VarBuilder) -> Result<Self> {
+    fn with_init(
+        grid: &Grid,
+        taps: &[(isize, isize)],
+        c_in: usize,
+        c_out: usize,
+        init: Init,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Conv {
             weight: vb.get_with_hints((taps.len(), c_in, c_out), "weight", init)?,
             bias: vb.get_with_hints(c_out, "bias", Init::Const(0.0))?,
@@ -313,7 +320,13 @@ impl GatedPixelCnn {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(GatedPixelCnn { cfg: cfg.clone(), grid, layers, head: Head::new(&grid, c, cfg, vb)?, precision: Precision::F32 })
+        Ok(GatedPixelCnn {
+            cfg: cfg.clone(),
+            grid,
+            layers,
+            head: Head::new(&grid, c, cfg, vb)?,
+            precision: Precision::F32,
+        })
     }
 
     /// The same model, its products in `precision` when training.
@@ -348,8 +361,12 @@ impl Registered for PixelCnn {
     fn weights(cfg: &Config) -> Result<usize> {
         cfg.check("PixelCNN")?;
         let c = cfg.channels;
-        let block = Conv::weights(1, 2 * c, c) + Conv::weights(masked_taps(cfg.kernel, true).len(), c, c) + Conv::weights(1, c, 2 * c);
-        Ok(Conv::weights(masked_taps(cfg.first_kernel, false).len(), INPUTS, 2 * c) + cfg.layers * block + Head::weights(2 * c, cfg))
+        let block = Conv::weights(1, 2 * c, c)
+            + Conv::weights(masked_taps(cfg.kernel, true).len(), c, c)
+            + Conv::weights(1, c, 2 * c);
+        Ok(Conv::weights(masked_taps(cfg.first_kernel, false).len(), INPUTS, 2 * c)
+            + cfg.layers * block
+            + Head::weights(2 * c, cfg))
     }
 
     fn sequence_len(cfg: &Config) -> Option<usize> {
@@ -363,7 +380,7 @@ impl Registered for PixelCnn {
     }
 
     fn examples() -> Vec<(&'static str, Config)> {
-vec![("pixelcnn 4×3, 2 blocks", example(2, 2)), ("pixelcnn 3 classes", example(3, 2))]
+        vec![("pixelcnn 4×3, 2 blocks", example(2, 2)), ("pixelcnn 3 classes", example(3, 2))]
     }
 }
 
@@ -629,8 +646,12 @@ pub mod cached {
         pub(super) fn step(&mut self, prev: Option<&Tensor>) -> Result<Tensor> {
             let pixels = self.grid.height * self.grid.width;
             if let Some(p) = prev {
-                let values: Vec<f32> =
-                    p.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|&v| [v / (self.classes - 1) as f32, 1.0]).collect();
+                let values: Vec<f32> = p
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|&v| [v / (self.classes - 1) as f32, 1.0])
+                    .collect();
                 let at: Vec<_> = (0..self.batch).map(|b| (b, self.grid.slot(self.next))).collect();
                 self.pixels.write(&at, &values);
                 self.next += 1;
@@ -660,8 +681,9 @@ pub mod cached {
                     let (row, col) = (self.next / grid.width, self.next % grid.width);
                     if col == 0 && row > 0 {
                         // The row above is complete: the vertical stack over all of it.
-                        let above: Vec<_> =
-                            (0..self.batch).flat_map(|b| (0..grid.width).map(move |x| (b, (row - 1) * grid.stride + x))).collect();
+                        let above: Vec<_> = (0..self.batch)
+                            .flat_map(|b| (0..grid.width).map(move |x| (b, (row - 1) * grid.stride + x)))
+                            .collect();
                         for (l, [vert, _, lnk, _]) in layers.iter().enumerate() {
                             let src = if l == 0 { &self.pixels } else { &vertical[l - 1] };
                             let pre = vert.at(src, &above);
@@ -725,8 +747,11 @@ pub mod cached {
         }
 
         pub(super) fn gated(m: &GatedPixelCnn, batch: usize) -> Result<State> {
-            let layers =
-                m.layers.iter().map(|l| convs([&l.vertical, &l.horizontal, &l.link, &l.residual])).collect::<Result<Vec<_>>>()?;
+            let layers = m
+                .layers
+                .iter()
+                .map(|l| convs([&l.vertical, &l.horizontal, &l.link, &l.residual]))
+                .collect::<Result<Vec<_>>>()?;
             let maps = |c: usize| (0..layers.len()).map(|_| Map::new(batch, m.grid.slots(), c)).collect::<Vec<_>>();
             let c = m.cfg.channels;
             let (vertical, link, horizontal) = (maps(c), maps(2 * c), maps(c));

@@ -221,7 +221,14 @@ impl Transformer {
                 let base = (i * heads + h) * context * dh;
                 cache.k[base + position * dh..][..dh].copy_from_slice(&row[d + h * dh..][..dh]);
                 cache.v[base + position * dh..][..dh].copy_from_slice(&row[2 * d + h * dh..][..dh]);
-                attend(&row[h * dh..][..dh], &cache.k[base..], &cache.v[base..], &mut p, &mut out[i * d + h * dh..][..dh], scale as f32);
+                attend(
+                    &row[h * dh..][..dh],
+                    &cache.k[base..],
+                    &cache.v[base..],
+                    &mut p,
+                    &mut out[i * d + h * dh..][..dh],
+                    scale as f32,
+                );
             }
         }
         Ok(Tensor::from_vec(out, (b, 1, d), &Device::Cpu)?.to_dtype(qkv.dtype())?)

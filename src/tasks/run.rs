@@ -174,7 +174,10 @@ impl AudioData {
     fn validate_sequence_model(&self, model: &ModelConfig) -> Result<()> {
         let fits = |classes: usize, fixed: Option<usize>| {
             if classes != 256 || fixed.is_some() {
-                return Err(Error::Config(format!("this {} is not a model of μ-law codes (256 classes, any length)", model.name())));
+                return Err(Error::Config(format!(
+                    "this {} is not a model of μ-law codes (256 classes, any length)",
+                    model.name()
+                )));
             }
             if !self.labels.is_empty() {
                 return Err(Error::Config(format!("a {} takes no labels", model.name())));

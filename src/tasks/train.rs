@@ -8,11 +8,11 @@ use serde::Serialize;
 
 use super::Reporter;
 use super::run::{self, AudioData, Manifest};
+use crate::core::Autoregressive;
 use crate::core::checkpoint::{self, FORMAT};
 use crate::core::optim::AdamW;
 use crate::core::train::{self, Precision, Stop, TrainConfig, TrainState};
 use crate::data::wav_folder::{AudioBatches, AudioSettings, Corpus, SAMPLES_PER_STEP, split_by_name};
-use crate::core::Autoregressive;
 use crate::models::wavenet;
 use crate::models::{ModelConfig, Settings};
 use crate::{Error, Result};
@@ -215,7 +215,10 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     }
     if !existing && opts.labels {
         if manifest.model.wavenet().is_none() {
-            return Err(Error::Config(format!("--labels conditions a WaveNet; a {} takes no labels", manifest.model.name())));
+            return Err(Error::Config(format!(
+                "--labels conditions a WaveNet; a {} takes no labels",
+                manifest.model.name()
+            )));
         }
         audio.labels = train_corpus.labels();
         if audio.labels.is_empty() {

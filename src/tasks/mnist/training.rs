@@ -93,12 +93,14 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     manifest.train.decay_steps = manifest.train.max_steps;
     manifest.train.max_minutes = opts.max_minutes;
 
-    let (mut model, params, mut opt) =
-        run::model_and_optimizer(&manifest, resumed.as_ref(), |m, vb| Ok(m.model.build(vb)?.with_precision(m.train.precision)))?;
+    let (mut model, params, mut opt) = run::model_and_optimizer(&manifest, resumed.as_ref(), |m, vb| {
+        Ok(m.model.build(vb)?.with_precision(m.train.precision))
+    })?;
     if resumed.is_none() {
         init_output_bias(&params, &train_set)?;
     }
-    let precision = if manifest.model.has_precision() { format!(", {} products", manifest.train.precision) } else { String::new() };
+    let precision =
+        if manifest.model.has_precision() { format!(", {} products", manifest.train.precision) } else { String::new() };
     reporter.note(&format!(
         "{}: {} parameters{precision}; {} training and {} validation images; {} steps of {} images per epoch",
         manifest.model.name(),
