@@ -54,17 +54,27 @@ fn images(n: usize) -> Tensor {
     Tensor::from_vec(v, (n, PIXELS), &Device::Cpu).unwrap()
 }
 
+/// A training batch of `n` such images, every pixel counted.
+fn image_batch(n: usize) -> Batch {
+    Batch {
+        tokens: images(n),
+        mask: Tensor::ones((n, PIXELS), DType::F32, &Device::Cpu).unwrap(),
+        labels: None,
+        values: None,
+    }
+}
+
+/// One training step (forward, backward, AdamW) of `model`, data-parallel over `threads`.
+fn train_step(model: &wavegen::models::Model, opt: &mut AdamW, batch: &Batch, threads: usize) {
+    let (_, grads) = loss_and_grads(model, batch, threads).unwrap();
+    opt.step(&grads, 1e-4).unwrap();
+}
+
 fn training(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
     let batch = 100;
-    let tokens = images(batch);
-    let batch_of_images = Batch {
-        tokens: tokens.clone(),
-        mask: Tensor::ones((batch, PIXELS), DType::F32, &Device::Cpu).unwrap(),
-        labels: None,
-        values: None,
-    };
+    let batch_of_images = image_batch(batch);
     group.throughput(Throughput::Elements(batch as u64));
     for (name, cfg) in models() {
         let params = Params::new(0);
@@ -148,12 +158,7 @@ fn convolutional(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
     let batch = 64;
-    let batch_of_images = Batch {
-        tokens: images(batch),
-        mask: Tensor::ones((batch, PIXELS), DType::F32, &Device::Cpu).unwrap(),
-        labels: None,
-        values: None,
-    };
+    let batch_of_images = image_batch(batch);
     group.throughput(Throughput::Elements(batch as u64));
     let cfg = pixelcnn::Config {
         classes: 2,
@@ -179,10 +184,7 @@ fn convolutional(c: &mut Criterion) {
             let model = cfg.build(params.var_builder(DType::F32)).unwrap().with_precision(precision);
             let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
             group.bench_function(format!("{name} {precision}"), |b| {
-                b.iter(|| {
-                    let (_, grads) = loss_and_grads(&model, &batch_of_images, threads).unwrap();
-                    opt.step(&grads, 1e-4).unwrap()
-                })
+                b.iter(|| train_step(&model, &mut opt, &batch_of_images, threads))
             });
         }
     }
@@ -195,24 +197,14 @@ fn attention(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
     let batch = 16;
-    let batch_of_images = Batch {
-        tokens: images(batch),
-        mask: Tensor::ones((batch, PIXELS), DType::F32, &Device::Cpu).unwrap(),
-        labels: None,
-        values: None,
-    };
+    let batch_of_images = image_batch(batch);
     group.throughput(Throughput::Elements(batch as u64));
     let cfg = ModelConfig::image("transformer", PIXELS, &wavegen::models::Settings::default()).unwrap();
     let params = Params::new(0);
     let model = cfg.build(params.var_builder(DType::F32)).unwrap();
     let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
     let threads = rayon::current_num_threads();
-    group.bench_function("transformer-128x4", |b| {
-        b.iter(|| {
-            let (_, grads) = loss_and_grads(&model, &batch_of_images, threads).unwrap();
-            opt.step(&grads, 1e-4).unwrap()
-        })
-    });
+    group.bench_function("transformer-128x4", |b| b.iter(|| train_step(&model, &mut opt, &batch_of_images, threads)));
     group.finish();
 }
 
