@@ -5,7 +5,8 @@
 //! [`ModelConfig`] (which model a checkpoint holds, tagged by name in `config.json`), [`Model`]
 //! and [`ModelState`] (any model and its stepper state behind one [`Autoregressive`]
 //! implementation), [`ModelConfig::image_models`] (the names and summaries `mnist train
-//! --model` offers) and [`ModelConfig::examples`] (what the property tests run over). A macro
+//! --model` offers), [`ModelConfig::audio_models`] (those `train --model` offers beside
+//! WaveNet) and [`ModelConfig::examples`] (what the property tests run over). A macro
 //! rather than trait objects: `Autoregressive` has an associated `State` type, and an enum
 //! keeps `Model` a plain value that clones and matches.
 
