@@ -151,16 +151,10 @@ fn sampling(c: &mut Criterion) {
     group.finish();
 }
 
-/// The convolutional models at the size of the PyTorch peer (`benches/peers/pixelcnn.py`):
-/// 12 layers of 64 channels, batch 64, data-parallel over the rayon threads as `mnist train`
-/// runs them, in f32 and (with AMX) bf16.
-fn convolutional(c: &mut Criterion) {
-    let mut group = c.benchmark_group("train_step");
-    group.sample_size(10);
-    let batch = 64;
-    let batch_of_images = image_batch(batch);
-    group.throughput(Throughput::Elements(batch as u64));
-    let cfg = pixelcnn::Config {
+/// The size of the PyTorch peer: 12 layers (the first and 11 more) of 64 channels, a head of
+/// 256.
+fn pixelcnn_64x12() -> pixelcnn::Config {
+    pixelcnn::Config {
         classes: 2,
         height: 28,
         width: 28,
@@ -169,7 +163,19 @@ fn convolutional(c: &mut Criterion) {
         first_kernel: 7,
         kernel: 3,
         head: 256,
-    };
+    }
+}
+
+/// The convolutional models at the size of the PyTorch peer (`benches/peers/pixelcnn_train.py`):
+/// 12 layers of 64 channels, batch 64, data-parallel over the rayon threads as `mnist train`
+/// runs them, in f32 and (with AMX) bf16.
+fn convolutional(c: &mut Criterion) {
+    let mut group = c.benchmark_group("train_step");
+    group.sample_size(10);
+    let batch = 64;
+    let batch_of_images = image_batch(batch);
+    group.throughput(Throughput::Elements(batch as u64));
+    let cfg = pixelcnn_64x12();
     let models = [
         ("gated-pixelcnn-64x12", ModelConfig::GatedPixelCnn(cfg.clone())),
         ("pixelcnn-64x12", ModelConfig::PixelCnn(cfg)),
@@ -217,19 +223,7 @@ fn cached_sampling(c: &mut Criterion) {
     group.sample_size(10);
     let n = 64;
     let models = [
-        (
-            "gated-pixelcnn-64x12",
-            ModelConfig::GatedPixelCnn(pixelcnn::Config {
-                classes: 2,
-                height: 28,
-                width: 28,
-                channels: 64,
-                layers: 11,
-                first_kernel: 7,
-                kernel: 3,
-                head: 256,
-            }),
-        ),
+        ("gated-pixelcnn-64x12", ModelConfig::GatedPixelCnn(pixelcnn_64x12())),
         (
             "transformer-128x4",
             ModelConfig::image("transformer", PIXELS, &wavegen::models::Settings::default()).unwrap(),
