@@ -248,8 +248,10 @@ impl BatchSource for ImageBatches<'_> {
         }
     }
 
+    /// Validation batches of the training batch size: an evaluation pass keeps its graph alive
+    /// as a training step does, so this bounds its memory the same way.
     fn val_batches(&self) -> Result<Vec<Batch>> {
-        let chunk = 500;
+        let chunk = self.batch_size.max(1);
         let mut noise = Rng::derived(0, "validation dequantisation"); // the same noise every time
         (0..self.val.n)
             .step_by(chunk)

@@ -5,9 +5,11 @@ use super::*;
 
 /// The log-probability (nats) of each image of `set` under the model's selected connectivity:
 /// of the binary image, or for grey levels of the 8-bit image (the dequantised density, with
-/// the same noise on every call, moved to the 8-bit scale).
-pub fn log_probs(model: &Model, set: &Images, reporter: &mut dyn Reporter) -> Result<Vec<f64>> {
-    let chunk = 500;
+/// the same noise on every call, moved to the 8-bit scale). `chunk` images go through each
+/// forward pass: the pass keeps its whole graph alive (candle tracks every result of a trainable
+/// weight), so the run's training batch size bounds the memory as a training step does.
+pub fn log_probs(model: &Model, set: &Images, chunk: usize, reporter: &mut dyn Reporter) -> Result<Vec<f64>> {
+    let chunk = chunk.max(1);
     let correction = dequantisation(model.likelihood());
     let mut noise = Rng::derived(0, "evaluation dequantisation");
     let mut out = Vec::with_capacity(set.n);
@@ -27,13 +29,19 @@ pub fn log_probs(model: &Model, set: &Images, reporter: &mut dyn Reporter) -> Re
 
 /// The log-probability of each image under the ensemble of the first `masks` connectivities:
 /// log((1/K) Σ_k p_k(x)), computed stably (log-mean-exp of probabilities, never of logits).
-pub fn ensemble_log_probs(model: &Model, set: &Images, masks: usize, reporter: &mut dyn Reporter) -> Result<Vec<f64>> {
+pub fn ensemble_log_probs(
+    model: &Model,
+    set: &Images,
+    masks: usize,
+    chunk: usize,
+    reporter: &mut dyn Reporter,
+) -> Result<Vec<f64>> {
     let k = masks.clamp(1, model.connectivities());
     let mut model = model.clone();
     let mut per_mask = Vec::with_capacity(k);
     for m in 0..k {
         model.select_connectivity(m);
-        per_mask.push(log_probs(&model, set, reporter)?);
+        per_mask.push(log_probs(&model, set, chunk, reporter)?);
     }
     Ok((0..set.n)
         .map(|i| {
@@ -99,7 +107,8 @@ pub fn eval(
         });
     }
     let k = masks.unwrap_or(m.model.connectivities()).clamp(1, m.model.connectivities());
-    let nll: Vec<f64> = ensemble_log_probs(&m.model, set, k, reporter)?.into_iter().map(|lp| -lp).collect();
+    let nll: Vec<f64> =
+        ensemble_log_probs(&m.model, set, k, m.eval_chunk(), reporter)?.into_iter().map(|lp| -lp).collect();
     let n = nll.len() as f64;
     let mean = nll.iter().sum::<f64>() / n;
     let var = nll.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
@@ -145,7 +154,7 @@ pub fn score(
         }
         None => splits(dataset_of(&m.manifest), data_dir)?.2,
     };
-    let lp = ensemble_log_probs(&m.model, &set, m.model.connectivities(), reporter)?;
+    let lp = ensemble_log_probs(&m.model, &set, m.model.connectivities(), m.eval_chunk(), reporter)?;
     let mut scores: Vec<ImageScore> =
         lp.iter().enumerate().map(|(index, &lp)| ImageScore { index, nll_nats: -lp }).collect();
     scores.sort_by(|a, b| b.nll_nats.total_cmp(&a.nll_nats));
@@ -176,11 +185,11 @@ mod tests {
         let per_mask: Vec<Vec<f64>> = (0..3)
             .map(|k| {
                 model.select_connectivity(k);
-                log_probs(&model, &set, &mut Silent).unwrap()
+                log_probs(&model, &set, 3, &mut Silent).unwrap()
             })
             .collect();
         assert!(per_mask[0] != per_mask[1], "the connectivities differ");
-        let ensemble = ensemble_log_probs(&model, &set, 3, &mut Silent).unwrap();
+        let ensemble = ensemble_log_probs(&model, &set, 3, 3, &mut Silent).unwrap();
         for i in 0..set.n {
             // Directly: ln of the mean probability (about e^−550 for these images: still an f64).
             let mean_p = per_mask.iter().map(|lp| lp[i].exp()).sum::<f64>() / 3.0;

@@ -108,6 +108,11 @@ impl ImageModel {
         })?;
         Ok(ImageModel { manifest, model, params })
     }
+
+    /// Images per evaluation pass: the run's training batch size (see [`log_probs`]).
+    pub fn eval_chunk(&self) -> usize {
+        self.manifest.images.as_ref().map_or(64, |i| i.batch_size)
+    }
 }
 
 /// Writes a copy of the checkpoint `dir` into `out` for shipping: the weights as f16 (half the
