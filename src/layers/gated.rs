@@ -46,21 +46,21 @@ fn tanh_via_sigmoid<T: Float>(x: T) -> T {
     s + s - T::ONE
 }
 
+/// z = tanh f ⊙ σ g for the rows [f | g] of `pre`.
 #[inline(always)]
-fn forward<T: Float>(pre: &[T], gate: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(pre.len() / 2);
-    for row in pre.chunks_exact(2 * gate) {
+fn forward_into<T: Float>(pre: &[T], z: &mut [T], gate: usize) {
+    for (row, z) in pre.chunks_exact(2 * gate).zip(z.chunks_exact_mut(gate)) {
         let (f, g) = row.split_at(gate);
-        out.extend(f.iter().zip(g).map(|(&f, &g)| tanh_via_sigmoid(f) * g.sigmoid()));
+        for i in 0..gate {
+            z[i] = tanh_via_sigmoid(f[i]) * g[i].sigmoid();
+        }
     }
-    out
 }
 
 /// d pre from d z: ∂z/∂f = σ(g)(1 − tanh²f), ∂z/∂g = tanh(f) σ(g)(1 − σ(g)).
 #[inline(always)]
-fn backward<T: Float>(pre: &[T], grad: &[T], gate: usize) -> Vec<T> {
-    let mut out = vec![T::ONE; pre.len()];
-    for ((row, dz), d) in pre.chunks_exact(2 * gate).zip(grad.chunks_exact(gate)).zip(out.chunks_exact_mut(2 * gate)) {
+fn backward_into<T: Float>(pre: &[T], grad: &[T], dpre: &mut [T], gate: usize) {
+    for ((row, dz), d) in pre.chunks_exact(2 * gate).zip(grad.chunks_exact(gate)).zip(dpre.chunks_exact_mut(2 * gate)) {
         let (f, g) = row.split_at(gate);
         let (df, dg) = d.split_at_mut(gate);
         for i in 0..gate {
@@ -69,19 +69,55 @@ fn backward<T: Float>(pre: &[T], grad: &[T], gate: usize) -> Vec<T> {
             dg[i] = dz[i] * t * s * (T::ONE - s);
         }
     }
-    out
 }
 
 /// The f32 loops compiled for this CPU's vector unit.
 mod fast {
     use super::super::per_cpu;
-    use super::{backward, forward};
+    use super::{backward_into, forward_into};
     per_cpu! {
-        pub fn forward_f32(pre: &[f32], gate: usize) -> Vec<f32> = forward;
-        pub fn backward_f32(pre: &[f32], grad: &[f32], gate: usize) -> Vec<f32> = backward;
+        pub fn forward_f32(pre: &[f32], z: &mut [f32], gate: usize) -> () = forward_into;
+        pub fn backward_f32(pre: &[f32], grad: &[f32], dpre: &mut [f32], gate: usize) -> () = backward_into;
     }
 }
-use fast::{backward_f32, forward_f32};
+
+/// The gated unit on plain slices, for fused operations that keep their own activations.
+pub(crate) trait Gate: Sized {
+    /// `z (n × G) = tanh f ⊙ σ g` for the rows `[f | g]` of `pre (n × 2G)`.
+    fn gate(pre: &[Self], z: &mut [Self], gate: usize);
+    /// `dpre (n × 2G)` from `dz (n × G)`, written (not added).
+    fn gate_grad(pre: &[Self], dz: &[Self], dpre: &mut [Self], gate: usize);
+}
+
+impl Gate for f32 {
+    fn gate(pre: &[f32], z: &mut [f32], gate: usize) {
+        fast::forward_f32(pre, z, gate)
+    }
+    fn gate_grad(pre: &[f32], dz: &[f32], dpre: &mut [f32], gate: usize) {
+        fast::backward_f32(pre, dz, dpre, gate)
+    }
+}
+
+impl Gate for f64 {
+    fn gate(pre: &[f64], z: &mut [f64], gate: usize) {
+        forward_into(pre, z, gate)
+    }
+    fn gate_grad(pre: &[f64], dz: &[f64], dpre: &mut [f64], gate: usize) {
+        backward_into(pre, dz, dpre, gate)
+    }
+}
+
+fn forward<T: Float + Gate>(pre: &[T], gate: usize) -> Vec<T> {
+    let mut z = vec![T::ONE; pre.len() / 2];
+    T::gate(pre, &mut z, gate);
+    z
+}
+
+fn backward<T: Float + Gate>(pre: &[T], grad: &[T], gate: usize) -> Vec<T> {
+    let mut dpre = vec![T::ONE; pre.len()];
+    T::gate_grad(pre, grad, &mut dpre, gate);
+    dpre
+}
 
 fn halve(shape: &Shape) -> candle_core::Result<(usize, Shape)> {
     let mut dims = shape.dims().to_vec();
@@ -101,7 +137,7 @@ impl CustomOp1 for GatedUnit {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (gate, shape) = halve(layout.shape())?;
         let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(forward_f32(super::contiguous_slice(v, layout, "gated unit")?, gate)),
+            CpuStorage::F32(v) => CpuStorage::F32(forward(super::contiguous_slice(v, layout, "gated unit")?, gate)),
             CpuStorage::F64(v) => CpuStorage::F64(forward(super::contiguous_slice(v, layout, "gated unit")?, gate)),
             _ => candle_core::bail!("gated unit: only f32 and f64 are supported"),
         };
@@ -127,7 +163,7 @@ impl CustomOp2 for GatedUnitGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (gate, _) = halve(l1.shape())?;
         let out = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(g)) => CpuStorage::F32(backward_f32(
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => CpuStorage::F32(backward(
                 super::contiguous_slice(p, l1, "gated unit")?,
                 super::contiguous_slice(g, l2, "gated unit")?,
                 gate,

@@ -12,6 +12,7 @@ use crate::Result;
 
 pub mod attention;
 pub mod gated;
+pub mod gated_stack;
 pub mod matmul;
 pub mod nade;
 pub mod recurrent;

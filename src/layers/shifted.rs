@@ -95,13 +95,13 @@ pub fn shifted_conv_reference(
     Ok(y.reshape((g, r, n))?.broadcast_mul(&keep)?)
 }
 
-/// The sizes of one product: G sequences of R rows, C inputs, N outputs, K taps.
+/// The sizes of one convolution: G sequences of R rows, C inputs, N outputs.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    g: usize,
-    r: usize,
-    c: usize,
-    n: usize,
+pub(super) struct Dims {
+    pub g: usize,
+    pub r: usize,
+    pub c: usize,
+    pub n: usize,
 }
 
 /// The AMX unit sums at most this many taps in one pass.
@@ -109,7 +109,7 @@ const TAPS_PER_PASS: usize = 16;
 
 /// `y[g] += Σ_k x[g, · + o_k] · w_k` for every sequence, `w_k` the views `taps`; `x` and `y`
 /// have `x_cols` and `y_cols` columns.
-fn conv<T: Scalar, P: Products<T>>(
+pub(super) fn conv<T: Scalar, P: Products<T>>(
     y: &mut [T],
     x: &[T],
     d: Dims,
@@ -125,7 +125,7 @@ fn conv<T: Scalar, P: Products<T>>(
 }
 
 /// The float types the op runs on.
-trait Float: Scalar + Default + PartialOrd + std::ops::AddAssign + candle_core::WithDType {}
+pub(super) trait Float: Scalar + Default + PartialOrd + std::ops::AddAssign + candle_core::WithDType {}
 impl Float for f32 {}
 impl Float for f64 {}
 
@@ -140,14 +140,66 @@ fn input<'a, T: Float>(x: &'a [T], options: &Options) -> std::borrow::Cow<'a, [T
 
 /// Zeroes the padding rows of `y` (`cols` wide, sequences of `d.r` rows).
 fn zero_padding<T: Float>(y: &mut [T], d: Dims, cols: usize, options: &Options) {
-    if options.padding.is_none() {
-        return;
-    }
+    zero_padding_rows(y, d.r, cols, options.padding);
+}
+
+/// Zeroes the rows of `y` (`cols` wide, sequences of `r` rows) that `padding` (see
+/// [`Options::padding`]) names.
+pub(super) fn zero_padding_rows<T: Float>(y: &mut [T], r: usize, cols: usize, padding: Option<(usize, usize)>) {
+    let Some((period, valid)) = padding else { return };
     for (i, row) in y.chunks_exact_mut(cols).enumerate() {
-        if options.is_padding(i % d.r) {
+        if (i % r) % period >= valid {
             row.fill(T::default());
         }
     }
+}
+
+/// `db += Σ_r dy[r]` over the rows of `dy` (`db.len()` wide).
+pub(super) fn bias_grads<T: Float>(db: &mut [T], dy: &[T]) {
+    for row in dy.chunks_exact(db.len()) {
+        db.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+    }
+}
+
+/// `dw[at + k·C·N ..] += Σ_r x[g, r + o_k]ᵀ dy[g, r]` for every tap k: the weight gradients of
+/// the convolution `y = Σ_k x[· + o_k] w_k` of `x (G·R × C)` with `dy (G·R × N)`.
+pub(super) fn weight_grads<T: Float, P: Products<T>>(
+    dw: &mut [T],
+    at: usize,
+    x: &[T],
+    dy: &[T],
+    d: Dims,
+    offsets: &[isize],
+) {
+    for (k, &o) in offsets.iter().enumerate() {
+        let reach = o.unsigned_abs();
+        if reach >= d.r {
+            continue;
+        }
+        let rows = d.r - reach;
+        // Output rows r with r + o inside the sequence.
+        let (x_start, y_start) = if o >= 0 { (reach, 0) } else { (0, reach) };
+        for g in 0..d.g {
+            let xs = Mat::new(x, g * d.r * d.c, d.r, d.c).row_range(x_start, rows).t();
+            let ys = Mat::new(dy, g * d.r * d.n, d.r, d.n).row_range(y_start, rows);
+            P::acc(dw, at + k * d.c * d.n, xs, ys);
+        }
+    }
+}
+
+/// `dx[g, r + o_k] += dy[g, r] · w_kᵀ` for every tap k, `w` the weights `(K, C, N)` at `w_at`:
+/// the input gradient of the same convolution (the sum with negated offsets and transposed taps).
+pub(super) fn input_grads<T: Float, P: Products<T>>(
+    dx: &mut [T],
+    dy: &[T],
+    w: &[T],
+    w_at: usize,
+    d: Dims,
+    offsets: &[isize],
+) {
+    let back: Vec<_> =
+        offsets.iter().enumerate().map(|(k, &o)| (-o, Mat::new(w, w_at + k * d.c * d.n, d.c, d.n).t())).collect();
+    conv::<T, P>(dx, dy, d, (d.n, d.c), &back);
 }
 
 fn forward<T: Float, P: Products<T>>(
@@ -187,13 +239,9 @@ fn backward<T: Float, P: Products<T>>(
         dy
     };
     let mut db = vec![T::default(); d.n];
-    for row in dy.chunks_exact(d.n) {
-        db.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
-    }
+    bias_grads(&mut db, dy);
     let mut dx = vec![T::default(); x.len()];
-    let back: Vec<_> =
-        offsets.iter().enumerate().map(|(k, &o)| (-o, Mat::new(w, k * d.c * d.n, d.c, d.n).t())).collect();
-    conv::<T, P>(&mut dx, dy, d, (d.n, d.c), &back);
+    input_grads::<T, P>(&mut dx, dy, w, 0, d, offsets);
     if options.relu_input {
         dx.iter_mut().zip(x).for_each(|(g, &v)| {
             if v <= T::default() {
@@ -201,22 +249,8 @@ fn backward<T: Float, P: Products<T>>(
             }
         });
     }
-    let x = input(x, options);
     let mut dw = vec![T::default(); w.len()];
-    for (k, &o) in offsets.iter().enumerate() {
-        let reach = o.unsigned_abs();
-        if reach >= d.r {
-            continue;
-        }
-        let rows = d.r - reach;
-        // Output rows r with r + o inside the sequence.
-        let (x_start, y_start) = if o >= 0 { (reach, 0) } else { (0, reach) };
-        for g in 0..d.g {
-            let xs = Mat::new(&x, g * d.r * d.c, d.r, d.c).row_range(x_start, rows).t();
-            let ys = Mat::new(dy, g * d.r * d.n, d.r, d.n).row_range(y_start, rows);
-            P::acc(&mut dw, k * d.c * d.n, xs, ys);
-        }
-    }
+    weight_grads::<T, P>(&mut dw, 0, &input(x, options), dy, d, offsets);
     (dx, dw, db)
 }
 
