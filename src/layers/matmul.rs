@@ -114,6 +114,21 @@ pub trait Products<T> {
             }
         }
     }
+
+    /// The weight gradients of such a convolution over one sequence: for each tap k,
+    /// `dst[offset + k·C·N ..] (C × N) += Σ_r x[r + o_k]ᵀ dy[r]` over the rows r of `dy (R × N)`
+    /// whose `r + o_k` is a row of `x (R × C)`. A way may prepare `x` and `dy` once for all taps.
+    fn conv_weight_acc(dst: &mut [T], offset: usize, x: Mat<T>, dy: Mat<T>, offsets: &[isize]) {
+        let (r, size) = (x.rows, x.cols * dy.cols);
+        for (k, &o) in offsets.iter().enumerate() {
+            let reach = o.unsigned_abs();
+            if reach >= r {
+                continue;
+            }
+            let (x_start, y_start) = if o >= 0 { (reach, 0) } else { (0, reach) };
+            Self::acc(dst, offset + k * size, x.row_range(x_start, r - reach).t(), dy.row_range(y_start, r - reach));
+        }
+    }
 }
 
 /// Products in the operands' own precision, by the `gemm` crate.
@@ -186,6 +201,23 @@ impl Products<f32> for Bf16 {
         }
         amx::conv_acc(&mut dst[offset..offset + m * n], x, taps);
     }
+
+    fn conv_weight_acc(dst: &mut [f32], offset: usize, x: Mat<f32>, dy: Mat<f32>, offsets: &[isize]) {
+        let (r, c, n) = (x.rows, x.cols, dy.cols);
+        assert_eq!(dy.rows, r, "invariant: one gradient row per input row");
+        assert!(offset + offsets.len() * c * n <= dst.len(), "invariant: the gradients fit their destination");
+        if r == 0 || c == 0 || n == 0 || offsets.is_empty() {
+            return;
+        }
+        if x.col_stride != 1 || dy.col_stride != 1 {
+            // Views the packing below does not read: tap by tap.
+            for (k, &o) in offsets.iter().enumerate() {
+                <Self as Products<f32>>::conv_weight_acc(dst, offset + k * c * n, x, dy, &[o]);
+            }
+            return;
+        }
+        amx::conv_weight_acc(&mut dst[offset..offset + offsets.len() * c * n], x, dy, offsets);
+    }
 }
 
 fn check<T>(dst_len: usize, offset: usize, a: &Mat<T>, b: &Mat<T>) -> (usize, usize, usize) {
@@ -239,6 +271,12 @@ pub mod amx {
         assert!(available(), "invariant: the AMX path runs only where amx::available() said so");
         assert!(taps.len() <= 16, "invariant: at most 16 taps (the kernel width limit)");
         imp::conv_acc(dst, x, taps)
+    }
+
+    /// See [`super::Products::conv_weight_acc`]; `x` and `dy` with contiguous rows.
+    pub(super) fn conv_weight_acc(dst: &mut [f32], x: Mat<f32>, dy: Mat<f32>, offsets: &[isize]) {
+        assert!(available(), "invariant: the AMX path runs only where amx::available() said so");
+        imp::conv_weight_acc(dst, x, dy, offsets)
     }
 
     pub(super) const TILE_ROWS: usize = 16;
@@ -325,7 +363,7 @@ pub mod amx {
                 let full = (k / 2) / 16 * 16;
                 // SAFETY: the CPU has AVX-512F (this function's contract); the gathers read rows
                 // below `full * 2 ≤ k`.
-                unsafe { gather_pairs(&src, full, out, kq) };
+                unsafe { gather_pairs(&src, full, out, kq, 0) };
                 full
             };
             #[cfg(not(target_arch = "x86_64"))]
@@ -345,14 +383,14 @@ pub mod amx {
         out[m * kq..].fill(0);
     }
 
-    /// `out[i · kq + q] = pair(src[2q][i], src[2q + 1][i])` for q below `pairs` (a multiple of
-    /// 16) and every i: per output row, two gathers of 16 down the source's columns.
+    /// `out[i · kq + at + q] = pair(src[2q][i], src[2q + 1][i])` for q below `pairs` (a multiple
+    /// of 16) and every i: per output row, two gathers of 16 down the source's columns.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `src` has at least `2 · pairs` rows, its columns contiguous.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn gather_pairs(src: &Mat<f32>, pairs: usize, out: &mut [u32], kq: usize) {
+    pub(super) unsafe fn gather_pairs(src: &Mat<f32>, pairs: usize, out: &mut [u32], kq: usize, at: usize) {
         use std::arch::x86_64::*;
         let m = src.cols;
         let step = 2 * src.row_stride as i32;
@@ -362,7 +400,7 @@ pub mod amx {
         );
         let (round, low, high) =
             (_mm512_set1_epi32(0x7fff), _mm512_set1_epi32(1), _mm512_set1_epi32(0xffff_0000u32 as i32));
-        assert!(out.len() >= m * kq && pairs <= kq, "invariant: the output holds every row");
+        assert!(out.len() >= m * kq && at + pairs <= kq, "invariant: the output holds every row");
         for q0 in (0..pairs).step_by(16) {
             // SAFETY (caller): rows 2·q0 … 2·q0 + 31 exist; each gather reads column i of 16 of them.
             unsafe {
@@ -377,7 +415,7 @@ pub mod amx {
                     let ry =
                         _mm512_add_epi32(y, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32::<16>(y), low)));
                     let pairs = _mm512_or_si512(_mm512_and_si512(ry, high), _mm512_srli_epi32::<16>(rx));
-                    _mm512_storeu_si512(out.as_mut_ptr().add(i * kq + q0) as *mut __m512i, pairs);
+                    _mm512_storeu_si512(out.as_mut_ptr().add(i * kq + at + q0) as *mut __m512i, pairs);
                 }
             }
         }
@@ -445,6 +483,9 @@ pub mod amx {
             // SAFETY: arch_prctl with these arguments only changes this process's permissions.
             has && unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) } == 0
         }
+
+        /// Depth tiles (of 32) summed into a C block before moving to the next block.
+        const DEPTH_CHUNK: usize = 64;
 
         /// The tile configuration: palette 1, tiles 0–7 all 16 rows × 64 bytes.
         #[repr(C, align(64))]
@@ -605,9 +646,86 @@ pub mod amx {
             })
         }
 
+        /// See [`super::conv_weight_acc`]. `dy` is packed once (B: its rows in pairs), and `xᵀ`
+        /// twice (A: rows of channels, pairs of x rows along the depth), once for even and once
+        /// for odd offsets, with zero rows around x as far as the taps reach: tap k's A then
+        /// starts `(o_k + front − phase) / 2` pairs into its copy, and the rows of x outside the
+        /// sequence are zeros there.
+        pub fn conv_weight_acc(dst: &mut [f32], x: Mat<f32>, dy: Mat<f32>, offsets: &[isize]) {
+            let (r, c, n) = (x.rows, x.cols, dy.cols);
+            let taps: Vec<(usize, isize)> =
+                offsets.iter().copied().enumerate().filter(|&(_, o)| o.unsigned_abs() < r).collect();
+            if taps.is_empty() {
+                return;
+            }
+            // An even margin, so that an offset's parity is its copy's.
+            let front = round_up(taps.iter().map(|&(_, o)| (-o).max(0) as usize).max().unwrap_or(0), 2);
+            let (kt, np, mp) = (r.div_ceil(TILE_DEPTH), round_up(n, TILE_ROWS), round_up(c, TILE_ROWS));
+            let kqb = kt * TILE_DEPTH / 2;
+            let start = |o: isize| ((o + front as isize) as usize) / 2; // the pair tap o starts at
+            let kq = taps.iter().map(|&(_, o)| start(o)).max().unwrap_or(0) + kqb;
+            PACKED.with_borrow_mut(|packed| {
+                packed.a_view = None;
+                packed.b.resize(packed.b.len().max(kqb * np), 0);
+                pack_b_rows(&dy, &mut packed.b[..kqb * np], np);
+                packed.a.resize(packed.a.len().max(2 * mp * kq), 0);
+                let (even, odd) = packed.a[..2 * mp * kq].split_at_mut(mp * kq);
+                for (phase, out) in [even, odd].into_iter().enumerate() {
+                    // Pair q holds x rows 2q + phase − front and the next.
+                    // SAFETY: AVX-512 (every AMX CPU has it).
+                    unsafe { pack_transposed(&x, phase as isize - front as isize, out, kq) };
+                }
+                for (k, o) in taps {
+                    let phase = o.rem_euclid(2) as usize;
+                    let a = packed.a.as_ptr().wrapping_add(phase * mp * kq + start(o - phase as isize));
+                    // SAFETY: as in `gemm_acc`: tap k's A rows hold `kq − start ≥ kt · 16` pairs
+                    // (zeros outside x), B's rows past dy are zero, and dst holds every tap's
+                    // C × N block.
+                    unsafe { run(&mut dst[k * c * n..(k + 1) * c * n], c, n, &[(a, packed.b.as_ptr())], kq, kt, np) };
+                }
+            })
+        }
+
+        /// `out` (rows of `kq` pairs, one per channel of `x (R × C)`, then zero rows to a whole
+        /// tile): pair q of row ch holds `(x[2q + first][ch], x[2q + 1 + first][ch])`, rows of x
+        /// outside it zero. Blocks of 16 pairs inside x are gathered (AVX-512), the rest copied
+        /// one by one.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        unsafe fn pack_transposed(x: &Mat<f32>, first: isize, out: &mut [u32], kq: usize) {
+            let (r, c) = (x.rows as isize, x.cols);
+            out.fill(0);
+            // Pairs q_lo.. whose rows both lie in x, the first 16·blocks of them gathered.
+            let q_lo = ((-first).max(0) as usize).div_ceil(2);
+            let inside = ((r - first).max(0) / 2).min(kq as isize) as usize;
+            let gathered = inside.saturating_sub(q_lo) / 16 * 16;
+            if gathered > 0 {
+                let src = x.row_range((2 * q_lo as isize + first) as usize, 2 * gathered);
+                // SAFETY: AVX-512F (compiled for it; every AMX CPU has it); `src` holds 2·gathered
+                // rows with contiguous columns, and pairs q_lo + gathered ≤ kq.
+                unsafe { super::gather_pairs(&src, gathered, out, kq, q_lo) };
+            }
+            let zeros = vec![0f32; c];
+            // SAFETY: rows inside the view (checked), whose columns are contiguous.
+            let row = |i: isize| if (0..r).contains(&i) { unsafe { super::row(x, i as usize) } } else { &zeros[..] };
+            for q in (0..kq).filter(|q| !(q_lo..q_lo + gathered).contains(q)) {
+                let i = 2 * q as isize + first;
+                if i + 1 < 0 || i >= r {
+                    continue;
+                }
+                let (lo, hi) = (row(i), row(i + 1));
+                for ch in 0..c {
+                    out[ch * kq + q] = super::pair(lo[ch], hi[ch]);
+                }
+            }
+        }
+
         /// `dst (m × n) += Σ A B` over `terms` (pointers to packed A's first row and to packed
         /// B; A rows of `kq` pairs, B rows of `np`, `kt` tiles deep), in blocks of 2 × 2 C tiles
-        /// (tiles 0–3), with A tiles in 4–5 and B tiles in 6–7.
+        /// (tiles 0–3), with A tiles in 4–5 and B tiles in 6–7. The depth is taken in chunks
+        /// of [`DEPTH_CHUNK`] tiles, and within a chunk every block of A rows meets every block
+        /// of B columns before the next: the chunk's A rows stay in L1 while the B columns
+        /// (weights, or a chunk of a gradient) stay in L2, rather than A being streamed from
+        /// memory once per pair of B columns.
         unsafe fn run(
             dst: &mut [f32],
             m: usize,
@@ -623,8 +741,10 @@ pub mod amx {
             // SAFETY: see `gemm_acc`.
             unsafe {
                 asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
-                for jb in (0..nt).step_by(2) {
-                    for ib in (0..mt).step_by(2) {
+                for (ib, jb, k0) in (0..kt).step_by(DEPTH_CHUNK).flat_map(|k0| {
+                    (0..mt).step_by(2).flat_map(move |ib| (0..nt).step_by(2).map(move |jb| (ib, jb, k0)))
+                }) {
+                    {
                         let (two_i, two_j) = (ib + 1 < mt, jb + 1 < nt);
                         let mut tiles: [Option<CTile>; 4] = [None, None, None, None];
                         for (t, (scr, slot)) in scratch.iter_mut().zip(tiles.iter_mut()).enumerate() {
@@ -646,7 +766,8 @@ pub mod amx {
                             load_c(t, &tile);
                             *slot = Some(tile);
                         }
-                        for (kb, &(pa, pb)) in (0..kt).flat_map(|kb| terms.iter().map(move |t| (kb, t))) {
+                        let depth = k0..(k0 + DEPTH_CHUNK).min(kt);
+                        for (kb, &(pa, pb)) in depth.flat_map(|kb| terms.iter().map(move |t| (kb, t))) {
                             let a0 = pa.add(ib * TILE_ROWS * kq + kb * TILE_DEPTH / 2);
                             let b0 = pb.add(kb * TILE_DEPTH / 2 * np + jb * TILE_ROWS);
                             tile_load!(4, a0, a_stride);
@@ -753,6 +874,42 @@ mod tests {
             }
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}×{k}×{n} {offsets:?}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// The weight gradients of a convolution: taps of both parities before and after, reaching
+    /// past the ends, ragged sizes, offset destinations.
+    #[test]
+    fn tile_weight_gradients_match_the_reference() {
+        if !amx::available() {
+            eprintln!("skipped: this CPU has no AMX-BF16");
+            return;
+        }
+        for &(r, c, n, ref offsets) in &[
+            (50, 32, 64, vec![-4isize, 0]),
+            (37, 45, 20, vec![-70, -31, -1, 0, 3, 36]),
+            (100, 64, 32, vec![0, 8, 99, 150, -33, -2, 1]),
+            (2100, 16, 20, vec![-1, 0, 2]), // deeper than one chunk of the tile loop
+        ] {
+            let (xv, dyv) = (filled(r * c, 4), filled(r * n, 6));
+            let (x, dy) = (Mat::new(&xv, 0, r, c), Mat::new(&dyv, 0, r, n));
+            let at = 7;
+            let start = filled(at + offsets.len() * c * n, 9);
+            let (mut got, mut want) = (start.clone(), start);
+            Bf16::conv_weight_acc(&mut got, at, x, dy, offsets);
+            for (k, &o) in offsets.iter().enumerate() {
+                for t in 0..r {
+                    let Some(src) = t.checked_add_signed(o).filter(|&s| s < r) else { continue };
+                    reference(
+                        &mut want[at + k * c * n..at + (k + 1) * c * n],
+                        x.row_range(src, 1).t(),
+                        dy.row_range(t, 1),
+                    );
+                }
+            }
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{r}×{c}×{n} {offsets:?}: {g} vs {w}");
             }
         }
     }

@@ -171,19 +171,9 @@ pub(super) fn weight_grads<T: Float, P: Products<T>>(
     d: Dims,
     offsets: &[isize],
 ) {
-    for (k, &o) in offsets.iter().enumerate() {
-        let reach = o.unsigned_abs();
-        if reach >= d.r {
-            continue;
-        }
-        let rows = d.r - reach;
-        // Output rows r with r + o inside the sequence.
-        let (x_start, y_start) = if o >= 0 { (reach, 0) } else { (0, reach) };
-        for g in 0..d.g {
-            let xs = Mat::new(x, g * d.r * d.c, d.r, d.c).row_range(x_start, rows).t();
-            let ys = Mat::new(dy, g * d.r * d.n, d.r, d.n).row_range(y_start, rows);
-            P::acc(dw, at + k * d.c * d.n, xs, ys);
-        }
+    for g in 0..d.g {
+        let (xs, ys) = (Mat::new(x, g * d.r * d.c, d.r, d.c), Mat::new(dy, g * d.r * d.n, d.r, d.n));
+        P::conv_weight_acc(dw, at, xs, ys, offsets);
     }
 }
 
