@@ -82,7 +82,7 @@ mod fast {
 }
 
 /// The gated unit on plain slices, for fused operations that keep their own activations.
-pub(crate) trait Gate: Sized {
+pub trait Gate: Sized {
     /// `z (n × G) = tanh f ⊙ σ g` for the rows `[f | g]` of `pre (n × 2G)`.
     fn gate(pre: &[Self], z: &mut [Self], gate: usize);
     /// `dpre (n × 2G)` from `dz (n × G)`, written (not added).

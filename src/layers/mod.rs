@@ -11,8 +11,10 @@ use candle_nn::{Init, VarBuilder};
 use crate::Result;
 
 pub mod attention;
+pub mod conv_stack;
 pub mod gated;
 pub mod gated_stack;
+pub mod masked_stack;
 pub mod matmul;
 pub mod nade;
 pub mod recurrent;

@@ -125,7 +125,7 @@ pub(super) fn conv<T: Scalar, P: Products<T>>(
 }
 
 /// The float types the op runs on.
-pub(super) trait Float: Scalar + Default + PartialOrd + std::ops::AddAssign + candle_core::WithDType {}
+pub trait Float: Scalar + Default + PartialOrd + std::ops::AddAssign + candle_core::WithDType {}
 impl Float for f32 {}
 impl Float for f64 {}
 

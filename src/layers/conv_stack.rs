@@ -1,0 +1,326 @@
+//! A whole network of shifted convolutions (PixelCNN's, Gated PixelCNN's) as one operation
+//! with its own forward and backward pass, for training. As separate candle operations a layer
+//! was several operations, each allocating its output, and candle's autograd adds every
+//! gradient into a freshly zeroed tensor: its additions, fills and copies were about a third of
+//! a training step (perf). Here a [`Network`] writes each sum in place into buffers the op keeps
+//! for its backward pass, and sums the weights' gradients straight into one flat vector.
+//!
+//! The weights enter as one flat tensor in the network's order (candle's custom ops take at most
+//! three inputs; the concatenation's backward hands each weight its part of the gradient).
+//! Single threaded: the trainer runs one shard of the batch per thread. Each network is checked
+//! against the same network in separate operations (values and gradients, in f64 and in bf16)
+//! in `models::pixelcnn`'s tests.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+
+use super::gated::Gate;
+use super::matmul::{Bf16, Exact, Mat, Products, amx};
+use super::shifted::{Dims, Float, bias_grads, conv, input_grads, weight_grads, zero_padding_rows};
+use crate::Result;
+use crate::core::train::Precision;
+
+/// A convolution as given to a network's layout: row offsets of its taps, input and output
+/// channels.
+pub type ConvShape = (Vec<isize>, usize, usize);
+
+/// One convolution of a network: its taps and sizes, and where its weight `(K, C_in, C_out)`
+/// and bias `(C_out,)` start in the flat vector.
+#[derive(Debug, Clone)]
+pub struct ConvAt {
+    offsets: Vec<isize>,
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    w: usize,
+    b: usize,
+}
+
+/// Places convolutions one after another in the flat vector.
+#[derive(Debug, Default)]
+pub struct Placer {
+    /// The length so far.
+    pub len: usize,
+}
+
+impl Placer {
+    /// The next convolution, weight then bias.
+    pub fn place(&mut self, (offsets, c_in, c_out): &ConvShape) -> ConvAt {
+        let w = self.len;
+        let b = w + offsets.len() * c_in * c_out;
+        self.len = b + c_out;
+        ConvAt { offsets: offsets.clone(), c_in: *c_in, c_out: *c_out, w, b }
+    }
+}
+
+/// The rows a network runs over: `g` sequences of `r` rows, and which of them are padding
+/// (`(period, valid)`, as `shifted::Options::padding` says), whose sums are always zero.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows {
+    g: usize,
+    r: usize,
+    padding: (usize, usize),
+}
+
+impl Rows {
+    /// All rows.
+    pub fn count(&self) -> usize {
+        self.g * self.r
+    }
+
+    /// Zeroes the padding rows of `y` (`cols` wide).
+    pub fn pad<T: Float>(&self, y: &mut [T], cols: usize) {
+        zero_padding_rows(y, self.r, cols, Some(self.padding));
+    }
+}
+
+impl ConvAt {
+    fn dims(&self, rows: Rows) -> Dims {
+        Dims { g: rows.g, r: rows.r, c: self.c_in, n: self.c_out }
+    }
+
+    /// The bias.
+    pub fn bias<'a, T>(&self, p: &'a [T]) -> &'a [T] {
+        &p[self.b..self.b + self.c_out]
+    }
+
+    /// `y = b + conv(x)`, zero at the padding rows.
+    pub fn forward<T: Float, P: Products<T>>(&self, p: &[T], x: &[T], rows: Rows) -> Vec<T> {
+        let mut y = biased(rows.count(), self.bias(p));
+        self.accumulate::<T, P>(&mut y, p, x, rows);
+        rows.pad(&mut y, self.c_out);
+        y
+    }
+
+    /// `y += conv(x)`, without the bias, at every row.
+    pub fn accumulate<T: Float, P: Products<T>>(&self, y: &mut [T], p: &[T], x: &[T], rows: Rows) {
+        let size = self.c_in * self.c_out;
+        let taps: Vec<_> = self
+            .offsets
+            .iter()
+            .enumerate()
+            .map(|(k, &o)| (o, Mat::new(p, self.w + k * size, self.c_in, self.c_out)))
+            .collect();
+        conv::<T, P>(y, x, self.dims(rows), (self.c_in, self.c_out), &taps);
+    }
+
+    /// `dp +=` the gradients of this convolution's weight and bias, from `dy` (whose padding
+    /// rows it zeroes first: they are constants, so nothing flows back from them).
+    pub fn grads<T: Float, P: Products<T>>(&self, dp: &mut [T], x: &[T], dy: &mut [T], rows: Rows) {
+        rows.pad(dy, self.c_out);
+        bias_grads(&mut dp[self.b..self.b + self.c_out], dy);
+        weight_grads::<T, P>(dp, self.w, x, dy, self.dims(rows), &self.offsets);
+    }
+
+    /// `dx += dy` through the taps, transposed.
+    pub fn input_grads<T: Float, P: Products<T>>(&self, dx: &mut [T], dy: &[T], p: &[T], rows: Rows) {
+        input_grads::<T, P>(dx, dy, p, self.w, self.dims(rows), &self.offsets);
+    }
+}
+
+/// `rows` copies of `bias`.
+pub fn biased<T: Copy>(rows: usize, bias: &[T]) -> Vec<T> {
+    let mut y = Vec::with_capacity(rows * bias.len());
+    for _ in 0..rows {
+        y.extend_from_slice(bias);
+    }
+    y
+}
+
+/// The ReLU of `x`, a copy.
+pub fn relu<T: Float>(x: &[T]) -> Vec<T> {
+    x.iter().map(|&v| if v > T::default() { v } else { T::default() }).collect()
+}
+
+/// Zeroes `grad` where `out` (a ReLU's output) is not positive.
+pub fn relu_grad<T: Float>(grad: &mut [T], out: &[T]) {
+    grad.iter_mut().zip(out).for_each(|(g, &o)| {
+        if o <= T::default() {
+            *g = T::default();
+        }
+    });
+}
+
+/// The float types a network runs in: f32 for training, f64 for the gradient checks.
+pub trait Value: Float + Gate + candle_core::WithDType {}
+impl Value for f32 {}
+impl Value for f64 {}
+
+/// A network the op runs: its forward pass keeps what its backward pass reads.
+pub trait Network: Clone + Send + Sync + 'static {
+    /// What the forward pass keeps, in `T`.
+    type Kept<T: Value>: Send;
+
+    /// The number of weights: the flat vector's length.
+    fn weights(&self) -> usize;
+
+    /// Channels of the input and of the output.
+    fn channels(&self) -> (usize, usize);
+
+    /// The padding rows, as [`Rows`] says.
+    fn padding(&self) -> (usize, usize);
+
+    /// The output `(G·R × C_out)` for the input `x (G·R × C_in)`, and what the backward keeps.
+    fn forward<T: Value, P: Products<T>>(&self, p: &[T], x: &[T], rows: Rows) -> (Vec<T>, Self::Kept<T>);
+
+    /// The gradient of the flat weights from that of the output (the input's is not needed).
+    fn backward<T: Value, P: Products<T>>(
+        &self,
+        p: &[T],
+        x: &[T],
+        kept: &Self::Kept<T>,
+        dy: &[T],
+        rows: Rows,
+    ) -> Vec<T>;
+}
+
+/// What one forward pass kept, in its precision.
+enum Kept<N: Network> {
+    F32(N::Kept<f32>),
+    F64(N::Kept<f64>),
+}
+
+struct StackOp<N: Network> {
+    net: N,
+    bf16: bool,
+    kept: Mutex<Option<Kept<N>>>,
+}
+
+/// The precision of a run: for f32, bf16 products on the AMX unit when asked.
+trait Run: Value {
+    fn forward<N: Network>(op: &StackOp<N>, p: &[Self], x: &[Self], rows: Rows) -> (Vec<Self>, Kept<N>);
+    fn backward<N: Network>(
+        op: &StackOp<N>,
+        p: &[Self],
+        x: &[Self],
+        kept: &Kept<N>,
+        dy: &[Self],
+        rows: Rows,
+    ) -> Option<Vec<Self>>;
+}
+
+impl Run for f32 {
+    fn forward<N: Network>(op: &StackOp<N>, p: &[f32], x: &[f32], rows: Rows) -> (Vec<f32>, Kept<N>) {
+        let (y, kept) =
+            if op.bf16 { op.net.forward::<f32, Bf16>(p, x, rows) } else { op.net.forward::<f32, Exact>(p, x, rows) };
+        (y, Kept::F32(kept))
+    }
+    fn backward<N: Network>(
+        op: &StackOp<N>,
+        p: &[f32],
+        x: &[f32],
+        kept: &Kept<N>,
+        dy: &[f32],
+        rows: Rows,
+    ) -> Option<Vec<f32>> {
+        let Kept::F32(kept) = kept else { return None };
+        Some(if op.bf16 {
+            op.net.backward::<f32, Bf16>(p, x, kept, dy, rows)
+        } else {
+            op.net.backward::<f32, Exact>(p, x, kept, dy, rows)
+        })
+    }
+}
+
+impl Run for f64 {
+    fn forward<N: Network>(op: &StackOp<N>, p: &[f64], x: &[f64], rows: Rows) -> (Vec<f64>, Kept<N>) {
+        let (y, kept) = op.net.forward::<f64, Exact>(p, x, rows);
+        (y, Kept::F64(kept))
+    }
+    fn backward<N: Network>(
+        op: &StackOp<N>,
+        p: &[f64],
+        x: &[f64],
+        kept: &Kept<N>,
+        dy: &[f64],
+        rows: Rows,
+    ) -> Option<Vec<f64>> {
+        let Kept::F64(kept) = kept else { return None };
+        Some(op.net.backward::<f64, Exact>(p, x, kept, dy, rows))
+    }
+}
+
+impl<N: Network> StackOp<N> {
+    fn rows(&self, x: &Shape) -> candle_core::Result<Rows> {
+        let (g, r, _) = x.dims3()?;
+        Ok(Rows { g, r, padding: self.net.padding() })
+    }
+
+    fn run<T: Run>(&self, x: &[T], xl: &Layout, p: &[T], pl: &Layout) -> candle_core::Result<(Vec<T>, Shape)> {
+        let rows = self.rows(xl.shape())?;
+        let (x, p) = (super::contiguous_slice(x, xl, "conv stack")?, super::contiguous_slice(p, pl, "conv stack")?);
+        let (y, kept) = T::forward(self, p, x, rows);
+        *self.kept.lock().expect("invariant: not poisoned") = Some(kept);
+        Ok((y, Shape::from((rows.g, rows.r, self.net.channels().1))))
+    }
+
+    fn grad<T: Run>(&self, x: &Tensor, p: &Tensor, dy: &Tensor, kept: &Kept<N>) -> candle_core::Result<Tensor> {
+        let rows = self.rows(x.shape())?;
+        let dy = dy.contiguous()?;
+        let dp = super::in_place(x, "conv stack", |x: &[T]| {
+            super::in_place(p, "conv stack", |pv: &[T]| {
+                super::in_place(&dy, "conv stack", |dy: &[T]| {
+                    T::backward(self, pv, x, kept, dy, rows)
+                        .ok_or_else(|| candle_core::Error::Msg("conv stack: kept in another precision".into()))
+                })
+            })
+        })?;
+        super::like(dp, p)
+    }
+}
+
+impl<N: Network> CustomOp2 for StackOp<N> {
+    fn name(&self) -> &'static str {
+        "conv-stack"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(p)) => self.run(x, l1, p, l2).map(|(y, s)| (CpuStorage::F32(y), s)),
+            (CpuStorage::F64(x), CpuStorage::F64(p)) => self.run(x, l1, p, l2).map(|(y, s)| (CpuStorage::F64(y), s)),
+            _ => candle_core::bail!("conv stack: f32 or f64 operands of one type only"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let kept = self.kept.lock().expect("invariant: not poisoned").take();
+        let dp = match &kept {
+            Some(k @ Kept::F32(_)) => self.grad::<f32>(x, p, grad, k)?,
+            Some(k @ Kept::F64(_)) => self.grad::<f64>(x, p, grad, k)?,
+            None => candle_core::bail!("conv stack: backward called twice, or before forward"),
+        };
+        Ok((None, Some(dp)))
+    }
+}
+
+/// The output `(G, R, C_out)` of `net` on the padded images `x (G, R, C_in)`, its weights
+/// packed in `params` in the network's order; the products in `precision` for f32 (bf16 falls
+/// back to exact f32 on a CPU without AMX, as `shifted_conv` does).
+pub fn conv_stack<N: Network>(net: &N, x: &Tensor, params: &Tensor, precision: Precision) -> Result<Tensor> {
+    let (_g, _r, c_in) = x.dims3()?;
+    if params.dims() != [net.weights()] || c_in != net.channels().0 {
+        return Err(crate::Error::Config(format!(
+            "conv stack: {:?} weights and {c_in} input channels for a network of {} weights and {}",
+            params.dims(),
+            net.weights(),
+            net.channels().0
+        )));
+    }
+    let bf16 = precision == Precision::Bf16 && amx::available();
+    let op = StackOp { net: net.clone(), bf16, kept: Mutex::new(None) };
+    Ok(x.contiguous()?.apply_op2(&params.contiguous()?, op)?)
+}

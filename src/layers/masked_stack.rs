@@ -1,0 +1,130 @@
+//! PixelCNN's whole network (the mask-A convolution, the residual blocks, the head) as a
+//! [`Network`] of `layers::conv_stack`: one operation with its own backward pass, for training.
+//!
+//! On the padded layout of `layers::shifted` (every sum is zero at padding rows): `h = b +
+//! conv_A(x)`, then per block `h += expand(relu(conv_B(relu(reduce(relu(h))))))` (1×1 from 2C
+//! to C, the masked convolution, 1×1 back to 2C), then the head: ReLU, 1×1, ReLU, 1×1.
+
+use super::conv_stack::{ConvAt, ConvShape, Network, Placer, Rows, Value, relu, relu_grad};
+use super::matmul::Products;
+
+/// The network: the first convolution, per block its reduce, masked and expand convolutions,
+/// then the head's two, in that order in the flat vector (weight, then bias, for each).
+#[derive(Debug, Clone)]
+pub struct MaskedStack {
+    input: ConvAt,
+    blocks: Vec<[ConvAt; 3]>,
+    head: [ConvAt; 2],
+    padding: (usize, usize),
+    len: usize,
+}
+
+impl MaskedStack {
+    /// The network of `input`, `blocks` ([reduce, masked, expand] each) and `head` ([hidden,
+    /// out]), on rows whose padding is `(period, valid)`.
+    pub fn new(input: &ConvShape, blocks: &[[ConvShape; 3]], head: &[ConvShape; 2], padding: (usize, usize)) -> Self {
+        let mut placer = Placer::default();
+        let input = placer.place(input);
+        let blocks = blocks.iter().map(|convs| convs.each_ref().map(|c| placer.place(c))).collect();
+        let head = head.each_ref().map(|c| placer.place(c));
+        MaskedStack { input, blocks, head, padding, len: placer.len }
+    }
+}
+
+/// What one block keeps: the ReLUs of its three convolutions' inputs.
+pub struct BlockActs<T> {
+    h: Vec<T>,
+    reduced: Vec<T>,
+    masked: Vec<T>,
+}
+
+/// Everything the backward pass reads besides the input and the weights.
+pub struct Activations<T> {
+    blocks: Vec<BlockActs<T>>,
+    /// ReLU of the stream after the last block, the head's input.
+    head_in: Vec<T>,
+    /// ReLU of the head's hidden layer.
+    hidden: Vec<T>,
+}
+
+impl Network for MaskedStack {
+    type Kept<T: Value> = Activations<T>;
+
+    fn weights(&self) -> usize {
+        self.len
+    }
+
+    fn channels(&self) -> (usize, usize) {
+        (self.input.c_in, self.head[1].c_out)
+    }
+
+    fn padding(&self) -> (usize, usize) {
+        self.padding
+    }
+
+    fn forward<T: Value, P: Products<T>>(&self, p: &[T], x: &[T], rows: Rows) -> (Vec<T>, Activations<T>) {
+        let mut h = self.input.forward::<T, P>(p, x, rows);
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for [reduce, masked, expand] in &self.blocks {
+            let relu_h = relu(&h);
+            let reduced = relu(&reduce.forward::<T, P>(p, &relu_h, rows));
+            let masked_out = relu(&masked.forward::<T, P>(p, &reduced, rows));
+            // h += expand(·): the sum of zero-padded sums stays zero at the padding.
+            expand.accumulate::<T, P>(&mut h, p, &masked_out, rows);
+            let bias = expand.bias(p);
+            for row in h.chunks_exact_mut(expand.c_out) {
+                row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
+            }
+            rows.pad(&mut h, expand.c_out);
+            blocks.push(BlockActs { h: relu_h, reduced, masked: masked_out });
+        }
+        let [hidden, out] = &self.head;
+        let head_in = relu(&h);
+        drop(h);
+        let hidden_relu = relu(&hidden.forward::<T, P>(p, &head_in, rows));
+        let logits = out.forward::<T, P>(p, &hidden_relu, rows);
+        (logits, Activations { blocks, head_in, hidden: hidden_relu })
+    }
+
+    fn backward<T: Value, P: Products<T>>(
+        &self,
+        p: &[T],
+        x: &[T],
+        acts: &Activations<T>,
+        dlogits: &[T],
+        rows: Rows,
+    ) -> Vec<T> {
+        let n = rows.count();
+        let mut dp = vec![T::default(); p.len()];
+        let [hidden, out] = &self.head;
+        let mut dy = dlogits.to_vec();
+        out.grads::<T, P>(&mut dp, &acts.hidden, &mut dy, rows);
+        let mut da = vec![T::default(); n * hidden.c_out];
+        out.input_grads::<T, P>(&mut da, &dy, p, rows);
+        relu_grad(&mut da, &acts.hidden);
+        hidden.grads::<T, P>(&mut dp, &acts.head_in, &mut da, rows);
+        let mut dh = vec![T::default(); n * hidden.c_in];
+        hidden.input_grads::<T, P>(&mut dh, &da, p, rows);
+        relu_grad(&mut dh, &acts.head_in);
+        drop(da);
+        for ([reduce, masked, expand], a) in self.blocks.iter().zip(&acts.blocks).rev() {
+            // h += expand(masked): dh flows on unchanged, and into the block.
+            expand.grads::<T, P>(&mut dp, &a.masked, &mut dh, rows);
+            let mut d_masked = vec![T::default(); n * expand.c_in];
+            expand.input_grads::<T, P>(&mut d_masked, &dh, p, rows);
+            relu_grad(&mut d_masked, &a.masked);
+            masked.grads::<T, P>(&mut dp, &a.reduced, &mut d_masked, rows);
+            let mut d_reduced = vec![T::default(); n * masked.c_in];
+            masked.input_grads::<T, P>(&mut d_reduced, &d_masked, p, rows);
+            drop(d_masked);
+            relu_grad(&mut d_reduced, &a.reduced);
+            reduce.grads::<T, P>(&mut dp, &a.h, &mut d_reduced, rows);
+            let mut d_h = vec![T::default(); n * reduce.c_in];
+            reduce.input_grads::<T, P>(&mut d_h, &d_reduced, p, rows);
+            relu_grad(&mut d_h, &a.h);
+            dh.iter_mut().zip(&d_h).for_each(|(a, &b)| *a += b);
+        }
+        self.input.grads::<T, P>(&mut dp, x, &mut dh, rows);
+        dp
+    }
+}
