@@ -1,49 +1,117 @@
-//! Causal softmax of attention scores as one operation with its own backward pass: the scale,
-//! the causal mask and the softmax in one pass over the `T_q × T_k` scores. In candle's
-//! operations it would be six passes and allocations, and its `exp` is libm's, one element at
-//! a time (the scores are the largest tensors of a transformer over 784 pixels).
+//! Causal multi-head self-attention as one operation with its own backward pass, computed a
+//! block of queries at a time (as FlashAttention does, Dao et al. 2022): the scores of one head
+//! and 64 queries are a small matrix that stays in cache, and the `(B·H, T, T)` scores and
+//! probabilities are never stored. In candle's operations a 784-pixel image needed them twice
+//! per layer (150 MB a layer at batch 16), with a transpose of the heads in and out; the
+//! backward pass recomputes each block's probabilities from the scores and the per-query
+//! log-sum-exp kept by the forward pass.
+//!
+//! Query `i` sees the keys `j ≤ i`. Each head's queries, keys and values are column blocks of
+//! the one `(B, T, 3D)` projection, read in place (strided views), and the output is `(B, T,
+//! D)` with the heads side by side, so no transpose is needed either way.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use std::sync::Mutex;
 
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::matmul::{Exact, Mat, Products, Scalar};
 use super::{contiguous_slice, per_cpu};
 use crate::Result;
 use crate::fastmath::fast_exp;
 
-/// `softmax(scale · s)` over the last axis of `scores (…, T_q, T_k)`, where query i (the last
-/// T_q of T_k positions) sees the keys j ≤ i + T_k − T_q, and the rest get probability 0.
-pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
-    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { scale })?)
+/// Queries per block.
+const BLOCK: usize = 64;
+
+/// `softmax(q kᵀ / √(D/H)) v` per head over `qkv (B, T, 3D)` (the queries, keys and values side
+/// by side, each `heads` blocks of D/H columns), causally: `(B, T, D)`.
+pub fn causal_attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let (_b, _t, d3) = qkv.dims3()?;
+    if heads == 0 || !d3.is_multiple_of(3 * heads) {
+        return Err(crate::Error::Config(format!(
+            "causal attention: width {d3} is not 3 × {heads} heads × a head size"
+        )));
+    }
+    Ok(qkv.contiguous()?.apply_op1(CausalAttention { heads, lse: Mutex::new(None) })?)
 }
 
-/// The same in candle's operations, for the tests.
-pub fn causal_softmax_reference(scores: &Tensor, scale: f64) -> Result<Tensor> {
-    let dims = scores.dims();
-    let (tq, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let mask: Vec<f64> =
-        (0..tq * tk).map(|k| if k % tk <= k / tk + tk - tq { 0.0 } else { f64::NEG_INFINITY }).collect();
-    let mask = Tensor::from_vec(mask, (tq, tk), scores.device())?.to_dtype(scores.dtype())?;
-    Ok(candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, candle_core::D::Minus1)?)
+/// The same in candle's operations (split heads, scores, mask, softmax, weighted sum), for the
+/// tests.
+pub fn causal_attention_reference(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, d3) = qkv.dims3()?;
+    let (d, dh) = (d3 / 3, d3 / 3 / heads);
+    let split = |i: usize| -> Result<Tensor> {
+        let x = qkv.narrow(2, i * d, d)?.reshape((b, t, heads, dh))?.transpose(1, 2)?.contiguous()?;
+        Ok(x.reshape((b * heads, t, dh))?)
+    };
+    let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+    let scores = (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
+    let mask: Vec<f64> = (0..t * t).map(|n| if n % t <= n / t { 0.0 } else { f64::NEG_INFINITY }).collect();
+    let mask = Tensor::from_vec(mask, (t, t), qkv.device())?.to_dtype(qkv.dtype())?;
+    let p = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)?;
+    let out = p.matmul(&v)?.reshape((b, heads, t, dh))?.transpose(1, 2)?.contiguous()?;
+    Ok(out.reshape((b, t, d))?)
 }
 
-struct CausalSoftmax {
-    scale: f64,
-}
-
-struct CausalSoftmaxGrad {
-    scale: f64,
-}
-
+/// The float types the op runs in: f32 for training, f64 for the gradient checks.
 trait Float:
-    Copy
+    Scalar
     + Default
     + PartialOrd
+    + std::ops::Add<Output = Self>
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::AddAssign
-    + std::ops::DivAssign
-    + std::ops::MulAssign
+    + candle_core::WithDType
 {
     fn exp(self) -> Self;
+    /// Row by row: `s = exp(scale · s − lse)` over the first `i0 + r + 1` columns of row r (the
+    /// visible keys), 0 after them; writes each row's log-sum-exp into `lse` when `find_lse`.
+    fn probabilities(s: &mut [Self], cols: usize, i0: usize, scale: Self, lse: &mut [f64], find_lse: bool);
+}
+
+#[inline(always)]
+fn probabilities<T: Float>(s: &mut [T], cols: usize, i0: usize, scale: T, lse: &mut [f64], find_lse: bool) {
+    for (r, (row, lse)) in s.chunks_exact_mut(cols).zip(lse.iter_mut()).enumerate() {
+        let (seen, unseen) = row.split_at_mut(i0 + r + 1);
+        unseen.fill(T::default());
+        if find_lse {
+            // exp(scale · s − max), then divided by its sum: one exponential per score.
+            let max = lanes(seen, seen[0], |m, v| if v > m { v } else { m }) * scale;
+            seen.iter_mut().for_each(|v| *v = (*v * scale - max).exp());
+            let sum = lanes(seen, T::default(), |a, v| a + v);
+            *lse = max.to_f64() + sum.to_f64().ln();
+            let inv = T::from_f64(1.0 / sum.to_f64());
+            seen.iter_mut().for_each(|v| *v = *v * inv);
+        } else {
+            let l = T::from_f64(*lse);
+            seen.iter_mut().for_each(|v| *v = (*v * scale - l).exp());
+        }
+    }
+}
+
+/// `f` folded over `x` in 16 independent lanes, then across them: an order the compiler can
+/// keep in vector registers (a single running fold of floats it must keep in sequence).
+#[inline(always)]
+fn lanes<T: Float>(x: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [init; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, v);
+        }
+    }
+    let folded = tail.iter().fold(init, |a, &v| f(a, v));
+    acc.iter().fold(folded, |a, &v| f(a, v))
+}
+
+/// The f32 loop compiled for this CPU's vector unit.
+mod fast {
+    use super::{per_cpu, probabilities};
+    per_cpu! {
+        pub fn probabilities_f32(s: &mut [f32], cols: usize, i0: usize, scale: f32, lse: &mut [f64], find: bool) -> () = probabilities;
+    }
 }
 
 impl Float for f32 {
@@ -51,112 +119,193 @@ impl Float for f32 {
     fn exp(self) -> f32 {
         fast_exp(self)
     }
+    fn probabilities(s: &mut [f32], cols: usize, i0: usize, scale: f32, lse: &mut [f64], find_lse: bool) {
+        fast::probabilities_f32(s, cols, i0, scale, lse, find_lse)
+    }
 }
 
 impl Float for f64 {
     fn exp(self) -> f64 {
         f64::exp(self)
     }
-}
-
-/// The (T_q, T_k) of the last two axes.
-fn sizes(shape: &Shape) -> candle_core::Result<(usize, usize)> {
-    match shape.dims() {
-        [.., tq, tk] if tq <= tk => Ok((*tq, *tk)),
-        d => candle_core::bail!("causal softmax: scores of shape {d:?} need T_q ≤ T_k"),
+    fn probabilities(s: &mut [f64], cols: usize, i0: usize, scale: f64, lse: &mut [f64], find_lse: bool) {
+        probabilities(s, cols, i0, scale, lse, find_lse)
     }
 }
 
-#[inline(always)]
-fn forward<T: Float>(s: &[T], tq: usize, tk: usize, scale: T) -> Vec<T> {
-    let mut p = vec![T::default(); s.len()];
-    for (k, (row, out)) in s.chunks_exact(tk).zip(p.chunks_exact_mut(tk)).enumerate() {
-        let seen = k % tq + tk - tq + 1;
-        let (row, out) = (&row[..seen], &mut out[..seen]);
-        let max = row.iter().fold(row[0], |m, &v| if v > m { v } else { m });
-        let mut sum = T::default();
-        for (o, &v) in out.iter_mut().zip(row) {
-            *o = ((v - max) * scale).exp();
-            sum += *o;
+/// The sizes: B sequences of T positions, H heads of `dh` columns, D = H · dh.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    b: usize,
+    t: usize,
+    heads: usize,
+    dh: usize,
+}
+
+impl Sizes {
+    fn of(shape: &Shape, heads: usize) -> candle_core::Result<Self> {
+        let (b, t, d3) = shape.dims3()?;
+        Ok(Sizes { b, t, heads, dh: d3 / 3 / heads })
+    }
+
+    fn d(&self) -> usize {
+        self.heads * self.dh
+    }
+
+    /// Head `h` of sequence `b`'s queries (`part` 0), keys (1) or values (2) in `qkv`.
+    fn view<T>(&self, qkv: &[T], b: usize, h: usize, part: usize) -> Mat<T> {
+        let d3 = 3 * self.d();
+        Mat::strided(qkv, b * self.t * d3 + part * self.d() + h * self.dh, self.t, self.dh, d3)
+    }
+
+    /// Head `h` of sequence `b` in a `(B, T, D)` tensor.
+    fn head<T>(&self, x: &[T], b: usize, h: usize) -> Mat<T> {
+        Mat::strided(x, b * self.t * self.d() + h * self.dh, self.t, self.dh, self.d())
+    }
+
+    /// The query blocks: (first query, queries).
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> {
+        let t = self.t;
+        (0..t).step_by(BLOCK).map(move |i0| (i0, BLOCK.min(t - i0)))
+    }
+}
+
+/// One head's output `(T × dh)` and its queries' log-sum-exp.
+fn head_forward<T: Float>(qkv: &[T], s: Sizes, b: usize, h: usize) -> (Vec<T>, Vec<f64>) {
+    let (q, k, v) = (s.view(qkv, b, h, 0), s.view(qkv, b, h, 1), s.view(qkv, b, h, 2));
+    let scale = T::from_f64(1.0 / (s.dh as f64).sqrt());
+    let (mut out, mut lse) = (vec![T::default(); s.t * s.dh], vec![0f64; s.t]);
+    let mut p = vec![T::default(); BLOCK * s.t];
+    for (i0, rows) in s.blocks() {
+        let cols = i0 + rows; // the keys these queries may see
+        let p = &mut p[..rows * cols];
+        p.fill(T::default());
+        Exact::acc(p, 0, q.row_range(i0, rows), k.row_range(0, cols).t());
+        T::probabilities(p, cols, i0, scale, &mut lse[i0..cols], true);
+        Exact::acc(&mut out, i0 * s.dh, Mat::new(p, 0, rows, cols), v.row_range(0, cols));
+    }
+    (out, lse)
+}
+
+/// One head's gradients `(dq, dk, dv)`, each `(T × dh)`.
+fn head_backward<T: Float>(qkv: &[T], out: &[T], dout: &[T], lse: &[f64], s: Sizes, b: usize, h: usize) -> [Vec<T>; 3] {
+    let (q, k, v) = (s.view(qkv, b, h, 0), s.view(qkv, b, h, 1), s.view(qkv, b, h, 2));
+    let d_o = s.head(dout, b, h);
+    let scale = T::from_f64(1.0 / (s.dh as f64).sqrt());
+    let [mut dq, mut dk, mut dv] = [0, 1, 2].map(|_| vec![T::default(); s.t * s.dh]);
+    let (mut p, mut dp) = (vec![T::default(); BLOCK * s.t], vec![T::default(); BLOCK * s.t]);
+    let mut lse_block = vec![0f64; BLOCK];
+    for (i0, rows) in s.blocks() {
+        let cols = i0 + rows;
+        let (p, dp) = (&mut p[..rows * cols], &mut dp[..rows * cols]);
+        p.fill(T::default());
+        Exact::acc(p, 0, q.row_range(i0, rows), k.row_range(0, cols).t());
+        lse_block[..rows].copy_from_slice(&lse[i0..cols]);
+        T::probabilities(p, cols, i0, scale, &mut lse_block[..rows], false);
+        let d_o_block = d_o.row_range(i0, rows);
+        // dv += pᵀ do; dp = do vᵀ.
+        Exact::acc(&mut dv, 0, Mat::new(p, 0, rows, cols).t(), d_o_block);
+        dp.fill(T::default());
+        Exact::acc(dp, 0, d_o_block, v.row_range(0, cols).t());
+        // ds = scale · p ⊙ (dp − Σ_c do ⊙ o), row by row (zero where p is).
+        for r in 0..rows {
+            let at = (b * s.t + i0 + r) * s.d() + h * s.dh;
+            let dot = (at..at + s.dh).fold(T::default(), |acc, c| acc + dout[c] * out[c]);
+            for (x, &pv) in dp[r * cols..(r + 1) * cols].iter_mut().zip(&p[r * cols..(r + 1) * cols]) {
+                *x = pv * (*x - dot) * scale;
+            }
         }
-        out.iter_mut().for_each(|o| *o /= sum);
+        // dq = ds k; dk += dsᵀ q.
+        Exact::acc(&mut dq, i0 * s.dh, Mat::new(dp, 0, rows, cols), k.row_range(0, cols));
+        Exact::acc(&mut dk, 0, Mat::new(dp, 0, rows, cols).t(), q.row_range(i0, rows));
     }
-    p
+    [dq, dk, dv]
 }
 
-/// dS = scale · P ⊙ (dP − Σ_j dP_j P_j), row by row.
-#[inline(always)]
-fn backward<T: Float>(p: &[T], dp: &[T], tk: usize, scale: T) -> Vec<T> {
-    let mut ds = vec![T::default(); p.len()];
-    for ((p, dp), ds) in p.chunks_exact(tk).zip(dp.chunks_exact(tk)).zip(ds.chunks_exact_mut(tk)) {
-        let mut dot = T::default();
-        p.iter().zip(dp).for_each(|(&a, &b)| dot += a * b);
-        for ((d, &a), &b) in ds.iter_mut().zip(p).zip(dp) {
-            *d = a * (b - dot) * scale;
+struct CausalAttention {
+    heads: usize,
+    /// The forward pass's log-sum-exp of every query, `(B, H, T)`.
+    lse: Mutex<Option<Vec<f64>>>,
+}
+
+impl CausalAttention {
+    fn forward<T: Float>(&self, qkv: &[T], s: Sizes) -> Vec<T> {
+        let heads: Vec<(Vec<T>, Vec<f64>)> =
+            (0..s.b * s.heads).into_par_iter().map(|bh| head_forward(qkv, s, bh / s.heads, bh % s.heads)).collect();
+        let (d, mut out) = (s.d(), vec![T::default(); s.b * s.t * s.d()]);
+        let mut lse = Vec::with_capacity(s.b * s.heads * s.t);
+        for (bh, (o, l)) in heads.into_iter().enumerate() {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            for (t, row) in o.chunks_exact(s.dh).enumerate() {
+                out[(b * s.t + t) * d + h * s.dh..][..s.dh].copy_from_slice(row);
+            }
+            lse.extend(l);
         }
+        *self.lse.lock().expect("invariant: not poisoned") = Some(lse);
+        out
     }
-    ds
+
+    fn backward<T: Float>(
+        &self,
+        qkv: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+        lse: &[f64],
+    ) -> candle_core::Result<Tensor> {
+        let s = Sizes::of(qkv.shape(), self.heads)?;
+        let dout = dout.contiguous()?;
+        let op = "causal attention";
+        let grads = super::in_place(qkv, op, |x: &[T]| {
+            super::in_place(out, op, |o: &[T]| {
+                super::in_place(&dout, op, |d_o: &[T]| {
+                    Ok((0..s.b * s.heads)
+                        .into_par_iter()
+                        .map(|bh| {
+                            let l = &lse[bh * s.t..(bh + 1) * s.t];
+                            head_backward(x, o, d_o, l, s, bh / s.heads, bh % s.heads)
+                        })
+                        .collect::<Vec<_>>())
+                })
+            })
+        })?;
+        let d3 = 3 * s.d();
+        let mut dqkv = vec![T::default(); s.b * s.t * d3];
+        for (bh, parts) in grads.iter().enumerate() {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            for (part, g) in parts.iter().enumerate() {
+                for (t, row) in g.chunks_exact(s.dh).enumerate() {
+                    dqkv[(b * s.t + t) * d3 + part * s.d() + h * s.dh..][..s.dh].copy_from_slice(row);
+                }
+            }
+        }
+        super::like(dqkv, qkv)
+    }
 }
 
-/// The f32 loops compiled for this CPU's vector unit.
-mod fast {
-    use super::{backward, forward, per_cpu};
-    per_cpu! {
-        pub fn forward_f32(s: &[f32], tq: usize, tk: usize, scale: f32) -> Vec<f32> = forward;
-        pub fn backward_f32(p: &[f32], dp: &[f32], tk: usize, scale: f32) -> Vec<f32> = backward;
-    }
-}
-
-impl CustomOp1 for CausalSoftmax {
+impl CustomOp1 for CausalAttention {
     fn name(&self) -> &'static str {
-        "causal-softmax"
+        "causal-attention"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (tq, tk) = sizes(layout.shape())?;
-        let op = "causal softmax";
-        let p = match storage {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(fast::forward_f32(contiguous_slice(v, layout, op)?, tq, tk, self.scale as f32))
-            }
-            CpuStorage::F64(v) => CpuStorage::F64(forward(contiguous_slice(v, layout, op)?, tq, tk, self.scale)),
+        let s = Sizes::of(layout.shape(), self.heads)?;
+        let op = "causal attention";
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.forward(contiguous_slice(v, layout, op)?, s)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.forward(contiguous_slice(v, layout, op)?, s)),
             _ => candle_core::bail!("{op}: only f32 and f64 are supported"),
         };
-        Ok((p, layout.shape().clone()))
+        Ok((out, Shape::from((s.b, s.t, s.d()))))
     }
 
-    fn bwd(&self, _scores: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(p.apply_op2_no_bwd(&dp.contiguous()?, &CausalSoftmaxGrad { scale: self.scale })?))
-    }
-}
-
-impl CustomOp2 for CausalSoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "causal-softmax-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (_tq, tk) = sizes(l1.shape())?;
-        let op = "causal softmax";
-        let ds = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(d)) => CpuStorage::F32(fast::backward_f32(
-                contiguous_slice(p, l1, op)?,
-                contiguous_slice(d, l2, op)?,
-                tk,
-                self.scale as f32,
-            )),
-            (CpuStorage::F64(p), CpuStorage::F64(d)) => {
-                CpuStorage::F64(backward(contiguous_slice(p, l1, op)?, contiguous_slice(d, l2, op)?, tk, self.scale))
-            }
-            _ => candle_core::bail!("{op}: unsupported dtypes"),
-        };
-        Ok((ds, l1.shape().clone()))
+    fn bwd(&self, qkv: &Tensor, out: &Tensor, dout: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let lse = self.lse.lock().expect("invariant: not poisoned").take();
+        let Some(lse) = lse else { candle_core::bail!("causal attention: backward called twice, or before forward") };
+        Ok(Some(match qkv.dtype() {
+            candle_core::DType::F32 => self.backward::<f32>(qkv, out, dout, &lse)?,
+            candle_core::DType::F64 => self.backward::<f64>(qkv, out, dout, &lse)?,
+            other => candle_core::bail!("causal attention: unsupported dtype {other:?}"),
+        }))
     }
 }
 
@@ -167,25 +316,29 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    /// Values and gradients equal candle's scale, mask and softmax, for square scores (training)
-    /// and for the last queries of a longer key sequence (a cache).
+    /// Values and gradients equal candle's operations, for sequences shorter than a block, of
+    /// exactly one, and longer than two (a ragged last block).
     #[test]
-    fn matches_masked_softmax_and_its_gradient() {
+    fn matches_candle_operations_and_their_gradients() {
         let mut rng = Rng::new(5);
-        for (tq, tk) in [(6, 6), (2, 7), (1, 5)] {
-            let n = 3 * tq * tk;
-            let s =
-                Var::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), (3, tq, tk), &Device::Cpu).unwrap();
-            let probe = Tensor::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), (3, tq, tk), &Device::Cpu)
-                .unwrap();
-            let ours = causal_softmax(&s, 0.7).unwrap();
-            let theirs = causal_softmax_reference(&s, 0.7).unwrap();
+        for (b, t, heads, dh) in [(2, 5, 2, 3), (1, 64, 1, 4), (2, 150, 3, 2)] {
+            let n = b * t * 3 * heads * dh;
+            let qkv =
+                Var::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), (b, t, 3 * heads * dh), &Device::Cpu)
+                    .unwrap();
+            let m = b * t * heads * dh;
+            let probe =
+                Tensor::from_vec((0..m).map(|_| rng.normal()).collect::<Vec<f64>>(), (b, t, heads * dh), &Device::Cpu)
+                    .unwrap();
+            let ours = causal_attention(&qkv, heads).unwrap();
+            let theirs = causal_attention_reference(&qkv, heads).unwrap();
             let diff =
                 |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-            assert!(diff(&ours, &theirs) < 1e-12, "{tq}×{tk}");
+            assert!(diff(&ours, &theirs) < 1e-12, "{b}×{t}, {heads} heads: {}", diff(&ours, &theirs));
             let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            assert!(diff(g1.get(&s).unwrap(), g2.get(&s).unwrap()) < 1e-12, "{tq}×{tk} gradient");
+            let d = diff(g1.get(&qkv).unwrap(), g2.get(&qkv).unwrap());
+            assert!(d < 1e-11, "{b}×{t}, {heads} heads: gradients differ by {d}");
         }
     }
 }

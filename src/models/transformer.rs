@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::{MAX_HIDDEN, Registered, Settings, within};
 use crate::core::Autoregressive;
 use crate::layers::ChannelLinear;
-use crate::layers::attention::causal_softmax;
+use crate::layers::attention::causal_attention;
 use crate::{Error, Result};
 
 /// Hyper-parameters of a transformer.
@@ -166,7 +166,7 @@ impl Transformer {
     /// among them) when `step` is `None`, also writing their keys and values into `caches` if
     /// given; or one position (T = 1) at `step`, attending to the cache.
     fn blocks(&self, mut x: Tensor, caches: Option<&mut [KvCache]>, step: Option<usize>) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
+        let d = x.dim(2)?;
         let heads = self.cfg.heads;
         let scale = 1.0 / ((d / heads) as f64).sqrt();
         let mut caches = caches.map(|c| c.iter_mut());
@@ -176,15 +176,12 @@ impl Transformer {
             let att = match (step, cache) {
                 (Some(position), Some(cache)) => self.attend_one(&qkv, cache, position, scale)?,
                 (_, cache) => {
-                    let q = self.split_heads(&qkv.narrow(2, 0, d)?)?;
-                    let k = self.split_heads(&qkv.narrow(2, d, d)?)?;
-                    let v = self.split_heads(&qkv.narrow(2, 2 * d, d)?)?;
                     if let Some(cache) = cache {
+                        let k = self.split_heads(&qkv.narrow(2, d, d)?)?;
+                        let v = self.split_heads(&qkv.narrow(2, 2 * d, d)?)?;
                         self.fill(cache, &k, &v)?;
                     }
-                    let scores = q.matmul(&k.t()?.contiguous()?)?; // (B·H, T, T)
-                    let att = causal_softmax(&scores, scale)?.matmul(&v)?; // (B·H, T, D/H)
-                    att.reshape((b, heads, t, d / heads))?.transpose(1, 2)?.contiguous()?.reshape((b, t, d))?
+                    causal_attention(&qkv, heads)? // (B, T, D)
                 }
             };
             x = (x + block.out.forward(&att)?)?;
