@@ -62,6 +62,7 @@ trait Float:
     + std::ops::Sub<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::AddAssign
+    + std::ops::MulAssign
     + candle_core::WithDType
 {
     fn exp(self) -> Self;
@@ -82,7 +83,7 @@ fn probabilities<T: Float>(s: &mut [T], cols: usize, i0: usize, scale: T, lse: &
             let sum = lanes(seen, T::default(), |a, v| a + v);
             *lse = max.to_f64() + sum.to_f64().ln();
             let inv = T::from_f64(1.0 / sum.to_f64());
-            seen.iter_mut().for_each(|v| *v = *v * inv);
+            seen.iter_mut().for_each(|v| *v *= inv);
         } else {
             let l = T::from_f64(*lse);
             seen.iter_mut().for_each(|v| *v = (*v * scale - l).exp());

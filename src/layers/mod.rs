@@ -17,6 +17,7 @@ pub mod gated_stack;
 pub mod masked_stack;
 pub mod matmul;
 pub mod nade;
+pub mod norm;
 pub mod recurrent;
 pub mod shifted;
 pub mod wavenet_stack;

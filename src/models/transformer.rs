@@ -23,7 +23,7 @@
 //! | `norm.weight`, `.bias` | `(D,)` | final layer norm |
 //! | `output.weight`, `.bias` | `(D, V)`, `(V,)` | logits |
 
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +31,7 @@ use super::{MAX_HIDDEN, Registered, Settings, within};
 use crate::core::Autoregressive;
 use crate::layers::ChannelLinear;
 use crate::layers::attention::causal_attention;
+use crate::layers::norm::layer_norm;
 use crate::{Error, Result};
 
 /// Hyper-parameters of a transformer.
@@ -52,8 +53,7 @@ pub struct Config {
     pub fixed_length: bool,
 }
 
-/// A layer norm over the last axis, in candle's operations (its fused `layer_norm` has no
-/// backward pass).
+/// A layer norm over the last axis (`layers::norm`).
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -69,10 +69,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        layer_norm(x, &self.weight, &self.bias)
     }
 }
 
