@@ -185,7 +185,8 @@ mod tests {
         let probe = random(&[2, 3, 37]);
         let ours = layer_norm(&x, &w, &b).unwrap();
         let theirs = layer_norm_reference(&x, &w, &b).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(diff(&ours, &theirs) < 1e-12);
         let g1 = (ours * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (theirs * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
