@@ -10,13 +10,30 @@ pub struct Bars {
     train_bar: Option<ProgressBar>,
     total_steps: u64,
     quiet: bool,
+    /// When stderr is not a terminal (a run in the background, its output in a log), bars are
+    /// hidden: a plain progress line is written instead, at most this often.
+    plain_every: Option<std::time::Duration>,
+    plain_last: Option<std::time::Instant>,
 }
 
 impl Bars {
     /// A reporter for a run of `total_steps` training steps (0 if not training). `quiet`
     /// hides notes and bars (for `--json`).
     pub fn new(total_steps: u64, quiet: bool) -> Self {
-        Bars { bar: None, train_bar: None, total_steps, quiet }
+        use std::io::IsTerminal;
+        let plain_every = (!std::io::stderr().is_terminal()).then(|| std::time::Duration::from_secs(60));
+        Bars { bar: None, train_bar: None, total_steps, quiet, plain_every, plain_last: None }
+    }
+
+    /// A plain progress line for a log, if one is due: `{what} {done}/{total}`.
+    fn plain_progress(&mut self, what: &str, done: u64, total: u64) {
+        let Some(every) = self.plain_every else { return };
+        let now = std::time::Instant::now();
+        let last = *self.plain_last.get_or_insert(now);
+        if now.duration_since(last) >= every {
+            self.plain_last = Some(now);
+            eprintln!("{what} {done}/{total}");
+        }
     }
 
     fn println(&self, line: &str) {
@@ -48,6 +65,7 @@ impl Reporter for Bars {
         if self.quiet {
             return;
         }
+        self.plain_progress(phase, done, total);
         if self.bar.as_ref().is_none_or(|(p, _)| p != phase) {
             if let Some((_, b)) = self.bar.take() {
                 b.finish_and_clear();
@@ -96,11 +114,14 @@ impl Reporter for Bars {
         match event {
             Event::Step { step, loss, lr, tokens_per_second, .. } => {
                 bar.set_position(*step);
-                bar.set_message(format!(
+                let message = format!(
                     "loss {:.3} bits  lr {lr:.1e}  {:.0} samples/s",
                     loss / std::f64::consts::LN_2,
                     tokens_per_second
-                ));
+                );
+                bar.set_message(message.clone());
+                let total = self.total_steps;
+                self.plain_progress(&format!("training {message}  step"), *step, total);
             }
             Event::Eval(e) => {
                 let line = format!(
