@@ -263,18 +263,45 @@ fn keep_freed_memory() {
 }
 
 /// The summed NLL (nats) of `model` over `batches`, and the number of counted positions.
-pub fn nll_sum<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<(f64, f64)> {
-    let (mut sum, mut count) = (0.0, 0.0);
-    for b in batches {
+pub fn nll_sum<M: Autoregressive + Sync>(model: &M, batches: &[Batch]) -> Result<(f64, f64)> {
+    let per_batch = in_parallel(batches, rayon::current_num_threads(), |b| -> Result<(f64, f64)> {
         let (s, c) = masked_nll_sum(model, b)?;
-        sum += s.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        Ok((s.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, c))
+    });
+    let (mut sum, mut count) = (0.0, 0.0);
+    for r in per_batch {
+        let (s, c) = r?;
+        sum += s;
         count += c;
     }
     Ok((sum, count))
 }
 
+/// `f` of every item, on up to `threads` threads (item i on thread i mod threads), the results
+/// in the items' order: for evaluation, whose fused operations run on one thread each, as the
+/// trainer's shards do.
+pub fn in_parallel<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = threads.clamp(1, items.len().max(1));
+    if threads == 1 {
+        return items.iter().map(&f).collect();
+    }
+    let f = &f;
+    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    items.iter().enumerate().skip(t).step_by(threads).map(|(i, item)| (i, f(item))).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    });
+    results.sort_by_key(|&(i, _)| i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
 /// The mean NLL (nats per token) of `model` over `batches`.
-pub fn evaluate<M: Autoregressive>(model: &M, batches: &[Batch]) -> Result<f64> {
+pub fn evaluate<M: Autoregressive + Sync>(model: &M, batches: &[Batch]) -> Result<f64> {
     let (sum, count) = nll_sum(model, batches)?;
     Ok(sum / count.max(1.0))
 }
@@ -347,7 +374,7 @@ pub fn train<M: Autoregressive + Sync>(
     Ok(why)
 }
 
-fn log_eval<M: Autoregressive>(
+fn log_eval<M: Autoregressive + Sync>(
     model: &mut M,
     val: &[Batch],
     state: &mut TrainState,

@@ -2,6 +2,7 @@
 //! (MADE's connectivities as an ensemble).
 
 use super::*;
+use crate::core::train::in_parallel;
 
 /// The log-probability (nats) of each image of `set` under the model's selected connectivity:
 /// of the binary image, or for grey levels of the 8-bit image (the dequantised density, with
@@ -13,15 +14,23 @@ pub fn log_probs(model: &Model, set: &Images, chunk: usize, reporter: &mut dyn R
     let correction = dequantisation(model.likelihood());
     let mut noise = Rng::derived(0, "evaluation dequantisation");
     let mut out = Vec::with_capacity(set.n);
-    for start in (0..set.n).step_by(chunk) {
-        reporter.progress("scoring", start as u64, set.n as u64);
-        let mut batch = batch_of(set, start..(start + chunk).min(set.n))?;
-        if correction.is_some() {
-            batch = mnist::dequantize(batch, &mut noise)?;
+    let shift = correction.unwrap_or(0.0);
+    // Chunks a pair per thread at a time (each chunk on its own thread, as the trainer's shards).
+    let threads = rayon::current_num_threads();
+    let starts: Vec<usize> = (0..set.n).step_by(chunk).collect();
+    for group in starts.chunks(threads.max(1)) {
+        reporter.progress("scoring", group[0] as u64, set.n as u64);
+        // The noise is drawn in image order, before the parallel part.
+        let batches = group
+            .iter()
+            .map(|&start| {
+                let batch = batch_of(set, start..(start + chunk).min(set.n))?;
+                if correction.is_some() { mnist::dequantize(batch, &mut noise) } else { Ok(batch) }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for nll in in_parallel(&batches, threads, |b| model.position_nll(b)) {
+            out.extend(nll?.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|n| -n - shift));
         }
-        let nll = model.position_nll(&batch)?; // (B, 784)
-        let shift = correction.unwrap_or(0.0);
-        out.extend(nll.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|n| -n - shift));
     }
     reporter.progress("scoring", set.n as u64, set.n as u64);
     Ok(out)
