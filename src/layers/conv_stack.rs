@@ -130,22 +130,74 @@ pub fn biased<T: Copy>(rows: usize, bias: &[T]) -> Vec<T> {
 }
 
 /// The ReLU of `x`, a copy.
-pub fn relu<T: Float>(x: &[T]) -> Vec<T> {
-    x.iter().map(|&v| if v > T::default() { v } else { T::default() }).collect()
+pub fn relu<T: Value>(x: &[T]) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
+    T::relu(x, &mut out);
+    out
 }
 
 /// Zeroes `grad` where `out` (a ReLU's output) is not positive.
-pub fn relu_grad<T: Float>(grad: &mut [T], out: &[T]) {
-    grad.iter_mut().zip(out).for_each(|(g, &o)| {
-        if o <= T::default() {
-            *g = T::default();
-        }
-    });
+pub fn relu_grad<T: Value>(grad: &mut [T], out: &[T]) {
+    T::relu_grad(grad, out)
 }
 
-/// The float types a network runs in: f32 for training, f64 for the gradient checks.
-pub trait Value: Float + Gate + candle_core::WithDType {}
-impl Value for f32 {}
+#[inline(always)]
+fn relu_into<T: Float>(x: &[T], out: &mut [T]) {
+    out.iter_mut().zip(x).for_each(|(o, &v)| *o = if v > T::default() { v } else { T::default() });
+}
+
+#[inline(always)]
+fn relu_grad_into<T: Float>(grad: &mut [T], out: &[T]) {
+    // A select, not a branch, so that it vectorises.
+    grad.iter_mut().zip(out).for_each(|(g, &o)| *g = if o > T::default() { *g } else { T::default() });
+}
+
+#[inline(always)]
+fn add_into<T: Float>(dst: &mut [T], src: &[T]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+}
+
+/// The f32 loops compiled for this CPU's vector unit (in the baseline's SSE they were a fifth
+/// of a PixelCNN step).
+mod fast {
+    use super::super::per_cpu;
+    use super::{add_into, relu_grad_into, relu_into};
+    per_cpu! {
+        pub fn relu_f32(x: &[f32], out: &mut [f32]) -> () = relu_into;
+        pub fn relu_grad_f32(grad: &mut [f32], out: &[f32]) -> () = relu_grad_into;
+        pub fn add_f32(dst: &mut [f32], src: &[f32]) -> () = add_into;
+    }
+}
+
+/// The float types a network runs in (f32 for training, f64 for the gradient checks) and
+/// their element-wise loops.
+pub trait Value: Float + Gate + candle_core::WithDType {
+    /// `out = max(x, 0)`.
+    fn relu(x: &[Self], out: &mut [Self]) {
+        relu_into(x, out)
+    }
+    /// `grad = 0` where `out ≤ 0`.
+    fn relu_grad(grad: &mut [Self], out: &[Self]) {
+        relu_grad_into(grad, out)
+    }
+    /// `dst += src`.
+    fn accumulate(dst: &mut [Self], src: &[Self]) {
+        add_into(dst, src)
+    }
+}
+
+impl Value for f32 {
+    fn relu(x: &[f32], out: &mut [f32]) {
+        fast::relu_f32(x, out)
+    }
+    fn relu_grad(grad: &mut [f32], out: &[f32]) {
+        fast::relu_grad_f32(grad, out)
+    }
+    fn accumulate(dst: &mut [f32], src: &[f32]) {
+        fast::add_f32(dst, src)
+    }
+}
+
 impl Value for f64 {}
 
 /// A network the op runs: its forward pass keeps what its backward pass reads.

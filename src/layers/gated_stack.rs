@@ -91,7 +91,7 @@ impl Network for GatedStack {
             T::gate(&h_pre, &mut gated_h, c);
             let mut h_out = residual.forward::<T, P>(p, &gated_h, rows);
             if i > 0 {
-                h_out.iter_mut().zip(h_in).for_each(|(o, &h)| *o += h);
+                T::accumulate(&mut h_out, h_in);
             }
             layers.push(LayerActs { v_pre, h_pre, v_out, gated_h, h_out });
         }

@@ -122,7 +122,7 @@ impl Network for MaskedStack {
             let mut d_h = vec![T::default(); n * reduce.c_in];
             reduce.input_grads::<T, P>(&mut d_h, &d_reduced, p, rows);
             relu_grad(&mut d_h, &a.h);
-            dh.iter_mut().zip(&d_h).for_each(|(a, &b)| *a += b);
+            T::accumulate(&mut dh, &d_h);
         }
         self.input.grads::<T, P>(&mut dp, x, &mut dh, rows);
         dp

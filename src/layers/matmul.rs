@@ -666,8 +666,14 @@ pub mod amx {
             let kq = taps.iter().map(|&(_, o)| start(o)).max().unwrap_or(0) + kqb;
             PACKED.with_borrow_mut(|packed| {
                 packed.a_view = None;
+                /// The packing compiled for AVX-512 (every AMX CPU has it).
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                fn pack_b(b: &Mat<f32>, out: &mut [u32], np: usize) {
+                    pack_b_rows(b, out, np)
+                }
                 packed.b.resize(packed.b.len().max(kqb * np), 0);
-                pack_b_rows(&dy, &mut packed.b[..kqb * np], np);
+                // SAFETY: AVX-512 (every AMX CPU has it).
+                unsafe { pack_b(&dy, &mut packed.b[..kqb * np], np) };
                 packed.a.resize(packed.a.len().max(2 * mp * kq), 0);
                 let (even, odd) = packed.a[..2 * mp * kq].split_at_mut(mp * kq);
                 for (phase, out) in [even, odd].into_iter().enumerate() {
