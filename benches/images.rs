@@ -5,7 +5,6 @@
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use wavegen::core::masked_nll;
 use wavegen::core::optim::{AdamW, AdamWConfig};
 use wavegen::core::params::Params;
 use wavegen::core::sample::{self, Method, SamplerConfig};
@@ -80,12 +79,9 @@ fn training(c: &mut Criterion) {
         let params = Params::new(0);
         let model = cfg.build(params.var_builder(DType::F32)).unwrap();
         let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
-        group.bench_function(name, |b| {
-            b.iter(|| {
-                let grads = masked_nll(&model, &batch_of_images).unwrap().backward().unwrap();
-                opt.step(&grads, 1e-4).unwrap()
-            })
-        });
+        // As the trainer runs it: one shard of the batch per thread (RAYON_NUM_THREADS).
+        let threads = rayon::current_num_threads();
+        group.bench_function(name, |b| b.iter(|| train_step(&model, &mut opt, &batch_of_images, threads)));
     }
     group.finish();
 }
