@@ -123,20 +123,23 @@ impl ChannelLinear {
 }
 
 impl Module for ChannelLinear {
-    /// One operation with its own backward pass (a 1×1 [`shifted::shifted_conv`]), where
-    /// candle's matmul and broadcast bias would be two each way, and the bias's gradient a
-    /// reduction of its own.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = xs.dims();
-        let in_dim = *dims.last().expect("invariant: at least one dimension");
-        let rows = xs.elem_count() / in_dim.max(1);
-        let x = xs.reshape((1, rows, in_dim))?;
-        let ys = shifted::shifted_conv(&x, &self.weight.unsqueeze(0)?, &self.bias, &[0], shifted::Options::plain())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("invariant: at least one dimension") = self.weight.dim(1)?;
-        ys.reshape(out_dims)
+        linear(xs, &self.weight, &self.bias).map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
+}
+
+/// `x · w + b` over the last axis of `x (…, in)`, `w (in, out)`, `b (out,)`: one operation with
+/// its own backward pass (a 1×1 [`shifted::shifted_conv`]), where candle's matmul and broadcast
+/// bias would be two each way, and the bias's gradient a reduction of its own.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = *dims.last().ok_or_else(|| crate::Error::Config("linear: a scalar input".into()))?;
+    let rows = x.elem_count() / in_dim.max(1);
+    let ys =
+        shifted::shifted_conv(&x.reshape((1, rows, in_dim))?, &w.unsqueeze(0)?, b, &[0], shifted::Options::plain())?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("invariant: at least one dimension") = w.dim(1)?;
+    Ok(ys.reshape(out_dims)?)
 }
 
 /// The `k` taps of a causal dilated convolution, stacked on the channel axis:

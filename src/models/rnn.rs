@@ -199,12 +199,17 @@ impl<C: Cell> Recurrent<C> {
         let (h, g) = (self.cfg.hidden, C::GATES);
         for layer in &self.layers {
             let bias = (&layer.bias + &self.offset)?;
-            let pre = x.matmul(&layer.w_ih)?.broadcast_add(&bias)?.reshape((b, len, g * h))?; // (B, T, G·H)
+            let pre = affine(&x, &layer.w_ih, &bias, reference)?.reshape((b, len, g * h))?; // (B, T, G·H)
             x = C::recurrence(&pre, &layer.w_hh, layer.b_hh.as_ref(), reference)?.reshape((b * len, h))?; // (B·T, H)
         }
-        let logits = x.matmul(&self.out_w)?.broadcast_add(&self.out_b)?; // (B·T, V)
+        let logits = affine(&x, &self.out_w, &self.out_b, reference)?; // (B·T, V)
         Ok(logits.reshape((b, len, self.cfg.classes))?)
     }
+}
+
+/// `x w + b`: by the fused operation (`layers::linear`), or (`reference`) by candle's.
+fn affine(x: &Tensor, w: &Tensor, b: &Tensor, reference: bool) -> Result<Tensor> {
+    if reference { Ok(x.matmul(w)?.broadcast_add(b)?) } else { crate::layers::linear(x, w, b) }
 }
 
 /// The stepper's state: every layer's hidden state (and the LSTM's cell), `(B, H)` each.
