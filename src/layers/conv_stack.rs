@@ -120,6 +120,60 @@ impl ConvAt {
     }
 }
 
+/// The output head both networks end with: ReLU, 1×1, ReLU, 1×1.
+#[derive(Debug, Clone)]
+pub struct Head {
+    hidden: ConvAt,
+    out: ConvAt,
+}
+
+/// What the head keeps for the backward pass: the ReLUs of its two layers' inputs.
+pub struct HeadActs<T> {
+    input: Vec<T>,
+    hidden: Vec<T>,
+}
+
+impl Head {
+    /// The head of `[hidden, out]`, placed next in the flat vector.
+    pub fn place(placer: &mut Placer, [hidden, out]: &[ConvShape; 2]) -> Self {
+        Head { hidden: placer.place(hidden), out: placer.place(out) }
+    }
+
+    /// Output channels (the classes).
+    pub fn classes(&self) -> usize {
+        self.out.c_out
+    }
+
+    /// The logits of the stream `h`.
+    pub fn forward<T: Value, P: Products<T>>(&self, p: &[T], h: &[T], rows: Rows) -> (Vec<T>, HeadActs<T>) {
+        let input = relu(h);
+        let hidden = relu(&self.hidden.forward::<T, P>(p, &input, rows));
+        let logits = self.out.forward::<T, P>(p, &hidden, rows);
+        (logits, HeadActs { input, hidden })
+    }
+
+    /// `dp +=` the head's gradients from the logits'; returns the gradient of the stream.
+    pub fn backward<T: Value, P: Products<T>>(
+        &self,
+        dp: &mut [T],
+        p: &[T],
+        acts: &HeadActs<T>,
+        dlogits: &[T],
+        rows: Rows,
+    ) -> Vec<T> {
+        let mut dy = dlogits.to_vec();
+        self.out.grads::<T, P>(dp, &acts.hidden, &mut dy, rows);
+        let mut da = vec![T::default(); rows.count() * self.hidden.c_out];
+        self.out.input_grads::<T, P>(&mut da, &dy, p, rows);
+        relu_grad(&mut da, &acts.hidden);
+        self.hidden.grads::<T, P>(dp, &acts.input, &mut da, rows);
+        let mut dh = vec![T::default(); rows.count() * self.hidden.c_in];
+        self.hidden.input_grads::<T, P>(&mut dh, &da, p, rows);
+        relu_grad(&mut dh, &acts.input);
+        dh
+    }
+}
+
 /// `rows` copies of `bias`.
 pub fn biased<T: Copy>(rows: usize, bias: &[T]) -> Vec<T> {
     let mut y = Vec::with_capacity(rows * bias.len());

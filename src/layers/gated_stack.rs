@@ -9,7 +9,7 @@
 //!
 //! The head is ReLU, 1×1, ReLU, 1×1 of the last `h'`.
 
-use super::conv_stack::{ConvAt, ConvShape, Network, Placer, Rows, Value, biased, relu, relu_grad};
+use super::conv_stack::{ConvAt, ConvShape, Head, HeadActs, Network, Placer, Rows, Value, biased};
 use super::matmul::Products;
 
 /// The network: per layer the vertical, horizontal, link and residual convolutions, then the
@@ -17,7 +17,7 @@ use super::matmul::Products;
 #[derive(Debug, Clone)]
 pub struct GatedStack {
     layers: Vec<[ConvAt; 4]>,
-    head: [ConvAt; 2],
+    head: Head,
     padding: (usize, usize),
     len: usize,
 }
@@ -28,7 +28,7 @@ impl GatedStack {
     pub fn new(layers: &[[ConvShape; 4]], head: &[ConvShape; 2], padding: (usize, usize)) -> Self {
         let mut placer = Placer::default();
         let layers = layers.iter().map(|convs| convs.each_ref().map(|c| placer.place(c))).collect();
-        let head = head.each_ref().map(|c| placer.place(c));
+        let head = Head::place(&mut placer, head);
         GatedStack { layers, head, padding, len: placer.len }
     }
 
@@ -49,10 +49,7 @@ pub struct LayerActs<T> {
 /// Everything the backward pass reads besides the input and the weights.
 pub struct Activations<T> {
     layers: Vec<LayerActs<T>>,
-    /// ReLU of the last layer's `h'`, the head's input.
-    head_in: Vec<T>,
-    /// ReLU of the head's hidden layer.
-    hidden: Vec<T>,
+    head: HeadActs<T>,
 }
 
 impl Network for GatedStack {
@@ -63,7 +60,7 @@ impl Network for GatedStack {
     }
 
     fn channels(&self) -> (usize, usize) {
-        (self.layers[0][0].c_in, self.head[1].c_out)
+        (self.layers[0][0].c_in, self.head.classes())
     }
 
     fn padding(&self) -> (usize, usize) {
@@ -95,11 +92,9 @@ impl Network for GatedStack {
             }
             layers.push(LayerActs { v_pre, h_pre, v_out, gated_h, h_out });
         }
-        let [hidden, out] = &self.head;
-        let head_in = relu(&layers.last().expect("invariant: at least one layer").h_out);
-        let hidden_relu = relu(&hidden.forward::<T, P>(p, &head_in, rows));
-        let logits = out.forward::<T, P>(p, &hidden_relu, rows);
-        (logits, Activations { layers, head_in, hidden: hidden_relu })
+        let last = &layers.last().expect("invariant: at least one layer").h_out;
+        let (logits, head) = self.head.forward::<T, P>(p, last, rows);
+        (logits, Activations { layers, head })
     }
 
     fn backward<T: Value, P: Products<T>>(
@@ -112,17 +107,7 @@ impl Network for GatedStack {
     ) -> Vec<T> {
         let (n, c) = (rows.count(), self.channels_c());
         let mut dp = vec![T::default(); p.len()];
-        let [hidden, out] = &self.head;
-        let mut dy = dlogits.to_vec();
-        out.grads::<T, P>(&mut dp, &acts.hidden, &mut dy, rows);
-        let mut da = vec![T::default(); n * hidden.c_out];
-        out.input_grads::<T, P>(&mut da, &dy, p, rows);
-        relu_grad(&mut da, &acts.hidden);
-        hidden.grads::<T, P>(&mut dp, &acts.head_in, &mut da, rows);
-        let mut dh = vec![T::default(); n * c];
-        hidden.input_grads::<T, P>(&mut dh, &da, p, rows);
-        relu_grad(&mut dh, &acts.head_in);
-        drop(da);
+        let mut dh = self.head.backward::<T, P>(&mut dp, p, &acts.head, dlogits, rows);
         // The last layer's vertical output feeds nothing.
         let mut dv = vec![T::default(); n * c];
         for (i, [vertical, horizontal, link, residual]) in self.layers.iter().enumerate().rev() {

@@ -5,7 +5,7 @@
 //! conv_A(x)`, then per block `h += expand(relu(conv_B(relu(reduce(relu(h))))))` (1×1 from 2C
 //! to C, the masked convolution, 1×1 back to 2C), then the head: ReLU, 1×1, ReLU, 1×1.
 
-use super::conv_stack::{ConvAt, ConvShape, Network, Placer, Rows, Value, relu, relu_grad};
+use super::conv_stack::{ConvAt, ConvShape, Head, HeadActs, Network, Placer, Rows, Value, relu, relu_grad};
 use super::matmul::Products;
 
 /// The network: the first convolution, per block its reduce, masked and expand convolutions,
@@ -14,7 +14,7 @@ use super::matmul::Products;
 pub struct MaskedStack {
     input: ConvAt,
     blocks: Vec<[ConvAt; 3]>,
-    head: [ConvAt; 2],
+    head: Head,
     padding: (usize, usize),
     len: usize,
 }
@@ -26,7 +26,7 @@ impl MaskedStack {
         let mut placer = Placer::default();
         let input = placer.place(input);
         let blocks = blocks.iter().map(|convs| convs.each_ref().map(|c| placer.place(c))).collect();
-        let head = head.each_ref().map(|c| placer.place(c));
+        let head = Head::place(&mut placer, head);
         MaskedStack { input, blocks, head, padding, len: placer.len }
     }
 }
@@ -41,10 +41,7 @@ pub struct BlockActs<T> {
 /// Everything the backward pass reads besides the input and the weights.
 pub struct Activations<T> {
     blocks: Vec<BlockActs<T>>,
-    /// ReLU of the stream after the last block, the head's input.
-    head_in: Vec<T>,
-    /// ReLU of the head's hidden layer.
-    hidden: Vec<T>,
+    head: HeadActs<T>,
 }
 
 impl Network for MaskedStack {
@@ -55,7 +52,7 @@ impl Network for MaskedStack {
     }
 
     fn channels(&self) -> (usize, usize) {
-        (self.input.c_in, self.head[1].c_out)
+        (self.input.c_in, self.head.classes())
     }
 
     fn padding(&self) -> (usize, usize) {
@@ -78,12 +75,8 @@ impl Network for MaskedStack {
             rows.pad(&mut h, expand.c_out);
             blocks.push(BlockActs { h: relu_h, reduced, masked: masked_out });
         }
-        let [hidden, out] = &self.head;
-        let head_in = relu(&h);
-        drop(h);
-        let hidden_relu = relu(&hidden.forward::<T, P>(p, &head_in, rows));
-        let logits = out.forward::<T, P>(p, &hidden_relu, rows);
-        (logits, Activations { blocks, head_in, hidden: hidden_relu })
+        let (logits, head) = self.head.forward::<T, P>(p, &h, rows);
+        (logits, Activations { blocks, head })
     }
 
     fn backward<T: Value, P: Products<T>>(
@@ -96,17 +89,7 @@ impl Network for MaskedStack {
     ) -> Vec<T> {
         let n = rows.count();
         let mut dp = vec![T::default(); p.len()];
-        let [hidden, out] = &self.head;
-        let mut dy = dlogits.to_vec();
-        out.grads::<T, P>(&mut dp, &acts.hidden, &mut dy, rows);
-        let mut da = vec![T::default(); n * hidden.c_out];
-        out.input_grads::<T, P>(&mut da, &dy, p, rows);
-        relu_grad(&mut da, &acts.hidden);
-        hidden.grads::<T, P>(&mut dp, &acts.head_in, &mut da, rows);
-        let mut dh = vec![T::default(); n * hidden.c_in];
-        hidden.input_grads::<T, P>(&mut dh, &da, p, rows);
-        relu_grad(&mut dh, &acts.head_in);
-        drop(da);
+        let mut dh = self.head.backward::<T, P>(&mut dp, p, &acts.head, dlogits, rows);
         for ([reduce, masked, expand], a) in self.blocks.iter().zip(&acts.blocks).rev() {
             // h += expand(masked): dh flows on unchanged, and into the block.
             expand.grads::<T, P>(&mut dp, &a.masked, &mut dh, rows);

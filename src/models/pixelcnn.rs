@@ -858,35 +858,25 @@ mod tests {
         fn grid(&self) -> Grid;
     }
 
-    impl Fused for PixelCnn {
-        fn build(cfg: &Config, vb: VarBuilder) -> Self {
-            PixelCnn::new(cfg, vb).unwrap()
-        }
-        fn fused(&self, x: &Tensor, precision: Precision) -> Tensor {
-            conv_stack(&self.stack, x, &self.flat_weights().unwrap(), precision).unwrap()
-        }
-        fn separate(&self, x: &Tensor, precision: Precision) -> Tensor {
-            self.clone().with_precision(precision).forward_separate(x).unwrap()
-        }
-        fn grid(&self) -> Grid {
-            self.grid
-        }
+    macro_rules! fused {
+        ($($model:ty),*) => {$(
+            impl Fused for $model {
+                fn build(cfg: &Config, vb: VarBuilder) -> Self {
+                    <$model>::new(cfg, vb).unwrap()
+                }
+                fn fused(&self, x: &Tensor, precision: Precision) -> Tensor {
+                    conv_stack(&self.stack, x, &self.flat_weights().unwrap(), precision).unwrap()
+                }
+                fn separate(&self, x: &Tensor, precision: Precision) -> Tensor {
+                    self.clone().with_precision(precision).forward_separate(x).unwrap()
+                }
+                fn grid(&self) -> Grid {
+                    self.grid
+                }
+            }
+        )*};
     }
-
-    impl Fused for GatedPixelCnn {
-        fn build(cfg: &Config, vb: VarBuilder) -> Self {
-            GatedPixelCnn::new(cfg, vb).unwrap()
-        }
-        fn fused(&self, x: &Tensor, precision: Precision) -> Tensor {
-            conv_stack(&self.stack, x, &self.flat_weights().unwrap(), precision).unwrap()
-        }
-        fn separate(&self, x: &Tensor, precision: Precision) -> Tensor {
-            self.clone().with_precision(precision).forward_separate(x).unwrap()
-        }
-        fn grid(&self) -> Grid {
-            self.grid
-        }
-    }
+    fused!(PixelCnn, GatedPixelCnn);
 
     /// A model whose biases are random too (fresh ones are zero, which would hide a bias in the
     /// wrong place, and PixelCNN's blocks start at zero), and a batch of 3 images for it.
