@@ -6,9 +6,11 @@
 //! The stepper keeps every layer's keys and values (the KV cache, plain memory written in
 //! place), so the t-th token costs O(t·d) for attention (a hand-written loop per head) and
 //! O(d²) for the rest, not a pass over the prefix; `prefill` fills the cache with one parallel
-//! pass. The attention's scale, mask and softmax are one operation
-//! (`layers::attention`). Every product is a 2-D or same-batch 3-D matmul of contiguous
-//! operands (candle 0.11 multiplies transposed views broadcast over a batch wrongly).
+//! pass. The parallel pass's attention is one operation over blocks of queries that never
+//! stores the scores (`layers::attention`); the layer norms and linear maps are single
+//! operations too (`layers::norm`, `layers::linear`), each with its own backward pass (candle
+//! 0.11 multiplies transposed views broadcast over a batch wrongly, and its element-wise
+//! operations dominated the step).
 //!
 //! | name | shape | role |
 //! |---|---|---|
