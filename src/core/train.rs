@@ -248,7 +248,7 @@ pub fn loss_and_grads<M: Autoregressive + Sync>(model: &M, batch: &Batch, thread
 /// Asks the allocator (glibc's) to keep freed memory for reuse rather than return it to the
 /// system. A training step frees and allocates again activations of up to hundreds of MB; by
 /// default each large one is a fresh mapping whose pages fault in on first touch, which cost a
-/// fifth of a Gated PixelCNN step and a third of an LSTM's (perf; LSTM-128 on one thread 60.6 →
+/// tenth of a Gated PixelCNN step and a third of an LSTM's (perf; LSTM-128 on one thread 60.6 →
 /// 85.9 images/s). No mappings at all (glibc caps the mapping threshold at 32 MiB, below an
 /// LSTM's gate activations): every block comes from the heap, which is never trimmed. The
 /// process keeps its peak size.
