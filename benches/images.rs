@@ -69,21 +69,26 @@ fn train_step(model: &wavegen::models::Model, opt: &mut AdamW, batch: &Batch, th
     opt.step(&grads, 1e-4).unwrap();
 }
 
-fn training(c: &mut Criterion) {
+/// Benchmarks training steps of `models` (name, config, precision) on batches of `batch`
+/// images, as `mnist train` runs them: one shard of the batch per rayon thread.
+fn bench_train_steps(c: &mut Criterion, batch: usize, models: Vec<(String, ModelConfig, Precision)>) {
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
-    let batch = 100;
     let batch_of_images = image_batch(batch);
     group.throughput(Throughput::Elements(batch as u64));
-    for (name, cfg) in models() {
+    let threads = rayon::current_num_threads();
+    for (name, cfg, precision) in models {
         let params = Params::new(0);
-        let model = cfg.build(params.var_builder(DType::F32)).unwrap();
+        let model = cfg.build(params.var_builder(DType::F32)).unwrap().with_precision(precision);
         let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
-        // As the trainer runs it: one shard of the batch per thread (RAYON_NUM_THREADS).
-        let threads = rayon::current_num_threads();
         group.bench_function(name, |b| b.iter(|| train_step(&model, &mut opt, &batch_of_images, threads)));
     }
     group.finish();
+}
+
+fn training(c: &mut Criterion) {
+    let models = models().into_iter().map(|(name, cfg)| (name.to_string(), cfg, Precision::F32)).collect();
+    bench_train_steps(c, 100, models);
 }
 
 /// NADE the naive way, for comparison: every a_i = c + Σ_{j<i} x_j W[j] recomputed as one
@@ -166,48 +171,26 @@ fn pixelcnn_64x12() -> pixelcnn::Config {
 /// 12 layers of 64 channels, batch 64, data-parallel over the rayon threads as `mnist train`
 /// runs them, in f32 and (with AMX) bf16.
 fn convolutional(c: &mut Criterion) {
-    let mut group = c.benchmark_group("train_step");
-    group.sample_size(10);
-    let batch = 64;
-    let batch_of_images = image_batch(batch);
-    group.throughput(Throughput::Elements(batch as u64));
     let cfg = pixelcnn_64x12();
-    let models = [
+    let mut models = vec![];
+    for (name, cfg) in [
         ("gated-pixelcnn-64x12", ModelConfig::GatedPixelCnn(cfg.clone())),
         ("pixelcnn-64x12", ModelConfig::PixelCnn(cfg)),
-    ];
-    let threads = rayon::current_num_threads();
-    for (name, cfg) in models {
+    ] {
         for precision in [Precision::F32, Precision::Bf16] {
-            if precision == Precision::Bf16 && !wavegen::layers::matmul::amx::available() {
-                continue;
+            if precision == Precision::F32 || wavegen::layers::matmul::amx::available() {
+                models.push((format!("{name} {precision}"), cfg.clone(), precision));
             }
-            let params = Params::new(0);
-            let model = cfg.build(params.var_builder(DType::F32)).unwrap().with_precision(precision);
-            let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
-            group.bench_function(format!("{name} {precision}"), |b| {
-                b.iter(|| train_step(&model, &mut opt, &batch_of_images, threads))
-            });
         }
     }
-    group.finish();
+    bench_train_steps(c, 64, models);
 }
 
 /// The transformer (4 blocks of 128, 4 heads) at batch 16, data-parallel over the rayon
-/// threads as `mnist train` runs it (its attention scores are 784² per head and image).
+/// threads as `mnist train` runs it.
 fn attention(c: &mut Criterion) {
-    let mut group = c.benchmark_group("train_step");
-    group.sample_size(10);
-    let batch = 16;
-    let batch_of_images = image_batch(batch);
-    group.throughput(Throughput::Elements(batch as u64));
     let cfg = ModelConfig::image("transformer", PIXELS, &wavegen::models::Settings::default()).unwrap();
-    let params = Params::new(0);
-    let model = cfg.build(params.var_builder(DType::F32)).unwrap();
-    let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
-    let threads = rayon::current_num_threads();
-    group.bench_function("transformer-128x4", |b| b.iter(|| train_step(&model, &mut opt, &batch_of_images, threads)));
-    group.finish();
+    bench_train_steps(c, 16, vec![("transformer-128x4".into(), cfg, Precision::F32)]);
 }
 
 /// Sampling 64 digits with the cached stepper against the naive way (one full parallel pass
