@@ -190,7 +190,11 @@ fn convolutional(c: &mut Criterion) {
 /// threads as `mnist train` runs it.
 fn attention(c: &mut Criterion) {
     let cfg = ModelConfig::image("transformer", PIXELS, &wavegen::models::Settings::default()).unwrap();
-    bench_train_steps(c, 16, vec![("transformer-128x4".into(), cfg, Precision::F32)]);
+    let mut models = vec![("transformer-128x4 f32".to_string(), cfg.clone(), Precision::F32)];
+    if wavegen::layers::matmul::amx::available() {
+        models.push(("transformer-128x4 bf16".to_string(), cfg, Precision::Bf16));
+    }
+    bench_train_steps(c, 16, models);
 }
 
 /// Sampling 64 digits with the cached stepper against the naive way (one full parallel pass
@@ -234,5 +238,15 @@ fn cached_sampling(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, training, naive_nade, sampling, convolutional, attention, cached_sampling);
+/// The process set-up `wavegen` itself runs (`wavegen::init_process`), before any benchmark.
+fn setup() -> Criterion {
+    wavegen::init_process();
+    Criterion::default().configure_from_args()
+}
+
+criterion_group! {
+    name = benches;
+    config = setup();
+    targets = training, naive_nade, sampling, convolutional, attention, cached_sampling
+}
 criterion_main!(benches);

@@ -238,7 +238,7 @@ fn training_windows(c: &mut Criterion) {
 }
 
 fn setup() -> Criterion {
-    wavegen::keep_freed_memory();
+    wavegen::init_process();
     Criterion::default().configure_from_args()
 }
 

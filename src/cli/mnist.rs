@@ -79,7 +79,7 @@ struct TrainArgs {
     /// PixelCNN, Gated PixelCNN: hidden units of the 1×1 output head [default: 256].
     #[arg(long)]
     head: Option<usize>,
-    /// PixelCNN, Gated PixelCNN: precision of the training products, f32 or bf16 (bfloat16
+    /// PixelCNN, Gated PixelCNN, transformer: precision of the training products, f32 or bf16 (bfloat16
     /// products summed in f32, on the AMX unit) [default: bf16 where the CPU has AMX].
     #[arg(long, value_enum)]
     precision: Option<super::train::PrecisionArg>,

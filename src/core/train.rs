@@ -205,7 +205,7 @@ pub enum Stop {
 /// runs on its own thread, and the gradients are added in shard order. The result depends
 /// only on the number of shards, so a run is deterministic for a given `--threads`.
 pub fn loss_and_grads<M: Autoregressive + Sync>(model: &M, batch: &Batch, threads: usize) -> Result<(f64, GradStore)> {
-    keep_freed_memory();
+    crate::keep_freed_memory();
     let rows = batch.tokens.dim(0)?;
     let shards = threads.clamp(1, rows.max(1));
     let count = batch.mask.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.max(1.0);
@@ -243,26 +243,6 @@ pub fn loss_and_grads<M: Autoregressive + Sync>(model: &M, batch: &Batch, thread
         }
     }
     Ok((loss, grads))
-}
-
-/// Asks the allocator (glibc's) to keep freed memory for reuse rather than return it to the
-/// system. A training step frees and allocates again activations of up to hundreds of MB; by
-/// default each large one is a fresh mapping whose pages fault in on first touch, which cost a
-/// tenth of a Gated PixelCNN step and a third of an LSTM's (perf; LSTM-128 on one thread 60.6 →
-/// 85.9 images/s). No mappings at all (glibc caps the mapping threshold at 32 MiB, below an
-/// LSTM's gate activations): every block comes from the heap, which is never trimmed. The
-/// process keeps its peak size.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        // SAFETY: mallopt only changes the allocator's policy; it is called once, before this
-        // process's training allocates.
-        ONCE.call_once(|| unsafe {
-            libc::mallopt(libc::M_MMAP_MAX, 0);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        });
-    }
 }
 
 /// The summed NLL (nats) of `model` over `batches`, and the number of counted positions.

@@ -15,24 +15,28 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::matmul::{Exact, Mat, Products, Scalar};
+use super::matmul::{Bf16, Exact, Mat, Products, Scalar, amx};
 use super::{contiguous_slice, per_cpu};
 use crate::Result;
+use crate::core::train::Precision;
 use crate::fastmath::fast_exp;
 
 /// Queries per block.
 const BLOCK: usize = 64;
 
 /// `softmax(q kᵀ / √(D/H)) v` per head over `qkv (B, T, 3D)` (the queries, keys and values side
-/// by side, each `heads` blocks of D/H columns), causally: `(B, T, D)`.
-pub fn causal_attention(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+/// by side, each `heads` blocks of D/H columns), causally: `(B, T, D)`. In bf16 `precision`
+/// (with AMX), the four products of each block take bfloat16 operands, summed in f32; the
+/// softmax and the log-sum-exp stay in f32.
+pub fn causal_attention(qkv: &Tensor, heads: usize, precision: Precision) -> Result<Tensor> {
     let (_b, _t, d3) = qkv.dims3()?;
     if heads == 0 || !d3.is_multiple_of(3 * heads) {
         return Err(crate::Error::Config(format!(
             "causal attention: width {d3} is not 3 × {heads} heads × a head size"
         )));
     }
-    Ok(qkv.contiguous()?.apply_op1(CausalAttention { heads, lse: Mutex::new(None) })?)
+    let bf16 = precision == Precision::Bf16 && amx::available();
+    Ok(qkv.contiguous()?.apply_op1(CausalAttention { heads, bf16, lse: Mutex::new(None) })?)
 }
 
 /// The same in candle's operations (split heads, scores, mask, softmax, weighted sum), for the
@@ -53,8 +57,9 @@ pub fn causal_attention_reference(qkv: &Tensor, heads: usize) -> Result<Tensor> 
     Ok(out.reshape((b, t, d))?)
 }
 
-/// The float types the op runs in: f32 for training, f64 for the gradient checks.
-trait Float:
+/// The float types the op runs in (f32 for training, f64 for the gradient checks) and their
+/// softmax loop.
+pub trait Softmax:
     Scalar
     + Default
     + PartialOrd
@@ -65,6 +70,7 @@ trait Float:
     + std::ops::MulAssign
     + candle_core::WithDType
 {
+    /// e to the power of `self`.
     fn exp(self) -> Self;
     /// Row by row: `s = exp(scale · s − lse)` over the first `i0 + r + 1` columns of row r (the
     /// visible keys), 0 after them; writes each row's log-sum-exp into `lse` when `find_lse`.
@@ -72,7 +78,7 @@ trait Float:
 }
 
 #[inline(always)]
-fn probabilities<T: Float>(s: &mut [T], cols: usize, i0: usize, scale: T, lse: &mut [f64], find_lse: bool) {
+fn probabilities<T: Softmax>(s: &mut [T], cols: usize, i0: usize, scale: T, lse: &mut [f64], find_lse: bool) {
     for (r, (row, lse)) in s.chunks_exact_mut(cols).zip(lse.iter_mut()).enumerate() {
         let (seen, unseen) = row.split_at_mut(i0 + r + 1);
         unseen.fill(T::default());
@@ -94,7 +100,7 @@ fn probabilities<T: Float>(s: &mut [T], cols: usize, i0: usize, scale: T, lse: &
 /// `f` folded over `x` in 16 independent lanes, then across them: an order the compiler can
 /// keep in vector registers (a single running fold of floats it must keep in sequence).
 #[inline(always)]
-fn lanes<T: Float>(x: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
+fn lanes<T: Softmax>(x: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
     let mut acc = [init; 16];
     let chunks = x.chunks_exact(16);
     let tail = chunks.remainder();
@@ -115,7 +121,7 @@ mod fast {
     }
 }
 
-impl Float for f32 {
+impl Softmax for f32 {
     #[inline(always)]
     fn exp(self) -> f32 {
         fast_exp(self)
@@ -125,7 +131,7 @@ impl Float for f32 {
     }
 }
 
-impl Float for f64 {
+impl Softmax for f64 {
     fn exp(self) -> f64 {
         f64::exp(self)
     }
@@ -136,7 +142,7 @@ impl Float for f64 {
 
 /// The sizes: B sequences of T positions, H heads of `dh` columns, D = H · dh.
 #[derive(Debug, Clone, Copy)]
-struct Sizes {
+pub(crate) struct Sizes {
     b: usize,
     t: usize,
     heads: usize,
@@ -144,6 +150,11 @@ struct Sizes {
 }
 
 impl Sizes {
+    /// B sequences of T positions, `heads` heads of `dh` columns.
+    pub(crate) fn new(b: usize, t: usize, heads: usize, dh: usize) -> Self {
+        Sizes { b, t, heads, dh }
+    }
+
     fn of(shape: &Shape, heads: usize) -> candle_core::Result<Self> {
         let (b, t, d3) = shape.dims3()?;
         Ok(Sizes { b, t, heads, dh: d3 / 3 / heads })
@@ -172,7 +183,7 @@ impl Sizes {
 }
 
 /// One head's output `(T × dh)` and its queries' log-sum-exp.
-fn head_forward<T: Float>(qkv: &[T], s: Sizes, b: usize, h: usize) -> (Vec<T>, Vec<f64>) {
+fn head_forward<T: Softmax, P: Products<T>>(qkv: &[T], s: Sizes, b: usize, h: usize) -> (Vec<T>, Vec<f64>) {
     let (q, k, v) = (s.view(qkv, b, h, 0), s.view(qkv, b, h, 1), s.view(qkv, b, h, 2));
     let scale = T::from_f64(1.0 / (s.dh as f64).sqrt());
     let (mut out, mut lse) = (vec![T::default(); s.t * s.dh], vec![0f64; s.t]);
@@ -181,15 +192,23 @@ fn head_forward<T: Float>(qkv: &[T], s: Sizes, b: usize, h: usize) -> (Vec<T>, V
         let cols = i0 + rows; // the keys these queries may see
         let p = &mut p[..rows * cols];
         p.fill(T::default());
-        Exact::acc(p, 0, q.row_range(i0, rows), k.row_range(0, cols).t());
+        P::acc(p, 0, q.row_range(i0, rows), k.row_range(0, cols).t());
         T::probabilities(p, cols, i0, scale, &mut lse[i0..cols], true);
-        Exact::acc(&mut out, i0 * s.dh, Mat::new(p, 0, rows, cols), v.row_range(0, cols));
+        P::acc(&mut out, i0 * s.dh, Mat::new(p, 0, rows, cols), v.row_range(0, cols));
     }
     (out, lse)
 }
 
 /// One head's gradients `(dq, dk, dv)`, each `(T × dh)`.
-fn head_backward<T: Float>(qkv: &[T], out: &[T], dout: &[T], lse: &[f64], s: Sizes, b: usize, h: usize) -> [Vec<T>; 3] {
+fn head_backward<T: Softmax, P: Products<T>>(
+    qkv: &[T],
+    out: &[T],
+    dout: &[T],
+    lse: &[f64],
+    s: Sizes,
+    b: usize,
+    h: usize,
+) -> [Vec<T>; 3] {
     let (q, k, v) = (s.view(qkv, b, h, 0), s.view(qkv, b, h, 1), s.view(qkv, b, h, 2));
     let d_o = s.head(dout, b, h);
     let scale = T::from_f64(1.0 / (s.dh as f64).sqrt());
@@ -200,14 +219,14 @@ fn head_backward<T: Float>(qkv: &[T], out: &[T], dout: &[T], lse: &[f64], s: Siz
         let cols = i0 + rows;
         let (p, dp) = (&mut p[..rows * cols], &mut dp[..rows * cols]);
         p.fill(T::default());
-        Exact::acc(p, 0, q.row_range(i0, rows), k.row_range(0, cols).t());
+        P::acc(p, 0, q.row_range(i0, rows), k.row_range(0, cols).t());
         lse_block[..rows].copy_from_slice(&lse[i0..cols]);
         T::probabilities(p, cols, i0, scale, &mut lse_block[..rows], false);
         let d_o_block = d_o.row_range(i0, rows);
         // dv += pᵀ do; dp = do vᵀ.
-        Exact::acc(&mut dv, 0, Mat::new(p, 0, rows, cols).t(), d_o_block);
+        P::acc(&mut dv, 0, Mat::new(p, 0, rows, cols).t(), d_o_block);
         dp.fill(T::default());
-        Exact::acc(dp, 0, d_o_block, v.row_range(0, cols).t());
+        P::acc(dp, 0, d_o_block, v.row_range(0, cols).t());
         // ds = scale · p ⊙ (dp − Σ_c do ⊙ o), row by row (zero where p is).
         for r in 0..rows {
             let at = (b * s.t + i0 + r) * s.d() + h * s.dh;
@@ -217,36 +236,65 @@ fn head_backward<T: Float>(qkv: &[T], out: &[T], dout: &[T], lse: &[f64], s: Siz
             }
         }
         // dq = ds k; dk += dsᵀ q.
-        Exact::acc(&mut dq, i0 * s.dh, Mat::new(dp, 0, rows, cols), k.row_range(0, cols));
-        Exact::acc(&mut dk, 0, Mat::new(dp, 0, rows, cols).t(), q.row_range(i0, rows));
+        P::acc(&mut dq, i0 * s.dh, Mat::new(dp, 0, rows, cols), k.row_range(0, cols));
+        P::acc(&mut dk, 0, Mat::new(dp, 0, rows, cols).t(), q.row_range(i0, rows));
     }
     [dq, dk, dv]
 }
 
 struct CausalAttention {
     heads: usize,
+    /// Products on the AMX unit in bf16 (f32 data only).
+    bf16: bool,
     /// The forward pass's log-sum-exp of every query, `(B, H, T)`.
     lse: Mutex<Option<Vec<f64>>>,
 }
 
-impl CausalAttention {
-    fn forward<T: Float>(&self, qkv: &[T], s: Sizes) -> Vec<T> {
-        let heads: Vec<(Vec<T>, Vec<f64>)> =
-            (0..s.b * s.heads).into_par_iter().map(|bh| head_forward(qkv, s, bh / s.heads, bh % s.heads)).collect();
-        let (d, mut out) = (s.d(), vec![T::default(); s.b * s.t * s.d()]);
-        let mut lse = Vec::with_capacity(s.b * s.heads * s.t);
-        for (bh, (o, l)) in heads.into_iter().enumerate() {
-            let (b, h) = (bh / s.heads, bh % s.heads);
-            for (t, row) in o.chunks_exact(s.dh).enumerate() {
-                out[(b * s.t + t) * d + h * s.dh..][..s.dh].copy_from_slice(row);
-            }
-            lse.extend(l);
+/// The attention output `(B·T × D)` of `qkv (B·T × 3D)` and every query's log-sum-exp `(B, H,
+/// T)`, the heads in parallel.
+pub(crate) fn forward<T: Softmax, P: Products<T>>(qkv: &[T], s: Sizes) -> (Vec<T>, Vec<f64>) {
+    let heads: Vec<(Vec<T>, Vec<f64>)> =
+        (0..s.b * s.heads).into_par_iter().map(|bh| head_forward::<T, P>(qkv, s, bh / s.heads, bh % s.heads)).collect();
+    let (d, mut out) = (s.d(), vec![T::default(); s.b * s.t * s.d()]);
+    let mut lse = Vec::with_capacity(s.b * s.heads * s.t);
+    for (bh, (o, l)) in heads.into_iter().enumerate() {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        for (t, row) in o.chunks_exact(s.dh).enumerate() {
+            out[(b * s.t + t) * d + h * s.dh..][..s.dh].copy_from_slice(row);
         }
+        lse.extend(l);
+    }
+    (out, lse)
+}
+
+/// The gradient of `qkv` from `dout`, the gradient of the [`forward`] output `out` whose
+/// log-sum-exps are `lse`.
+pub(crate) fn backward<T: Softmax, P: Products<T>>(qkv: &[T], out: &[T], dout: &[T], lse: &[f64], s: Sizes) -> Vec<T> {
+    let grads: Vec<[Vec<T>; 3]> = (0..s.b * s.heads)
+        .into_par_iter()
+        .map(|bh| head_backward::<T, P>(qkv, out, dout, &lse[bh * s.t..(bh + 1) * s.t], s, bh / s.heads, bh % s.heads))
+        .collect();
+    let d3 = 3 * s.d();
+    let mut dqkv = vec![T::default(); s.b * s.t * d3];
+    for (bh, parts) in grads.iter().enumerate() {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        for (part, g) in parts.iter().enumerate() {
+            for (t, row) in g.chunks_exact(s.dh).enumerate() {
+                dqkv[(b * s.t + t) * d3 + part * s.d() + h * s.dh..][..s.dh].copy_from_slice(row);
+            }
+        }
+    }
+    dqkv
+}
+
+impl CausalAttention {
+    fn forward<T: Softmax, P: Products<T>>(&self, qkv: &[T], s: Sizes) -> Vec<T> {
+        let (out, lse) = forward::<T, P>(qkv, s);
         *self.lse.lock().expect("invariant: not poisoned") = Some(lse);
         out
     }
 
-    fn backward<T: Float>(
+    fn backward<T: Softmax, P: Products<T>>(
         &self,
         qkv: &Tensor,
         out: &Tensor,
@@ -256,29 +304,11 @@ impl CausalAttention {
         let s = Sizes::of(qkv.shape(), self.heads)?;
         let dout = dout.contiguous()?;
         let op = "causal attention";
-        let grads = super::in_place(qkv, op, |x: &[T]| {
+        let dqkv = super::in_place(qkv, op, |x: &[T]| {
             super::in_place(out, op, |o: &[T]| {
-                super::in_place(&dout, op, |d_o: &[T]| {
-                    Ok((0..s.b * s.heads)
-                        .into_par_iter()
-                        .map(|bh| {
-                            let l = &lse[bh * s.t..(bh + 1) * s.t];
-                            head_backward(x, o, d_o, l, s, bh / s.heads, bh % s.heads)
-                        })
-                        .collect::<Vec<_>>())
-                })
+                super::in_place(&dout, op, |d_o: &[T]| Ok(backward::<T, P>(x, o, d_o, lse, s)))
             })
         })?;
-        let d3 = 3 * s.d();
-        let mut dqkv = vec![T::default(); s.b * s.t * d3];
-        for (bh, parts) in grads.iter().enumerate() {
-            let (b, h) = (bh / s.heads, bh % s.heads);
-            for (part, g) in parts.iter().enumerate() {
-                for (t, row) in g.chunks_exact(s.dh).enumerate() {
-                    dqkv[(b * s.t + t) * d3 + part * s.d() + h * s.dh..][..s.dh].copy_from_slice(row);
-                }
-            }
-        }
         super::like(dqkv, qkv)
     }
 }
@@ -292,8 +322,11 @@ impl CustomOp1 for CausalAttention {
         let s = Sizes::of(layout.shape(), self.heads)?;
         let op = "causal attention";
         let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.forward(contiguous_slice(v, layout, op)?, s)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.forward(contiguous_slice(v, layout, op)?, s)),
+            CpuStorage::F32(v) if self.bf16 => {
+                CpuStorage::F32(self.forward::<f32, Bf16>(contiguous_slice(v, layout, op)?, s))
+            }
+            CpuStorage::F32(v) => CpuStorage::F32(self.forward::<f32, Exact>(contiguous_slice(v, layout, op)?, s)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.forward::<f64, Exact>(contiguous_slice(v, layout, op)?, s)),
             _ => candle_core::bail!("{op}: only f32 and f64 are supported"),
         };
         Ok((out, Shape::from((s.b, s.t, s.d()))))
@@ -303,8 +336,9 @@ impl CustomOp1 for CausalAttention {
         let lse = self.lse.lock().expect("invariant: not poisoned").take();
         let Some(lse) = lse else { candle_core::bail!("causal attention: backward called twice, or before forward") };
         Ok(Some(match qkv.dtype() {
-            candle_core::DType::F32 => self.backward::<f32>(qkv, out, dout, &lse)?,
-            candle_core::DType::F64 => self.backward::<f64>(qkv, out, dout, &lse)?,
+            candle_core::DType::F32 if self.bf16 => self.backward::<f32, Bf16>(qkv, out, dout, &lse)?,
+            candle_core::DType::F32 => self.backward::<f32, Exact>(qkv, out, dout, &lse)?,
+            candle_core::DType::F64 => self.backward::<f64, Exact>(qkv, out, dout, &lse)?,
             other => candle_core::bail!("causal attention: unsupported dtype {other:?}"),
         }))
     }
@@ -331,7 +365,7 @@ mod tests {
             let probe =
                 Tensor::from_vec((0..m).map(|_| rng.normal()).collect::<Vec<f64>>(), (b, t, heads * dh), &Device::Cpu)
                     .unwrap();
-            let ours = causal_attention(&qkv, heads).unwrap();
+            let ours = causal_attention(&qkv, heads, Precision::F32).unwrap();
             let theirs = causal_attention_reference(&qkv, heads).unwrap();
             let diff =
                 |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();

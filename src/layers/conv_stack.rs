@@ -46,6 +46,12 @@ pub struct Placer {
 }
 
 impl Placer {
+    /// The start of the next `len` weights (a vector that is not a convolution's).
+    pub fn vector(&mut self, len: usize) -> usize {
+        self.len += len;
+        self.len - len
+    }
+
     /// The next convolution, weight then bias.
     pub fn place(&mut self, (offsets, c_in, c_out): &ConvShape) -> ConvAt {
         let w = self.len;
@@ -65,6 +71,11 @@ pub struct Rows {
 }
 
 impl Rows {
+    /// The sequences and the rows of each.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.g, self.r)
+    }
+
     /// All rows.
     pub fn count(&self) -> usize {
         self.g * self.r
@@ -183,6 +194,13 @@ pub fn biased<T: Copy>(rows: usize, bias: &[T]) -> Vec<T> {
     y
 }
 
+/// `bias` added to every row of `y`.
+pub fn add_bias<T: Value>(y: &mut [T], bias: &[T]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        T::accumulate(row, bias);
+    }
+}
+
 /// The ReLU of `x`, a copy.
 pub fn relu<T: Value>(x: &[T]) -> Vec<T> {
     let mut out = vec![T::default(); x.len()];
@@ -225,7 +243,7 @@ mod fast {
 
 /// The float types a network runs in (f32 for training, f64 for the gradient checks) and
 /// their element-wise loops.
-pub trait Value: Float + Gate + candle_core::WithDType {
+pub trait Value: Float + Gate + super::norm::Float + super::attention::Softmax + candle_core::WithDType {
     /// `out = max(x, 0)`.
     fn relu(x: &[Self], out: &mut [Self]) {
         relu_into(x, out)

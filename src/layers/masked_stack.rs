@@ -5,7 +5,7 @@
 //! conv_A(x)`, then per block `h += expand(relu(conv_B(relu(reduce(relu(h))))))` (1×1 from 2C
 //! to C, the masked convolution, 1×1 back to 2C), then the head: ReLU, 1×1, ReLU, 1×1.
 
-use super::conv_stack::{ConvAt, ConvShape, Head, HeadActs, Network, Placer, Rows, Value, relu, relu_grad};
+use super::conv_stack::{ConvAt, ConvShape, Head, HeadActs, Network, Placer, Rows, Value, add_bias, relu, relu_grad};
 use super::matmul::Products;
 
 /// The network: the first convolution, per block its reduce, masked and expand convolutions,
@@ -68,10 +68,7 @@ impl Network for MaskedStack {
             let masked_out = relu(&masked.forward::<T, P>(p, &reduced, rows));
             // h += expand(·): the sum of zero-padded sums stays zero at the padding.
             expand.accumulate::<T, P>(&mut h, p, &masked_out, rows);
-            let bias = expand.bias(p);
-            for row in h.chunks_exact_mut(expand.c_out) {
-                row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
-            }
+            add_bias(&mut h, expand.bias(p));
             rows.pad(&mut h, expand.c_out);
             blocks.push(BlockActs { h: relu_h, reduced, masked: masked_out });
         }

@@ -20,6 +20,7 @@ pub mod nade;
 pub mod norm;
 pub mod recurrent;
 pub mod shifted;
+pub mod transformer_stack;
 pub mod wavenet_stack;
 pub use gated::gated_unit;
 
@@ -122,21 +123,29 @@ impl ChannelLinear {
     }
 }
 
+impl ChannelLinear {
+    /// The map of `xs` run as `options` say (precision of the products, a ReLU of the input).
+    pub fn forward_with(&self, xs: &Tensor, options: shifted::Options) -> Result<Tensor> {
+        linear(xs, &self.weight, &self.bias, options)
+    }
+}
+
 impl Module for ChannelLinear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        linear(xs, &self.weight, &self.bias).map_err(|e| candle_core::Error::Msg(e.to_string()))
+        linear(xs, &self.weight, &self.bias, shifted::Options::plain())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 
 /// `x · w + b` over the last axis of `x (…, in)`, `w (in, out)`, `b (out,)`: one operation with
-/// its own backward pass (a 1×1 [`shifted::shifted_conv`]), where candle's matmul and broadcast
-/// bias would be two each way, and the bias's gradient a reduction of its own.
-pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// its own backward pass (a 1×1 [`shifted::shifted_conv`], run as `options` say), where
+/// candle's matmul and broadcast bias would be two each way, and the bias's gradient a
+/// reduction of its own.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, options: shifted::Options) -> Result<Tensor> {
     let dims = x.dims();
     let in_dim = *dims.last().ok_or_else(|| crate::Error::Config("linear: a scalar input".into()))?;
     let rows = x.elem_count() / in_dim.max(1);
-    let ys =
-        shifted::shifted_conv(&x.reshape((1, rows, in_dim))?, &w.unsqueeze(0)?, b, &[0], shifted::Options::plain())?;
+    let ys = shifted::shifted_conv(&x.reshape((1, rows, in_dim))?, &w.unsqueeze(0)?, b, &[0], options)?;
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("invariant: at least one dimension") = w.dim(1)?;
     Ok(ys.reshape(out_dims)?)

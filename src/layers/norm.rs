@@ -37,7 +37,8 @@ pub fn layer_norm_reference(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Resul
     Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
 }
 
-trait Float:
+/// The float types the op runs in: f32 for training, f64 for the gradient checks.
+pub trait Float:
     Copy
     + Default
     + std::ops::Add<Output = Self>
@@ -70,7 +71,8 @@ fn moments<T: Float>(row: &[T]) -> (T, T) {
     (m, T::from_f64(1.0 / (var + EPS).sqrt()))
 }
 
-fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+/// The layer norm of the rows of `x` (each as long as `w`).
+pub(crate) fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     let mut y = vec![T::default(); x.len()];
     for (row, out) in x.chunks_exact(w.len()).zip(y.chunks_exact_mut(w.len())) {
         let (mean, rstd) = moments(row);
@@ -81,8 +83,8 @@ fn forward<T: Float>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
     y
 }
 
-/// `(dx, dw, db)`.
-fn backward<T: Float>(x: &[T], w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+/// `(dx, dw, db)` from `dy`, the gradient of [`forward`]'s output.
+pub(crate) fn backward<T: Float>(x: &[T], w: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let d = w.len();
     let (mut dx, mut dw, mut db) = (vec![T::default(); x.len()], vec![T::default(); d], vec![T::default(); d]);
     let mut xhat = vec![T::default(); d];

@@ -209,7 +209,11 @@ impl<C: Cell> Recurrent<C> {
 
 /// `x w + b`: by the fused operation (`layers::linear`), or (`reference`) by candle's.
 fn affine(x: &Tensor, w: &Tensor, b: &Tensor, reference: bool) -> Result<Tensor> {
-    if reference { Ok(x.matmul(w)?.broadcast_add(b)?) } else { crate::layers::linear(x, w, b) }
+    if reference {
+        Ok(x.matmul(w)?.broadcast_add(b)?)
+    } else {
+        crate::layers::linear(x, w, b, crate::layers::shifted::Options::plain())
+    }
 }
 
 /// The stepper's state: every layer's hidden state (and the LSTM's cell), `(B, H)` each.

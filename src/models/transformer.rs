@@ -25,15 +25,19 @@
 //! | `norm.weight`, `.bias` | `(D,)` | final layer norm |
 //! | `output.weight`, `.bias` | `(D, V)`, `(V,)` | logits |
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::{MAX_HIDDEN, Registered, Settings, within};
 use crate::core::Autoregressive;
+use crate::core::train::Precision;
 use crate::layers::ChannelLinear;
 use crate::layers::attention::causal_attention;
+use crate::layers::conv_stack::conv_stack;
 use crate::layers::norm::layer_norm;
+use crate::layers::shifted::Options;
+use crate::layers::transformer_stack::TransformerStack;
 use crate::{Error, Result};
 
 /// Hyper-parameters of a transformer.
@@ -95,6 +99,10 @@ pub struct Transformer {
     blocks: Vec<Block>,
     norm: LayerNorm,
     output: ChannelLinear,
+    /// Precision of the products.
+    precision: Precision,
+    /// The same network as one operation, for the parallel pass.
+    stack: TransformerStack,
 }
 
 /// One layer's keys and values of every position so far, in plain memory laid out `(B·H,
@@ -136,7 +144,29 @@ impl Transformer {
             blocks,
             norm: LayerNorm::new(d, vb.pp("norm"))?,
             output: linear(d, cfg.classes, g(d), vb.pp("output"))?,
+            precision: Precision::F32,
+            stack: TransformerStack::new(cfg.classes, d, cfg.heads, cfg.layers, m, cfg.context),
         })
+    }
+
+    /// Every weight, in the order of [`TransformerStack`].
+    fn flat_weights(&self) -> Result<Tensor> {
+        let norm = |n: &LayerNorm| [n.weight.clone(), n.bias.clone()];
+        let linear = |l: &ChannelLinear| [l.weight.flatten_all(), Ok(l.bias.clone())];
+        let mut parts = vec![self.embed.flatten_all()?, self.position.flatten_all()?];
+        for b in &self.blocks {
+            parts.extend(norm(&b.norm1));
+            for l in [&b.qkv, &b.out] {
+                parts.extend(linear(l).into_iter().collect::<candle_core::Result<Vec<_>>>()?);
+            }
+            parts.extend(norm(&b.norm2));
+            for l in [&b.mlp_in, &b.mlp_out] {
+                parts.extend(linear(l).into_iter().collect::<candle_core::Result<Vec<_>>>()?);
+            }
+        }
+        parts.extend(norm(&self.norm));
+        parts.extend(linear(&self.output).into_iter().collect::<candle_core::Result<Vec<_>>>()?);
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// The residual stream's input for `inputs (B, T)` (tokens, V meaning the start token) at
@@ -169,8 +199,11 @@ impl Transformer {
         let heads = self.cfg.heads;
         let scale = 1.0 / ((d / heads) as f64).sqrt();
         let mut caches = caches.map(|c| c.iter_mut());
+        let plain = Options { precision: self.precision, ..Options::plain() };
+        // The MLP's ReLU is applied by the map that reads it, so its output is never stored.
+        let relu_first = Options { relu_input: true, ..plain };
         for block in &self.blocks {
-            let qkv = block.qkv.forward(&block.norm1.forward(&x)?)?; // (B, T, 3D)
+            let qkv = block.qkv.forward_with(&block.norm1.forward(&x)?, plain)?; // (B, T, 3D)
             let cache = caches.as_mut().and_then(|c| c.next());
             let att = match (step, cache) {
                 (Some(position), Some(cache)) => self.attend_one(&qkv, cache, position, scale)?,
@@ -180,14 +213,14 @@ impl Transformer {
                         let v = self.split_heads(&qkv.narrow(2, 2 * d, d)?)?;
                         self.fill(cache, &k, &v)?;
                     }
-                    causal_attention(&qkv, heads)? // (B, T, D)
+                    causal_attention(&qkv, heads, self.precision)? // (B, T, D)
                 }
             };
-            x = (x + block.out.forward(&att)?)?;
-            let hidden = block.mlp_in.forward(&block.norm2.forward(&x)?)?.relu()?;
-            x = (&x + block.mlp_out.forward(&hidden)?)?;
+            x = (x + block.out.forward_with(&att, plain)?)?;
+            let hidden = block.mlp_in.forward_with(&block.norm2.forward(&x)?, plain)?; // before the ReLU
+            x = (&x + block.mlp_out.forward_with(&hidden, relu_first)?)?;
         }
-        Ok(self.output.forward(&self.norm.forward(&x)?)?)
+        self.output.forward_with(&self.norm.forward(&x)?, plain)
     }
 
     /// Writes keys and values `(B·H, T, D/H)` into rows `0..T` of `cache`.
@@ -292,6 +325,14 @@ impl Registered for Transformer {
         Some(Self::image_config(window, s)?.map(|c| Config { classes: 256, fixed_length: false, ..c }))
     }
 
+    fn with_precision(self, precision: Precision) -> Self {
+        Transformer { precision, ..self }
+    }
+
+    fn has_precision(_cfg: &Config) -> bool {
+        true
+    }
+
     fn examples() -> Vec<(&'static str, Config)> {
         vec![
             (
@@ -321,9 +362,17 @@ impl Autoregressive for Transformer {
         Some(self.cfg.context)
     }
 
+    /// One operation over the whole network ([`TransformerStack`]).
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
-        let x = self.embed(&self.shifted(tokens)?, 0)?;
-        self.blocks(x, None, None)
+        let t = tokens.dim(1)?;
+        if t > self.cfg.context {
+            return Err(Error::Config(format!(
+                "a sequence of {t} tokens is longer than the transformer's context of {}",
+                self.cfg.context
+            )));
+        }
+        let x = self.shifted(tokens)?.to_dtype(self.embed.dtype())?.unsqueeze(2)?; // (B, T, 1)
+        conv_stack(&self.stack, &x, &self.flat_weights()?, self.precision)
     }
 
     fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<State> {
@@ -375,5 +424,71 @@ fn attend(q: &[f32], k: &[f32], v: &[f32], p: &mut [f32], out: &mut [f32], scale
     for (j, &pj) in p.iter().enumerate() {
         let w = pj / sum;
         out.iter_mut().zip(&v[j * dh..][..dh]).for_each(|(o, &x)| *o += w * x);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::core::params::Params;
+    use crate::rng::Rng;
+
+    /// The logits of `tokens` from the separate operations the stepper runs.
+    fn separate(model: &Transformer, tokens: &Tensor) -> Tensor {
+        model.blocks(model.embed(&model.shifted(tokens).unwrap(), 0).unwrap(), None, None).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        d.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// The fused pass's logits and every weight's gradient against the separate operations',
+    /// within `tolerance` of their scale, for 2 sequences of `t` tokens.
+    fn fused_equals_separate(cfg: &Config, t: usize, dtype: DType, precision: Precision, tolerance: f64) {
+        let params = Params::new(3);
+        let model = Transformer::new(cfg, params.var_builder(dtype)).unwrap().with_precision(precision);
+        // Random biases and norms too: fresh ones are 0 and 1, which would hide one misplaced.
+        let mut rng = Rng::new(4);
+        for (_, var) in params.named() {
+            let noise: Vec<f64> = (0..var.elem_count()).map(|_| 0.3 * rng.normal()).collect();
+            let noise = Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+        }
+        let tokens: Vec<u32> = (0..2 * t).map(|_| rng.below(cfg.classes) as u32).collect();
+        let tokens = Tensor::from_vec(tokens, (2, t), &Device::Cpu).unwrap();
+        let fused = model.forward(&tokens, None).unwrap();
+        let reference = separate(&model, &tokens);
+        let scale = |x: &Tensor| max_diff(x, &x.zeros_like().unwrap()).max(1.0);
+        let err = max_diff(&fused, &reference);
+        assert!(err <= tolerance * scale(&reference), "logits differ by {err}");
+        let probe = Tensor::randn(0f64, 1.0, fused.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let g_fused = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_reference = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in params.named() {
+            let (a, b) = (g_fused.get(&var).unwrap(), g_reference.get(&var).unwrap());
+            assert!(max_diff(a, b) <= tolerance * scale(b), "{name}: gradients differ by {}", max_diff(a, b));
+        }
+    }
+
+    /// Three classes, a sequence longer than one block of queries and shorter than the context:
+    /// the fused pass equals the separate operations in f64, values and gradients.
+    #[test]
+    fn fused_network_equals_separate_operations() {
+        let cfg = Config { classes: 3, dim: 8, heads: 2, layers: 2, mlp: 12, context: 90, fixed_length: false };
+        fused_equals_separate(&cfg, 70, DType::F64, Precision::F32, 1e-12);
+    }
+
+    /// In bf16 on the AMX unit both make the same products (the separate attention and maps
+    /// take the precision too), so they agree closely.
+    #[test]
+    fn fused_network_in_bf16_equals_separate_operations() {
+        if !crate::layers::matmul::amx::available() {
+            return;
+        }
+        let cfg = Config { classes: 2, dim: 32, heads: 2, layers: 2, mlp: 64, context: 80, fixed_length: true };
+        fused_equals_separate(&cfg, 80, DType::F32, Precision::Bf16, 1e-3);
     }
 }
