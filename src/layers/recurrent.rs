@@ -1,10 +1,9 @@
-//! The recurrences of LSTM and GRU layers, each as one operation with its own backward pass
-//! (Hochreiter & Schmidhuber, 1997; Cho et al., 2014; the gate layouts of PyTorch's `nn.LSTM`
-//! and `nn.GRU`).
+//! LSTM and GRU layers, each as one operation with its own backward pass (Hochreiter &
+//! Schmidhuber, 1997; Cho et al., 2014; the gate layouts of PyTorch's `nn.LSTM` and `nn.GRU`).
 //!
-//! The input half of every gate pre-activation, `x_t W_ih + b` for all t, is one 2-D product
-//! that the caller makes with candle (whose 2-D matmul and its gradient are right on this CPU).
-//! What is left is sequential: for t = 0 … T−1, from h_{−1} = c_{−1} = 0,
+//! The input half of every gate pre-activation, `pre_t = x_t W_ih + b` for all t, is one 2-D
+//! product over all positions, made inside the operation. What is left is sequential: for t =
+//! 0 … T−1, from h_{−1} = c_{−1} = 0,
 //!
 //! ```text
 //! LSTM: z_t = pre_t + h_{t−1} W_hh                 (B, 4H): the gates i, f, g, o side by side
@@ -17,28 +16,27 @@
 //!
 //! Through candle this is T small products and a dozen element-wise ops per step, each a
 //! tensor with its own allocation and its own node in the autograd graph; here it is one
-//! `(B, H) × (H, GH)` product (the `gemm` crate) and a few vectorised passes per step. The
-//! backward pass recomputes the forward pass, keeping what each step needs, and then runs back
-//! through time.
+//! `(B, H) × (H, GH)` product (the `gemm` crate) and a few vectorised passes per step. When
+//! gradients are tracked, the forward pass keeps what each step's backward needs (the gates
+//! and cells); the backward pass runs back through time from them.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::matmul::{Exact, Mat, Products, Scalar};
-use super::{in_place, like};
+use super::{contiguous_slice, in_place, like};
 use crate::Result;
 use crate::fastmath::fast_exp;
 
-/// `pre (B, T, 4H)`, `w_hh (H, 4H)` → `h (B, T, H)`: the hidden states of an LSTM layer whose
-/// gate pre-activations from the input are `pre`. Gradients flow to both.
-pub fn lstm_recurrence(pre: &Tensor, w_hh: &Tensor) -> Result<Tensor> {
-    Ok(pre.contiguous()?.apply_op2(&w_hh.contiguous()?, LstmOp)?)
-}
-
-struct LstmOp;
-
 /// The float types the op runs in: f32 (training) and f64 (finite-difference checks).
 trait Real:
-    Scalar + PartialOrd + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self>
+    Scalar
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
 {
     const ZERO: Self;
     fn sigmoid(self) -> Self;
@@ -144,13 +142,13 @@ fn forward<T: Real>(pre: &[T], w_hh: &[T], d: Dims, keep: bool) -> Trace<T> {
     Trace { gates, cells, hidden }
 }
 
-/// Gradients of `pre` and `w_hh` given `dh (B, T, H)`: back through time from the last step.
+/// Gradients of `pre` and `w_hh` given `dh (B, T, H)` and the forward pass's `trace`: back
+/// through time from the last step.
 #[inline(always)]
-fn backward<T: Real>(pre: &[T], w_hh: &[T], dh_out: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
+fn backward<T: Real>(trace: &Trace<T>, w_hh: &[T], dh_out: &[T], d: Dims) -> (Vec<T>, Vec<T>) {
     let (b, h, len) = (d.batch, d.hidden, d.len);
     let g4 = 4 * h;
-    let trace = forward(pre, w_hh, d, true);
-    let mut dpre = vec![T::ZERO; pre.len()];
+    let mut dpre = vec![T::ZERO; b * len * g4];
     let mut dw = vec![T::ZERO; w_hh.len()];
     let mut dh = vec![T::ZERO; b * h]; // ∂L/∂h_t through h_{t+1}'s gates
     let mut dc = vec![T::ZERO; b * h]; // ∂L/∂c_t through c_{t+1}
@@ -213,23 +211,14 @@ mod fast {
 
     per_cpu! {
         pub fn lstm_forward(pre: &[f32], w: &[f32], d: Dims, keep: bool) -> Trace<f32> = super::forward::<f32>;
-        pub fn lstm_backward(pre: &[f32], w: &[f32], dh: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) = super::backward::<f32>;
+        pub fn lstm_backward(trace: &Trace<f32>, w: &[f32], dh: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) = super::backward::<f32>;
         pub fn gru_forward(pre: &[f32], w: &[f32], b: &[f32], d: Dims, keep: bool) -> Trace<f32> = super::gru_forward::<f32>;
-        pub fn gru_backward(pre: &[f32], w: &[f32], b: &[f32], dh: &[f32], d: Dims) -> GruGrads<f32> = super::gru_backward::<f32>;
+        pub fn gru_backward(trace: &Trace<f32>, w: &[f32], dh: &[f32], d: Dims) -> GruGrads<f32> = super::gru_backward::<f32>;
     }
 }
 
 /// The GRU's gradients: of `pre`, `W_hh` and `b_hn`.
 type GruGrads<T> = (Vec<T>, Vec<T>, Vec<T>);
-
-/// `pre (B, T, 3H)`, `w_hh (H, 3H)`, `b_hn (H,)` → `h (B, T, H)`: the hidden states of a GRU
-/// layer whose gate pre-activations from the input (biases included) are `pre`. Gradients flow
-/// to all three.
-pub fn gru_recurrence(pre: &Tensor, w_hh: &Tensor, b_hn: &Tensor) -> Result<Tensor> {
-    Ok(pre.contiguous()?.apply_op3(&w_hh.contiguous()?, &b_hn.contiguous()?, GruOp)?)
-}
-
-struct GruOp;
 
 #[inline(always)]
 fn gru_forward<T: Real>(pre: &[T], w_hh: &[T], b_hn: &[T], d: Dims, keep: bool) -> Trace<T> {
@@ -278,11 +267,10 @@ fn gru_forward<T: Real>(pre: &[T], w_hh: &[T], b_hn: &[T], d: Dims, keep: bool) 
 }
 
 #[inline(always)]
-fn gru_backward<T: Real>(pre: &[T], w_hh: &[T], b_hn: &[T], dh_out: &[T], d: Dims) -> GruGrads<T> {
+fn gru_backward<T: Real>(trace: &Trace<T>, w_hh: &[T], dh_out: &[T], d: Dims) -> GruGrads<T> {
     let (b, h, len) = (d.batch, d.hidden, d.len);
     let g3 = 3 * h;
-    let trace = gru_forward(pre, w_hh, b_hn, d, true);
-    let (mut dpre, mut dw, mut db) = (vec![T::ZERO; pre.len()], vec![T::ZERO; w_hh.len()], vec![T::ZERO; h]);
+    let (mut dpre, mut dw, mut db) = (vec![T::ZERO; b * len * g3], vec![T::ZERO; w_hh.len()], vec![T::ZERO; h]);
     let mut dh = vec![T::ZERO; b * h]; // ∂L/∂h_t through step t + 1
     let mut du = vec![T::ZERO; b * g3];
     let mut h_prev = vec![T::ZERO; b * h];
@@ -321,17 +309,235 @@ fn gru_backward<T: Real>(pre: &[T], w_hh: &[T], b_hn: &[T], dh_out: &[T], d: Dim
     (dpre, dw, db)
 }
 
-fn gru_dims(pre: &Shape, w_hh: &Shape, b_hn: &Shape) -> candle_core::Result<Dims> {
-    let d = dims(pre, w_hh, 3, "gru")?;
-    if b_hn.dims1()? != d.hidden {
-        candle_core::bail!("gru: b_hn {b_hn:?} does not fit W_hh {w_hh:?} (expected (H,))");
-    }
-    Ok(d)
+/// Which recurrence a layer runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    /// LSTM: gates i, f, g, o.
+    Lstm,
+    /// GRU: gates r, z, n, and b_hn.
+    Gru,
 }
 
-impl CustomOp3 for GruOp {
+impl Kind {
+    /// Gate blocks per hidden unit.
+    fn gates(self) -> usize {
+        match self {
+            Kind::Lstm => 4,
+            Kind::Gru => 3,
+        }
+    }
+}
+
+/// `x (B, T, I)` → `h (B, T, H)`: a whole recurrent layer, its input product `x W_ih + bias`
+/// (`W_ih (I, G·H)`, `bias (G·H,)`) made inside the operation, then the recurrence with `w_hh
+/// (H, G·H)` (and the GRU's `b_hn (H,)`). Gradients flow to every input. The gate
+/// pre-activations never become a tensor: through candle, their gradient (B·T·G·H values) was
+/// zeroed, added into and copied again, a fifth of an LSTM's step (perf).
+pub fn recurrent_layer(
+    kind: Kind,
+    x: &Tensor,
+    w_ih: &Tensor,
+    bias: &Tensor,
+    w_hh: &Tensor,
+    b_hn: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (_b, _t, input) = x.dims3()?;
+    let (hidden, cols) = w_hh.dims2()?;
+    let gh = kind.gates() * hidden;
+    let b_ok = match (kind, b_hn) {
+        (Kind::Lstm, None) => true,
+        (Kind::Gru, Some(b)) => b.dims() == [hidden],
+        _ => false,
+    };
+    if w_ih.dims() != [input, gh] || bias.dims() != [gh] || cols != gh || !b_ok {
+        return Err(crate::Error::Config(format!(
+            "recurrent layer ({kind:?}): x {:?}, W_ih {:?}, bias {:?}, W_hh {:?}, b_hn {:?} do not fit together",
+            x.dims(),
+            w_ih.dims(),
+            bias.dims(),
+            w_hh.dims(),
+            b_hn.map(|b| b.dims().to_vec())
+        )));
+    }
+    let mut parts = vec![w_ih.flatten_all()?, bias.clone(), w_hh.flatten_all()?];
+    parts.extend(b_hn.cloned());
+    let flat = Tensor::cat(&parts, 0)?;
+    // Keep the forward pass's gates for the backward one only when there will be one.
+    let keep = x.track_op() || flat.track_op();
+    let op = LayerOp { kind, input, hidden, keep, trace: Mutex::new(None) };
+    Ok(x.contiguous()?.apply_op2(&flat, op)?)
+}
+
+/// A layer's weights in the flat vector: W_ih, bias, W_hh, then the GRU's b_hn.
+struct LayerOp {
+    kind: Kind,
+    input: usize,
+    hidden: usize,
+    keep: bool,
+    trace: Mutex<Option<Kept>>,
+}
+
+/// A forward pass's trace, in its precision.
+enum Kept {
+    F32(Trace<f32>),
+    F64(Trace<f64>),
+}
+
+/// The recurrences of a float type: f32's compiled for this CPU, f64's plain.
+trait Cells: Real + candle_core::WithDType {
+    fn lstm_forward(pre: &[Self], w: &[Self], d: Dims, keep: bool) -> Trace<Self>;
+    fn lstm_backward(trace: &Trace<Self>, w: &[Self], dh: &[Self], d: Dims) -> (Vec<Self>, Vec<Self>);
+    fn gru_forward(pre: &[Self], w: &[Self], b: &[Self], d: Dims, keep: bool) -> Trace<Self>;
+    fn gru_backward(trace: &Trace<Self>, w: &[Self], dh: &[Self], d: Dims) -> GruGrads<Self>;
+    fn wrap(trace: Trace<Self>) -> Kept;
+    fn unwrap(kept: &Kept) -> Option<&Trace<Self>>;
+}
+
+impl Cells for f32 {
+    fn lstm_forward(pre: &[f32], w: &[f32], d: Dims, keep: bool) -> Trace<f32> {
+        fast::lstm_forward(pre, w, d, keep)
+    }
+    fn lstm_backward(trace: &Trace<f32>, w: &[f32], dh: &[f32], d: Dims) -> (Vec<f32>, Vec<f32>) {
+        fast::lstm_backward(trace, w, dh, d)
+    }
+    fn gru_forward(pre: &[f32], w: &[f32], b: &[f32], d: Dims, keep: bool) -> Trace<f32> {
+        fast::gru_forward(pre, w, b, d, keep)
+    }
+    fn gru_backward(trace: &Trace<f32>, w: &[f32], dh: &[f32], d: Dims) -> GruGrads<f32> {
+        fast::gru_backward(trace, w, dh, d)
+    }
+    fn wrap(trace: Trace<f32>) -> Kept {
+        Kept::F32(trace)
+    }
+    fn unwrap(kept: &Kept) -> Option<&Trace<f32>> {
+        if let Kept::F32(t) = kept { Some(t) } else { None }
+    }
+}
+
+impl Cells for f64 {
+    fn lstm_forward(pre: &[f64], w: &[f64], d: Dims, keep: bool) -> Trace<f64> {
+        forward(pre, w, d, keep)
+    }
+    fn lstm_backward(trace: &Trace<f64>, w: &[f64], dh: &[f64], d: Dims) -> (Vec<f64>, Vec<f64>) {
+        backward(trace, w, dh, d)
+    }
+    fn gru_forward(pre: &[f64], w: &[f64], b: &[f64], d: Dims, keep: bool) -> Trace<f64> {
+        gru_forward(pre, w, b, d, keep)
+    }
+    fn gru_backward(trace: &Trace<f64>, w: &[f64], dh: &[f64], d: Dims) -> GruGrads<f64> {
+        gru_backward(trace, w, dh, d)
+    }
+    fn wrap(trace: Trace<f64>) -> Kept {
+        Kept::F64(trace)
+    }
+    fn unwrap(kept: &Kept) -> Option<&Trace<f64>> {
+        if let Kept::F64(t) = kept { Some(t) } else { None }
+    }
+}
+
+impl LayerOp {
+    fn dims(&self, x: &Shape) -> candle_core::Result<Dims> {
+        let (batch, len, _) = x.dims3()?;
+        Ok(Dims { batch, len, hidden: self.hidden })
+    }
+
+    /// Where W_ih, the bias, W_hh and b_hn start in the flat vector.
+    fn offsets(&self) -> [usize; 4] {
+        let gh = self.kind.gates() * self.hidden;
+        let bias = self.input * gh;
+        [0, bias, bias + gh, bias + gh + self.hidden * gh]
+    }
+
+    /// The trace of the recurrence over `x`, with the weights `p`.
+    fn trace<T: Cells>(&self, x: &[T], p: &[T], d: Dims, keep: bool) -> Trace<T> {
+        let (gh, rows) = (self.kind.gates() * self.hidden, d.batch * d.len);
+        let [w_ih, bias, w_hh, b_hn] = self.offsets();
+        let mut pre = Vec::with_capacity(rows * gh);
+        for _ in 0..rows {
+            pre.extend_from_slice(&p[bias..bias + gh]);
+        }
+        Exact::acc(&mut pre, 0, Mat::new(x, 0, rows, self.input), Mat::new(p, w_ih, self.input, gh));
+        let w = &p[w_hh..w_hh + self.hidden * gh];
+        match self.kind {
+            Kind::Lstm => T::lstm_forward(&pre, w, d, keep),
+            Kind::Gru => T::gru_forward(&pre, w, &p[b_hn..b_hn + self.hidden], d, keep),
+        }
+    }
+
+    fn run<T: Cells>(&self, xs: &[T], xl: &Layout, ps: &[T], pl: &Layout) -> candle_core::Result<Vec<T>> {
+        let d = self.dims(xl.shape())?;
+        let (x, p) = (contiguous_slice(xs, xl, "recurrent layer")?, contiguous_slice(ps, pl, "recurrent layer")?);
+        let mut trace = self.trace(x, p, d, self.keep);
+        let hidden = std::mem::take(&mut trace.hidden);
+        if self.keep {
+            trace.hidden = hidden.clone();
+            *self.trace.lock().expect("invariant: not poisoned") = Some(T::wrap(trace));
+        }
+        Ok(hidden)
+    }
+
+    /// `(dx, dp)` from the gradient of the hidden states.
+    fn grads<T: Cells>(&self, x: &[T], p: &[T], dh: &[T], d: Dims, kept: Option<&Kept>) -> (Vec<T>, Vec<T>) {
+        let recomputed;
+        let trace = match kept.and_then(T::unwrap) {
+            Some(t) => t,
+            None => {
+                recomputed = self.trace(x, p, d, true);
+                &recomputed
+            }
+        };
+        let (gh, rows) = (self.kind.gates() * self.hidden, d.batch * d.len);
+        let [w_ih, bias, w_hh, b_hn] = self.offsets();
+        let w = &p[w_hh..w_hh + self.hidden * gh];
+        let mut dp = vec![T::ZERO; p.len()];
+        let dpre = match self.kind {
+            Kind::Lstm => {
+                let (dpre, dw) = T::lstm_backward(trace, w, dh, d);
+                dp[w_hh..w_hh + dw.len()].copy_from_slice(&dw);
+                dpre
+            }
+            Kind::Gru => {
+                let (dpre, dw, db) = T::gru_backward(trace, w, dh, d);
+                dp[w_hh..w_hh + dw.len()].copy_from_slice(&dw);
+                dp[b_hn..b_hn + db.len()].copy_from_slice(&db);
+                dpre
+            }
+        };
+        // pre = x W_ih + bias: dW_ih = xᵀ dpre, dbias = Σ_rows dpre, dx = dpre W_ihᵀ.
+        let (xm, dm) = (Mat::new(x, 0, rows, self.input), Mat::new(&dpre, 0, rows, gh));
+        Exact::acc(&mut dp, w_ih, xm.t(), dm);
+        for row in dpre.chunks_exact(gh) {
+            dp[bias..bias + gh].iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+        }
+        let mut dx = vec![T::ZERO; x.len()];
+        Exact::acc(&mut dx, 0, dm, Mat::new(p, w_ih, self.input, gh).t());
+        (dx, dp)
+    }
+
+    fn grad_tensors<T: Cells>(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        dh: &Tensor,
+        kept: Option<&Kept>,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let d = self.dims(x.shape())?;
+        let dh = dh.contiguous()?;
+        let op = "recurrent layer";
+        in_place(x, op, |xv: &[T]| {
+            in_place(p, op, |pv: &[T]| {
+                in_place(&dh, op, |g: &[T]| {
+                    let (dx, dp) = self.grads(xv, pv, g, d, kept);
+                    Ok((like(dx, x)?, like(dp, p)?))
+                })
+            })
+        })
+    }
+}
+
+impl CustomOp2 for LayerOp {
     fn name(&self) -> &'static str {
-        "gru"
+        "recurrent-layer"
     }
 
     fn cpu_fwd(
@@ -340,53 +546,30 @@ impl CustomOp3 for GruOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use super::contiguous_slice as slice;
-        let d = gru_dims(l1.shape(), l2.shape(), l3.shape())?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(p), CpuStorage::F32(w), CpuStorage::F32(bias)) => CpuStorage::F32(
-                fast::gru_forward(slice(p, l1, "gru")?, slice(w, l2, "gru")?, slice(bias, l3, "gru")?, d, false).hidden,
-            ),
-            (CpuStorage::F64(p), CpuStorage::F64(w), CpuStorage::F64(bias)) => CpuStorage::F64(
-                gru_forward(slice(p, l1, "gru")?, slice(w, l2, "gru")?, slice(bias, l3, "gru")?, d, false).hidden,
-            ),
-            _ => candle_core::bail!("gru: inputs must all be f32 or all f64"),
+        let d = self.dims(l1.shape())?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(p)) => CpuStorage::F32(self.run(x, l1, p, l2)?),
+            (CpuStorage::F64(x), CpuStorage::F64(p)) => CpuStorage::F64(self.run(x, l1, p, l2)?),
+            _ => candle_core::bail!("recurrent layer: inputs must both be f32 or both f64"),
         };
         Ok((out, Shape::from((d.batch, d.len, d.hidden))))
     }
 
     fn bwd(
         &self,
-        pre: &Tensor,
-        w_hh: &Tensor,
-        b_hn: &Tensor,
+        x: &Tensor,
+        p: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = gru_dims(pre.shape(), w_hh.shape(), b_hn.shape())?;
-        let grad = grad.contiguous()?;
-        macro_rules! grads {
-            ($t:ty, $backward:path) => {
-                in_place(pre, "gru", |p: &[$t]| {
-                    in_place(w_hh, "gru", |w: &[$t]| {
-                        in_place(b_hn, "gru", |bias: &[$t]| {
-                            in_place(&grad, "gru", |g: &[$t]| {
-                                let (dp, dw, db) = $backward(p, w, bias, g, d);
-                                Ok((like(dp, pre)?, like(dw, w_hh)?, like(db, b_hn)?))
-                            })
-                        })
-                    })
-                })?
-            };
-        }
-        let (dp, dw, db) = match pre.dtype() {
-            candle_core::DType::F32 => grads!(f32, fast::gru_backward),
-            candle_core::DType::F64 => grads!(f64, gru_backward::<f64>),
-            other => candle_core::bail!("gru: unsupported dtype {other:?}"),
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let kept = self.trace.lock().expect("invariant: not poisoned").take();
+        let (dx, dp) = match x.dtype() {
+            candle_core::DType::F32 => self.grad_tensors::<f32>(x, p, grad, kept.as_ref())?,
+            candle_core::DType::F64 => self.grad_tensors::<f64>(x, p, grad, kept.as_ref())?,
+            other => candle_core::bail!("recurrent layer: unsupported dtype {other:?}"),
         };
-        Ok((Some(dp), Some(dw), Some(db)))
+        Ok((Some(dx), Some(dp)))
     }
 }
 
@@ -413,76 +596,6 @@ pub fn gru_gates(p: &Tensor, u: &Tensor, b_hn: &Tensor, h: usize) -> Result<(Ten
     let q = u.narrow(1, 2 * h, h)?.broadcast_add(b_hn)?;
     let n = (p.narrow(1, 2 * h, h)? + (&r * q)?)?.tanh()?;
     Ok((r, z, n))
-}
-
-/// The sizes of a call with `gates` gate blocks, checked.
-fn dims(pre: &Shape, w_hh: &Shape, gates: usize, op: &str) -> candle_core::Result<Dims> {
-    let (batch, len, width) = pre.dims3()?;
-    let (hidden, w_cols) = w_hh.dims2()?;
-    if width != gates * hidden || w_cols != width {
-        candle_core::bail!(
-            "{op}: pre {pre:?} and W_hh {w_hh:?} do not fit together (expected (B, T, {gates}H) and (H, {gates}H))"
-        );
-    }
-    Ok(Dims { batch, len, hidden })
-}
-
-impl CustomOp2 for LstmOp {
-    fn name(&self) -> &'static str {
-        "lstm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims(l1.shape(), l2.shape(), 4, "lstm")?;
-        use super::contiguous_slice as slice;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(w)) => {
-                CpuStorage::F32(fast::lstm_forward(slice(p, l1, "lstm")?, slice(w, l2, "lstm")?, d, false).hidden)
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(w)) => {
-                CpuStorage::F64(forward(slice(p, l1, "lstm")?, slice(w, l2, "lstm")?, d, false).hidden)
-            }
-            _ => candle_core::bail!("lstm: inputs must both be f32 or both f64"),
-        };
-        Ok((out, Shape::from((d.batch, d.len, d.hidden))))
-    }
-
-    fn bwd(
-        &self,
-        pre: &Tensor,
-        w_hh: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = dims(pre.shape(), w_hh.shape(), 4, "lstm")?;
-        let grad = grad.contiguous()?;
-        // The inputs are read where they lie (copies of them cost page faults); only the
-        // gradients are new.
-        macro_rules! grads {
-            ($t:ty, $backward:path) => {
-                in_place(pre, "lstm", |p: &[$t]| {
-                    in_place(w_hh, "lstm", |w: &[$t]| {
-                        in_place(&grad, "lstm", |g: &[$t]| {
-                            let (dp, dw) = $backward(p, w, g, d);
-                            Ok((like(dp, pre)?, like(dw, w_hh)?))
-                        })
-                    })
-                })?
-            };
-        }
-        let (dpre, dw) = match pre.dtype() {
-            candle_core::DType::F32 => grads!(f32, fast::lstm_backward),
-            candle_core::DType::F64 => grads!(f64, backward::<f64>),
-            other => candle_core::bail!("lstm: unsupported dtype {other:?}"),
-        };
-        Ok((Some(dpre), Some(dw)))
-    }
 }
 
 /// The same recurrence in candle's operations (one product and a few element-wise ops per
@@ -538,23 +651,45 @@ mod tests {
         assert!(max_diff(&op(&in_f32).to_dtype(DType::F64).unwrap(), &slow) < 1e-5, "f32 differs from f64");
     }
 
+    /// The input product and the recurrence in candle's operations.
+    fn reference_layer(kind: Kind, x: &[Tensor]) -> Tensor {
+        let (b, t, i) = x[0].dims3().unwrap();
+        let pre = x[0].reshape((b * t, i)).unwrap().matmul(&x[1]).unwrap().broadcast_add(&x[2]).unwrap();
+        let pre = pre.reshape((b, t, x[1].dim(1).unwrap())).unwrap();
+        match kind {
+            Kind::Lstm => lstm_recurrence_reference(&pre, &x[3]).unwrap(),
+            Kind::Gru => gru_recurrence_reference(&pre, &x[3], &x[4]).unwrap(),
+        }
+    }
+
     #[test]
-    fn the_lstm_equals_candles_operations_with_their_gradients() {
-        let (b, len, h) = (3, 6, 5);
+    fn the_lstm_layer_equals_candles_operations_with_their_gradients() {
+        let (b, len, i, h) = (3, 6, 4, 5);
         check(
-            |x| lstm_recurrence(&x[0], &x[1]).unwrap(),
-            |x| lstm_recurrence_reference(&x[0], &x[1]).unwrap(),
-            &[("pre", random(&[b, len, 4 * h], 1.0)), ("W_hh", random(&[h, 4 * h], 0.5))],
+            |x| recurrent_layer(Kind::Lstm, &x[0], &x[1], &x[2], &x[3], None).unwrap(),
+            |x| reference_layer(Kind::Lstm, x),
+            &[
+                ("x", random(&[b, len, i], 1.0)),
+                ("W_ih", random(&[i, 4 * h], 0.5)),
+                ("bias", random(&[4 * h], 0.5)),
+                ("W_hh", random(&[h, 4 * h], 0.5)),
+            ],
         );
     }
 
     #[test]
-    fn the_gru_equals_candles_operations_with_their_gradients() {
-        let (b, len, h) = (3, 6, 5);
+    fn the_gru_layer_equals_candles_operations_with_their_gradients() {
+        let (b, len, i, h) = (3, 6, 4, 5);
         check(
-            |x| gru_recurrence(&x[0], &x[1], &x[2]).unwrap(),
-            |x| gru_recurrence_reference(&x[0], &x[1], &x[2]).unwrap(),
-            &[("pre", random(&[b, len, 3 * h], 1.0)), ("W_hh", random(&[h, 3 * h], 0.5)), ("b_hn", random(&[h], 1.0))],
+            |x| recurrent_layer(Kind::Gru, &x[0], &x[1], &x[2], &x[3], Some(&x[4])).unwrap(),
+            |x| reference_layer(Kind::Gru, x),
+            &[
+                ("x", random(&[b, len, i], 1.0)),
+                ("W_ih", random(&[i, 3 * h], 0.5)),
+                ("bias", random(&[3 * h], 0.5)),
+                ("W_hh", random(&[h, 3 * h], 0.5)),
+                ("b_hn", random(&[h], 1.0)),
+            ],
         );
     }
 }

@@ -5,8 +5,8 @@
 //!
 //! The token before position t (a start token at t = 0) is embedded, passed through stacked
 //! recurrent layers, and the last layer's hidden state gives the logits of token t. Each
-//! layer's input product is a candle matmul over all positions; its recurrence is one
-//! hand-written operation (`layers::recurrent`). The stepper carries each layer's state. Both
+//! layer (its input product over all positions and its recurrence) is one hand-written
+//! operation (`layers::recurrent`). The stepper carries each layer's state. Both
 //! cells share everything but the recurrence: [`Recurrent`] over a [`Cell`].
 //!
 //! | name | shape | role |
@@ -25,9 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{MAX_HIDDEN, Registered, Settings, within};
 use crate::core::Autoregressive;
-use crate::layers::recurrent::{
-    gru_gates, gru_recurrence, gru_recurrence_reference, lstm_recurrence, lstm_recurrence_reference,
-};
+use crate::layers::recurrent::{Kind, gru_gates, gru_recurrence_reference, lstm_recurrence_reference, recurrent_layer};
 use crate::{Error, Result};
 
 /// Hyper-parameters of a recurrent model.
@@ -53,13 +51,15 @@ pub trait Cell: Clone + std::fmt::Debug + Send + Sync + 'static {
     const GATES: usize;
     /// Whether the layer has a recurrent bias (the GRU's b_hn).
     const RECURRENT_BIAS: bool;
+    /// The hand-written layer's recurrence.
+    const KIND: Kind;
 
     /// Added to every layer's input bias `(G·H,)`: a fixed offset, not a weight.
     fn bias_offset(hidden: usize) -> Vec<f32>;
 
-    /// The hidden states `(B, T, H)` from the input pre-activations `(B, T, G·H)`: by the
-    /// hand-written op, or (`reference`) by candle's operations.
-    fn recurrence(pre: &Tensor, w_hh: &Tensor, b_hh: Option<&Tensor>, reference: bool) -> Result<Tensor>;
+    /// The hidden states `(B, T, H)` from the input pre-activations `(B, T, G·H)`, in candle's
+    /// operations (the reference the hand-written layer is checked against).
+    fn reference_recurrence(pre: &Tensor, w_hh: &Tensor, b_hh: Option<&Tensor>) -> Result<Tensor>;
 
     /// One step in candle's operations: from the input pre-activations `z_in (B, G·H)` and the
     /// state (h, and the LSTM's c), the new state.
@@ -74,6 +74,7 @@ impl Cell for LstmCell {
     const NAME: &'static str = "LSTM";
     const GATES: usize = 4;
     const RECURRENT_BIAS: bool = false;
+    const KIND: Kind = Kind::Lstm;
 
     /// 1 at the forget gate: cells keep their content at the start of training (Gers et al.,
     /// 2000), and a checkpoint's biases stay what was learnt.
@@ -81,8 +82,8 @@ impl Cell for LstmCell {
         (0..4 * h).map(|k| if (h..2 * h).contains(&k) { 1.0 } else { 0.0 }).collect()
     }
 
-    fn recurrence(pre: &Tensor, w_hh: &Tensor, _b: Option<&Tensor>, reference: bool) -> Result<Tensor> {
-        if reference { lstm_recurrence_reference(pre, w_hh) } else { lstm_recurrence(pre, w_hh) }
+    fn reference_recurrence(pre: &Tensor, w_hh: &Tensor, _b: Option<&Tensor>) -> Result<Tensor> {
+        lstm_recurrence_reference(pre, w_hh)
     }
 
     fn step(z_in: &Tensor, w_hh: &Tensor, _b: Option<&Tensor>, h: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -105,14 +106,14 @@ impl Cell for GruCell {
     const NAME: &'static str = "GRU";
     const GATES: usize = 3;
     const RECURRENT_BIAS: bool = true;
+    const KIND: Kind = Kind::Gru;
 
     fn bias_offset(h: usize) -> Vec<f32> {
         vec![0.0; 3 * h]
     }
 
-    fn recurrence(pre: &Tensor, w_hh: &Tensor, b: Option<&Tensor>, reference: bool) -> Result<Tensor> {
-        let b = b.expect("invariant: a GRU layer has b_hn");
-        if reference { gru_recurrence_reference(pre, w_hh, b) } else { gru_recurrence(pre, w_hh, b) }
+    fn reference_recurrence(pre: &Tensor, w_hh: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        gru_recurrence_reference(pre, w_hh, b.expect("invariant: a GRU layer has b_hn"))
     }
 
     fn step(z_in: &Tensor, w_hh: &Tensor, b: Option<&Tensor>, h: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -199,8 +200,14 @@ impl<C: Cell> Recurrent<C> {
         let (h, g) = (self.cfg.hidden, C::GATES);
         for layer in &self.layers {
             let bias = (&layer.bias + &self.offset)?;
-            let pre = affine(&x, &layer.w_ih, &bias, reference)?.reshape((b, len, g * h))?; // (B, T, G·H)
-            x = C::recurrence(&pre, &layer.w_hh, layer.b_hh.as_ref(), reference)?.reshape((b * len, h))?; // (B·T, H)
+            let hidden = if reference {
+                let pre = affine(&x, &layer.w_ih, &bias, true)?.reshape((b, len, g * h))?; // (B, T, G·H)
+                C::reference_recurrence(&pre, &layer.w_hh, layer.b_hh.as_ref())?
+            } else {
+                let x = x.reshape((b, len, x.dim(1)?))?;
+                recurrent_layer(C::KIND, &x, &layer.w_ih, &bias, &layer.w_hh, layer.b_hh.as_ref())?
+            };
+            x = hidden.reshape((b * len, h))?; // (B·T, H)
         }
         let logits = affine(&x, &self.out_w, &self.out_b, reference)?; // (B·T, V)
         Ok(logits.reshape((b, len, self.cfg.classes))?)
