@@ -296,7 +296,7 @@ fn gru_backward<T: Real>(trace: &Trace<T>, w_hh: &[T], dh_out: &[T], d: Dims) ->
                 let daz = dht * (hp[k] - nk) * zk * (one - zk);
                 (dpr[k], dpr[h + k], dpr[2 * h + k]) = (dar, daz, dan);
                 (dur[k], dur[h + k], dur[2 * h + k]) = (dar, daz, dan * rk);
-                db[k] = db[k] + dan * rk;
+                db[k] += dan * rk;
                 dhr[k] = dht * zk; // the direct path h_{t−1} → h_t
             }
         }
