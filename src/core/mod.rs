@@ -145,7 +145,7 @@ pub fn masked_nll<M: Autoregressive + ?Sized>(model: &M, batch: &Batch) -> Resul
 /// The logits of the next token of each history, recomputed from scratch by the parallel
 /// pass over the last `dependency_window` tokens: the slow reference the cached stepper is
 /// compared with (`--naive`). All histories must have the same length.
-pub fn naive_next_logits<M: Autoregressive>(
+pub fn naive_next_logits<M: Autoregressive + Sync>(
     model: &M,
     histories: &[Vec<u32>],
     labels: Option<&Tensor>,
@@ -158,6 +158,16 @@ pub fn naive_next_logits<M: Autoregressive>(
     // Any token will do in the last slot: logits at the last position never see it.
     let rows: Vec<u32> = histories.iter().flat_map(|h| h[len - keep..].iter().copied().chain([0])).collect();
     let tokens = Tensor::from_vec(rows, (histories.len(), keep + 1), &candle_core::Device::Cpu)?;
-    let logits = model.forward(&tokens, labels)?; // (B, keep + 1, V)
-    Ok(logits.narrow(1, keep, 1)?.squeeze(1)?)
+    // One shard of the rows per thread, as the trainer runs them (the fused networks run each
+    // call on one thread).
+    let batch = histories.len();
+    let threads = rayon::current_num_threads().clamp(1, batch.max(1));
+    let shards: Vec<(usize, usize)> =
+        (0..threads).map(|i| (i * batch / threads, (i + 1) * batch / threads - i * batch / threads)).collect();
+    let logits = train::in_parallel(&shards, threads, |&(start, n)| -> Result<Tensor> {
+        let labels = labels.map(|l| l.narrow(0, start, n)).transpose()?;
+        let logits = model.forward(&tokens.narrow(0, start, n)?, labels.as_ref())?; // (n, keep + 1, V)
+        Ok(logits.narrow(1, keep, 1)?.squeeze(1)?)
+    });
+    Ok(Tensor::cat(&logits.into_iter().collect::<Result<Vec<_>>>()?, 0)?)
 }

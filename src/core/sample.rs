@@ -162,7 +162,7 @@ pub enum Method {
 /// (all primes of the same length). Returns only the new tokens. `progress(done)` is called
 /// with 0 once the prime is fed, then every few hundred tokens.
 #[allow(clippy::too_many_arguments)] // each is a different collaborator; a struct would only rename them
-pub fn generate<M: Autoregressive>(
+pub fn generate<M: Autoregressive + Sync>(
     model: &M,
     prime: &[Vec<u32>],
     labels: Option<&Tensor>,
