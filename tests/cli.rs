@@ -240,3 +240,29 @@ fn sequence_models_train_on_audio() {
         "takes no labels",
     );
 }
+
+/// `wavegen mel` writes a WAV file's features as .npy that the library reads back, at the
+/// file's rate or resampled; bad settings and bad files get clear errors.
+#[test]
+fn mel_features_as_npy() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let data = common::periodic_folder(dir.path(), 1, 16, 8000, 0.5);
+    let wav = data.join("p0.wav");
+    let (w, out) = (wav.to_str().unwrap(), dir.path().join("p0.npy"));
+    let o = out.to_str().unwrap();
+    let m = json(&wavegen(&["mel", w, "--out", o, "--json"], &cache));
+    assert_eq!(m["config"]["n_fft"], 512);
+    assert_eq!(m["config"]["bands"], 64);
+    let a = wavegen::audio::npy::read(&out).unwrap();
+    assert_eq!((a.rows, a.cols), (4000 / 128 + 1, 64));
+    assert_eq!(m["frames"], a.rows);
+    let m = json(&wavegen(&["mel", w, "--out", o, "--sample-rate", "16000", "--mel-bands", "40", "--json"], &cache));
+    let a = wavegen::audio::npy::read(&out).unwrap();
+    assert_eq!((a.rows, a.cols, m["config"]["hop"].as_u64()), (8000 / 256 + 1, 40, Some(256)));
+    assert_clear_error(&wavegen(&["mel", w, "--out", o, "--mel-bands", "300"], &cache), "bands");
+    assert_clear_error(&wavegen(&["mel", w, "--out", o, "--n-fft", "500"], &cache), "power of two");
+    std::fs::write(dir.path().join("bad.wav"), b"RIFF not really").unwrap();
+    let bad = dir.path().join("bad.wav");
+    assert_clear_error(&wavegen(&["mel", bad.to_str().unwrap(), "--out", o], &cache), "bad.wav");
+}

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod data;
 mod eval;
+mod features;
 mod generate;
 mod mnist;
 mod play;
@@ -42,6 +43,8 @@ enum Command {
     Info(eval::InfoArgs),
     /// Datasets: download them (`data fetch`), or see which are present (`data list`).
     Data(data::DataArgs),
+    /// A WAV file's log-mel spectrogram as .npy (the features a vocoder is conditioned on).
+    Mel(features::MelArgs),
     /// Print a shell completion script: `wavegen completions bash > ~/.local/share/bash-completion/completions/wavegen`.
     Completions(data::CompletionsArgs),
     /// The image models on MNIST (FVSBN, NADE, MADE on binarized digits; RNADE on grey levels): train, eval, sample, complete, score.
@@ -67,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Info(args) => eval::run_info(args),
         Command::Mnist(args) => mnist::run(args),
         Command::Data(args) => data::run(args),
+        Command::Mel(args) => features::run(args),
         Command::Completions(args) => data::completions(args),
     }
 }

@@ -14,6 +14,7 @@ use crate::models::wavenet::WaveNet;
 use crate::{Error, Result};
 
 pub mod eval;
+pub mod features;
 pub mod fetch;
 pub mod generate;
 pub mod mnist;
