@@ -21,6 +21,8 @@ use crate::data::Batch;
 use crate::layers::nade::Activation;
 use crate::{Error, Result};
 
+#[cfg(test)]
+mod fused_check;
 pub mod fvsbn;
 pub mod made;
 pub mod nade;

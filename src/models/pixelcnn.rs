@@ -830,25 +830,8 @@ pub mod cached {
 mod tests {
     use super::*;
     use crate::core::params::Params;
+    use crate::models::fused_check::{assert_agree, perturb};
     use crate::rng::Rng;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        d.to_dtype(DType::F64).unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
-    }
-
-    fn scale(t: &Tensor) -> f64 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     /// Both models, run fused and as separate operations.
     trait Fused: Sized {
@@ -884,11 +867,7 @@ mod tests {
         let params = Params::new(7);
         let model = M::build(cfg, params.var_builder(dtype));
         let mut rng = Rng::new(8);
-        for (_, var) in params.named() {
-            let noise: Vec<f64> = (0..var.elem_count()).map(|_| 0.3 * rng.normal()).collect();
-            let noise = Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
-        }
+        perturb(&params, dtype, &mut rng);
         let tokens: Vec<u32> = (0..3 * cfg.pixels()).map(|_| rng.below(cfg.classes) as u32).collect();
         let tokens = Tensor::from_vec(tokens, (3, cfg.pixels()), &Device::Cpu).unwrap();
         let x = model.grid().values(&tokens, cfg.classes, dtype).unwrap();
@@ -899,16 +878,7 @@ mod tests {
     /// within `tolerance` of their scale.
     fn fused_equals_separate<M: Fused>(cfg: &Config, dtype: DType, precision: Precision, tolerance: f64) {
         let (model, params, x) = model_and_images::<M>(cfg, dtype);
-        let (fused, separate) = (model.fused(&x, precision), model.separate(&x, precision));
-        let err = max_diff(&fused, &separate);
-        assert!(err <= tolerance * scale(&separate), "logits differ by {err}");
-        let probe = Tensor::randn(0f64, 1.0, fused.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let g_fused = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_separate = (separate * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, var) in params.named() {
-            let (a, b) = (g_fused.get(&var).unwrap(), g_separate.get(&var).unwrap());
-            assert!(max_diff(a, b) <= tolerance * scale(b), "{name}: gradients differ by {}", max_diff(a, b));
-        }
+        assert_agree(&params, &model.fused(&x, precision), &model.separate(&x, precision), tolerance);
     }
 
     /// A 5×4 image of three classes, a first kernel wider than the image: the fused networks

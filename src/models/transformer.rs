@@ -371,6 +371,16 @@ impl Autoregressive for Transformer {
                 self.cfg.context
             )));
         }
+        // The fused pass reads embeddings by token value: check the range, as index_select would.
+        if t > 0 {
+            let max = tokens.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>()? as usize;
+            if max >= self.cfg.classes {
+                return Err(Error::Config(format!(
+                    "token {max} given to a transformer of {} classes",
+                    self.cfg.classes
+                )));
+            }
+        }
         let x = self.shifted(tokens)?.to_dtype(self.embed.dtype())?.unsqueeze(2)?; // (B, T, 1)
         conv_stack(&self.stack, &x, &self.flat_weights()?, self.precision)
     }
@@ -433,44 +443,21 @@ mod tests {
 
     use super::*;
     use crate::core::params::Params;
+    use crate::models::fused_check::{assert_agree, perturb};
     use crate::rng::Rng;
 
-    /// The logits of `tokens` from the separate operations the stepper runs.
-    fn separate(model: &Transformer, tokens: &Tensor) -> Tensor {
-        model.blocks(model.embed(&model.shifted(tokens).unwrap(), 0).unwrap(), None, None).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        d.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-    }
-
-    /// The fused pass's logits and every weight's gradient against the separate operations',
-    /// within `tolerance` of their scale, for 2 sequences of `t` tokens.
+    /// The fused pass's logits and every weight's gradient against the separate operations the
+    /// stepper runs, within `tolerance` of their scale, for 2 sequences of `t` tokens.
     fn fused_equals_separate(cfg: &Config, t: usize, dtype: DType, precision: Precision, tolerance: f64) {
         let params = Params::new(3);
         let model = Transformer::new(cfg, params.var_builder(dtype)).unwrap().with_precision(precision);
-        // Random biases and norms too: fresh ones are 0 and 1, which would hide one misplaced.
         let mut rng = Rng::new(4);
-        for (_, var) in params.named() {
-            let noise: Vec<f64> = (0..var.elem_count()).map(|_| 0.3 * rng.normal()).collect();
-            let noise = Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
-        }
+        perturb(&params, dtype, &mut rng);
         let tokens: Vec<u32> = (0..2 * t).map(|_| rng.below(cfg.classes) as u32).collect();
         let tokens = Tensor::from_vec(tokens, (2, t), &Device::Cpu).unwrap();
         let fused = model.forward(&tokens, None).unwrap();
-        let reference = separate(&model, &tokens);
-        let scale = |x: &Tensor| max_diff(x, &x.zeros_like().unwrap()).max(1.0);
-        let err = max_diff(&fused, &reference);
-        assert!(err <= tolerance * scale(&reference), "logits differ by {err}");
-        let probe = Tensor::randn(0f64, 1.0, fused.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let g_fused = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_reference = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, var) in params.named() {
-            let (a, b) = (g_fused.get(&var).unwrap(), g_reference.get(&var).unwrap());
-            assert!(max_diff(a, b) <= tolerance * scale(b), "{name}: gradients differ by {}", max_diff(a, b));
-        }
+        let separate = model.blocks(model.embed(&model.shifted(&tokens).unwrap(), 0).unwrap(), None, None).unwrap();
+        assert_agree(&params, &fused, &separate, tolerance);
     }
 
     /// Three classes, a sequence longer than one block of queries and shorter than the context:
@@ -479,6 +466,19 @@ mod tests {
     fn fused_network_equals_separate_operations() {
         let cfg = Config { classes: 3, dim: 8, heads: 2, layers: 2, mlp: 12, context: 90, fixed_length: false };
         fused_equals_separate(&cfg, 70, DType::F64, Precision::F32, 1e-12);
+    }
+
+    /// A token past the classes, or a sequence past the context, is an error, not a wrong read.
+    #[test]
+    fn out_of_range_inputs_are_refused() {
+        let cfg = Config { classes: 3, dim: 8, heads: 2, layers: 1, mlp: 12, context: 10, fixed_length: false };
+        let model = Transformer::new(&cfg, Params::new(1).var_builder(DType::F32)).unwrap();
+        let tokens = |v: Vec<u32>| Tensor::from_vec(v.clone(), (1, v.len()), &Device::Cpu).unwrap();
+        assert!(model.forward(&tokens(vec![0, 2, 1]), None).is_ok());
+        let err = model.forward(&tokens(vec![0, 3, 1]), None).unwrap_err().to_string();
+        assert!(err.contains("token 3"), "{err}");
+        let err = model.forward(&tokens(vec![0; 11]), None).unwrap_err().to_string();
+        assert!(err.contains("context of 10"), "{err}");
     }
 
     /// In bf16 on the AMX unit both make the same products (the separate attention and maps
