@@ -18,6 +18,7 @@
 //! with the training corpus's mean and deviation), so files hold the plain log-mel values.
 
 use realfft::RealFftPlanner;
+use realfft::num_complex::Complex32;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -155,12 +156,12 @@ impl Mel {
     }
 }
 
-/// The magnitude spectra `|X_k|` of every frame of `samples`, `frames × bins` (see the module's
+/// The short-time spectra `X_k` of every frame of `samples`, `frames × bins` (see the module's
 /// description).
-pub fn magnitudes(samples: &[f32], cfg: &MelConfig) -> Vec<Vec<f32>> {
+pub fn stft(samples: &[f32], cfg: &MelConfig) -> Vec<Vec<Complex32>> {
     let fft = RealFftPlanner::<f32>::new().plan_fft_forward(cfg.n_fft);
     let window = hann(cfg.n_fft);
-    let (mut input, mut output) = (fft.make_input_vec(), fft.make_output_vec());
+    let mut input = fft.make_input_vec();
     let half = cfg.n_fft as isize / 2;
     (0..cfg.frames(samples.len()))
         .map(|f| {
@@ -170,10 +171,45 @@ pub fn magnitudes(samples: &[f32], cfg: &MelConfig) -> Vec<Vec<f32>> {
                 let x = if at >= 0 { samples.get(at as usize).copied().unwrap_or(0.0) } else { 0.0 };
                 *slot = x * window[i];
             }
+            let mut output = fft.make_output_vec();
             fft.process(&mut input, &mut output).expect("invariant: buffers from the plan");
-            output.iter().map(|c| c.norm()).collect()
+            output
         })
         .collect()
+}
+
+/// The inverse of [`stft`] for `len` samples: each frame's inverse FFT, windowed again and
+/// overlap-added, divided by the sum of the squared windows at each sample (the least-squares
+/// signal whose STFT is nearest `spectra`, Griffin & Lim 1984).
+pub fn istft(spectra: &[Vec<Complex32>], cfg: &MelConfig, len: usize) -> Vec<f32> {
+    let ifft = RealFftPlanner::<f32>::new().plan_fft_inverse(cfg.n_fft);
+    let window = hann(cfg.n_fft);
+    let (mut sum, mut weight) = (vec![0f32; len], vec![0f32; len]);
+    let mut frame = ifft.make_output_vec();
+    let half = cfg.n_fft as isize / 2;
+    let scale = 1.0 / cfg.n_fft as f32;
+    for (f, spectrum) in spectra.iter().enumerate() {
+        let mut input = spectrum.clone();
+        // A real signal's spectrum: no imaginary part at 0 Hz and at the Nyquist bin.
+        let last = input.len() - 1;
+        input[0].im = 0.0;
+        input[last].im = 0.0;
+        ifft.process(&mut input, &mut frame).expect("invariant: buffers from the plan, real end bins");
+        let start = (f * cfg.hop) as isize - half;
+        for (i, (&x, &w)) in frame.iter().zip(&window).enumerate() {
+            let at = start + i as isize;
+            if at >= 0 && (at as usize) < len {
+                sum[at as usize] += x * scale * w;
+                weight[at as usize] += w * w;
+            }
+        }
+    }
+    sum.iter().zip(&weight).map(|(&s, &w)| if w > 1e-8 { s / w } else { 0.0 }).collect()
+}
+
+/// The magnitude spectra `|X_k|` of every frame of `samples`, `frames × bins`.
+pub fn magnitudes(samples: &[f32], cfg: &MelConfig) -> Vec<Vec<f32>> {
+    stft(samples, cfg).iter().map(|frame| frame.iter().map(|c| c.norm()).collect()).collect()
 }
 
 /// The log-mel features of `samples` (at `cfg.sample_rate`).

@@ -3,6 +3,8 @@
 //! No tensors here: everything is plain `f32` samples or `u8` codes.
 
 pub mod analysis;
+pub mod distortion;
+pub mod griffin_lim;
 pub mod mel;
 pub mod mulaw;
 pub mod npy;
