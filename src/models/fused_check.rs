@@ -29,11 +29,12 @@ pub fn scale(t: &Tensor) -> f64 {
 
 /// `fused` and `separate`, the same model's outputs for the same input, agree within `tolerance`
 /// of their scale; so do the gradients of every weight under `params` for a random weighting of
-/// the outputs.
-pub fn assert_agree(params: &Params, fused: &Tensor, separate: &Tensor, tolerance: f64) {
+/// the outputs (drawn from `rng`, so that the check is the same every run).
+pub fn assert_agree(params: &Params, fused: &Tensor, separate: &Tensor, tolerance: f64, rng: &mut Rng) {
     let err = max_diff(fused, separate);
     assert!(err <= tolerance * scale(separate), "outputs differ by {err}");
-    let probe = Tensor::randn(0f64, 1.0, fused.shape(), &Device::Cpu).unwrap().to_dtype(fused.dtype()).unwrap();
+    let probe: Vec<f64> = (0..fused.elem_count()).map(|_| rng.normal()).collect();
+    let probe = Tensor::from_vec(probe, fused.shape(), &Device::Cpu).unwrap().to_dtype(fused.dtype()).unwrap();
     let g_fused = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
     let g_separate = (separate * &probe).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, var) in params.named() {

@@ -878,7 +878,8 @@ mod tests {
     /// within `tolerance` of their scale.
     fn fused_equals_separate<M: Fused>(cfg: &Config, dtype: DType, precision: Precision, tolerance: f64) {
         let (model, params, x) = model_and_images::<M>(cfg, dtype);
-        assert_agree(&params, &model.fused(&x, precision), &model.separate(&x, precision), tolerance);
+        let mut rng = Rng::new(9);
+        assert_agree(&params, &model.fused(&x, precision), &model.separate(&x, precision), tolerance, &mut rng);
     }
 
     /// A 5×4 image of three classes, a first kernel wider than the image: the fused networks

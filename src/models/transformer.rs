@@ -457,7 +457,7 @@ mod tests {
         let tokens = Tensor::from_vec(tokens, (2, t), &Device::Cpu).unwrap();
         let fused = model.forward(&tokens, None).unwrap();
         let separate = model.blocks(model.embed(&model.shifted(&tokens).unwrap(), 0).unwrap(), None, None).unwrap();
-        assert_agree(&params, &fused, &separate, tolerance);
+        assert_agree(&params, &fused, &separate, tolerance, &mut rng);
     }
 
     /// Three classes, a sequence longer than one block of queries and shorter than the context:
