@@ -162,8 +162,7 @@ pub fn naive_next_logits<M: Autoregressive + Sync>(
     // call on one thread).
     let batch = histories.len();
     let threads = rayon::current_num_threads().clamp(1, batch.max(1));
-    let shards: Vec<(usize, usize)> =
-        (0..threads).map(|i| (i * batch / threads, (i + 1) * batch / threads - i * batch / threads)).collect();
+    let shards = train::shard_bounds(batch, threads);
     let logits = train::in_parallel(&shards, threads, |&(start, n)| -> Result<Tensor> {
         let labels = labels.map(|l| l.narrow(0, start, n)).transpose()?;
         let logits = model.forward(&tokens.narrow(0, start, n)?, labels.as_ref())?; // (n, keep + 1, V)

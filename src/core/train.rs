@@ -219,8 +219,7 @@ pub fn loss_and_grads<M: Autoregressive + Sync>(model: &M, batch: &Batch, thread
     if shards == 1 {
         return shard(0, rows);
     }
-    let bounds: Vec<(usize, usize)> =
-        (0..shards).map(|i| (i * rows / shards, (i + 1) * rows / shards - i * rows / shards)).collect();
+    let bounds = shard_bounds(rows, shards);
     let results: Vec<Result<(f64, GradStore)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = bounds.iter().map(|&(s, n)| scope.spawn(move || shard(s, n))).collect();
         handles
@@ -258,6 +257,11 @@ pub fn nll_sum<M: Autoregressive + Sync>(model: &M, batches: &[Batch]) -> Result
         count += c;
     }
     Ok((sum, count))
+}
+
+/// `(start, len)` of `shards` runs of consecutive rows covering `rows`, as even as they can be.
+pub fn shard_bounds(rows: usize, shards: usize) -> Vec<(usize, usize)> {
+    (0..shards).map(|i| (i * rows / shards, (i + 1) * rows / shards - i * rows / shards)).collect()
 }
 
 /// `f` of every item, on up to `threads` threads (item i on thread i mod threads), the results

@@ -6,11 +6,12 @@
 //! The stepper keeps every layer's keys and values (the KV cache, plain memory written in
 //! place), so the t-th token costs O(t·d) for attention (a hand-written loop per head) and
 //! O(d²) for the rest, not a pass over the prefix; `prefill` fills the cache with one parallel
-//! pass. The parallel pass's attention is one operation over blocks of queries that never
-//! stores the scores (`layers::attention`); the layer norms and linear maps are single
-//! operations too (`layers::norm`, `layers::linear`), each with its own backward pass (candle
-//! 0.11 multiplies transposed views broadcast over a batch wrongly, and its element-wise
-//! operations dominated the step).
+//! pass. The parallel pass (training, scoring, naive sampling) is one operation over the whole
+//! network with its own backward pass (`layers::transformer_stack`); `prefill` runs the same
+//! network as separate operations, which also fill the cache: an attention over blocks of
+//! queries that never stores the scores (`layers::attention`), layer norms and linear maps
+//! (`layers::norm`, `layers::linear`). candle 0.11 multiplies transposed views broadcast over a
+//! batch wrongly, and its element-wise operations and zero-then-add gradients dominated the step.
 //!
 //! | name | shape | role |
 //! |---|---|---|
@@ -152,20 +153,16 @@ impl Transformer {
     /// Every weight, in the order of [`TransformerStack`].
     fn flat_weights(&self) -> Result<Tensor> {
         let norm = |n: &LayerNorm| [n.weight.clone(), n.bias.clone()];
-        let linear = |l: &ChannelLinear| [l.weight.flatten_all(), Ok(l.bias.clone())];
+        let linear = |l: &ChannelLinear| -> Result<[Tensor; 2]> { Ok([l.weight.flatten_all()?, l.bias.clone()]) };
         let mut parts = vec![self.embed.flatten_all()?, self.position.flatten_all()?];
         for b in &self.blocks {
             parts.extend(norm(&b.norm1));
-            for l in [&b.qkv, &b.out] {
-                parts.extend(linear(l).into_iter().collect::<candle_core::Result<Vec<_>>>()?);
-            }
+            parts.extend(linear(&b.qkv)?.into_iter().chain(linear(&b.out)?));
             parts.extend(norm(&b.norm2));
-            for l in [&b.mlp_in, &b.mlp_out] {
-                parts.extend(linear(l).into_iter().collect::<candle_core::Result<Vec<_>>>()?);
-            }
+            parts.extend(linear(&b.mlp_in)?.into_iter().chain(linear(&b.mlp_out)?));
         }
         parts.extend(norm(&self.norm));
-        parts.extend(linear(&self.output).into_iter().collect::<candle_core::Result<Vec<_>>>()?);
+        parts.extend(linear(&self.output)?);
         Ok(Tensor::cat(&parts, 0)?)
     }
 
