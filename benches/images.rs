@@ -60,6 +60,7 @@ fn image_batch(n: usize) -> Batch {
         mask: Tensor::ones((n, PIXELS), DType::F32, &Device::Cpu).unwrap(),
         labels: None,
         values: None,
+        features: None,
     }
 }
 

@@ -111,6 +111,7 @@ fn realtime(c: &mut Criterion) {
                             sampler: sampler.clone(),
                             rng: Rng::new(i as u64),
                             label: 0,
+                            local: None,
                         })
                         .collect();
                     black_box(
@@ -142,6 +143,7 @@ fn engine(c: &mut Criterion) {
                             sampler: SamplerConfig::default(),
                             rng: Rng::new(i as u64),
                             label: 0,
+                            local: None,
                         })
                         .collect();
                     black_box(wavegen::engine::generate(&e, &mut specs, &[128], steps, &mut |_| {}).unwrap())
@@ -161,7 +163,7 @@ fn training_batch(cfg: &Config, batch: usize, window: usize, seed: u64) -> waveg
     let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
     let mask: Vec<f32> = (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
-    wavegen::data::Batch { tokens, mask, labels: None, values: None }
+    wavegen::data::Batch { tokens, mask, labels: None, values: None, features: None }
 }
 
 /// Target samples per second of one training step (forward, backward, clipping, AdamW) at
@@ -200,7 +202,7 @@ fn training(c: &mut Criterion) {
         }
         group.bench_function(format!("{preset}_b4_w4096/candle_1t"), |b| {
             b.iter(|| {
-                let logits = m.reference_logits(&data.tokens, None).unwrap();
+                let logits = m.reference_logits(&data.tokens, None, None).unwrap();
                 let nll = wavegen::core::token_nll(&logits, &data.tokens).unwrap();
                 let loss = ((nll * &data.mask).unwrap().sum_all().unwrap() / (batch * window) as f64).unwrap();
                 let grads = loss.backward().unwrap();

@@ -101,7 +101,7 @@ fn with_exact_activations_the_engine_makes_the_same_audio_as_the_stepper() {
         )
         .unwrap();
         let engine = Engine::new(&model, Kernels::detect(), true).unwrap();
-        let mut specs = [StreamSpec { sampler: sampler.clone(), rng: Rng::new(8), label }];
+        let mut specs = [StreamSpec { sampler: sampler.clone(), rng: Rng::new(8), label, local: None }];
         let fast = engine::generate(&engine, &mut specs, &prime, 300, &mut |_| {}).unwrap();
         assert_eq!(stepper, fast, "{name}");
     }

@@ -176,7 +176,7 @@ fn gradients_match_finite_differences_at_batch_two() {
             .map(|&t| (t as f64 + rng.uniform()) / v)
             .collect();
         let values = Some(Tensor::from_vec(values, (2, len), &Device::Cpu).unwrap());
-        let batch = Batch { tokens, mask, labels: labels_for(&model, 2), values };
+        let batch = Batch { tokens, mask, labels: labels_for(&model, 2), values, features: None };
         model.select_connectivity(model.connectivities() - 1);
         let (at, err) = check::gradient_check(&model, &params, &batch, 4, &mut rng).unwrap();
         assert!(err < 1e-5, "{name}: relative gradient error {err:e} at {at}");
@@ -194,7 +194,7 @@ fn hand_written_backward_passes_equal_candles_autograd_at_batch_three() {
             let tokens = check::random_tokens(3, len, model.vocab_size(), &mut rng).unwrap();
             let mask: Vec<f32> = (0..3 * len).map(|i| if i % len < 5 { 0.0 } else { 1.0 }).collect();
             let mask = Tensor::from_vec(mask, (3, len), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-            let batch = Batch { tokens, mask, labels: labels_for(&model, 3), values: None };
+            let batch = Batch { tokens, mask, labels: labels_for(&model, 3), values: None, features: None };
             let Some((logits, at, err)) = check::fused_vs_reference(&model, &params, &batch).unwrap() else { continue };
             let tolerance = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
             assert!(logits < tolerance, "{name} ({dtype:?}): logits differ by {logits:e}");
@@ -218,7 +218,7 @@ fn bf16_products_give_the_f32_loss_and_gradients_within_bfloat16_rounding() {
         let tokens = check::random_tokens(3, 300, model.cfg.classes, &mut rng).unwrap();
         let mask = Tensor::ones((3, 300), DType::F32, &Device::Cpu).unwrap();
         let labels = (model.cfg.num_labels > 0).then(|| Tensor::new(&[0u32, 1, 0], &Device::Cpu).unwrap());
-        let batch = Batch { tokens, mask, labels, values: None };
+        let batch = Batch { tokens, mask, labels, values: None, features: None };
         let bf16 = model.clone().with_precision(Precision::Bf16);
         let exact = wavegen::core::masked_nll(&model, &batch).unwrap();
         let rounded = match wavegen::core::masked_nll(&bf16, &batch) {

@@ -22,6 +22,9 @@ pub struct Batch {
     /// Real values behind the tokens, `(B, T)` f32, for models of real values (RNADE scores
     /// these; the tokens are their quantised levels).
     pub values: Option<Tensor>,
+    /// Log-mel features for a vocoder, `(B, ⌈T / hop⌉ + 2, M)` f32: frames −1 … ⌈T / hop⌉ of
+    /// each sequence, position t belonging to frame ⌊t / hop⌋.
+    pub features: Option<Tensor>,
 }
 
 impl Batch {
@@ -33,6 +36,7 @@ impl Batch {
             mask: part(&self.mask)?,
             labels: self.labels.as_ref().map(part).transpose()?,
             values: self.values.as_ref().map(part).transpose()?,
+            features: self.features.as_ref().map(part).transpose()?,
         })
     }
 
@@ -51,6 +55,7 @@ impl Batch {
             mask: Tensor::from_vec(flat_mask, (b, t), device)?,
             labels: labels.map(|l| Tensor::from_vec(l, b, device)).transpose()?,
             values: None,
+            features: None,
         })
     }
 

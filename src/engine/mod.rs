@@ -9,7 +9,7 @@ pub mod kernels;
 pub mod wavenet;
 
 pub use kernels::Kernels;
-pub use wavenet::{Engine, Streams};
+pub use wavenet::{Conditioning, Engine, Streams};
 
 /// One stream to generate: its sampler, its generator and its label.
 #[derive(Debug, Clone)]
@@ -20,6 +20,8 @@ pub struct StreamSpec {
     pub rng: Rng,
     /// Its global-conditioning label (0 when the model has none).
     pub label: u32,
+    /// A vocoder's features for this stream, from [`Engine::condition`]; `None` for other models.
+    pub local: Option<std::sync::Arc<Conditioning>>,
 }
 
 /// Streams being generated, in chunks of any length: the state of every stream carries over
@@ -69,7 +71,15 @@ impl<'e> Generator<'e> {
         while !specs.is_empty() {
             let rest = specs.split_off(per.min(specs.len()));
             let labels: Vec<u32> = specs.iter().map(|s| s.label).collect();
-            let streams = engine.streams(&labels)?;
+            let streams = if engine.is_vocoder() {
+                // The priming comes before the features' first sample.
+                let local = specs.iter().map(|s| s.local.clone()).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                    crate::Error::Config("this model is a vocoder: every stream needs mel features".into())
+                })?;
+                engine.vocoder_streams(&labels, local, prime.len())?
+            } else {
+                engine.streams(&labels)?
+            };
             groups.push(Group { prev: vec![0; specs.len()], specs, streams });
             specs = rest;
         }

@@ -4,6 +4,8 @@
 //! the stacked taps, the fused gate, and the residual and skip products, with no allocation.
 //! N streams advance together, so every weight read serves N rows (matrix × matrix).
 
+use std::sync::Arc;
+
 use super::kernels::Kernels;
 use crate::models::wavenet::{Config, WaveNet};
 use crate::{Error, Result};
@@ -25,6 +27,50 @@ struct Layer {
     skip_bias: Vec<f32>,
 }
 
+/// A vocoder's frame network, laid out for the kernels.
+struct FrameWeights {
+    /// `(3·M, R)`, frames f − 1, f, f + 1 stacked.
+    conv: Vec<f32>,
+    bias: Vec<f32>,
+    mean: Vec<f32>,
+    deviation: Vec<f32>,
+    /// Every layer's projection side by side, `(R, L·2G)`.
+    projections: Vec<f32>,
+    hop: usize,
+}
+
+/// What a vocoder adds to each layer's pre-activation, per frame of one input: computed once
+/// per frame, read by every sample of the frame.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// Frames −1 … F (F + 2 rows of L·2G): row f + 1 is frame f.
+    rows: Vec<f32>,
+    /// The row of a frame surrounded by silence (the features' floor), for positions before
+    /// and after the input, as in training windows.
+    silence: Vec<f32>,
+    width: usize,
+    hop: usize,
+    /// Frames of the input.
+    pub frames: usize,
+}
+
+impl Conditioning {
+    /// The row that sample `t` of the input reads (t < 0: the lead-in before it).
+    fn row(&self, t: isize) -> &[f32] {
+        let f = t.div_euclid(self.hop as isize) + 1; // row index of frame ⌊t / hop⌋
+        if (0..(self.frames + 2) as isize).contains(&f) {
+            &self.rows[f as usize * self.width..(f as usize + 1) * self.width]
+        } else {
+            &self.silence
+        }
+    }
+
+    /// Samples the features cover: one hop per frame.
+    pub fn samples(&self) -> usize {
+        self.frames * self.hop
+    }
+}
+
 /// The weights of a WaveNet, laid out for the kernels.
 pub struct Engine {
     cfg: Config,
@@ -34,6 +80,7 @@ pub struct Engine {
     head0_bias: Vec<f32>,
     head1: Vec<f32>,
     head1_bias: Vec<f32>,
+    frames: Option<FrameWeights>,
     kernels: Kernels,
     /// Use libm's tanh and exp instead of the fast approximations.
     pub exact: bool,
@@ -47,6 +94,11 @@ pub struct Streams {
     heads: Vec<usize>,
     /// Per layer, the label's contribution to the pre-activation (N × 2G), or empty.
     cond: Vec<Vec<f32>>,
+    /// A vocoder's conditioning of each stream (empty otherwise), the steps taken, and how
+    /// many of them came before the input's first sample (the lead-in).
+    local: Vec<Arc<Conditioning>>,
+    position: usize,
+    lead: usize,
     x: Vec<f32>,
     pre: Vec<f32>,
     z: Vec<f32>,
@@ -89,6 +141,32 @@ impl Engine {
             head0_bias: flat(&model.head0.bias)?,
             head1: flat(&model.head1.weight)?,
             head1_bias: flat(&model.head1.bias)?,
+            frames: match &model.frames {
+                None => None,
+                Some(net) => {
+                    let per_layer: Vec<Vec<f32>> = model
+                        .layers
+                        .iter()
+                        .map(|l| flat(l.local.as_ref().expect("invariant: a vocoder's layers")))
+                        .collect::<Result<_>>()?;
+                    let (r, w) = (net.cfg.channels, per_layer.len() * 2 * model.cfg.gate_channels);
+                    let mut projections = Vec::with_capacity(r * w);
+                    for i in 0..r {
+                        for p in &per_layer {
+                            let cols = p.len() / r;
+                            projections.extend_from_slice(&p[i * cols..(i + 1) * cols]);
+                        }
+                    }
+                    Some(FrameWeights {
+                        conv: flat(&net.conv.weight)?,
+                        bias: flat(&net.conv.bias)?,
+                        mean: net.cfg.mean.clone(),
+                        deviation: net.cfg.deviation.clone(),
+                        projections,
+                        hop: net.cfg.mel.hop,
+                    })
+                }
+            },
             kernels,
             exact,
         })
@@ -104,9 +182,84 @@ impl Engine {
         &self.cfg
     }
 
+    /// Whether the model is a vocoder (its streams need [`Engine::condition`]).
+    pub fn is_vocoder(&self) -> bool {
+        self.frames.is_some()
+    }
+
+    /// A vocoder's conditioning on `features` (`frames × M` log-mel values, row-major): the
+    /// frame network and every layer's projection, once per frame. Frames outside the input
+    /// read as silence (the features' floor), as in training.
+    pub fn condition(&self, features: &[f32], frames: usize) -> Result<Conditioning> {
+        let Some(fw) = &self.frames else {
+            return Err(Error::Config("this model is not a vocoder: it takes no mel features".into()));
+        };
+        let m = fw.mean.len();
+        if features.len() != frames * m || frames == 0 {
+            return Err(Error::Config(format!(
+                "{} feature values for {frames} frames: this vocoder reads {m} mel bands per frame",
+                features.len()
+            )));
+        }
+        let (r, width) = (fw.bias.len(), fw.projections.len() / fw.bias.len());
+        let floor = crate::audio::mel::FLOOR.ln();
+        // Standardised frames −2 … F + 1 (the frame network reads one frame either side).
+        let padded: Vec<f32> = (-2..frames as isize + 2)
+            .flat_map(|f| {
+                (0..m).map(move |b| {
+                    let x = if (0..frames as isize).contains(&f) { features[f as usize * m + b] } else { floor };
+                    (x - fw.mean[b]) / fw.deviation[b]
+                })
+            })
+            .collect();
+        let mm = self.kernels.matmul_acc;
+        let project = |stacked: &[f32], rows: usize| {
+            let mut hidden: Vec<f32> = (0..rows).flat_map(|_| fw.bias.iter().copied()).collect();
+            mm(&mut hidden, stacked, &fw.conv, rows, 3 * m, r);
+            hidden.iter_mut().for_each(|h| *h = h.tanh());
+            let mut out = vec![0f32; rows * width];
+            mm(&mut out, &hidden, &fw.projections, rows, r, width);
+            out
+        };
+        // Frame f (−1 … F) reads padded rows f + 1, f + 2, f + 3: three consecutive rows are
+        // one stacked input of 3·M values.
+        let stacked: Vec<f32> = (0..frames + 2).flat_map(|i| padded[i * m..(i + 3) * m].iter().copied()).collect();
+        let silence_in: Vec<f32> = (0..3 * m).map(|i| (floor - fw.mean[i % m]) / fw.deviation[i % m]).collect();
+        Ok(Conditioning {
+            rows: project(&stacked, frames + 2),
+            silence: project(&silence_in, 1),
+            width,
+            hop: fw.hop,
+            frames,
+        })
+    }
+
     /// Fresh state for `labels.len()` streams (labels are ignored, and may be all 0, when the
     /// model is unconditioned).
     pub fn streams(&self, labels: &[u32]) -> Result<Streams> {
+        if self.is_vocoder() {
+            return Err(Error::Config(
+                "this model is a vocoder: it generates from mel features (`wavegen vocode`)".into(),
+            ));
+        }
+        self.streams_conditioned(labels, vec![], 0)
+    }
+
+    /// Fresh state for `labels.len()` streams of a vocoder, stream i conditioned on `local[i]`,
+    /// its first `lead` steps (the priming) coming before the input's first sample.
+    pub fn vocoder_streams(&self, labels: &[u32], local: Vec<Arc<Conditioning>>, lead: usize) -> Result<Streams> {
+        if !self.is_vocoder() || local.len() != labels.len() {
+            return Err(Error::Config(format!(
+                "{} conditioning inputs for {} streams of a {}",
+                local.len(),
+                labels.len(),
+                if self.is_vocoder() { "vocoder" } else { "model that takes no features" }
+            )));
+        }
+        self.streams_conditioned(labels, local, lead)
+    }
+
+    fn streams_conditioned(&self, labels: &[u32], local: Vec<Arc<Conditioning>>, lead: usize) -> Result<Streams> {
         let (n, c, g) = (labels.len(), self.cfg.residual_channels, self.cfg.gate_channels);
         if n == 0 {
             return Err(Error::Config("at least one stream".into()));
@@ -134,6 +287,9 @@ impl Engine {
             rings: self.layers.iter().map(|l| vec![0.0; (k - 1) * l.dilation * n * c]).collect(),
             heads: vec![0; self.layers.len()],
             cond,
+            local,
+            position: 0,
+            lead,
             x: vec![0.0; n * c],
             pre: vec![0.0; n * 2 * g],
             z: vec![0.0; n * g],
@@ -168,6 +324,12 @@ impl Engine {
             }
             if !s.cond[li].is_empty() {
                 s.pre.iter_mut().zip(&s.cond[li]).for_each(|(p, c)| *p += c);
+            }
+            // A vocoder: this layer's projection of the frame the sample belongs to.
+            let t = s.position as isize - s.lead as isize;
+            for (pre, local) in s.pre.chunks_exact_mut(2 * g).zip(&s.local) {
+                let row = &local.row(t)[li * 2 * g..(li + 1) * 2 * g];
+                pre.iter_mut().zip(row).for_each(|(p, c)| *p += c);
             }
             // Tap j < k−1 reads x[t − (k−1−j)·d], ring slot head + j·d (all N rows of a slot are
             // contiguous, so each tap is one product); the last tap is the current input.
@@ -206,6 +368,7 @@ impl Engine {
         mm(&mut s.hidden, &s.skip, &self.head0, n, sk, h);
         s.hidden.iter_mut().for_each(|x| *x = x.max(0.0));
         mm(&mut s.logits, &s.hidden, &self.head1, n, h, v);
+        s.position += 1;
         &s.logits
     }
 }

@@ -23,7 +23,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::matmul::{Bf16, Exact, Mat, Products, Scalar};
 use crate::Result;
@@ -159,6 +159,7 @@ mod avx512 {
         l: &super::ParamLayout,
         p: &[f32],
         input: &[u32],
+        cond: &[f32],
         size: super::Size,
         nll: bool,
     ) -> Option<(Vec<f32>, Vec<f32>, super::Activations<f32>)> {
@@ -167,13 +168,14 @@ mod avx512 {
             l: &super::ParamLayout,
             p: &[f32],
             input: &[u32],
+            cond: &[f32],
             size: super::Size,
             nll: bool,
         ) -> (Vec<f32>, Vec<f32>, super::Activations<f32>) {
-            super::forward_and_nll::<f32, P>(l, p, input, size, nll)
+            super::forward_and_nll::<f32, P>(l, p, input, cond, size, nll)
         }
         // SAFETY: the features the function is compiled for were detected.
-        present().then(|| unsafe { run::<P>(l, p, input, size, nll) })
+        present().then(|| unsafe { run::<P>(l, p, input, cond, size, nll) })
     }
 
     /// The whole backward pass compiled for AVX-512, if the CPU has it.
@@ -184,7 +186,7 @@ mod avx512 {
         size: super::Size,
         acts: &super::Activations<f32>,
         dl: &[f32],
-    ) -> Option<Vec<f32>> {
+    ) -> Option<(Vec<f32>, Vec<f32>)> {
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
         unsafe fn run<P: Products<f32>>(
             l: &super::ParamLayout,
@@ -193,7 +195,7 @@ mod avx512 {
             size: super::Size,
             acts: &super::Activations<f32>,
             dl: &[f32],
-        ) -> Vec<f32> {
+        ) -> (Vec<f32>, Vec<f32>) {
             super::backward::<f32, P>(l, p, input, size, acts, dl)
         }
         // SAFETY: the features the function is compiled for were detected.
@@ -250,11 +252,12 @@ trait Float:
         l: &ParamLayout,
         p: &[Self],
         input: &[u32],
+        cond: &[Self],
         size: Size,
         nll: bool,
         _precision: Precision,
     ) -> (Vec<Self>, Vec<Self>, Activations<Self>) {
-        forward_and_nll::<Self, Exact>(l, p, input, size, nll)
+        forward_and_nll::<Self, Exact>(l, p, input, cond, size, nll)
     }
     /// [`backward`], compiled for the best instruction set the CPU has, its products in
     /// `precision`.
@@ -266,7 +269,7 @@ trait Float:
         acts: &Activations<Self>,
         dl: &[Self],
         _precision: Precision,
-    ) -> Vec<Self> {
+    ) -> (Vec<Self>, Vec<Self>) {
         backward::<Self, Exact>(l, p, input, size, acts, dl)
     }
     /// The op's output as candle storage, and what its backward pass keeps.
@@ -304,6 +307,7 @@ impl Float for f32 {
         l: &ParamLayout,
         p: &[f32],
         input: &[u32],
+        cond: &[f32],
         size: Size,
         nll: bool,
         precision: Precision,
@@ -312,18 +316,19 @@ impl Float for f32 {
             l: &ParamLayout,
             p: &[f32],
             input: &[u32],
+            cond: &[f32],
             size: Size,
             nll: bool,
         ) -> (Vec<f32>, Vec<f32>, Activations<f32>) {
             #[cfg(target_arch = "x86_64")]
-            if let Some(out) = avx512::forward::<P>(l, p, input, size, nll) {
+            if let Some(out) = avx512::forward::<P>(l, p, input, cond, size, nll) {
                 return out;
             }
-            forward_and_nll::<f32, P>(l, p, input, size, nll)
+            forward_and_nll::<f32, P>(l, p, input, cond, size, nll)
         }
         match precision {
-            Precision::F32 => with::<Exact>(l, p, input, size, nll),
-            Precision::Bf16 => with::<Bf16>(l, p, input, size, nll),
+            Precision::F32 => with::<Exact>(l, p, input, cond, size, nll),
+            Precision::Bf16 => with::<Bf16>(l, p, input, cond, size, nll),
         }
     }
     fn backward_pass(
@@ -334,7 +339,7 @@ impl Float for f32 {
         acts: &Activations<f32>,
         dl: &[f32],
         precision: Precision,
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, Vec<f32>) {
         fn with<P: Products<f32>>(
             l: &ParamLayout,
             p: &[f32],
@@ -342,7 +347,7 @@ impl Float for f32 {
             size: Size,
             acts: &Activations<f32>,
             dl: &[f32],
-        ) -> Vec<f32> {
+        ) -> (Vec<f32>, Vec<f32>) {
             #[cfg(target_arch = "x86_64")]
             if let Some(out) = avx512::backward::<P>(l, p, input, size, acts, dl) {
                 return out;
@@ -440,11 +445,22 @@ fn dilated_taps<'a, T>(
     (0..k).map(move |j| ((k - 1 - j) * d, Mat::new(p, at + j * c * 2 * g, c, 2 * g)))
 }
 
-/// Batch size and sequence length.
+/// Batch size and sequence length; with local conditioning, the frames per sequence and the
+/// samples per frame (position t of a sequence reads its frame ⌊t / hop⌋).
 #[derive(Debug, Clone, Copy)]
 struct Size {
     batch: usize,
     len: usize,
+    frames: usize,
+    hop: usize,
+}
+
+impl Size {
+    /// The row of the conditioning `(B·F, L·2G)` that position `t` of sequence `b` reads.
+    #[inline(always)]
+    fn frame_row(&self, b: usize, t: usize) -> usize {
+        b * self.frames + t / self.hop
+    }
 }
 
 /// Column 0 of each row of `input` is the label, the rest the tokens.
@@ -458,7 +474,13 @@ fn token(input: &[u32], size: Size, b: usize, t: usize) -> usize {
 }
 
 #[inline(always)]
-fn forward<T: Float, P: Products<T>>(l: &ParamLayout, p: &[T], input: &[u32], size: Size) -> (Vec<T>, Activations<T>) {
+fn forward<T: Float, P: Products<T>>(
+    l: &ParamLayout,
+    p: &[T],
+    input: &[u32],
+    cond: &[T],
+    size: Size,
+) -> (Vec<T>, Activations<T>) {
     let cfg = &l.cfg;
     let (c, g, s, h, v) = (cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, cfg.head_channels, cfg.classes);
     let (bsz, len) = (size.batch, size.len);
@@ -484,6 +506,14 @@ fn forward<T: Float, P: Products<T>>(l: &ParamLayout, p: &[T], input: &[u32], si
             for (b, &lab) in labels.iter().enumerate() {
                 let row = &p[table + lab as usize * 2 * g..table + (lab as usize + 1) * 2 * g];
                 add_rows(&mut pre[b * len * 2 * g..(b + 1) * len * 2 * g], row);
+            }
+        }
+        // Local conditioning: each position adds its frame's projection for this layer.
+        if size.frames > 0 {
+            let (li, width) = (acts.pres.len(), lg * 2);
+            for (r, row) in pre.chunks_exact_mut(2 * g).enumerate() {
+                let at = size.frame_row(r / len, r % len) * width + li * 2 * g;
+                row.iter_mut().zip(&cond[at..at + 2 * g]).for_each(|(x, &c)| *x += c);
             }
         }
         // Per sequence: pre[t] += Σ_j x[t − (k−1−j)·d] W[j].
@@ -536,7 +566,7 @@ fn backward<T: Float, P: Products<T>>(
     size: Size,
     a: &Activations<T>,
     dlogits: &[T],
-) -> Vec<T> {
+) -> (Vec<T>, Vec<T>) {
     let cfg = &l.cfg;
     let (k, c, g, s, h, v) =
         (cfg.kernel_width, cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, cfg.head_channels, cfg.classes);
@@ -544,6 +574,7 @@ fn backward<T: Float, P: Products<T>>(
     let n = bsz * len;
     let (labels, _) = split_input(input, size);
     let mut dp = vec![T::ZERO; p.len()];
+    let mut dcond = vec![T::ZERO; bsz * size.frames * l.layers.len() * 2 * g];
 
     // Head, backwards.
     P::acc(&mut dp, l.head1_w, Mat::new(&a.hidden, 0, n, h).t(), Mat::new(dlogits, 0, n, v));
@@ -603,6 +634,12 @@ fn backward<T: Float, P: Products<T>>(
                 sum_rows(&mut dp[at..at + 2 * g], &dpre[b * len * 2 * g..(b + 1) * len * 2 * g]);
             }
         }
+        if size.frames > 0 {
+            for (r, row) in dpre.chunks_exact(2 * g).enumerate() {
+                let at = size.frame_row(r / len, r % len) * lg * 2 + li * 2 * g;
+                dcond[at..at + 2 * g].iter_mut().zip(row).for_each(|(d, &x)| *d += x);
+            }
+        }
         // The dilated convolution: dW[j] += x_shiftedᵀ dpre; dx_in[t − s] += dpre[t] W[j]ᵀ.
         // The residual connection passes dx through unchanged.
         // The weight gradients first, per sequence from the unshifted tap (whose xᵀ the other
@@ -630,7 +667,7 @@ fn backward<T: Float, P: Products<T>>(
             dp[l.embed + code * c..l.embed + (code + 1) * c].iter_mut().zip(row).for_each(|(a, &x)| *a += x);
         }
     }
-    dp
+    (dp, dcond)
 }
 
 /// The op: from `input (B, T + 1)` (label, then tokens) and the flat parameters, the logits
@@ -703,10 +740,11 @@ fn forward_and_nll<T: Float, P: Products<T>>(
     l: &ParamLayout,
     p: &[T],
     input: &[u32],
+    cond: &[T],
     size: Size,
     nll: bool,
 ) -> (Vec<T>, Vec<T>, Activations<T>) {
-    let (mut logits, acts) = forward::<T, P>(l, p, input, size);
+    let (mut logits, acts) = forward::<T, P>(l, p, input, cond, size);
     if nll {
         let out = softmax_nll(&mut logits, input, size, l.cfg.classes);
         (out, logits, acts)
@@ -717,34 +755,33 @@ fn forward_and_nll<T: Float, P: Products<T>>(
 
 impl StackOp {
     /// The op's output (logits or NLL) and what its backward pass keeps.
-    fn forward_typed<T: Float>(&self, p: &[T], input: &[u32]) -> (CpuStorage, Kept) {
-        let (out, probs, acts) = T::forward_pass(&self.layout, p, input, self.size, self.nll, self.precision);
+    fn forward_typed<T: Float>(&self, p: &[T], input: &[u32], cond: &[T]) -> (CpuStorage, Kept) {
+        let (out, probs, acts) = T::forward_pass(&self.layout, p, input, cond, self.size, self.nll, self.precision);
         (T::storage(out), T::keep(acts, probs))
     }
 
+    /// The gradients of the weights and of the conditioning.
     fn backward_typed<T: Float + candle_core::WithDType>(
         &self,
         params: &Tensor,
+        cond: &Tensor,
         grad: &Tensor,
         tokens: &[u32],
         acts: &Activations<T>,
         probs: Vec<T>,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let (size, v) = (self.size, self.layout.cfg.classes);
         let p = params.to_vec1::<T>()?;
         let mut dl = grad.flatten_all()?.to_vec1::<T>()?;
         if self.nll {
             dl = nll_backward(probs, &dl, tokens, size, v);
         }
-        Tensor::from_vec(
-            T::backward_pass(&self.layout, &p, tokens, size, acts, &dl, self.precision),
-            p.len(),
-            params.device(),
-        )
+        let (dp, dcond) = T::backward_pass(&self.layout, &p, tokens, size, acts, &dl, self.precision);
+        Ok((Tensor::from_vec(dp, p.len(), params.device())?, Tensor::from_vec(dcond, cond.shape(), cond.device())?))
     }
 }
 
-impl CustomOp2 for StackOp {
+impl CustomOp3 for StackOp {
     fn name(&self) -> &'static str {
         "wavenet-stack"
     }
@@ -755,16 +792,20 @@ impl CustomOp2 for StackOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::U32(input) = s1 else { candle_core::bail!("wavenet stack: tokens must be u32") };
         let input = super::contiguous_slice(input, l1, "wavenet stack")?;
         let (size, v) = (self.size, self.layout.cfg.classes);
         let shape = if self.nll { Shape::from((size.batch, size.len)) } else { Shape::from((size.batch, size.len, v)) };
         let mut kept = self.kept.lock().expect("invariant: not poisoned");
-        let (out, k) = match s2 {
-            CpuStorage::F32(p) => self.forward_typed(super::contiguous_slice(p, l2, "wavenet stack")?, input),
-            CpuStorage::F64(p) => self.forward_typed(super::contiguous_slice(p, l2, "wavenet stack")?, input),
-            _ => candle_core::bail!("wavenet stack: weights must be f32 or f64"),
+        use super::contiguous_slice as slice;
+        const OP: &str = "wavenet stack";
+        let (out, k) = match (s2, s3) {
+            (CpuStorage::F32(p), CpuStorage::F32(c)) => self.forward_typed(slice(p, l2, OP)?, input, slice(c, l3, OP)?),
+            (CpuStorage::F64(p), CpuStorage::F64(c)) => self.forward_typed(slice(p, l2, OP)?, input, slice(c, l3, OP)?),
+            _ => candle_core::bail!("wavenet stack: weights and conditioning must be both f32 or both f64"),
         };
         *kept = Some(k);
         Ok((out, shape))
@@ -774,30 +815,42 @@ impl CustomOp2 for StackOp {
         &self,
         input: &Tensor,
         params: &Tensor,
+        cond: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let tokens = input.flatten_all()?.to_vec1::<u32>()?;
         let kept = self.kept.lock().expect("invariant: not poisoned").take();
-        let dp = match kept {
-            Some(Kept::F32(acts, probs)) => self.backward_typed::<f32>(params, grad, &tokens, &acts, probs)?,
-            Some(Kept::F64(acts, probs)) => self.backward_typed::<f64>(params, grad, &tokens, &acts, probs)?,
+        let (dp, dcond) = match kept {
+            Some(Kept::F32(acts, probs)) => self.backward_typed::<f32>(params, cond, grad, &tokens, &acts, probs)?,
+            Some(Kept::F64(acts, probs)) => self.backward_typed::<f64>(params, cond, grad, &tokens, &acts, probs)?,
             None => candle_core::bail!("wavenet stack: backward called twice, or before forward"),
         };
-        Ok((None, Some(dp)))
+        Ok((None, Some(dp), (self.size.frames > 0).then_some(dcond)))
     }
 }
 
-/// The logits `(B, T, V)` of WaveNet `layout.cfg` for `tokens (B, T)` (and `labels (B,)`), with
-/// the weights packed in `params` as [`ParamLayout`] says.
+/// Local conditioning for the op: each layer's projection of every frame, `(B, F, L·2G)` (layer
+/// l's columns l·2G .. (l+1)·2G), and the samples per frame; position t reads frame ⌊t / hop⌋.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameConditioning<'a> {
+    /// The projections, `(B, F, L·2G)`.
+    pub projections: &'a Tensor,
+    /// Samples per frame.
+    pub hop: usize,
+}
+
+/// The logits `(B, T, V)` of WaveNet `layout.cfg` for `tokens (B, T)` (and `labels (B,)`, and
+/// the frames' projections), with the weights packed in `params` as [`ParamLayout`] says.
 pub fn wavenet_logits(
     layout: &ParamLayout,
     params: &Tensor,
     tokens: &Tensor,
     labels: Option<&Tensor>,
+    frames: Option<FrameConditioning>,
     precision: Precision,
 ) -> Result<Tensor> {
-    apply(layout, params, tokens, labels, false, precision)
+    apply(layout, params, tokens, labels, frames, false, precision)
 }
 
 /// The NLL in nats of every token, `(B, T)`: the loss without the logits ever becoming a candle
@@ -807,9 +860,10 @@ pub fn wavenet_nll(
     params: &Tensor,
     tokens: &Tensor,
     labels: Option<&Tensor>,
+    frames: Option<FrameConditioning>,
     precision: Precision,
 ) -> Result<Tensor> {
-    apply(layout, params, tokens, labels, true, precision)
+    apply(layout, params, tokens, labels, frames, true, precision)
 }
 
 fn apply(
@@ -817,6 +871,7 @@ fn apply(
     params: &Tensor,
     tokens: &Tensor,
     labels: Option<&Tensor>,
+    frames: Option<FrameConditioning>,
     nll: bool,
     precision: Precision,
 ) -> Result<Tensor> {
@@ -839,7 +894,23 @@ fn apply(
     if max_token as usize >= layout.cfg.classes {
         return Err(crate::Error::Config(format!("token {max_token} out of range")));
     }
+    let (cond, hop, frame_count) = match frames {
+        Some(FrameConditioning { projections, hop }) => {
+            let (b, f, width) = projections.dims3()?;
+            let needed = if len == 0 { 0 } else { (len - 1) / hop.max(1) + 1 };
+            if b != batch || width != layout.layers.len() * 2 * layout.cfg.gate_channels || hop == 0 || f < needed {
+                return Err(crate::Error::Config(format!(
+                    "conditioning of shape ({b}, {f}, {width}) with a hop of {hop} for {batch} sequences of {len} samples: \
+                     it needs at least {needed} frames of {} columns per sequence",
+                    layout.layers.len() * 2 * layout.cfg.gate_channels
+                )));
+            }
+            (projections.contiguous()?, hop, f)
+        }
+        None => (Tensor::zeros(0, params.dtype(), params.device())?, 1, 0),
+    };
     let input = Tensor::cat(&[labels, tokens.to_dtype(DType::U32)?], 1)?.contiguous()?; // (B, T + 1)
-    let op = StackOp { layout: layout.clone(), size: Size { batch, len }, nll, precision, kept: Mutex::new(None) };
-    Ok(input.apply_op2(&params.contiguous()?, op)?)
+    let size = Size { batch, len, frames: frame_count, hop };
+    let op = StackOp { layout: layout.clone(), size, nll, precision, kept: Mutex::new(None) };
+    Ok(input.apply_op3(&params.contiguous()?, &cond, op)?)
 }

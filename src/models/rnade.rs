@@ -261,6 +261,7 @@ mod tests {
             mask: Tensor::ones((2, 5), DType::F64, &Device::Cpu).unwrap(),
             labels: None,
             values: Some(values),
+            features: None,
         };
         let density_nll = model.position_nll(&batch).unwrap().to_vec2::<f64>().unwrap();
         let level_nll = token_nll(&log_p, &tokens).unwrap().to_vec2::<f64>().unwrap();

@@ -20,8 +20,21 @@
 //! | `layers.{i}.skip.weight` / `.bias` | `(G, S)` / `(S,)` | |
 //! | `head.0.weight` / `.bias` | `(S, H)` / `(H,)` | |
 //! | `head.1.weight` / `.bias` | `(H, 256)` / `(256,)` | |
+//! | `frames.weight` / `.bias` | `(3·M, R)` / `(R,)` | only as a vocoder: the frame network |
+//! | `layers.{i}.local.weight` | `(R, 2G)` | only as a vocoder: `V_f y`, `V_g y` per frame |
 //!
 //! The input is shifted right by one position (zeros first), so the logits at t see x_<t.
+//!
+//! **Local conditioning** (the vocoder, section 2.5 of the paper): log-mel features `(frames,
+//! M)` at one frame per `hop` samples ([`crate::audio::mel`]). The frame network standardises
+//! each band (with the training corpus's mean and deviation, stored in [`LocalConfig`]) and
+//! reads three frames at once, y_f = tanh(W·[x_{f−1}, x_f, x_{f+1}] + b) (`R` channels); each
+//! layer adds its projection `V y_f` to the pre-activation of every sample of frame f, the
+//! samples `f·hop … (f+1)·hop − 1`: the upsampling is a repeat after the frame-rate
+//! convolution, so the projection is computed once per frame, in training as in the engine.
+//! Sample t therefore sees the features up to frame ⌊t / hop⌋ + 1 (one frame of look-ahead;
+//! that frame's analysis window reaches n_fft/2 samples past its centre), and the audio before
+//! t only.
 
 use std::collections::VecDeque;
 
@@ -30,9 +43,10 @@ use candle_nn::{Embedding, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::{Registered, Settings};
+use crate::audio::mel::MelConfig;
 use crate::core::Autoregressive;
 use crate::core::train::Precision;
-use crate::layers::wavenet_stack::{ParamLayout, wavenet_logits, wavenet_nll};
+use crate::layers::wavenet_stack::{FrameConditioning, ParamLayout, wavenet_logits, wavenet_nll};
 use crate::layers::{ChannelLinear, causal_taps, gated_unit};
 use crate::{Error, Result};
 
@@ -57,6 +71,49 @@ pub struct Config {
     pub classes: usize,
     /// Number of global-conditioning labels (0: unconditioned).
     pub num_labels: usize,
+    /// Local conditioning on mel features (a vocoder), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalConfig>,
+}
+
+/// A vocoder's conditioning: how its features are made and the frame network that reads them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalConfig {
+    /// The analysis (its hop is the upsampling factor; its bands are `M`).
+    pub mel: MelConfig,
+    /// Channels of the frame network (`R`).
+    pub channels: usize,
+    /// Each band's mean over the training features.
+    pub mean: Vec<f32>,
+    /// Each band's standard deviation over the training features (the network reads
+    /// (x − mean) / deviation).
+    pub deviation: Vec<f32>,
+}
+
+impl LocalConfig {
+    /// Conditioning on `mel` features through `channels` frame channels, standardised with
+    /// `mean` and `deviation` per band.
+    pub fn new(mel: MelConfig, channels: usize, mean: Vec<f32>, deviation: Vec<f32>) -> Self {
+        LocalConfig { mel, channels, mean, deviation }
+    }
+
+    fn validate(&self) -> Result<()> {
+        use super::within;
+        self.mel.validate()?;
+        within("vocoder --cond-channels", self.channels, 1, 4096)?;
+        let bands = self.mel.bands;
+        if self.mean.len() != bands || self.deviation.len() != bands {
+            return Err(Error::Config(format!(
+                "vocoder: {} means and {} deviations for {bands} mel bands",
+                self.mean.len(),
+                self.deviation.len()
+            )));
+        }
+        if !self.mean.iter().all(|m| m.is_finite()) || !self.deviation.iter().all(|d| d.is_finite() && *d > 0.0) {
+            return Err(Error::Config("vocoder: the band means and deviations must be finite, deviations > 0".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -74,6 +131,7 @@ impl Default for Config {
             head_channels: 128,
             classes: 256,
             num_labels: 0,
+            local: None,
         }
     }
 }
@@ -91,6 +149,7 @@ impl Config {
             head_channels: 16,
             classes: 256,
             num_labels: 0,
+            local: None,
         }
     }
 
@@ -109,6 +168,7 @@ impl Config {
             head_channels: 64,
             classes: 256,
             num_labels: 0,
+            local: None,
         }
     }
 
@@ -131,7 +191,11 @@ impl Config {
     pub fn weights(&self) -> usize {
         let (c, g, s, h) = (self.residual_channels, self.gate_channels, self.skip_channels, self.head_channels);
         let per_layer = self.kernel_width * c * 2 * g + (self.num_labels + 1) * 2 * g + g * (c + s) + c + s;
-        self.classes * c + self.layers() * per_layer + s * h + h * self.classes
+        let local = self.local.as_ref().map_or(0, |l| {
+            let r = l.channels;
+            3 * l.mel.bands * r + r + self.layers() * r * 2 * g
+        });
+        self.classes * c + self.layers() * per_layer + s * h + h * self.classes + local
     }
 
     /// Checks that every size is usable, within limits that keep a model (and its receptive
@@ -148,6 +212,9 @@ impl Config {
         within("WaveNet classes", self.classes, 2, 65_536)?;
         within("WaveNet labels", self.num_labels, 0, 100_000)?;
         within("WaveNet receptive field (samples)", self.receptive_field(), 1, 1 << 22)?;
+        if let Some(local) = &self.local {
+            local.validate()?;
+        }
         let params = self.weights();
         if params > super::MAX_PARAMETERS {
             return Err(Error::Config(format!(
@@ -170,6 +237,8 @@ pub struct ResidualLayer {
     pub residual: ChannelLinear,
     /// 1×1 from the gated unit to the skip sum.
     pub skip: ChannelLinear,
+    /// The frame network's output into the filter and gate pre-activations, `(R, 2G)`.
+    pub local: Option<Tensor>,
     /// Dilation of this layer.
     pub dilation: usize,
     /// Kernel width.
@@ -201,9 +270,18 @@ impl ResidualLayer {
                 Ok(Embedding::new(w, 2 * g))
             })
             .transpose()?;
+        let local = cfg
+            .local
+            .as_ref()
+            .map(|l| {
+                let init = Init::Randn { mean: 0.0, stdev: 1.0 / (l.channels as f64).sqrt() };
+                vb.pp("local").get_with_hints((l.channels, 2 * g), "weight", init)
+            })
+            .transpose()?;
         Ok(ResidualLayer {
             dilated,
             label,
+            local,
             residual: ChannelLinear::new(g, c, 1.0, vb.pp("residual"))?,
             skip: ChannelLinear::new(g, cfg.skip_channels, 1.0, vb.pp("skip"))?,
             dilation,
@@ -213,7 +291,8 @@ impl ResidualLayer {
     }
 
     /// From stacked taps `(B, T, k·C)` and the layer input `x (B, T, C)` to the next residual
-    /// stream `(B, T, C)` and this layer's skip output `(B, T, S)`. `cond` is `(B, 1, 2G)`.
+    /// stream `(B, T, C)` and this layer's skip output `(B, T, S)`. `cond` is `(B, 1, 2G)` or
+    /// `(B, T, 2G)`.
     fn apply(&self, taps: &Tensor, x: &Tensor, cond: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let (b, t, kc) = taps.dims3()?;
         let w = self.dilated.weight.reshape((kc, 2 * self.gate))?; // (k·C, 2G)
@@ -245,6 +324,55 @@ fn check_labels(conditioned: bool, labels: Option<&Tensor>) -> Result<()> {
     }
 }
 
+/// The vocoder's frame network: log-mel frames to `R` channels per frame, and every layer's
+/// projection of them.
+#[derive(Debug, Clone)]
+pub struct FrameNet {
+    /// Its settings.
+    pub cfg: LocalConfig,
+    /// Three frames, `f − 1, f, f + 1`, stacked `(3·M, R)`.
+    pub conv: ChannelLinear,
+    mean: Tensor,
+    inverse_deviation: Tensor,
+}
+
+impl FrameNet {
+    fn new(cfg: &LocalConfig, vb: VarBuilder) -> Result<Self> {
+        let bands = cfg.mel.bands;
+        let dev = candle_core::Device::Cpu;
+        let inverse: Vec<f32> = cfg.deviation.iter().map(|d| 1.0 / d).collect();
+        Ok(FrameNet {
+            cfg: cfg.clone(),
+            conv: ChannelLinear::new(3 * bands, cfg.channels, 1.0, vb)?,
+            mean: Tensor::from_slice(&cfg.mean, bands, &dev)?,
+            inverse_deviation: Tensor::from_vec(inverse, bands, &dev)?,
+        })
+    }
+
+    /// From features `(B, F + 2, M)` (frames −1 … F of each sequence) to the frame network's
+    /// output `(B, F, R)`.
+    pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+        let (b, rows, m) = features.dims3()?;
+        if m != self.cfg.mel.bands || rows < 3 {
+            return Err(Error::Config(format!(
+                "features of {m} bands in {rows} frames: this vocoder reads {} bands, at least 3 frames",
+                self.cfg.mel.bands
+            )));
+        }
+        let f = rows - 2;
+        let dtype = self.conv.weight.dtype();
+        let x = features
+            .to_dtype(dtype)?
+            .broadcast_sub(&self.mean.to_dtype(dtype)?)?
+            .broadcast_mul(&self.inverse_deviation.to_dtype(dtype)?)?;
+        let stacked = Tensor::cat(&[x.narrow(1, 0, f)?, x.narrow(1, 1, f)?, x.narrow(1, 2, f)?], 2)?; // (B, F, 3M)
+        // Plain 2-D products on contiguous operands (candle's batched CPU products on
+        // transposed views have wrong gradients; see the notes).
+        let h = stacked.reshape((b * f, 3 * m))?.matmul(&self.conv.weight)?.broadcast_add(&self.conv.bias)?.tanh()?;
+        Ok(h.reshape((b, f, self.cfg.channels))?)
+    }
+}
+
 /// The WaveNet model.
 #[derive(Debug, Clone)]
 pub struct WaveNet {
@@ -258,6 +386,8 @@ pub struct WaveNet {
     pub head0: ChannelLinear,
     /// Head: hidden → logits.
     pub head1: ChannelLinear,
+    /// The frame network, when the model is a vocoder.
+    pub frames: Option<FrameNet>,
     /// Where each weight sits in the flat vector the fused training op takes.
     layout: ParamLayout,
     /// Precision of the fused op's products.
@@ -282,6 +412,7 @@ impl WaveNet {
             layers,
             head0: ChannelLinear::new(cfg.skip_channels, cfg.head_channels, 1.0, vb.pp("head.0"))?,
             head1: ChannelLinear::new(cfg.head_channels, cfg.classes, 1.0, vb.pp("head.1"))?,
+            frames: cfg.local.as_ref().map(|l| FrameNet::new(l, vb.pp("frames"))).transpose()?,
             layout: ParamLayout::new(cfg),
             precision: Precision::F32,
         })
@@ -316,14 +447,36 @@ impl WaveNet {
     /// The logits through candle's own operations and autograd: the reference the fused op
     /// ([`crate::layers::wavenet_stack`]) is checked against, and the path of the stepper's
     /// building blocks.
-    pub fn reference_logits(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+    pub fn reference_logits(
+        &self,
+        tokens: &Tensor,
+        labels: Option<&Tensor>,
+        features: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (_b, t) = tokens.dims2()?;
         let x = self.embed.forward(tokens)?; // (B, T, C)
         let mut x = x.pad_with_zeros(1, 1, 0)?.narrow(1, 0, t)?.contiguous()?; // shifted: position t holds x_{t−1}
+        // The frame network's output repeated to the samples: position t reads frame ⌊t / hop⌋.
+        let per_sample = match self.frame_outputs(features, t)? {
+            Some((y, hop)) => {
+                let frame_of: Vec<u32> = (0..t).map(|i| (i / hop) as u32).collect();
+                Some(y.index_select(&Tensor::new(frame_of, y.device())?, 1)?) // (B, T, R)
+            }
+            None => None,
+        };
         let mut skip: Option<Tensor> = None;
         for layer in &self.layers {
             let taps = causal_taps(&x, layer.kernel, layer.dilation)?; // (B, T, k·C)
-            let (next, s) = layer.apply(&taps, &x, layer.condition(labels)?.as_ref())?;
+            let mut cond = layer.condition(labels)?;
+            if let (Some(y), Some(v)) = (&per_sample, &layer.local) {
+                let (b, t, r) = y.dims3()?;
+                let local = y.reshape((b * t, r))?.matmul(v)?.reshape((b, t, v.dim(1)?))?;
+                cond = Some(match cond {
+                    Some(c) => local.broadcast_add(&c)?,
+                    None => local,
+                });
+            }
+            let (next, s) = layer.apply(&taps, &x, cond.as_ref())?;
             x = next;
             skip = Some(match skip {
                 Some(acc) => (acc + s)?,
@@ -331,6 +484,54 @@ impl WaveNet {
             });
         }
         self.head(&skip.expect("invariant: validated to have at least one layer"))
+    }
+
+    /// The frame network's output `(B, F, R)` for sequences of `len` samples, and the hop; `None`
+    /// for a model without local conditioning. Fails unless features are given exactly when
+    /// the model is a vocoder, with enough frames for `len` samples.
+    fn frame_outputs(&self, features: Option<&Tensor>, len: usize) -> Result<Option<(Tensor, usize)>> {
+        match (&self.frames, features) {
+            (None, None) => Ok(None),
+            (Some(_), None) => {
+                Err(Error::Config("this model is a vocoder: it needs mel features (use `wavegen vocode`)".into()))
+            }
+            (None, Some(_)) => Err(Error::Config("this model takes no mel features (it is not a vocoder)".into())),
+            (Some(net), Some(f)) => {
+                let hop = net.cfg.mel.hop;
+                let y = net.forward(f)?;
+                let needed = len.div_ceil(hop);
+                if y.dim(1)? < needed {
+                    return Err(Error::Config(format!(
+                        "{} frames of features for {len} samples: a hop of {hop} needs {} (frames −1 … {needed})",
+                        y.dim(1)? + 2,
+                        needed + 2
+                    )));
+                }
+                Ok(Some((y, hop)))
+            }
+        }
+    }
+
+    /// Every layer's projection of the frame network's output, side by side `(B, F, L·2G)`:
+    /// what the fused op adds per frame.
+    fn frame_projections(&self, features: Option<&Tensor>, len: usize) -> Result<Option<(Tensor, usize)>> {
+        let Some((y, hop)) = self.frame_outputs(features, len)? else { return Ok(None) };
+        let (b, f, r) = y.dims3()?;
+        let v = Tensor::cat(
+            &self.layers.iter().map(|l| l.local.clone().expect("invariant: a vocoder's layers")).collect::<Vec<_>>(),
+            1,
+        )?; // (R, L·2G)
+        Ok(Some((y.reshape((b * f, r))?.matmul(&v)?.reshape((b, f, v.dim(1)?))?, hop)))
+    }
+
+    /// The logits `(B, T, V)` of `tokens (B, T)`, with the labels `(B,)` and the features
+    /// `(B, ⌈T / hop⌉ + 2, M)` (frames −1 … ⌈T / hop⌉ of each sequence) the model is
+    /// conditioned on.
+    pub fn logits(&self, tokens: &Tensor, labels: Option<&Tensor>, features: Option<&Tensor>) -> Result<Tensor> {
+        check_labels(self.cfg.num_labels > 0, labels)?;
+        let projections = self.frame_projections(features, tokens.dim(1)?)?;
+        let frames = projections.as_ref().map(|(p, hop)| FrameConditioning { projections: p, hop: *hop });
+        wavenet_logits(&self.layout, &self.packed()?, tokens, labels, frames, self.precision)
     }
 
     fn head(&self, skip: &Tensor) -> Result<Tensor> {
@@ -411,21 +612,27 @@ impl Autoregressive for WaveNet {
     fn forward(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         // The fused op (one forward and backward for the whole network); same logits and
         // gradients as `reference_logits`, checked by the property tests.
-        check_labels(self.cfg.num_labels > 0, labels)?;
-        wavenet_logits(&self.layout, &self.packed()?, tokens, labels, self.precision)
+        self.logits(tokens, labels, None)
     }
 
     fn position_nll(&self, batch: &crate::data::Batch) -> Result<Tensor> {
         let labels = batch.labels.as_ref();
         check_labels(self.cfg.num_labels > 0, labels)?;
-        wavenet_nll(&self.layout, &self.packed()?, &batch.tokens, labels, self.precision)
+        let projections = self.frame_projections(batch.features.as_ref(), batch.tokens.dim(1)?)?;
+        let frames = projections.as_ref().map(|(p, hop)| FrameConditioning { projections: p, hop: *hop });
+        wavenet_nll(&self.layout, &self.packed()?, &batch.tokens, labels, frames, self.precision)
     }
 
     fn forward_reference(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Option<Result<Tensor>> {
-        Some(self.reference_logits(tokens, labels))
+        Some(self.reference_logits(tokens, labels, None))
     }
 
     fn start(&self, batch: usize, labels: Option<&Tensor>) -> Result<State> {
+        if self.frames.is_some() {
+            return Err(Error::Config(
+                "this model is a vocoder: it generates from mel features, through `wavegen vocode`".into(),
+            ));
+        }
         let zeros = Tensor::zeros(
             (batch, 1, self.cfg.residual_channels),
             self.embed.embeddings().dtype(),

@@ -234,6 +234,7 @@ pub fn generate(opts: &GenerateOptions, reporter: &mut dyn Reporter) -> Result<G
                     sampler: opts.sampler.clone(),
                     rng: Rng::derived(opts.seed + i as u64, "sample"),
                     label: label.unwrap_or(0),
+                    local: None,
                 })
                 .collect();
             let mut generator = engine::Generator::new(&engine, specs, &prime, opts.threads)?;

@@ -1,0 +1,233 @@
+//! WaveNet with local conditioning (the vocoder): the fused training op against candle's own
+//! operations (logits and every gradient, with a label too), gradients against finite
+//! differences, what each sample may see (audio before it; features up to one frame ahead),
+//! and the streaming engine against the parallel pass.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use wavegen::audio::mel::MelConfig;
+use wavegen::core::params::Params;
+use wavegen::core::{Autoregressive, check};
+use wavegen::data::Batch;
+use wavegen::engine::{Engine, Kernels};
+use wavegen::models::wavenet::{Config, LocalConfig, WaveNet};
+use wavegen::rng::Rng;
+
+const HOP: usize = 8;
+const BANDS: usize = 6;
+
+fn vocoder_config(labels: usize) -> Config {
+    let mel = MelConfig { sample_rate: 8000, n_fft: 32, hop: HOP, bands: BANDS, fmin: 0.0, fmax: 4000.0 };
+    let mean = (0..BANDS).map(|b| -3.0 + 0.2 * b as f32).collect();
+    let deviation = (0..BANDS).map(|b| 1.5 + 0.1 * b as f32).collect();
+    Config {
+        layers_per_cycle: 3,
+        cycles: 2,
+        kernel_width: 2,
+        residual_channels: 6,
+        gate_channels: 5,
+        skip_channels: 7,
+        head_channels: 9,
+        classes: 16,
+        num_labels: labels,
+        local: Some(LocalConfig::new(mel, 4, mean, deviation)),
+    }
+}
+
+/// Random log-mel-like features for `batch` sequences of `len` samples: frames −1 … ⌈len/hop⌉.
+fn features(batch: usize, len: usize, dtype: DType, rng: &mut Rng) -> Tensor {
+    let rows = len.div_ceil(HOP) + 2;
+    let v: Vec<f64> = (0..batch * rows * BANDS).map(|_| -3.0 + 2.0 * rng.normal()).collect();
+    Tensor::from_vec(v, (batch, rows, BANDS), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+fn labels(cfg: &Config, batch: usize) -> Option<Tensor> {
+    (cfg.num_labels > 0)
+        .then(|| Tensor::new((0..batch as u32).map(|i| i % 2).collect::<Vec<_>>(), &Device::Cpu).unwrap())
+}
+
+fn build(cfg: &Config, dtype: DType, seed: u64) -> (WaveNet, Params) {
+    let params = Params::new(seed);
+    // Jitter every weight: fresh biases of 0 would leave ReLUs on their kinks.
+    let model = WaveNet::new(cfg, params.var_builder(dtype)).unwrap();
+    let mut rng = Rng::new(seed + 100);
+    for (_, var) in params.named() {
+        let jitter: Vec<f64> = (0..var.elem_count()).map(|_| 0.1 * rng.normal()).collect();
+        let jitter = Tensor::from_vec(jitter, var.shape().clone(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        var.set(&(var.as_tensor() + jitter).unwrap()).unwrap();
+    }
+    (model, params)
+}
+
+#[test]
+fn fused_op_equals_candles_operations_with_every_gradient() {
+    for labelled in [0, 2] {
+        let cfg = vocoder_config(labelled);
+        let (model, params) = build(&cfg, DType::F64, 1);
+        let mut rng = Rng::new(2);
+        let len = 45; // not a whole number of frames
+        let tokens = check::random_tokens(3, len, 16, &mut rng).unwrap();
+        let feats = features(3, len, DType::F64, &mut rng);
+        let labels = labels(&cfg, 3);
+        let fused = model.logits(&tokens, labels.as_ref(), Some(&feats)).unwrap();
+        let reference = model.reference_logits(&tokens, labels.as_ref(), Some(&feats)).unwrap();
+        let diff = (&fused - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12, "labels {labelled}: logits differ by {diff:e}");
+        let probe = Tensor::from_vec(
+            (0..fused.elem_count()).map(|_| rng.normal()).collect::<Vec<f64>>(),
+            fused.shape().clone(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let g_fused = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (&reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut seen_local = 0;
+        for (name, var) in params.named() {
+            // The last layer's residual output feeds nothing: candle records no gradient for it.
+            let zeros = || var.zeros_like().unwrap();
+            let a = g_fused.get(&var).cloned().unwrap_or_else(zeros).flatten_all().unwrap();
+            let b = g_ref.get(&var).cloned().unwrap_or_else(zeros).flatten_all().unwrap();
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-9);
+            let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale;
+            assert!(err < 1e-10, "labels {labelled}: gradient of {name} differs by {err:e} (relative)");
+            seen_local += usize::from(name.contains("local") || name.starts_with("frames"));
+        }
+        assert_eq!(seen_local, 6 + 2, "every layer's projection and the frame network");
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_at_batch_two() {
+    let cfg = vocoder_config(2);
+    let (model, params) = build(&cfg, DType::F64, 3);
+    let mut rng = Rng::new(4);
+    let len = 30;
+    let tokens = check::random_tokens(2, len, 16, &mut rng).unwrap();
+    let mask: Vec<f64> = (0..2 * len).map(|i| if i % len < 4 { 0.0 } else { 1.0 }).collect();
+    let batch = Batch {
+        tokens,
+        mask: Tensor::from_vec(mask, (2, len), &Device::Cpu).unwrap(),
+        labels: labels(&cfg, 2),
+        values: None,
+        features: Some(features(2, len, DType::F64, &mut rng)),
+    };
+    let (at, err) = check::gradient_check(&model, &params, &batch, 4, &mut rng).unwrap();
+    assert!(err < 1e-5, "relative gradient error {err:e} at {at}");
+}
+
+/// The logits of every position, `(T, V)` of sequence 0, as f64.
+fn logits_of(model: &WaveNet, tokens: &Tensor, feats: &Tensor) -> Vec<Vec<f64>> {
+    let l = model.logits(tokens, None, Some(feats)).unwrap();
+    l.to_dtype(DType::F64).unwrap().get(0).unwrap().to_vec2::<f64>().unwrap()
+}
+
+fn same_up_to(a: &[Vec<f64>], b: &[Vec<f64>], t: usize) -> bool {
+    a[..=t].iter().zip(&b[..=t]).all(|(x, y)| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-12))
+}
+
+#[test]
+fn each_sample_sees_the_audio_before_it_and_the_features_one_frame_ahead() {
+    let cfg = vocoder_config(0);
+    let (model, _) = build(&cfg, DType::F64, 5);
+    let mut rng = Rng::new(6);
+    let len = 40;
+    let tokens = check::random_tokens(1, len, 16, &mut rng).unwrap();
+    let feats = features(1, len, DType::F64, &mut rng);
+    let base = logits_of(&model, &tokens, &feats);
+    for t in [0, 5, 7, 8, 17, 31, 39] {
+        // Audio: changing every token from t on leaves the logits of positions ≤ t alone.
+        let mut changed = tokens.to_vec2::<u32>().unwrap();
+        changed[0][t..].iter_mut().for_each(|x| *x = (*x + 1 + rng.below(15) as u32) % 16);
+        let other = logits_of(&model, &Tensor::new(changed, &Device::Cpu).unwrap(), &feats);
+        assert!(same_up_to(&base, &other, t), "position {t} sees audio at or after itself");
+        // Features: frames after ⌊t/hop⌋ + 1 are invisible at t (feature row = frame + 1) …
+        let frame = t / HOP;
+        let rows = feats.dim(1).unwrap();
+        let mut f = feats.to_vec3::<f64>().unwrap();
+        for row in f[0].iter_mut().skip(frame + 3) {
+            row.iter_mut().for_each(|x| *x += 1.0 + rng.uniform());
+        }
+        let later = logits_of(&model, &tokens, &Tensor::new(f, &Device::Cpu).unwrap());
+        assert!(same_up_to(&base, &later, t), "position {t} sees frames after {}", frame + 1);
+        // … and the look-ahead frame ⌊t/hop⌋ + 1 is seen.
+        assert!(frame + 2 < rows);
+        let mut f = feats.to_vec3::<f64>().unwrap();
+        f[0][frame + 2].iter_mut().for_each(|x| *x += 1.0);
+        let ahead = logits_of(&model, &tokens, &Tensor::new(f, &Device::Cpu).unwrap());
+        let moved = base[t].iter().zip(&ahead[t]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(moved > 1e-6, "position {t} does not see frame {} (moved {moved:e})", frame + 1);
+    }
+}
+
+#[test]
+fn a_vocoder_refuses_to_run_without_features_and_others_refuse_features() {
+    let (vocoder, _) = build(&vocoder_config(0), DType::F32, 7);
+    let tokens = Tensor::zeros((1, 16), DType::U32, &Device::Cpu).unwrap();
+    let e = vocoder.forward(&tokens, None).unwrap_err().to_string();
+    assert!(e.contains("vocoder") && e.contains("features"), "{e}");
+    assert!(vocoder.start(1, None).is_err());
+    let short = features(1, 8, DType::F32, &mut Rng::new(1)); // frames for 8 samples, not 16
+    let e = vocoder.logits(&tokens, None, Some(&short)).unwrap_err().to_string();
+    assert!(e.contains("frames"), "{e}");
+    let plain =
+        WaveNet::new(&Config { local: None, ..vocoder_config(0) }, Params::new(1).var_builder(DType::F32)).unwrap();
+    let feats = features(1, 16, DType::F32, &mut Rng::new(1));
+    assert!(plain.logits(&tokens, None, Some(&feats)).unwrap_err().to_string().contains("not a vocoder"));
+}
+
+#[test]
+fn engine_logits_equal_the_parallel_pass() {
+    for labelled in [0, 2] {
+        let cfg = vocoder_config(labelled);
+        let (model, _) = build(&cfg, DType::F32, 8);
+        let mut rng = Rng::new(9);
+        // The features of a whole input; the engine primes `lead` steps before its first sample,
+        // which the parallel pass sees as a window starting `lead` samples before it, with frames
+        // before the input at the floor (silence), as training windows do.
+        let (frames, lead) = (7, 2 * HOP);
+        let input_len = frames * HOP;
+        let mel: Vec<f32> = (0..frames * BANDS).map(|_| (-3.0 + 2.0 * rng.normal()) as f32).collect();
+        let len = lead + input_len;
+        let floor = wavegen::audio::mel::FLOOR.ln();
+        // Window frames −1 … ⌈len/hop⌉ relative to the window's start, i.e. input frames
+        // −lead/hop − 1 … : the floor outside the input.
+        let first = -((lead / HOP) as isize) - 1;
+        let rows = len.div_ceil(HOP) + 2;
+        let window_feats: Vec<f32> = (0..rows as isize)
+            .flat_map(|i| {
+                let f = first + i;
+                let mel = &mel;
+                (0..BANDS)
+                    .map(move |b| if (0..frames as isize).contains(&f) { mel[f as usize * BANDS + b] } else { floor })
+            })
+            .collect();
+        let n = 2;
+        let tokens: Vec<Vec<u32>> = (0..n).map(|_| (0..len).map(|_| rng.below(16) as u32).collect()).collect();
+        let stream_labels: Vec<u32> = (0..n as u32).map(|i| i % cfg.num_labels.max(1) as u32).collect();
+        let full = model
+            .logits(
+                &Tensor::new(tokens.clone(), &Device::Cpu).unwrap(),
+                labels(&cfg, n).as_ref(),
+                Some(&Tensor::from_vec(window_feats.repeat(n), (n, rows, BANDS), &Device::Cpu).unwrap()),
+            )
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        for kernels in Kernels::available() {
+            let engine = Engine::new(&model, kernels, true).unwrap();
+            let local = Arc::new(engine.condition(&mel, frames).unwrap());
+            let mut streams = engine.vocoder_streams(&stream_labels, vec![local; n], lead).unwrap();
+            let mut worst = 0f32;
+            for t in 0..len {
+                let prev: Vec<u32> = tokens.iter().map(|r| if t > 0 { r[t - 1] } else { 0 }).collect();
+                let logits = engine.step(&mut streams, (t > 0).then_some(prev.as_slice()));
+                for r in 0..n {
+                    let got = &logits[r * 16..(r + 1) * 16];
+                    worst = worst.max(got.iter().zip(&full[r][t]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max));
+                }
+            }
+            assert!(worst <= 1e-4, "labels {labelled}, {}: engine and parallel pass differ by {worst}", kernels.name);
+        }
+    }
+}
