@@ -15,6 +15,7 @@ mod mnist;
 mod play;
 mod report;
 mod train;
+mod vocode;
 
 /// Autoregressive generative models of audio (WaveNet) and images, on the CPU.
 #[derive(Debug, Parser)]
@@ -45,6 +46,8 @@ enum Command {
     Data(data::DataArgs),
     /// A WAV file's log-mel spectrogram as .npy (the features a vocoder is conditioned on).
     Mel(features::MelArgs),
+    /// Audio from a log-mel spectrogram (a WAV's, or a .npy) with a vocoder checkpoint.
+    Vocode(vocode::VocodeArgs),
     /// Print a shell completion script: `wavegen completions bash > ~/.local/share/bash-completion/completions/wavegen`.
     Completions(data::CompletionsArgs),
     /// The image models on MNIST (FVSBN, NADE, MADE on binarized digits; RNADE on grey levels): train, eval, sample, complete, score.
@@ -71,6 +74,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Mnist(args) => mnist::run(args),
         Command::Data(args) => data::run(args),
         Command::Mel(args) => features::run(args),
+        Command::Vocode(args) => vocode::run(args),
         Command::Completions(args) => data::completions(args),
     }
 }

@@ -32,6 +32,13 @@ pub enum Preset {
     Realtime,
 }
 
+/// `--condition`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Condition {
+    /// A log-mel spectrogram (a vocoder).
+    Mel,
+}
+
 /// `--precision`.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum PrecisionArg {
@@ -126,6 +133,29 @@ pub struct TrainArgs {
     /// Condition on a label: the name of each file's first-level subfolder.
     #[arg(long)]
     labels: bool,
+    /// Train a vocoder: condition the WaveNet on the log-mel spectrogram of its own audio
+    /// (computed once and cached with the decoded corpus; `wavegen vocode` then turns features
+    /// into audio). Works with --labels.
+    #[arg(long, value_enum)]
+    condition: Option<Condition>,
+    /// With --condition mel: mel bands [default: 80 at 16 kHz and above, 64 below].
+    #[arg(long, requires = "condition")]
+    mel_bands: Option<usize>,
+    /// With --condition mel: FFT size and window, a power of two [default: about 64 ms].
+    #[arg(long, requires = "condition")]
+    n_fft: Option<usize>,
+    /// With --condition mel: samples between frames, the upsampling factor [default: --n-fft / 4].
+    #[arg(long, requires = "condition")]
+    hop: Option<usize>,
+    /// With --condition mel: lowest filter frequency, Hz [default: 0].
+    #[arg(long, requires = "condition")]
+    fmin: Option<f64>,
+    /// With --condition mel: highest filter frequency, Hz [default: half the rate].
+    #[arg(long, requires = "condition")]
+    fmax: Option<f64>,
+    /// With --condition mel: channels of the frame network that reads three frames at a time.
+    #[arg(long, default_value_t = 64, requires = "condition")]
+    cond_channels: usize,
     /// Model sample rate in Hz (files are resampled to it).
     #[arg(long, default_value_t = 16000)]
     sample_rate: u32,
@@ -236,6 +266,23 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
             AudioModelSpec::Sequence { name: a.model, settings }
         },
         labels: a.labels,
+        condition: match a.condition {
+            None => None,
+            Some(Condition::Mel) => {
+                let mel = wavegen::tasks::features::mel_config(
+                    a.sample_rate,
+                    &wavegen::tasks::features::MelOptions {
+                        sample_rate: Some(a.sample_rate),
+                        n_fft: a.n_fft,
+                        hop: a.hop,
+                        bands: a.mel_bands,
+                        fmin: a.fmin,
+                        fmax: a.fmax,
+                    },
+                )?;
+                Some((mel, a.cond_channels))
+            }
+        },
         audio: AudioSettings { sample_rate: a.sample_rate, trim_db: a.trim_db, ..AudioSettings::default() },
         train: train_cfg,
         window: a.window.or(tiny.then_some(256)),

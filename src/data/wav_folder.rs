@@ -15,6 +15,7 @@ use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
 use super::{Batch, BatchSource};
+use crate::audio::mel::{self, MelConfig};
 use crate::audio::{mulaw, resample, wav};
 use crate::rng::{Rng, fnv1a};
 use crate::{Error, Result};
@@ -62,6 +63,12 @@ impl AudioSettings {
     /// Turns one decoded file into training codes: resample, trim, encode. `Err` holds why the
     /// file was dropped (silence, too short).
     pub fn encode(&self, audio: &wav::Mono) -> std::result::Result<Vec<u8>, String> {
+        Ok(mulaw::encode_all(&self.prepare(audio)?))
+    }
+
+    /// The samples training codes are made of: resampled and trimmed (what a vocoder's
+    /// features are computed from). `Err` holds why the file was dropped.
+    pub fn prepare(&self, audio: &wav::Mono) -> std::result::Result<Vec<f32>, String> {
         let samples =
             resample::resample(&audio.samples, audio.sample_rate, self.sample_rate).map_err(|e| e.to_string())?;
         if samples.iter().all(|&x| x == 0.0) {
@@ -72,7 +79,7 @@ impl AudioSettings {
         if seconds < self.min_seconds {
             return Err(format!("only {seconds:.3} s above the silence threshold (minimum {} s)", self.min_seconds));
         }
-        Ok(mulaw::encode_all(kept))
+        Ok(kept.to_vec())
     }
 
     /// Turns one decoded file into the codes `wavegen eval` scores: as for training, but any
@@ -140,7 +147,7 @@ struct CacheIndex {
     report: ScanReport,
 }
 
-/// A folder's audio as μ-law codes, memory-mapped.
+/// A folder's audio as μ-law codes, memory-mapped; for a vocoder, with its log-mel features.
 pub struct Corpus {
     /// The folder.
     pub root: PathBuf,
@@ -149,6 +156,16 @@ pub struct Corpus {
     /// What was kept and dropped.
     pub report: ScanReport,
     codes: Mmap,
+    features: Option<Features>,
+}
+
+/// Every file's log-mel features, memory-mapped: `frames × bands` f32 (little-endian) per file,
+/// one file after the other, file i holding `mel.frames(len_i)` frames.
+struct Features {
+    mel: MelConfig,
+    bytes: Mmap,
+    /// Where each file's first frame starts, in frames.
+    first_frame: Vec<usize>,
 }
 
 impl std::fmt::Debug for Corpus {
@@ -249,6 +266,18 @@ impl Corpus {
         cache_dir: &Path,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        Self::open_with_features(root, settings, None, cache_dir, progress)
+    }
+
+    /// [`Corpus::open`], with the log-mel features of every file under `mel` (computed from the
+    /// same resampled, trimmed samples as the codes, and cached beside them) when it is given.
+    pub fn open_with_features(
+        root: &Path,
+        settings: &AudioSettings,
+        mel: Option<&MelConfig>,
+        cache_dir: &Path,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         let found = find_wav_files(root)?;
         if found.files.is_empty() {
             return Err(Error::NoAudio {
@@ -256,14 +285,32 @@ impl Corpus {
                 reason: "no .wav files found (searched all subfolders)".into(),
             });
         }
+        if let Some(m) = mel {
+            m.validate()?;
+            if m.sample_rate != settings.sample_rate {
+                return Err(Error::Config(format!(
+                    "mel features at {} Hz for audio at {} Hz: they must be computed at the model's rate",
+                    m.sample_rate, settings.sample_rate
+                )));
+            }
+        }
         let fingerprint = fingerprint(root, &found.files, settings)?;
         let stem = cache_dir.join(format!("corpus-{fingerprint:016x}"));
         let (index_path, codes_path) = (stem.with_extension("json"), stem.with_extension("codes"));
-        let index = match read_index(&index_path, fingerprint) {
+        // The features' file is named after the codes' fingerprint and the analysis settings.
+        let mel_path = mel.map(|m| {
+            let key = serde_json::to_string(m).expect("invariant: plain data serialises");
+            cache_dir.join(format!("corpus-{fingerprint:016x}-mel-{:016x}.f32", fnv1a(key.as_bytes())))
+        });
+        let cached = read_index(&index_path, fingerprint).filter(|_| mel_path.as_ref().is_none_or(|p| p.is_file()));
+        let index = match cached {
             Some(index) => index,
             None => {
-                let (index, codes) = build(&found, settings, fingerprint, progress);
+                let (index, codes, features) = build(&found, settings, mel, fingerprint, progress);
                 crate::fsutil::write_bytes_atomically(&codes_path, &codes)?;
+                if let Some(path) = &mel_path {
+                    crate::fsutil::write_bytes_atomically(path, &features)?;
+                }
                 let json = serde_json::to_vec(&index).expect("invariant: plain data serialises");
                 crate::fsutil::write_bytes_atomically(&index_path, &json)?;
                 index
@@ -290,7 +337,83 @@ impl Corpus {
                 )),
             ));
         }
-        Ok(Corpus { root: root.into(), files: index.files, report: index.report, codes })
+        let features = match (mel, &mel_path) {
+            (Some(m), Some(path)) => {
+                let mut first_frame = Vec::with_capacity(index.files.len());
+                let mut total = 0;
+                for f in &index.files {
+                    first_frame.push(total);
+                    total += m.frames(f.len);
+                }
+                let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+                // SAFETY: the cache file is written once, atomically, and never modified in place.
+                let bytes = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+                if bytes.len() != total * m.bands * 4 {
+                    return Err(Error::io(
+                        path,
+                        std::io::Error::other(format!(
+                            "the features cache holds {} bytes, {} expected: delete it to rebuild it",
+                            bytes.len(),
+                            total * m.bands * 4
+                        )),
+                    ));
+                }
+                Some(Features { mel: m.clone(), bytes, first_frame })
+            }
+            _ => None,
+        };
+        Ok(Corpus { root: root.into(), files: index.files, report: index.report, codes, features })
+    }
+
+    /// The analysis of the features, if the corpus has them.
+    pub fn mel(&self) -> Option<&MelConfig> {
+        self.features.as_ref().map(|f| &f.mel)
+    }
+
+    /// Writes frame `frame` of file `i`'s features into `out` (`bands` values); frames outside
+    /// the file read as silence, the features' floor (as the zeros a centred frame reads past
+    /// the signal). Does nothing when the corpus has no features.
+    pub fn copy_frame(&self, i: usize, frame: isize, out: &mut [f32]) {
+        let Some(f) = &self.features else { return };
+        let bands = f.mel.bands;
+        if frame < 0 || frame as usize >= f.mel.frames(self.files[i].len) {
+            out.fill(mel::FLOOR.ln());
+            return;
+        }
+        let at = (f.first_frame[i] + frame as usize) * bands * 4;
+        for (o, b) in out.iter_mut().zip(f.bytes[at..at + bands * 4].chunks_exact(4)) {
+            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+
+    /// Each band's mean and standard deviation over every frame of the files `indices` (what
+    /// a vocoder standardises its input with); `None` without features.
+    pub fn feature_statistics(&self, indices: &[usize]) -> Option<(Vec<f32>, Vec<f32>)> {
+        let bands = self.features.as_ref()?.mel.bands;
+        let (mut sum, mut squares, mut n) = (vec![0f64; bands], vec![0f64; bands], 0usize);
+        let mut frame = vec![0f32; bands];
+        for &i in indices {
+            for f in 0..self.mel()?.frames(self.files[i].len) {
+                self.copy_frame(i, f as isize, &mut frame);
+                for ((s, q), &x) in sum.iter_mut().zip(squares.iter_mut()).zip(&frame) {
+                    *s += x as f64;
+                    *q += (x as f64) * (x as f64);
+                }
+                n += 1;
+            }
+        }
+        let n = n.max(1) as f64;
+        let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
+        // A band that never moves (silence, or above the content's bandwidth) gets deviation 1.
+        let deviation = sum
+            .iter()
+            .zip(&squares)
+            .map(|(s, q)| {
+                let var = (q / n - (s / n) * (s / n)).max(0.0);
+                if var > 1e-6 { var.sqrt() as f32 } else { 1.0 }
+            })
+            .collect();
+        Some((mean, deviation))
     }
 
     /// The codes of file `i`.
@@ -347,25 +470,33 @@ fn read_index(path: &Path, fingerprint: u64) -> Option<CacheIndex> {
     (index.fingerprint == fingerprint).then_some(index)
 }
 
+/// Decodes every file: the index, the codes and (with `mel`) the features' bytes.
 fn build(
     found: &WavFiles,
     settings: &AudioSettings,
+    mel: Option<&MelConfig>,
     fingerprint: u64,
     progress: &mut dyn FnMut(usize, usize),
-) -> (CacheIndex, Vec<u8>) {
+) -> (CacheIndex, Vec<u8>, Vec<u8>) {
     let mut codes = Vec::new();
+    let mut features = Vec::new();
     let mut files = Vec::new();
     let total = found.files.len();
     let mut report =
         ScanReport { found: total + found.skipped.len(), dropped: found.skipped.clone(), ..Default::default() };
     for (i, (name, path)) in found.files.iter().enumerate() {
         progress(i, total);
-        let encoded = wav::read_mono(path).map_err(|e| e.to_string()).and_then(|audio| {
-            let c = settings.encode(&audio)?;
-            Ok((c, audio.seconds()))
+        let prepared = wav::read_mono(path).map_err(|e| e.to_string()).and_then(|audio| {
+            let samples = settings.prepare(&audio)?;
+            Ok((samples, audio.seconds()))
         });
-        match encoded {
-            Ok((c, seconds_in)) => {
+        match prepared {
+            Ok((samples, seconds_in)) => {
+                let c = mulaw::encode_all(&samples);
+                if let Some(m) = mel {
+                    let f = mel::log_mel(&samples, m).expect("invariant: the analysis was validated");
+                    features.extend(f.values.iter().flat_map(|x| x.to_le_bytes()));
+                }
                 let seconds_kept = c.len() as f64 / settings.sample_rate as f64;
                 let trimmed_seconds = (seconds_in - seconds_kept).max(0.0);
                 report.kept_seconds += seconds_kept;
@@ -377,7 +508,7 @@ fn build(
         }
     }
     progress(total, total);
-    (CacheIndex { fingerprint, files, report }, codes)
+    (CacheIndex { fingerprint, files, report }, codes, features)
 }
 
 /// Splits file names into (train, validation) indices: the validation files are the
@@ -461,6 +592,9 @@ pub struct AudioBatches<'a> {
     pub max_val_windows: usize,
     /// The label index of each file of `train` and `val`, when the model is conditioned.
     labels: Option<(Vec<u32>, Vec<u32>)>,
+    /// For a vocoder (a corpus with features): the samples per frame. Windows then start on a
+    /// frame boundary and carry their frames.
+    hop: Option<usize>,
 }
 
 impl<'a> AudioBatches<'a> {
@@ -489,6 +623,16 @@ impl<'a> AudioBatches<'a> {
             None => None,
             Some(names) => Some((label_indices(train, names)?, label_indices(val, names)?)),
         };
+        let hop = train.mel().map(|m| m.hop);
+        if let Some(hop) = hop {
+            if window % hop != 0 || val.mel() != train.mel() {
+                return Err(Error::Config(format!(
+                    "a vocoder's windows must be whole frames: --window {window} is not a multiple of the hop {hop}"
+                )));
+            }
+        }
+        // A vocoder's windows start on frame boundaries: the context too is whole frames.
+        let context = hop.map_or(context, |h| context.div_ceil(h) * h);
         Ok(AudioBatches {
             train,
             train_files,
@@ -500,7 +644,37 @@ impl<'a> AudioBatches<'a> {
             batch_size,
             max_val_windows,
             labels,
+            hop,
         })
+    }
+
+    /// The features of the window of `context + window` positions whose targets start at
+    /// `start` of file `i`: frames −1 … ⌈len / hop⌉ of the window, `(rows, bands)` flat.
+    fn window_features(&self, corpus: &Corpus, i: usize, start: usize, out: &mut Vec<f32>) {
+        let (Some(hop), Some(mel)) = (self.hop, corpus.mel()) else { return };
+        let len = self.context + self.window;
+        let first = (start as isize - self.context as isize).div_euclid(hop as isize) - 1;
+        let at = out.len();
+        out.resize(at + (len.div_ceil(hop) + 2) * mel.bands, 0.0);
+        for (r, row) in out[at..].chunks_exact_mut(mel.bands).enumerate() {
+            corpus.copy_frame(i, first + r as isize, row);
+        }
+    }
+
+    /// The batch of these rows, with their features (for a vocoder).
+    fn batch(
+        &self,
+        tokens: &[Vec<u32>],
+        mask: &[Vec<f32>],
+        labels: Option<Vec<u32>>,
+        feats: Vec<f32>,
+    ) -> Result<Batch> {
+        let mut batch = Batch::from_rows(tokens, mask, labels, &Device::Cpu)?;
+        if let Some(bands) = self.train.mel().map(|m| m.bands).filter(|_| self.hop.is_some()) {
+            let rows = feats.len() / (bands * tokens.len().max(1));
+            batch.features = Some(candle_core::Tensor::from_vec(feats, (tokens.len(), rows, bands), &Device::Cpu)?);
+        }
+        Ok(batch)
     }
 
     /// All validation windows (file index, target start), before capping.
@@ -538,21 +712,23 @@ fn label_indices(corpus: &Corpus, names: &[String]) -> Result<Vec<u32>> {
 impl BatchSource for AudioBatches<'_> {
     fn train_batch(&mut self, rng: &mut Rng) -> Result<Batch> {
         let total = *self.cumulative.last().expect("invariant: at least one training file");
-        let (mut tokens, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut tokens, mut mask, mut labels, mut feats) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.batch_size {
             let pos = rng.below(total);
             let k = self.cumulative.partition_point(|&c| c <= pos);
             let file = self.train_files[k];
             let len = self.train.files[file].len;
             let start = draw_start(len, self.window, rng);
+            let start = self.hop.map_or(start, |h| start / h * h); // a vocoder's: on a frame boundary
             let (t, m) = window(self.train.codes(file), start, self.context, self.window);
             tokens.push(t);
             mask.push(m);
+            self.window_features(self.train, file, start, &mut feats);
             if let Some((train_labels, _)) = &self.labels {
                 labels.push(train_labels[file]);
             }
         }
-        Batch::from_rows(&tokens, &mask, self.labels.as_ref().map(|_| labels), &Device::Cpu)
+        self.batch(&tokens, &mask, self.labels.as_ref().map(|_| labels), feats)
     }
 
     fn val_batches(&self) -> Result<Vec<Batch>> {
@@ -567,7 +743,11 @@ impl BatchSource for AudioBatches<'_> {
                     chunk.iter().map(|&(f, s)| window(self.val.codes(f), s, self.context, self.window)).unzip();
                 let labels =
                     self.labels.as_ref().map(|(_, val_labels)| chunk.iter().map(|&(f, _)| val_labels[f]).collect());
-                Batch::from_rows(&tokens, &mask, labels, &Device::Cpu)
+                let mut feats = Vec::new();
+                for &(f, s) in chunk {
+                    self.window_features(self.val, f, s, &mut feats);
+                }
+                self.batch(&tokens, &mask, labels, feats)
             })
             .collect()
     }

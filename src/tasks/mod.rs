@@ -21,6 +21,7 @@ pub mod mnist;
 pub mod play;
 pub mod run;
 pub mod train;
+pub mod vocode;
 
 pub use run::Manifest;
 

@@ -8,12 +8,13 @@ use serde::Serialize;
 
 use super::Reporter;
 use super::run::{self, AudioData, Manifest};
+use crate::audio::mel::MelConfig;
 use crate::core::Autoregressive;
 use crate::core::checkpoint::{self, FORMAT};
 use crate::core::optim::AdamW;
 use crate::core::train::{self, Precision, Stop, TrainConfig, TrainState};
 use crate::data::wav_folder::{AudioBatches, AudioSettings, Corpus, SAMPLES_PER_STEP, split_by_name};
-use crate::models::wavenet;
+use crate::models::wavenet::{self, LocalConfig};
 use crate::models::{ModelConfig, Settings};
 use crate::{Error, Result};
 
@@ -35,6 +36,9 @@ pub struct TrainOptions {
     pub model: AudioModelSpec,
     /// Condition on first-level subfolder names.
     pub labels: bool,
+    /// Train a vocoder: condition a WaveNet on these log-mel features of its audio, through a
+    /// frame network of this many channels (ignored when resuming).
+    pub condition: Option<(MelConfig, usize)>,
     /// Audio preprocessing (ignored when resuming).
     pub audio: AudioSettings,
     /// Optimisation settings (on resume only `max_steps` and `max_minutes` are taken from here).
@@ -102,9 +106,15 @@ pub struct TrainSummary {
     pub receptive_field: usize,
 }
 
-fn open_corpus(dir: &Path, settings: &AudioSettings, cache: &Path, reporter: &mut dyn Reporter) -> Result<Corpus> {
-    let corpus = Corpus::open(dir, settings, cache, &mut |done, total| {
-        reporter.progress("decoding", done as u64, total as u64)
+fn open_corpus(
+    dir: &Path,
+    settings: &AudioSettings,
+    mel: Option<&MelConfig>,
+    cache: &Path,
+    reporter: &mut dyn Reporter,
+) -> Result<Corpus> {
+    let corpus = Corpus::open_with_features(dir, settings, mel, cache, &mut |done, total| {
+        reporter.progress(if mel.is_some() { "decoding, features" } else { "decoding" }, done as u64, total as u64)
     })?;
     let r = &corpus.report;
     reporter.note(&format!(
@@ -184,9 +194,18 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
         (new_manifest(opts)?, None)
     };
     let audio = manifest.audio.clone().expect("invariant: audio manifest");
-    let train_corpus = open_corpus(&audio.train_dir, &audio.settings, &opts.cache_dir, reporter)?;
+    // A vocoder's features: the checkpoint's analysis when resuming, the options' otherwise.
+    let mel = match (existing, &manifest.model) {
+        (true, ModelConfig::Wavenet(cfg)) => cfg.local.as_ref().map(|l| l.mel.clone()),
+        (true, _) => None,
+        (false, _) => opts.condition.as_ref().map(|(mel, _)| mel.clone()),
+    };
+    if mel.is_some() && !matches!(opts.model, AudioModelSpec::Wavenet(_)) && !existing {
+        return Err(Error::Config("--condition mel conditions a WaveNet (a vocoder); use --model wavenet".into()));
+    }
+    let train_corpus = open_corpus(&audio.train_dir, &audio.settings, mel.as_ref(), &opts.cache_dir, reporter)?;
     let val_corpus = match &audio.val_dir {
-        Some(dir) => Some(open_corpus(dir, &audio.settings, &opts.cache_dir, reporter)?),
+        Some(dir) => Some(open_corpus(dir, &audio.settings, mel.as_ref(), &opts.cache_dir, reporter)?),
         None => None,
     };
     // The file split: computed once, then always read back from the checkpoint.
@@ -203,7 +222,11 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     audio.train_files = train_files.iter().map(|&i| train_corpus.files[i].name.clone()).collect();
     audio.val_files = val_files.iter().map(|&i| val.files[i].name.clone()).collect();
     if !existing && (opts.window.is_none() || opts.batch_size.is_none()) {
-        audio.window = opts.window.unwrap_or_else(|| train_corpus.default_window(&train_files));
+        audio.window = opts.window.unwrap_or_else(|| {
+            // A vocoder's windows are whole frames.
+            let w = train_corpus.default_window(&train_files);
+            mel.as_ref().map_or(w, |m| w.div_ceil(m.hop) * m.hop)
+        });
         audio.batch_size = opts.batch_size.unwrap_or((SAMPLES_PER_STEP / audio.window).max(1));
         reporter.note(&format!(
             "windows: {} × {} target samples per step (chosen for the files; set --window and --batch-size to change)",
@@ -212,6 +235,20 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     }
     if !existing {
         manifest.model = opts.model.config(audio.window)?;
+        if let (Some((mel, channels)), ModelConfig::Wavenet(cfg)) = (&opts.condition, &mut manifest.model) {
+            let (mean, deviation) =
+                train_corpus.feature_statistics(&train_files).expect("invariant: opened with features");
+            cfg.local = Some(LocalConfig::new(mel.clone(), *channels, mean, deviation));
+            reporter.note(&format!(
+                "vocoder: {} mel bands, FFT {}, hop {} ({:.1} ms), {}–{} Hz; frame network of {channels} channels",
+                mel.bands,
+                mel.n_fft,
+                mel.hop,
+                1000.0 * mel.hop as f64 / mel.sample_rate as f64,
+                mel.fmin,
+                mel.fmax
+            ));
+        }
     }
     if !existing && opts.labels {
         if manifest.model.wavenet().is_none() {

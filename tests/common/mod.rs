@@ -65,6 +65,7 @@ pub fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         change_precision: None,
         model: wavegen::tasks::train::AudioModelSpec::Wavenet(wavenet::Config::tiny()),
         labels: false,
+        condition: None,
         audio: AudioSettings { sample_rate: 8000, ..AudioSettings::default() },
         train: TrainConfig {
             max_steps: steps,

@@ -1,0 +1,241 @@
+//! `wavegen vocode`: audio from a log-mel spectrogram with a WaveNet vocoder. The features come
+//! from a WAV (copy synthesis: analysed with the vocoder's own settings) or from a `.npy` file
+//! `(frames, bands)` made by another tool with the same analysis ([`crate::audio::mel`]). The
+//! streaming engine computes each layer's projection once per frame and generates sample by
+//! sample. `--compare` measures the result against the original, beside Griffin-Lim from the
+//! same features and the μ-law round trip of the original (the best a 256-code model can do).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{AudioModel, Reporter};
+use crate::audio::mel::{self, Mel, MelConfig};
+use crate::audio::{distortion, griffin_lim, mulaw, npy, resample, wav};
+use crate::core::sample::SamplerConfig;
+use crate::engine::{self, Engine, Kernels, StreamSpec};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Everything `wavegen vocode` needs.
+#[derive(Debug, Clone)]
+pub struct VocodeOptions {
+    /// The vocoder's checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// A WAV file (analysed with the vocoder's settings) or a `.npy` of log-mel features.
+    pub input: PathBuf,
+    /// The WAV to write.
+    pub out: PathBuf,
+    /// Temperature, top-k, top-p.
+    pub sampler: SamplerConfig,
+    /// Seed of the sampler.
+    pub seed: u64,
+    /// Global-conditioning label, for a vocoder that also takes one.
+    pub label: Option<String>,
+    /// Exact tanh/exp in the engine instead of the fast approximations.
+    pub exact: bool,
+    /// Measure against the original (a WAV input only), beside Griffin-Lim.
+    pub compare: bool,
+    /// Griffin-Lim iterations for `compare`.
+    pub griffin_lim_iterations: usize,
+}
+
+/// The distances of one signal from the original.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Distances {
+    /// Log-spectral distance, dB.
+    pub lsd_db: f64,
+    /// Mel-cepstral distortion, dB.
+    pub mcd_db: f64,
+}
+
+impl Distances {
+    fn between(original: &[f32], test: &[f32], cfg: &MelConfig) -> Result<Self> {
+        Ok(Distances {
+            lsd_db: distortion::log_spectral_distance(original, test, cfg)?,
+            mcd_db: distortion::mel_cepstral_distortion(original, test, cfg)?,
+        })
+    }
+}
+
+/// The vocoder against the baselines, each measured against the original.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// The vocoder's output.
+    pub wavenet: Distances,
+    /// Griffin-Lim from the same features.
+    pub griffin_lim: Distances,
+    /// The original through μ-law coding and back: the floor for any 256-code model.
+    pub mulaw_original: Distances,
+    /// Where the Griffin-Lim audio was written.
+    pub griffin_lim_out: PathBuf,
+}
+
+/// What was made.
+#[derive(Debug, Serialize)]
+pub struct VocodeSummary {
+    /// The WAV written.
+    pub out: PathBuf,
+    /// Frames of features read.
+    pub frames: usize,
+    /// Samples generated.
+    pub samples: usize,
+    /// Seconds of audio.
+    pub seconds: f64,
+    /// Sample rate.
+    pub sample_rate: u32,
+    /// Samples per wall-clock second, on one core (priming excluded).
+    pub samples_per_second: f64,
+    /// `samples_per_second` over the sample rate: above 1 is faster than real time.
+    pub realtime_factor: f64,
+    /// The engine's kernels.
+    pub kernels: &'static str,
+    /// With `compare`: the distances from the original.
+    pub comparison: Option<Comparison>,
+}
+
+/// The features to vocode: from a WAV (and its samples at the model's rate), or a `.npy`.
+pub struct Input {
+    /// `(frames, bands)` log-mel features.
+    pub mel: Mel,
+    /// The original samples at the model's rate (WAV input only).
+    pub original: Option<Vec<f32>>,
+    /// Samples to generate: the WAV's length, or (frames − 1) · hop for features.
+    pub samples: usize,
+}
+
+/// Reads `path` as the vocoder's input: a `.npy` of features, or a WAV analysed with `cfg`.
+pub fn read_input(path: &Path, cfg: &MelConfig) -> Result<Input> {
+    let is_npy = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    if is_npy {
+        let a = npy::read(path)?;
+        if a.cols != cfg.bands || a.rows < 2 {
+            return Err(Error::Config(format!(
+                "{}: features of shape ({}, {}); this vocoder reads {} mel bands (FFT {}, hop {}, {}–{} Hz at {} Hz), \
+                 at least 2 frames: make them with `wavegen mel --sample-rate {} --n-fft {} --hop {} --mel-bands {}`",
+                path.display(),
+                a.rows,
+                a.cols,
+                cfg.bands,
+                cfg.n_fft,
+                cfg.hop,
+                cfg.fmin,
+                cfg.fmax,
+                cfg.sample_rate,
+                cfg.sample_rate,
+                cfg.n_fft,
+                cfg.hop,
+                cfg.bands
+            )));
+        }
+        if let Some(bad) = a.values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Config(format!(
+                "{}: value {bad} is not a finite number; features are log-mel values",
+                path.display()
+            )));
+        }
+        let samples = (a.rows - 1) * cfg.hop;
+        return Ok(Input { mel: Mel { frames: a.rows, bands: a.cols, values: a.values }, original: None, samples });
+    }
+    let audio = wav::read_mono(path)?;
+    let samples = resample::resample(&audio.samples, audio.sample_rate, cfg.sample_rate)?;
+    if samples.is_empty() {
+        return Err(Error::Config(format!("{}: the file holds no samples", path.display())));
+    }
+    let mel = mel::log_mel(&samples, cfg)?;
+    Ok(Input { mel, samples: samples.len(), original: Some(samples) })
+}
+
+/// The `-griffin-lim` sibling of `out`.
+fn sibling(out: &Path, suffix: &str) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    out.with_file_name(format!("{stem}-{suffix}.wav"))
+}
+
+/// The vocoder's engine, its streams' conditioning on `input`, and the priming: one receptive
+/// field of silence, as training windows start.
+pub fn prepare<'e>(
+    engine: &'e Engine,
+    input: &Input,
+    label: u32,
+    sampler: &SamplerConfig,
+    seed: u64,
+) -> Result<engine::Generator<'e>> {
+    let local = Arc::new(engine.condition(&input.mel.values, input.mel.frames)?);
+    let spec = StreamSpec { sampler: sampler.clone(), rng: Rng::derived(seed, "sample"), label, local: Some(local) };
+    let prime = vec![mulaw::silence() as u32; engine.config().receptive_field()];
+    engine::Generator::new(engine, vec![spec], &prime, 1)
+}
+
+/// The vocoder's settings in a checkpoint, or an error that says it is not one.
+pub fn vocoder_settings(m: &AudioModel, checkpoint: &Path) -> Result<MelConfig> {
+    m.model.cfg.local.as_ref().map(|l| l.mel.clone()).ok_or_else(|| {
+        Error::checkpoint(
+            checkpoint,
+            "not a vocoder (trained without --condition mel): use `wavegen generate`, or train one with \
+             `wavegen train DIR --condition mel`",
+        )
+    })
+}
+
+/// Vocodes `opts.input` into `opts.out`.
+pub fn vocode(opts: &VocodeOptions, reporter: &mut dyn Reporter) -> Result<VocodeSummary> {
+    opts.sampler.validate()?;
+    let m = AudioModel::load(&opts.checkpoint)?;
+    let cfg = vocoder_settings(&m, &opts.checkpoint)?;
+    let label = m.label_index(opts.label.as_deref())?.unwrap_or(0);
+    let input = read_input(&opts.input, &cfg)?;
+    if opts.compare && input.original.is_none() {
+        return Err(Error::Config("--compare measures against the original audio: give a WAV, not features".into()));
+    }
+    let rate = cfg.sample_rate;
+    let mut writer = wav::PcmWriter::create(&opts.out, rate, 1, input.samples as u64)?;
+    let engine = Engine::new(&m.model, Kernels::detect(), opts.exact)?;
+    let mut generator = prepare(&engine, &input, label, &opts.sampler, opts.seed)?;
+    let started = Instant::now();
+    let mut audio = Vec::with_capacity(if opts.compare { input.samples } else { 0 });
+    let mut done = 0;
+    while done < input.samples {
+        reporter.progress("vocoding", done as u64, input.samples as u64);
+        let n = (input.samples - done).min(rate as usize);
+        let codes = generator.next_chunk(n).map_err(|e| Error::checkpoint(&opts.checkpoint, e.to_string()))?;
+        let chunk: Vec<f32> = codes[0].iter().map(|&c| mulaw::decode(c as u8)).collect();
+        writer.write(&[&chunk])?;
+        if opts.compare {
+            audio.extend_from_slice(&chunk);
+        }
+        done += n;
+    }
+    reporter.progress("vocoding", done as u64, input.samples as u64);
+    let samples_per_second = input.samples as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    writer.finish()?;
+    let comparison = match (&input.original, opts.compare) {
+        (Some(original), true) => {
+            reporter.note(&format!("Griffin-Lim, {} iterations …", opts.griffin_lim_iterations));
+            let gl = griffin_lim::from_mel(&input.mel, &cfg, input.samples, opts.griffin_lim_iterations, opts.seed)?;
+            let griffin_lim_out = sibling(&opts.out, "griffin-lim");
+            wav::write_pcm16(&griffin_lim_out, rate, &[&gl])?;
+            let coded: Vec<f32> = original.iter().map(|&x| mulaw::decode(mulaw::encode(x))).collect();
+            Some(Comparison {
+                wavenet: Distances::between(original, &audio, &cfg)?,
+                griffin_lim: Distances::between(original, &gl, &cfg)?,
+                mulaw_original: Distances::between(original, &coded, &cfg)?,
+                griffin_lim_out,
+            })
+        }
+        _ => None,
+    };
+    Ok(VocodeSummary {
+        out: opts.out.clone(),
+        frames: input.mel.frames,
+        samples: input.samples,
+        seconds: input.samples as f64 / rate as f64,
+        sample_rate: rate,
+        samples_per_second,
+        realtime_factor: samples_per_second / rate as f64,
+        kernels: engine.kernels().name,
+        comparison,
+    })
+}
