@@ -266,3 +266,81 @@ fn mel_features_as_npy() {
     let bad = dir.path().join("bad.wav");
     assert_clear_error(&wavegen(&["mel", bad.to_str().unwrap(), "--out", o], &cache), "bad.wav");
 }
+
+/// A vocoder end to end: `train --condition mel` (with its settings in the checkpoint), resume,
+/// `vocode` from a WAV (with `--compare`) and from `.npy` features, and clear errors for what
+/// does not fit.
+#[test]
+fn a_vocoder_trains_resumes_and_vocodes_wavs_and_features() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let data = common::periodic_folder(dir.path(), 3, 16, 8000, 0.5);
+    let (d, ckpt) = (data.to_str().unwrap(), dir.path().join("vocoder"));
+    let c = ckpt.to_str().unwrap();
+    let tiny = ["--preset", "tiny", "--sample-rate", "8000", "--batch-size", "4", "--json"];
+    let mel = ["--condition", "mel", "--mel-bands", "40", "--hop", "64", "--cond-channels", "8"];
+    let args = [&["train", d, "--out", c, "--steps", "30", "--window", "256"][..], &tiny[..], &mel[..]].concat();
+    let t = json(&wavegen(&args, &cache));
+    assert_eq!(t["steps"], 30);
+    let info = json(&wavegen(&["info", c, "--json"], &cache));
+    let local = &info["manifest"]["model"]["local"];
+    assert_eq!((local["mel"]["hop"].as_u64(), local["mel"]["bands"].as_u64()), (Some(64), Some(40)));
+    assert_eq!(local["mean"].as_array().unwrap().len(), 40);
+    assert_eq!(json(&wavegen(&["train", "--out", c, "--resume", "--steps", "32", "--json"], &cache))["steps"], 32);
+
+    // Copy synthesis from a WAV: as long as the input, measured against it and Griffin-Lim.
+    let wav = data.join("p1.wav");
+    let out = dir.path().join("out.wav");
+    let args = ["vocode", wav.to_str().unwrap(), "--checkpoint", c, "--out", out.to_str().unwrap()];
+    let v = json(&wavegen(&[&args[..], &["--compare", "--griffin-lim-iterations", "10", "--json"]].concat(), &cache));
+    let input_len = wavegen::audio::wav::read_mono(&wav).unwrap().samples.len();
+    assert_eq!(v["samples"].as_u64(), Some(input_len as u64));
+    assert_eq!(wavegen::audio::wav::read_mono(&out).unwrap().samples.len(), input_len);
+    for name in ["wavenet", "griffin_lim", "mulaw_original"] {
+        assert!(v["comparison"][name]["lsd_db"].as_f64().unwrap().is_finite(), "{name}");
+    }
+    assert!(dir.path().join("out-griffin-lim.wav").is_file());
+    // The same twice with one seed.
+    let again = dir.path().join("again.wav");
+    let args2 = ["vocode", wav.to_str().unwrap(), "--checkpoint", c, "--out", again.to_str().unwrap(), "--json"];
+    json(&wavegen(&args2, &cache));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+
+    // External features: (frames − 1) · hop samples.
+    let npy = dir.path().join("p1.npy");
+    let m = ["mel", wav.to_str().unwrap(), "--out", npy.to_str().unwrap(), "--mel-bands", "40", "--hop", "64"];
+    json(&wavegen(&[&m[..], &["--json"]].concat(), &cache));
+    let frames = wavegen::audio::npy::read(&npy).unwrap().rows;
+    let v = json(&wavegen(
+        &["vocode", npy.to_str().unwrap(), "--checkpoint", c, "--out", out.to_str().unwrap(), "--json"],
+        &cache,
+    ));
+    assert_eq!(v["samples"].as_u64(), Some(((frames - 1) * 64) as u64));
+
+    // What does not fit.
+    let other = dir.path().join("other.npy");
+    let m = ["mel", wav.to_str().unwrap(), "--out", other.to_str().unwrap(), "--mel-bands", "30", "--json"];
+    json(&wavegen(&m, &cache));
+    let o = out.to_str().unwrap();
+    assert_clear_error(
+        &wavegen(&["vocode", other.to_str().unwrap(), "--checkpoint", c, "--out", o], &cache),
+        "40 mel bands",
+    );
+    assert_clear_error(
+        &wavegen(&["vocode", npy.to_str().unwrap(), "--checkpoint", c, "--out", o, "--compare"], &cache),
+        "give a WAV",
+    );
+    assert_clear_error(&wavegen(&["generate", "--checkpoint", c, "--out", o], &cache), "vocoder");
+    let plain = dir.path().join("plain");
+    let p = plain.to_str().unwrap();
+    json(&wavegen(&[&["train", d, "--out", p, "--steps", "2", "--window", "256"][..], &tiny[..]].concat(), &cache));
+    assert_clear_error(
+        &wavegen(&["vocode", wav.to_str().unwrap(), "--checkpoint", p, "--out", o], &cache),
+        "not a vocoder",
+    );
+    let bad = dir.path().join("bad");
+    let args = [&["train", d, "--out", bad.to_str().unwrap(), "--window", "200"][..], &tiny[..], &mel[..]].concat();
+    assert_clear_error(&wavegen(&args, &cache), "whole frames");
+    let args = ["train", d, "--out", bad.to_str().unwrap(), "--mel-bands", "40"];
+    assert!(!wavegen(&args, &cache).status.success(), "--mel-bands needs --condition mel");
+}

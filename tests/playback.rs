@@ -170,3 +170,63 @@ fn ctrl_c_stops_playback_cleanly_and_keeps_what_was_played() {
     let wav = wavegen::audio::wav::read_mono(&out).unwrap();
     assert!((wav.seconds() - played).abs() < 0.1, "--out holds {} s, {played} s were played", wav.seconds());
 }
+
+/// `play --vocode`: a vocoder's audio from a WAV's features streams through the device in real
+/// time, stops at the input's end, and `--out` holds as many samples as the input.
+#[test]
+fn play_vocodes_a_wav_in_real_time() {
+    let dir = tempfile::tempdir().unwrap();
+    // A tiny vocoder, trained for a few steps on two tones.
+    let data = dir.path().join("tones");
+    std::fs::create_dir_all(&data).unwrap();
+    for (i, hz) in [220.0f64, 330.0].iter().enumerate() {
+        let x: Vec<f32> =
+            (0..12_000).map(|n| (0.5 * (2.0 * std::f64::consts::PI * hz * n as f64 / 8000.0).sin()) as f32).collect();
+        wavegen::audio::wav::write_pcm16(&data.join(format!("t{i}.wav")), 8000, &[&x]).unwrap();
+    }
+    let ckpt = dir.path().join("vocoder");
+    let no_audio = dir.path().join("none.conf");
+    std::fs::write(&no_audio, "").unwrap();
+    let train = [
+        "train",
+        data.to_str().unwrap(),
+        "--out",
+        ckpt.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--sample-rate",
+        "8000",
+        "--condition",
+        "mel",
+        "--steps",
+        "10",
+        "--window",
+        "512",
+        "--json",
+    ];
+    let t = command(&train, &no_audio, None).env("WAVEGEN_CACHE", dir.path().join("cache")).output().unwrap();
+    assert!(t.status.success(), "{}", String::from_utf8_lossy(&t.stderr));
+
+    let raw = dir.path().join("played.raw");
+    let _turn = ONE_SERVER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (jack, conf) = headless_audio(dir.path(), &raw);
+    let out = dir.path().join("played.wav");
+    let input = data.join("t1.wav");
+    let started = Instant::now();
+    let args = ["play", "--checkpoint", ckpt.to_str().unwrap(), "--vocode", input.to_str().unwrap()];
+    let o = wavegen(&[&args[..], &["--out", out.to_str().unwrap(), "--json"]].concat(), &conf, Some(&jack));
+    let wall = started.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["underruns"], 0, "{summary}");
+    assert!(summary["realtime_factor"].as_f64().unwrap() > 1.0, "{summary}");
+    assert!(wall >= 1.5, "paced in real time: {wall:.2} s for 1.5 s");
+    let played = std::fs::read(&raw).unwrap().len() as f64 / 4.0 / JACK_RATE as f64;
+    assert!((played - 1.5).abs() < 0.15, "played {played:.3} s of a 1.5 s input");
+    assert_eq!(wavegen::audio::wav::read_mono(&out).unwrap().samples.len(), 12_000);
+    // A vocoder needs an input, and other models take none.
+    let e = wavegen(&["play", "--checkpoint", ckpt.to_str().unwrap(), "--seconds", "1"], &conf, Some(&jack));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--vocode"), "{}", String::from_utf8_lossy(&e.stderr));
+    let e = wavegen(&["play", "--checkpoint", &checkpoint(), "--vocode", input.to_str().unwrap()], &conf, Some(&jack));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("not a vocoder"), "{}", String::from_utf8_lossy(&e.stderr));
+}

@@ -64,18 +64,38 @@ fn save_then_load_gives_identical_logits() {
 
 #[test]
 fn stopping_and_resuming_gives_the_same_run_as_never_stopping() {
+    resume_is_exact(&|_| {});
+}
+
+/// The same for a vocoder: its features, windows and frame network resume exactly too.
+#[test]
+fn a_vocoder_resumes_exactly() {
+    resume_is_exact(&|o| {
+        let mel = wavegen::audio::mel::MelConfig { hop: 32, n_fft: 128, bands: 20, ..MelConfig::for_rate(8000) };
+        o.condition = Some((mel, 8));
+    });
+}
+
+use wavegen::audio::mel::MelConfig;
+
+fn resume_is_exact(adjust: &dyn Fn(&mut wavegen::tasks::train::TrainOptions)) {
     let dir = tempfile::tempdir().unwrap();
     let data = common::periodic_folder(dir.path(), 4, PERIOD, 8000, 0.3);
     let (n, m) = (20, 20);
+    let options = |out: &std::path::Path, steps| {
+        let mut o = common::tiny_options(&data, out, steps);
+        adjust(&mut o);
+        o
+    };
     // One run of N + M steps.
     let whole = dir.path().join("whole");
-    train(&common::tiny_options(&data, &whole, n + m), &mut Silent, &AtomicBool::new(false)).unwrap();
+    train(&options(&whole, n + m), &mut Silent, &AtomicBool::new(false)).unwrap();
     // N steps (with the same schedule), then a resume to N + M.
     let split = dir.path().join("split");
-    let mut first = common::tiny_options(&data, &split, n);
+    let mut first = options(&split, n);
     first.train.decay_steps = n + m;
     train(&first, &mut Silent, &AtomicBool::new(false)).unwrap();
-    let mut second = common::tiny_options(&data, &split, n + m);
+    let mut second = options(&split, n + m);
     second.resume = true;
     if let AudioModelSpec::Wavenet(cfg) = &mut second.model {
         cfg.residual_channels = 99; // ignored on resume: the checkpoint's config wins
@@ -106,6 +126,8 @@ fn stopping_and_resuming_gives_the_same_run_as_never_stopping() {
     assert_eq!(losses(&h1), losses(&h2));
     assert_eq!(h1.rng, h2.rng, "the data stream continued where it stopped");
     assert_eq!(h1.step, n + m);
+    let local = |dir| run::read_manifest(dir).unwrap().model.wavenet().unwrap().local.clone();
+    assert_eq!(local(&whole), local(&split), "the same conditioning (or none)");
 }
 
 /// `--precision bf16`: learns the periodic signal as f32 does, is recorded in the checkpoint

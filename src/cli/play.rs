@@ -42,6 +42,10 @@ pub struct PlayArgs {
     /// Exact tanh and exp instead of the fast approximations.
     #[arg(long)]
     exact: bool,
+    /// With a vocoder checkpoint: play the audio it makes from this WAV's log-mel spectrogram
+    /// (or from features in a .npy), as it is made. Stops at the input's end.
+    #[arg(long, value_name = "IN")]
+    vocode: Option<PathBuf>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -69,6 +73,7 @@ pub fn run(a: PlayArgs) -> anyhow::Result<ExitCode> {
         latency_ms: a.latency_ms,
         out: a.out,
         exact: a.exact,
+        vocode: a.vocode,
     };
     let mut bars = Bars::new(0, a.json);
     let summary = play(&opts, &mut bars, stop);

@@ -624,12 +624,13 @@ impl<'a> AudioBatches<'a> {
             Some(names) => Some((label_indices(train, names)?, label_indices(val, names)?)),
         };
         let hop = train.mel().map(|m| m.hop);
-        if let Some(hop) = hop {
-            if window % hop != 0 || val.mel() != train.mel() {
-                return Err(Error::Config(format!(
-                    "a vocoder's windows must be whole frames: --window {window} is not a multiple of the hop {hop}"
-                )));
-            }
+        if let Some(hop) = hop.filter(|&h| !window.is_multiple_of(h)) {
+            return Err(Error::Config(format!(
+                "a vocoder's windows must be whole frames: --window {window} is not a multiple of the hop {hop}"
+            )));
+        }
+        if val.mel() != train.mel() {
+            return Err(Error::Config("the validation corpus must have the training corpus's features".into()));
         }
         // A vocoder's windows start on frame boundaries: the context too is whole frames.
         let context = hop.map_or(context, |h| context.div_ceil(h) * h);

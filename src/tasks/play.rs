@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::{AudioModel, Reporter};
 use crate::audio::{mulaw, output, wav};
 use crate::core::sample::SamplerConfig;
-use crate::engine::{Engine, Kernels};
+use crate::engine::{Conditioning, Engine, Kernels};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -39,6 +39,8 @@ pub struct PlayOptions {
     pub out: Option<PathBuf>,
     /// Use exact tanh/exp instead of the fast approximations.
     pub exact: bool,
+    /// With a vocoder: the WAV or `.npy` features to turn into audio as it plays.
+    pub vocode: Option<PathBuf>,
 }
 
 /// What was played.
@@ -87,6 +89,27 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
     let label = m.label_index(opts.label.as_deref())?.unwrap_or(0);
     let engine = Engine::new(&m.model, Kernels::detect(), opts.exact)?;
     let kernels = engine.kernels().name;
+    let source = opts.checkpoint.clone().unwrap_or_else(|| PathBuf::from(super::embedded::NAME));
+    // A vocoder plays its input's length (or less, with --seconds); other models play on.
+    let (local, input_samples) = match (&opts.vocode, engine.is_vocoder()) {
+        (Some(path), true) => {
+            let input = super::vocode::read_input(path, &super::vocode::vocoder_settings(&m, &source)?)?;
+            (Some(Arc::new(engine.condition(&input.mel.values, input.mel.frames)?)), Some(input.samples as u64))
+        }
+        (Some(_), false) => {
+            return Err(Error::checkpoint(
+                &source,
+                "not a vocoder (trained without --condition mel): play it without --vocode",
+            ));
+        }
+        (None, true) => {
+            return Err(Error::checkpoint(
+                &source,
+                "a vocoder: give it something to vocode with --vocode IN.wav (or features as .npy)",
+            ));
+        }
+        (None, false) => (None, None),
+    };
 
     // The device first: its rate decides the resampling.
     let latency_s = opts.latency_ms / 1000.0;
@@ -101,7 +124,10 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
         opts.latency_ms
     ));
 
-    let total = opts.seconds.map(|s| (s * model_rate as f64).round() as u64);
+    let total = match (opts.seconds.map(|s| (s * model_rate as f64).round() as u64), input_samples) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     let recording = Arc::new(Mutex::new(Vec::<f32>::new()));
     let done = Arc::new(AtomicBool::new(false));
     let generated = Arc::new(AtomicU64::new(0));
@@ -113,12 +139,13 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
         let sampler = opts.sampler.clone();
         let record = opts.out.is_some();
         let seed = opts.seed;
-        let source = opts.checkpoint.clone().unwrap_or_else(|| PathBuf::from(super::embedded::NAME));
+        let source = source.clone();
         std::thread::Builder::new()
             .name("generator".into())
             .spawn(move || -> Result<()> {
                 let result = run_generator(
                     &engine,
+                    local,
                     sampler,
                     seed,
                     label,
@@ -238,6 +265,7 @@ pub fn play(opts: &PlayOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) 
 #[allow(clippy::too_many_arguments)]
 fn run_generator(
     engine: &Engine,
+    local: Option<Arc<Conditioning>>,
     sampler: SamplerConfig,
     seed: u64,
     label: u32,
@@ -253,7 +281,12 @@ fn run_generator(
     source: &std::path::Path,
 ) -> Result<()> {
     const CHUNK: usize = 256;
-    let mut streams = engine.streams(&[label])?;
+    // A vocoder's input starts after the priming below (one step from nothing, then silence).
+    let lead = engine.config().receptive_field();
+    let mut streams = match local {
+        Some(local) => engine.vocoder_streams(&[label], vec![local], lead)?,
+        None => engine.streams(&[label])?,
+    };
     let mut rng = Rng::derived(seed, "sample");
     let classes = engine.config().classes;
     // Start from one receptive field of silence, as training windows do.
