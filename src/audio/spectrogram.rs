@@ -44,23 +44,42 @@ fn colour(v: f32) -> [u8; 3] {
 
 /// Writes the spectrogram of `samples` as a PNG (atomically).
 pub fn write_png(path: &Path, samples: &[f32]) -> Result<()> {
-    let db = stft_db(samples);
+    write_png_stacked(path, &[samples])
+}
+
+/// Writes the spectrograms of `signals` one above the other (the first on top, a white line
+/// between them) as one PNG, on one colour scale (the first signal's loudest is the top), so
+/// that they compare by eye.
+pub fn write_png_stacked(path: &Path, signals: &[&[f32]]) -> Result<()> {
     let bins = N_FFT / 2 + 1;
+    let longest = signals.iter().map(|s| stft_db(s).len()).max().unwrap_or(1);
     // Long audio: average neighbouring frames so the image stays a sensible width.
-    let per_column = db.len().div_ceil(MAX_WIDTH).max(1);
-    let columns: Vec<Vec<f32>> = db
-        .chunks(per_column)
-        .map(|c| (0..bins).map(|b| c.iter().map(|f| f[b]).sum::<f32>() / c.len() as f32).collect())
+    let per_column = longest.div_ceil(MAX_WIDTH).max(1);
+    let images: Vec<Vec<Vec<f32>>> = signals
+        .iter()
+        .map(|s| {
+            stft_db(s)
+                .chunks(per_column)
+                .map(|c| (0..bins).map(|b| c.iter().map(|f| f[b]).sum::<f32>() / c.len() as f32).collect())
+                .collect()
+        })
         .collect();
-    let peak = columns.iter().flatten().fold(f32::MIN, |m, &v| m.max(v));
-    let (width, height) = (columns.len(), bins);
-    let mut pixels = Vec::with_capacity(width * height * 3);
-    for row in 0..height {
-        let bin = height - 1 - row; // low frequencies at the bottom
-        for col in &columns {
-            pixels.extend_from_slice(&colour(1.0 - (peak - col[bin]) / RANGE_DB));
+    let peak = images.first().map_or(0.0, |columns| columns.iter().flatten().fold(f32::MIN, |m, &v| m.max(v)));
+    let width = images.iter().map(|c| c.len()).max().unwrap_or(1);
+    let mut pixels = Vec::new();
+    for (i, columns) in images.iter().enumerate() {
+        if i > 0 {
+            pixels.extend(std::iter::repeat_n(255u8, width * 3));
+        }
+        for row in 0..bins {
+            let bin = bins - 1 - row; // low frequencies at the bottom
+            for x in 0..width {
+                let level = columns.get(x).map_or(f32::MIN, |col| col[bin]);
+                pixels.extend_from_slice(&colour(1.0 - (peak - level) / RANGE_DB));
+            }
         }
     }
+    let height = images.len() * bins + images.len().saturating_sub(1);
     crate::fsutil::write_png(path, width, height, &pixels, true)
 }
 

@@ -14,8 +14,11 @@ pub struct EvalArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// WAV files or folders of them.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "held_out")]
     paths: Vec<PathBuf>,
+    /// Score the files the checkpoint held out of its training (its validation files).
+    #[arg(long, conflicts_with = "paths")]
+    held_out: bool,
     /// Label to condition on (for models trained with --labels).
     #[arg(long)]
     label: Option<String>,

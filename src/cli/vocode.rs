@@ -11,14 +11,19 @@ use super::report::Bars;
 
 #[derive(Debug, Args)]
 pub struct VocodeArgs {
-    /// A WAV file (copy synthesis: analysed with the vocoder's own settings), or a .npy of
-    /// log-mel features (frames, bands) made with the same analysis (`wavegen mel`).
-    input: PathBuf,
+    /// WAV files (copy synthesis: analysed with the vocoder's own settings), folders of them,
+    /// or .npy files of log-mel features (frames, bands) made with the same analysis (`wavegen
+    /// mel`).
+    #[arg(required_unless_present = "held_out")]
+    inputs: Vec<PathBuf>,
+    /// Vocode the files the checkpoint held out of its training (its validation files).
+    #[arg(long, conflicts_with = "inputs")]
+    held_out: bool,
     /// The vocoder: a checkpoint trained with `wavegen train DIR --condition mel`.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Output WAV file (16-bit PCM at the vocoder's rate): as long as the input WAV, or
-    /// (frames − 1) × hop samples for features.
+    /// Output WAV file (16-bit PCM at the vocoder's rate: as long as the input WAV, or
+    /// (frames − 1) × hop samples for features); for several inputs, a folder of them.
     #[arg(long)]
     out: PathBuf,
     /// Sampling temperature: below 1 is more conservative, 0 always takes the likeliest code.
@@ -47,6 +52,10 @@ pub struct VocodeArgs {
     /// Griffin-Lim iterations for --compare.
     #[arg(long, default_value_t = 100)]
     griffin_lim_iterations: usize,
+    /// With --compare: also draw the original's, Griffin-Lim's and the vocoder's spectrograms,
+    /// one above the other, as OUT.png (one per output).
+    #[arg(long, requires = "compare")]
+    spectrograms: bool,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -55,7 +64,7 @@ pub struct VocodeArgs {
 pub fn run(a: VocodeArgs) -> anyhow::Result<ExitCode> {
     let opts = VocodeOptions {
         checkpoint: a.checkpoint,
-        input: a.input,
+        inputs: a.inputs,
         out: a.out,
         sampler: SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
         seed: a.seed,
@@ -63,6 +72,7 @@ pub fn run(a: VocodeArgs) -> anyhow::Result<ExitCode> {
         exact: a.exact,
         compare: a.compare,
         griffin_lim_iterations: a.griffin_lim_iterations,
+        spectrograms: a.spectrograms,
     };
     let mut bars = Bars::new(0, a.json);
     let summary = vocode(&opts, &mut bars);
@@ -72,26 +82,38 @@ pub fn run(a: VocodeArgs) -> anyhow::Result<ExitCode> {
         super::print_json(&s)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "wrote {} ({:.2} s at {} Hz from {} frames): {:.0} samples/s, {:.2}× real time on one core ({})",
-        s.out.display(),
-        s.seconds,
-        s.sample_rate,
-        s.frames,
-        s.samples_per_second,
-        s.realtime_factor,
-        s.kernels
-    );
-    if let Some(c) = &s.comparison {
-        println!("distance from the original   log-spectral (dB)   mel-cepstral (dB)");
-        for (name, d) in [
-            ("WaveNet vocoder", c.wavenet),
-            ("Griffin-Lim", c.griffin_lim),
-            ("μ-law of the original", c.mulaw_original),
-        ] {
-            println!("  {name:<26} {:>17.2}   {:>17.2}", d.lsd_db, d.mcd_db);
+    for f in &s.files {
+        println!(
+            "wrote {} ({:.2} s at {} Hz from {} frames): {:.2}× real time on one core ({})",
+            f.out.display(),
+            f.seconds,
+            f.sample_rate,
+            f.frames,
+            f.realtime_factor,
+            f.kernels
+        );
+        if let Some(c) = &f.comparison {
+            print_distances(&[
+                ("WaveNet vocoder", c.wavenet),
+                ("Griffin-Lim", c.griffin_lim),
+                ("μ-law of the original", c.mulaw_original),
+            ]);
         }
-        println!("Griffin-Lim audio: {}", c.griffin_lim_out.display());
+    }
+    if let (Some(mean), true) = (&s.mean, s.files.len() > 1) {
+        println!("mean over {} files, {:.2}× real time:", s.files.len(), s.realtime_factor);
+        print_distances(&[
+            ("WaveNet vocoder", mean.wavenet),
+            ("Griffin-Lim", mean.griffin_lim),
+            ("μ-law of the original", mean.mulaw_original),
+        ]);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_distances(rows: &[(&str, wavegen::tasks::vocode::Distances)]) {
+    println!("  {:<24} {:>18} {:>18}", "distance from original", "log-spectral (dB)", "mel-cepstral (dB)");
+    for (name, d) in rows {
+        println!("  {name:<24} {:>18.2} {:>18.2}", d.lsd_db, d.mcd_db);
+    }
 }

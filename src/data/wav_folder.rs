@@ -85,12 +85,18 @@ impl AudioSettings {
     /// Turns one decoded file into the codes `wavegen eval` scores: as for training, but any
     /// length counts and digital silence is scored as it is. `Err` only for a file of no samples.
     pub fn encode_for_scoring(&self, audio: &wav::Mono) -> std::result::Result<Vec<u8>, String> {
+        Ok(mulaw::encode_all(&self.prepare_for_scoring(audio)?))
+    }
+
+    /// The samples behind [`AudioSettings::encode_for_scoring`]'s codes (a vocoder's features
+    /// are computed from them).
+    pub fn prepare_for_scoring(&self, audio: &wav::Mono) -> std::result::Result<Vec<f32>, String> {
         let samples =
             resample::resample(&audio.samples, audio.sample_rate, self.sample_rate).map_err(|e| e.to_string())?;
         if samples.is_empty() {
             return Err("the file holds no samples: nothing to score".into());
         }
-        Ok(mulaw::encode_all(self.trim(&samples)))
+        Ok(self.trim(&samples).to_vec())
     }
 
     /// `samples` without the leading and trailing part quieter than `trim_db` below the peak

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::{AudioModel, Reporter};
+use crate::audio::mel::Mel;
 use crate::audio::wav;
 use crate::core::train::nll_sum;
 use crate::data::Batch;
@@ -50,27 +51,50 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The summed NLL in nats of one file's codes, in windows of `window` targets, batched.
+/// The summed NLL in nats of one file's codes, in windows of `window` targets, batched; a
+/// vocoder's windows carry the file's features `mel` (frames outside the file at the floor,
+/// windows on frame boundaries, as in training).
 pub fn nll_of_codes(
     model: &AudioModel,
     codes: &[u8],
+    mel: Option<&Mel>,
     label: Option<u32>,
     window_len: usize,
     batch: usize,
 ) -> Result<f64> {
+    let hop = model.model.cfg.local.as_ref().map(|l| l.mel.hop);
     let rf = model.model.cfg.receptive_field();
+    let context = hop.map_or(rf, |h| rf.div_ceil(h) * h);
     let starts: Vec<usize> = (0..codes.len()).step_by(window_len).collect();
     let batches = starts
         .chunks(batch)
         .map(|chunk| {
-            let (tokens, mask): (Vec<_>, Vec<_>) = chunk.iter().map(|&s| window(codes, s, rf, window_len)).unzip();
-            Batch::from_rows(&tokens, &mask, label.map(|l| vec![l; chunk.len()]), &candle_core::Device::Cpu)
+            let (tokens, mask): (Vec<_>, Vec<_>) = chunk.iter().map(|&s| window(codes, s, context, window_len)).unzip();
+            let mut b =
+                Batch::from_rows(&tokens, &mask, label.map(|l| vec![l; chunk.len()]), &candle_core::Device::Cpu)?;
+            if let (Some(hop), Some(mel)) = (hop, mel) {
+                let rows = (context + window_len).div_ceil(hop) + 2;
+                let floor = crate::audio::mel::FLOOR.ln();
+                let mut values = Vec::with_capacity(chunk.len() * rows * mel.bands);
+                for &s in chunk {
+                    let first = (s as isize - context as isize).div_euclid(hop as isize) - 1;
+                    for f in first..first + rows as isize {
+                        match usize::try_from(f).ok().filter(|&f| f < mel.frames) {
+                            Some(f) => values.extend_from_slice(mel.frame(f)),
+                            None => values.extend(std::iter::repeat_n(floor, mel.bands)),
+                        }
+                    }
+                }
+                let shape = (chunk.len(), rows, mel.bands);
+                b.features = Some(candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu)?);
+            }
+            Ok(b)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(nll_sum(&model.model, &batches)?.0)
 }
 
-/// Scores `paths` (files or folders) under the checkpoint.
+/// Scores `paths` (files or folders) under the checkpoint; none: its held-out files.
 pub fn eval(
     checkpoint: &Path,
     paths: &[PathBuf],
@@ -79,16 +103,23 @@ pub fn eval(
 ) -> Result<EvalReport> {
     let model = AudioModel::load(checkpoint)?;
     let label = model.label_index(label)?;
-    let files = expand_paths(paths)?;
+    // No paths: the files the checkpoint held out of its training.
+    let files = if paths.is_empty() { model.held_out_files()? } else { expand_paths(paths)? };
     let settings = model.audio().settings.clone();
     let window_len = model.audio().window;
     let (mut scores, mut total_nats, mut total_samples) = (Vec::new(), 0.0, 0);
     for (i, path) in files.iter().enumerate() {
         reporter.progress("scoring", i as u64, files.len() as u64);
         let audio = wav::read_mono(path)?;
-        let codes =
-            settings.encode_for_scoring(&audio).map_err(|reason| Error::NoAudio { path: path.clone(), reason })?;
-        let nats = nll_of_codes(&model, &codes, label, window_len, 8)?;
+        let samples =
+            settings.prepare_for_scoring(&audio).map_err(|reason| Error::NoAudio { path: path.clone(), reason })?;
+        let codes = crate::audio::mulaw::encode_all(&samples);
+        // A vocoder is scored given the file's own features.
+        let mel = match &model.model.cfg.local {
+            Some(l) => Some(crate::audio::mel::log_mel(&samples, &l.mel)?),
+            None => None,
+        };
+        let nats = nll_of_codes(&model, &codes, mel.as_ref(), label, window_len, 8)?;
         total_nats += nats;
         total_samples += codes.len();
         scores.push(FileScore {

@@ -2,7 +2,7 @@
 //! score files, describe a checkpoint. Each takes an options struct and a [`Reporter`] for
 //! progress, and returns a summary that the CLI prints (or prints as JSON).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use serde::Serialize;
@@ -105,6 +105,20 @@ impl AudioModel {
             WaveNet::new(cfg, vb)
         })?;
         Ok(AudioModel { manifest, model, params })
+    }
+
+    /// The files the model was validated on (held out of its training), or an error that
+    /// says where they were expected.
+    pub fn held_out_files(&self) -> Result<Vec<PathBuf>> {
+        let audio = self.audio();
+        let dir = audio.val_dir.as_ref().unwrap_or(&audio.train_dir);
+        if !dir.is_dir() {
+            return Err(Error::Config(format!(
+                "the checkpoint's held-out files are under {}, which is not there: pass the files instead",
+                dir.display()
+            )));
+        }
+        Ok(audio.val_files.iter().map(|f| dir.join(f)).collect())
     }
 
     /// The audio settings.

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{AudioModel, Reporter};
 use crate::audio::mel::{self, Mel, MelConfig};
-use crate::audio::{distortion, griffin_lim, mulaw, npy, resample, wav};
+use crate::audio::{distortion, griffin_lim, mulaw, npy, resample, spectrogram, wav};
 use crate::core::sample::SamplerConfig;
 use crate::engine::{self, Engine, Kernels, StreamSpec};
 use crate::rng::Rng;
@@ -24,9 +24,11 @@ use crate::{Error, Result};
 pub struct VocodeOptions {
     /// The vocoder's checkpoint directory.
     pub checkpoint: PathBuf,
-    /// A WAV file (analysed with the vocoder's settings) or a `.npy` of log-mel features.
-    pub input: PathBuf,
-    /// The WAV to write.
+    /// WAV files (analysed with the vocoder's settings), folders of them, or `.npy` files of
+    /// log-mel features; none: the checkpoint's held-out files.
+    pub inputs: Vec<PathBuf>,
+    /// The WAV to write for one input; a folder (created if needed) for several, each output
+    /// named after its input.
     pub out: PathBuf,
     /// Temperature, top-k, top-p.
     pub sampler: SamplerConfig,
@@ -40,6 +42,9 @@ pub struct VocodeOptions {
     pub compare: bool,
     /// Griffin-Lim iterations for `compare`.
     pub griffin_lim_iterations: usize,
+    /// With `compare`: also draw the original's, Griffin-Lim's and the vocoder's spectrograms,
+    /// one above the other, next to each output (`NAME.png`).
+    pub spectrograms: bool,
 }
 
 /// The distances of one signal from the original.
@@ -73,9 +78,11 @@ pub struct Comparison {
     pub griffin_lim_out: PathBuf,
 }
 
-/// What was made.
+/// What was made of one input.
 #[derive(Debug, Serialize)]
-pub struct VocodeSummary {
+pub struct Vocoded {
+    /// The input.
+    pub input: PathBuf,
     /// The WAV written.
     pub out: PathBuf,
     /// Frames of features read.
@@ -94,6 +101,45 @@ pub struct VocodeSummary {
     pub kernels: &'static str,
     /// With `compare`: the distances from the original.
     pub comparison: Option<Comparison>,
+}
+
+/// What was made of every input.
+#[derive(Debug, Serialize)]
+pub struct VocodeSummary {
+    /// Per input, in order.
+    pub files: Vec<Vocoded>,
+    /// Samples per wall-clock second over all inputs, on one core.
+    pub samples_per_second: f64,
+    /// `samples_per_second` over the sample rate.
+    pub realtime_factor: f64,
+    /// With `compare`: each distance's mean over the inputs.
+    pub mean: Option<MeanComparison>,
+}
+
+/// Mean distances over several inputs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MeanComparison {
+    /// The vocoder's.
+    pub wavenet: Distances,
+    /// Griffin-Lim's.
+    pub griffin_lim: Distances,
+    /// The μ-law round trip's.
+    pub mulaw_original: Distances,
+}
+
+impl MeanComparison {
+    fn of(all: &[&Comparison]) -> Option<Self> {
+        let n = all.len() as f64;
+        let mean = |pick: &dyn Fn(&Comparison) -> Distances| Distances {
+            lsd_db: all.iter().map(|c| pick(c).lsd_db).sum::<f64>() / n,
+            mcd_db: all.iter().map(|c| pick(c).mcd_db).sum::<f64>() / n,
+        };
+        (!all.is_empty()).then(|| MeanComparison {
+            wavenet: mean(&|c| c.wavenet),
+            griffin_lim: mean(&|c| c.griffin_lim),
+            mulaw_original: mean(&|c| c.mulaw_original),
+        })
+    }
 }
 
 /// The features to vocode: from a WAV (and its samples at the model's rate), or a `.npy`.
@@ -148,10 +194,10 @@ pub fn read_input(path: &Path, cfg: &MelConfig) -> Result<Input> {
     Ok(Input { mel, samples: samples.len(), original: Some(samples) })
 }
 
-/// The `-griffin-lim` sibling of `out`.
-fn sibling(out: &Path, suffix: &str) -> PathBuf {
+/// `out` with `-suffix.ext` in place of its extension.
+fn sibling(out: &Path, suffix: &str, ext: &str) -> PathBuf {
     let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    out.with_file_name(format!("{stem}-{suffix}.wav"))
+    out.with_file_name(format!("{stem}{suffix}.{ext}"))
 }
 
 /// The vocoder's engine, its streams' conditioning on `input`, and the priming: one receptive
@@ -180,20 +226,76 @@ pub fn vocoder_settings(m: &AudioModel, checkpoint: &Path) -> Result<MelConfig> 
     })
 }
 
-/// Vocodes `opts.input` into `opts.out`.
+/// Vocodes every input of `opts`.
 pub fn vocode(opts: &VocodeOptions, reporter: &mut dyn Reporter) -> Result<VocodeSummary> {
     opts.sampler.validate()?;
     let m = AudioModel::load(&opts.checkpoint)?;
     let cfg = vocoder_settings(&m, &opts.checkpoint)?;
     let label = m.label_index(opts.label.as_deref())?.unwrap_or(0);
-    let input = read_input(&opts.input, &cfg)?;
+    let inputs = if opts.inputs.is_empty() {
+        m.held_out_files()?
+    } else {
+        let mut files = Vec::new();
+        for p in &opts.inputs {
+            match p.is_dir() {
+                true => files.extend(super::eval::expand_paths(std::slice::from_ref(p))?),
+                false => files.push(p.clone()),
+            }
+        }
+        files
+    };
+    // One input: `out` is its file; several: a folder of them.
+    let outs: Vec<PathBuf> = if inputs.len() == 1 && opts.inputs.len() == 1 && !opts.inputs[0].is_dir() {
+        vec![opts.out.clone()]
+    } else {
+        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+        inputs
+            .iter()
+            .map(|p| opts.out.join(format!("{}.wav", p.file_stem().unwrap_or_default().to_string_lossy())))
+            .collect()
+    };
+    let engine = Engine::new(&m.model, Kernels::detect(), opts.exact)?;
+    let (mut files, mut busy, mut made) = (Vec::new(), 0.0, 0usize);
+    for (i, (input_path, out)) in inputs.iter().zip(&outs).enumerate() {
+        if inputs.len() > 1 {
+            reporter.progress("vocoding files", i as u64, inputs.len() as u64);
+        }
+        let done = vocode_one(opts, &engine, &cfg, label, input_path, out, reporter)?;
+        busy += done.samples as f64 / done.samples_per_second;
+        made += done.samples;
+        files.push(done);
+    }
+    let samples_per_second = made as f64 / busy.max(1e-9);
+    let comparisons: Vec<&Comparison> = files.iter().filter_map(|f| f.comparison.as_ref()).collect();
+    Ok(VocodeSummary {
+        mean: MeanComparison::of(&comparisons),
+        samples_per_second,
+        realtime_factor: samples_per_second / cfg.sample_rate as f64,
+        files,
+    })
+}
+
+/// Vocodes one input into `out`.
+#[allow(clippy::too_many_arguments)]
+fn vocode_one(
+    opts: &VocodeOptions,
+    engine: &Engine,
+    cfg: &MelConfig,
+    label: u32,
+    input_path: &Path,
+    out: &Path,
+    reporter: &mut dyn Reporter,
+) -> Result<Vocoded> {
+    let input = read_input(input_path, cfg)?;
     if opts.compare && input.original.is_none() {
-        return Err(Error::Config("--compare measures against the original audio: give a WAV, not features".into()));
+        return Err(Error::Config(format!(
+            "{}: --compare measures against the original audio: give a WAV, not features",
+            input_path.display()
+        )));
     }
     let rate = cfg.sample_rate;
-    let mut writer = wav::PcmWriter::create(&opts.out, rate, 1, input.samples as u64)?;
-    let engine = Engine::new(&m.model, Kernels::detect(), opts.exact)?;
-    let mut generator = prepare(&engine, &input, label, &opts.sampler, opts.seed)?;
+    let mut writer = wav::PcmWriter::create(out, rate, 1, input.samples as u64)?;
+    let mut generator = prepare(engine, &input, label, &opts.sampler, opts.seed)?;
     let started = Instant::now();
     let mut audio = Vec::with_capacity(if opts.compare { input.samples } else { 0 });
     let mut done = 0;
@@ -213,22 +315,25 @@ pub fn vocode(opts: &VocodeOptions, reporter: &mut dyn Reporter) -> Result<Vocod
     writer.finish()?;
     let comparison = match (&input.original, opts.compare) {
         (Some(original), true) => {
-            reporter.note(&format!("Griffin-Lim, {} iterations …", opts.griffin_lim_iterations));
-            let gl = griffin_lim::from_mel(&input.mel, &cfg, input.samples, opts.griffin_lim_iterations, opts.seed)?;
-            let griffin_lim_out = sibling(&opts.out, "griffin-lim");
+            let gl = griffin_lim::from_mel(&input.mel, cfg, input.samples, opts.griffin_lim_iterations, opts.seed)?;
+            let griffin_lim_out = sibling(out, "-griffin-lim", "wav");
             wav::write_pcm16(&griffin_lim_out, rate, &[&gl])?;
+            if opts.spectrograms {
+                spectrogram::write_png_stacked(&sibling(out, "", "png"), &[original, &gl, &audio])?;
+            }
             let coded: Vec<f32> = original.iter().map(|&x| mulaw::decode(mulaw::encode(x))).collect();
             Some(Comparison {
-                wavenet: Distances::between(original, &audio, &cfg)?,
-                griffin_lim: Distances::between(original, &gl, &cfg)?,
-                mulaw_original: Distances::between(original, &coded, &cfg)?,
+                wavenet: Distances::between(original, &audio, cfg)?,
+                griffin_lim: Distances::between(original, &gl, cfg)?,
+                mulaw_original: Distances::between(original, &coded, cfg)?,
                 griffin_lim_out,
             })
         }
         _ => None,
     };
-    Ok(VocodeSummary {
-        out: opts.out.clone(),
+    Ok(Vocoded {
+        input: input_path.to_path_buf(),
+        out: out.to_path_buf(),
         frames: input.mel.frames,
         samples: input.samples,
         seconds: input.samples as f64 / rate as f64,
