@@ -244,5 +244,90 @@ fn setup() -> Criterion {
     Criterion::default().configure_from_args()
 }
 
-criterion_group! { name = benches; config = setup(); targets = generation, realtime, engine, training, training_windows }
+/// The music vocoder's config (16 kHz, 80 mel bands, hop 256, 16 layers of the real-time
+/// widths, a frame network of 64 channels) and the same WaveNet without the conditioning.
+fn vocoder_configs() -> [(&'static str, Config); 2] {
+    use wavegen::audio::mel::MelConfig;
+    use wavegen::models::wavenet::LocalConfig;
+    let plain = Config { layers_per_cycle: 8, cycles: 2, ..Config::realtime() };
+    let mel = MelConfig::for_rate(16_000);
+    let local = LocalConfig::new(mel, 64, vec![-4.0; 80], vec![2.0; 80]);
+    [("plain", plain.clone()), ("mel", Config { local: Some(local), ..plain })]
+}
+
+/// What the conditioning costs. Generation: one stream on one thread, 4,096 samples, the
+/// vocoder (its per-layer projections computed once per frame) against the same WaveNet
+/// unconditioned; and what projecting per sample instead would add (one (1 × R)·(R × L·2G)
+/// product per sample, the kernels' own). Training: one step of 4 × 4,096 target samples (bf16
+/// where the CPU has AMX, else f32), one thread.
+fn vocoder(c: &mut Criterion) {
+    use std::sync::Arc;
+    use wavegen::engine::{Engine, Kernels, StreamSpec};
+    let mut group = c.benchmark_group("vocoder");
+    group.sample_size(10);
+    let steps = 4096;
+    let mut rng = Rng::new(4);
+    let frames = steps / 256 + 1;
+    let mel: Vec<f32> = (0..frames * 80).map(|_| -4.0 + 2.0 * rng.normal() as f32).collect();
+    for (name, cfg) in vocoder_configs() {
+        let m = model(&cfg);
+        let engine = Engine::new(&m, Kernels::detect(), false).unwrap();
+        let local = engine.is_vocoder().then(|| Arc::new(engine.condition(&mel, frames).unwrap()));
+        group.throughput(Throughput::Elements(steps as u64));
+        group.bench_function(BenchmarkId::new("engine_1t", name), |b| {
+            b.iter(|| {
+                let spec =
+                    StreamSpec { sampler: SamplerConfig::default(), rng: Rng::new(1), label: 0, local: local.clone() };
+                let mut g = wavegen::engine::Generator::new(&engine, vec![spec], &[128], 1).unwrap();
+                black_box(g.next_chunk(steps).unwrap())
+            })
+        });
+    }
+    let (r, width) = (64, 16 * 2 * 32);
+    let mm = Kernels::detect().matmul_acc;
+    let (y, w) = (vec![0.1f32; r], vec![0.01f32; r * width]);
+    let mut out = vec![0f32; width];
+    group.bench_function(BenchmarkId::new("projection_per_sample_1t", "mel"), |b| {
+        b.iter(|| {
+            for _ in 0..steps {
+                mm(&mut out, &y, &w, 1, r, width);
+            }
+            black_box(&out);
+        })
+    });
+    let precision = if wavegen::layers::matmul::amx::available() {
+        wavegen::core::train::Precision::Bf16
+    } else {
+        wavegen::core::train::Precision::F32
+    };
+    for (name, cfg) in vocoder_configs() {
+        let params = Params::new(0);
+        let m = WaveNet::new(&cfg, params.var_builder(DType::F32)).unwrap().with_precision(precision);
+        let mut opt = wavegen::core::optim::AdamW::new(&params, Default::default()).unwrap();
+        let (batch, window) = (4, 4096);
+        // The context rounded up to whole frames, as the vocoder's windows are.
+        let context = cfg.receptive_field().div_ceil(256) * 256;
+        let mut data = training_batch(&Config { layers_per_cycle: 1, cycles: 1, ..cfg.clone() }, batch, 0, 2);
+        let len = context + window;
+        let tokens: Vec<u32> = (0..batch * len).map(|_| rng.below(256) as u32).collect();
+        data.tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
+        let mask: Vec<f32> = (0..batch * len).map(|i| if i % len >= context { 1.0 } else { 0.0 }).collect();
+        data.mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
+        if cfg.local.is_some() {
+            let rows = len.div_ceil(256) + 2;
+            let f: Vec<f32> = (0..batch * rows * 80).map(|_| -4.0 + 2.0 * rng.normal() as f32).collect();
+            data.features = Some(Tensor::from_vec(f, (batch, rows, 80), &Device::Cpu).unwrap());
+        }
+        group.throughput(Throughput::Elements((batch * window) as u64));
+        group.bench_function(BenchmarkId::new(format!("train_step_{precision}_1t"), name), |b| {
+            b.iter(|| {
+                let (_, grads) = wavegen::core::train::loss_and_grads(&m, &data, 1).unwrap();
+                black_box(opt.step(&grads, 1e-4).unwrap())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! { name = benches; config = setup(); targets = generation, realtime, engine, training, training_windows, vocoder }
 criterion_main!(benches);

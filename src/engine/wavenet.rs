@@ -40,7 +40,8 @@ struct FrameWeights {
 }
 
 /// What a vocoder adds to each layer's pre-activation, per frame of one input: computed once
-/// per frame, read by every sample of the frame.
+/// per frame, read by every sample of the frame. Each layer's dilated-convolution bias is
+/// folded in, so a step starts each pre-activation from its row.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
     /// Frames −1 … F (F + 2 rows of L·2G): row f + 1 is frame f.
@@ -55,13 +56,11 @@ pub struct Conditioning {
 }
 
 impl Conditioning {
-    /// The row that sample `t` of the input reads (t < 0: the lead-in before it).
-    fn row(&self, t: isize) -> &[f32] {
-        let f = t.div_euclid(self.hop as isize) + 1; // row index of frame ⌊t / hop⌋
-        if (0..(self.frames + 2) as isize).contains(&f) {
-            &self.rows[f as usize * self.width..(f as usize + 1) * self.width]
-        } else {
-            &self.silence
+    /// The row of frame `frame` (−1 … F; any other: silence).
+    fn row(&self, frame: isize) -> &[f32] {
+        match usize::try_from(frame + 1).ok().filter(|&r| r < self.frames + 2) {
+            Some(r) => &self.rows[r * self.width..(r + 1) * self.width],
+            None => &self.silence,
         }
     }
 
@@ -225,9 +224,14 @@ impl Engine {
         // one stacked input of 3·M values.
         let stacked: Vec<f32> = (0..frames + 2).flat_map(|i| padded[i * m..(i + 3) * m].iter().copied()).collect();
         let silence_in: Vec<f32> = (0..3 * m).map(|i| (floor - fw.mean[i % m]) / fw.deviation[i % m]).collect();
+        let biases: Vec<f32> = self.layers.iter().flat_map(|l| l.dilated_bias.iter().copied()).collect();
+        let with_biases = |mut rows: Vec<f32>| {
+            rows.chunks_exact_mut(width).for_each(|row| row.iter_mut().zip(&biases).for_each(|(x, b)| *x += b));
+            rows
+        };
         Ok(Conditioning {
-            rows: project(&stacked, frames + 2),
-            silence: project(&silence_in, 1),
+            rows: with_biases(project(&stacked, frames + 2)),
+            silence: with_biases(project(&silence_in, 1)),
             width,
             hop: fw.hop,
             frames,
@@ -314,22 +318,23 @@ impl Engine {
             None => s.x.fill(0.0),
         }
         s.skip.fill(0.0);
+        // A vocoder's frame: the sample's position in its input (negative in the lead-in) over the hop.
+        let hop = s.local.first().map_or(1, |l| l.hop) as isize;
+        let frame = (s.position as isize - s.lead as isize).div_euclid(hop);
         for (li, layer) in self.layers.iter().enumerate() {
             let d = layer.dilation;
             let slots = (k - 1) * d;
             let ring = &mut s.rings[li];
             let head = s.heads[li];
-            for r in 0..n {
-                s.pre[r * 2 * g..(r + 1) * 2 * g].copy_from_slice(&layer.dilated_bias);
+            // The bias; a vocoder's row holds it and this layer's projection of the frame.
+            for (r, pre) in s.pre.chunks_exact_mut(2 * g).enumerate() {
+                match s.local.get(r) {
+                    Some(local) => pre.copy_from_slice(&local.row(frame)[li * 2 * g..(li + 1) * 2 * g]),
+                    None => pre.copy_from_slice(&layer.dilated_bias),
+                }
             }
             if !s.cond[li].is_empty() {
                 s.pre.iter_mut().zip(&s.cond[li]).for_each(|(p, c)| *p += c);
-            }
-            // A vocoder: this layer's projection of the frame the sample belongs to.
-            let t = s.position as isize - s.lead as isize;
-            for (pre, local) in s.pre.chunks_exact_mut(2 * g).zip(&s.local) {
-                let row = &local.row(t)[li * 2 * g..(li + 1) * 2 * g];
-                pre.iter_mut().zip(row).for_each(|(p, c)| *p += c);
             }
             // Tap j < k−1 reads x[t − (k−1−j)·d], ring slot head + j·d (all N rows of a slot are
             // contiguous, so each tap is one product); the last tap is the current input.
