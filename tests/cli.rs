@@ -294,10 +294,10 @@ fn a_vocoder_trains_resumes_and_vocodes_wavs_and_features() {
     let args = ["vocode", wav.to_str().unwrap(), "--checkpoint", c, "--out", out.to_str().unwrap()];
     let v = json(&wavegen(&[&args[..], &["--compare", "--griffin-lim-iterations", "10", "--json"]].concat(), &cache));
     let input_len = wavegen::audio::wav::read_mono(&wav).unwrap().samples.len();
-    assert_eq!(v["samples"].as_u64(), Some(input_len as u64));
+    assert_eq!(v["files"][0]["samples"].as_u64(), Some(input_len as u64));
     assert_eq!(wavegen::audio::wav::read_mono(&out).unwrap().samples.len(), input_len);
     for name in ["wavenet", "griffin_lim", "mulaw_original"] {
-        assert!(v["comparison"][name]["lsd_db"].as_f64().unwrap().is_finite(), "{name}");
+        assert!(v["files"][0]["comparison"][name]["lsd_db"].as_f64().unwrap().is_finite(), "{name}");
     }
     assert!(dir.path().join("out-griffin-lim.wav").is_file());
     // The same twice with one seed.
@@ -315,7 +315,23 @@ fn a_vocoder_trains_resumes_and_vocodes_wavs_and_features() {
         &["vocode", npy.to_str().unwrap(), "--checkpoint", c, "--out", out.to_str().unwrap(), "--json"],
         &cache,
     ));
-    assert_eq!(v["samples"].as_u64(), Some(((frames - 1) * 64) as u64));
+    assert_eq!(v["files"][0]["samples"].as_u64(), Some(((frames - 1) * 64) as u64));
+    // The held-out files, into a folder, with the mean distances.
+    let held = dir.path().join("held");
+    let args = ["vocode", "--held-out", "--checkpoint", c, "--out", held.to_str().unwrap(), "--compare"];
+    let v = json(&wavegen(&[&args[..], &["--griffin-lim-iterations", "5", "--json"]].concat(), &cache));
+    let held_out = v["files"].as_array().unwrap();
+    assert_eq!(held_out.len(), 1, "one of the 3 files is held out");
+    assert!(
+        held.join(format!(
+            "{}.wav",
+            std::path::Path::new(held_out[0]["input"].as_str().unwrap()).file_stem().unwrap().to_str().unwrap()
+        ))
+        .is_file()
+    );
+    assert!(v["mean"]["wavenet"]["mcd_db"].as_f64().unwrap().is_finite());
+    let e = json(&wavegen(&["eval", "--held-out", "--checkpoint", c, "--json"], &cache));
+    assert_eq!(e["files"].as_array().unwrap().len(), 1);
 
     // What does not fit.
     let other = dir.path().join("other.npy");
