@@ -65,7 +65,27 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     let m = &i.manifest;
     let name = dir.as_ref().map_or(wavegen::tasks::embedded::NAME.into(), |d| d.display().to_string());
     println!("checkpoint      {name}");
-    println!("model           {:?}", m.model);
+    // A vocoder's band statistics are 2 × bands numbers: the model line leaves them to --json.
+    match &m.model {
+        wavegen::models::ModelConfig::Wavenet(cfg) if cfg.local.is_some() => {
+            let local = cfg.local.as_ref().expect("invariant: matched");
+            let shown = wavegen::models::wavenet::Config { local: None, ..cfg.clone() };
+            println!("model           Wavenet({})", format!("{shown:?}").replace(", local: None", ""));
+            let mel = &local.mel;
+            println!(
+                "vocoder         {} mel bands {}–{} Hz, FFT {}, hop {} ({:.1} ms) at {} Hz; frame network of {} channels",
+                mel.bands,
+                mel.fmin,
+                mel.fmax,
+                mel.n_fft,
+                mel.hop,
+                1000.0 * mel.hop as f64 / mel.sample_rate as f64,
+                mel.sample_rate,
+                local.channels
+            );
+        }
+        model => println!("model           {model:?}"),
+    }
     println!("parameters      {}", i.parameters);
     if let Some(audio) = &m.audio {
         if let (Some(rf), Some(ms)) = (i.receptive_field_samples, i.receptive_field_ms) {
