@@ -20,18 +20,8 @@ pub struct GenerateArgs {
     /// Output WAV file (16-bit PCM at the model rate).
     #[arg(long)]
     out: PathBuf,
-    /// Sampling temperature: below 1 is more conservative, 0 always takes the likeliest code.
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    /// Sample only from the k likeliest codes.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Sample only from the likeliest codes whose probability adds up to p.
-    #[arg(long)]
-    top_p: Option<f32>,
-    /// Seed: the same seed gives the same audio.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: Sampling,
     /// Start from the end of this WAV file instead of silence.
     #[arg(long)]
     prime: Option<PathBuf>,
@@ -63,6 +53,30 @@ pub struct GenerateArgs {
     json: bool,
 }
 
+/// How codes are drawn, shared by `generate` and `vocode`.
+#[derive(Debug, Args)]
+pub struct Sampling {
+    /// Sampling temperature: below 1 is more conservative, 0 always takes the likeliest code.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Sample only from the k likeliest codes.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only from the likeliest codes whose probability adds up to p.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Seed: the same seed gives the same audio.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// The sampler these flags describe.
+    pub fn sampler(&self) -> SamplerConfig {
+        SamplerConfig { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p }
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum MethodArg {
     Engine,
@@ -75,8 +89,8 @@ pub fn run(a: GenerateArgs, threads: Option<usize>) -> anyhow::Result<ExitCode> 
         checkpoint: a.checkpoint,
         seconds: a.seconds,
         out: Some(a.out),
-        sampler: SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
-        seed: a.seed,
+        sampler: a.sampling.sampler(),
+        seed: a.sampling.seed,
         prime: a.prime,
         label: a.label,
         method: match (a.naive, a.method) {

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use wavegen::core::sample::SamplerConfig;
 use wavegen::tasks::vocode::{VocodeOptions, vocode};
 
 use super::report::Bars;
@@ -26,18 +25,8 @@ pub struct VocodeArgs {
     /// (frames − 1) × hop samples for features); for several inputs, a folder of them.
     #[arg(long)]
     out: PathBuf,
-    /// Sampling temperature: below 1 is more conservative, 0 always takes the likeliest code.
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    /// Sample only from the k likeliest codes.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Sample only from the likeliest codes whose probability adds up to p.
-    #[arg(long)]
-    top_p: Option<f32>,
-    /// Seed: the same seed gives the same audio.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: super::generate::Sampling,
     /// Label to condition on (for vocoders trained with --labels too).
     #[arg(long)]
     label: Option<String>,
@@ -66,8 +55,8 @@ pub fn run(a: VocodeArgs) -> anyhow::Result<ExitCode> {
         checkpoint: a.checkpoint,
         inputs: a.inputs,
         out: a.out,
-        sampler: SamplerConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
-        seed: a.seed,
+        sampler: a.sampling.sampler(),
+        seed: a.sampling.seed,
         label: a.label,
         exact: a.exact,
         compare: a.compare,
