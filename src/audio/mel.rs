@@ -59,6 +59,22 @@ impl MelConfig {
         }
     }
 
+    /// The analysis `vocode --compare` measures distances with: 40 bands over the whole band,
+    /// a window of about 32 ms (a power of two) and a hop of 5 ms, the usual frame rate of
+    /// mel-cepstral distortion. Deliberately not a vocoder's own analysis: Griffin-Lim fits the
+    /// magnitudes of that one by construction, so measuring with it would favour Griffin-Lim.
+    pub fn measuring(sample_rate: u32) -> Self {
+        let n_fft = (sample_rate as usize * 32 / 1000).next_power_of_two().max(64);
+        MelConfig {
+            sample_rate,
+            n_fft,
+            hop: (sample_rate as usize / 200).clamp(1, n_fft),
+            bands: 40.min(n_fft / 4),
+            fmin: 0.0,
+            fmax: sample_rate as f64 / 2.0,
+        }
+    }
+
     /// Checks the parameters, and that every band has at least one FFT bin with a weight.
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::Config(format!("mel features: {why}")));
@@ -313,6 +329,15 @@ mod tests {
                 // f32 FFT against an f64 DFT: close in the log wherever there is energy.
                 assert!((got - v).abs() < 1e-3 * (1.0 + v.abs()) || v < -10.0, "frame {f} band {m}: {got} vs {v}");
             }
+        }
+    }
+
+    #[test]
+    fn the_measuring_analysis_is_valid_at_the_usual_rates() {
+        for rate in [8000, 16_000, 22_050, 44_100, 48_000] {
+            let m = MelConfig::measuring(rate);
+            m.validate().unwrap_or_else(|e| panic!("{rate} Hz: {e}"));
+            assert_ne!((m.n_fft, m.hop), (MelConfig::for_rate(rate).n_fft, MelConfig::for_rate(rate).hop));
         }
     }
 

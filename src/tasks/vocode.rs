@@ -65,7 +65,8 @@ impl Distances {
     }
 }
 
-/// The vocoder against the baselines, each measured against the original.
+/// The vocoder against the baselines, each measured against the original with
+/// [`MelConfig::measuring`]'s analysis.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     /// The vocoder's output.
@@ -114,6 +115,8 @@ pub struct VocodeSummary {
     pub realtime_factor: f64,
     /// With `compare`: each distance's mean over the inputs.
     pub mean: Option<MeanComparison>,
+    /// With `compare`: the analysis the distances were measured with.
+    pub measured_with: Option<MelConfig>,
 }
 
 /// Mean distances over several inputs.
@@ -268,6 +271,7 @@ pub fn vocode(opts: &VocodeOptions, reporter: &mut dyn Reporter) -> Result<Vocod
     let samples_per_second = made as f64 / busy.max(1e-9);
     let comparisons: Vec<&Comparison> = files.iter().filter_map(|f| f.comparison.as_ref()).collect();
     Ok(VocodeSummary {
+        measured_with: opts.compare.then(|| MelConfig::measuring(cfg.sample_rate)),
         mean: MeanComparison::of(&comparisons),
         samples_per_second,
         realtime_factor: samples_per_second / cfg.sample_rate as f64,
@@ -322,10 +326,11 @@ fn vocode_one(
                 spectrogram::write_png_stacked(&sibling(out, "", "png"), &[original, &gl, &audio])?;
             }
             let coded: Vec<f32> = original.iter().map(|&x| mulaw::decode(mulaw::encode(x))).collect();
+            let measuring = MelConfig::measuring(rate);
             Some(Comparison {
-                wavenet: Distances::between(original, &audio, cfg)?,
-                griffin_lim: Distances::between(original, &gl, cfg)?,
-                mulaw_original: Distances::between(original, &coded, cfg)?,
+                wavenet: Distances::between(original, &audio, &measuring)?,
+                griffin_lim: Distances::between(original, &gl, &measuring)?,
+                mulaw_original: Distances::between(original, &coded, &measuring)?,
                 griffin_lim_out,
             })
         }
