@@ -12,6 +12,7 @@ const N_FFT: usize = 512;
 const HOP: usize = 128;
 const RANGE_DB: f32 = 80.0;
 const MAX_WIDTH: usize = 2400;
+const MIN_WIDTH: usize = 400;
 
 /// The magnitude in dB of each STFT frame (Hann window), `frames × (N_FFT/2 + 1)`.
 pub fn stft_db(samples: &[f32]) -> Vec<Vec<f32>> {
@@ -65,7 +66,12 @@ pub fn write_png_stacked(path: &Path, signals: &[&[f32]]) -> Result<()> {
         })
         .collect();
     let peak = images.first().map_or(0.0, |columns| columns.iter().flatten().fold(f32::MIN, |m, &v| m.max(v)));
-    let width = images.iter().map(|c| c.len()).max().unwrap_or(1);
+    // Short audio: each column drawn several pixels wide, so the image is at least MIN_WIDTH.
+    let frames = images.iter().map(|c| c.len()).max().unwrap_or(1).max(1);
+    let repeat = MIN_WIDTH.div_ceil(frames).max(1);
+    let images: Vec<Vec<Vec<f32>>> =
+        images.into_iter().map(|c| c.into_iter().flat_map(|col| std::iter::repeat_n(col, repeat)).collect()).collect();
+    let width = frames * repeat;
     let mut pixels = Vec::new();
     for (i, columns) in images.iter().enumerate() {
         if i > 0 {
@@ -101,6 +107,11 @@ mod tests {
         let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
         let reader = decoder.read_info().unwrap();
         assert_eq!(reader.info().height as usize, N_FFT / 2 + 1);
-        assert_eq!(reader.info().width as usize, db.len());
+        // 59 frames, each drawn 7 pixels wide to reach the minimum width.
+        assert_eq!(reader.info().width as usize, db.len() * MIN_WIDTH.div_ceil(db.len()));
+        // Stacked: three images and two separating rows.
+        write_png_stacked(&path, &[&x, &x[..4000], &x]).unwrap();
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        assert_eq!(decoder.read_info().unwrap().info().height as usize, 3 * (N_FFT / 2 + 1) + 2);
     }
 }
