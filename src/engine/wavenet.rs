@@ -63,11 +63,6 @@ impl Conditioning {
             None => &self.silence,
         }
     }
-
-    /// Samples the features cover: one hop per frame.
-    pub fn samples(&self) -> usize {
-        self.frames * self.hop
-    }
 }
 
 /// The weights of a WaveNet, laid out for the kernels.
