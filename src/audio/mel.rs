@@ -170,6 +170,15 @@ impl Mel {
     pub fn frame(&self, f: usize) -> &[f32] {
         &self.values[f * self.bands..(f + 1) * self.bands]
     }
+
+    /// Writes frame `f` into `out`; frames outside the signal read as silence, the floor (as
+    /// the zeros a centred frame reads past the signal).
+    pub fn copy_frame(&self, f: isize, out: &mut [f32]) {
+        match usize::try_from(f).ok().filter(|&f| f < self.frames) {
+            Some(f) => out.copy_from_slice(self.frame(f)),
+            None => out.fill(FLOOR.ln()),
+        }
+    }
 }
 
 /// The short-time spectra `X_k` of every frame of `samples`, `frames × bins` (see the module's

@@ -383,7 +383,7 @@ impl Corpus {
         let Some(f) = &self.features else { return };
         let bands = f.mel.bands;
         if frame < 0 || frame as usize >= f.mel.frames(self.files[i].len) {
-            out.fill(mel::FLOOR.ln());
+            out.fill(mel::FLOOR.ln()); // as `Mel::copy_frame`
             return;
         }
         let at = (f.first_frame[i] + frame as usize) * bands * 4;
@@ -580,6 +580,31 @@ pub fn window(codes: &[u8], start: usize, context: usize, len: usize) -> (Vec<u3
     (tokens, mask)
 }
 
+/// The left context of a window for a model that sees `receptive_field` samples: a vocoder's
+/// windows start on frame boundaries of `hop`, so its context is rounded up to whole frames.
+pub fn frame_context(receptive_field: usize, hop: Option<usize>) -> usize {
+    hop.map_or(receptive_field, |h| receptive_field.div_ceil(h) * h)
+}
+
+/// Appends a vocoder's features for a window of `len` positions whose first is sample
+/// `first_sample` of its file (negative before it; a multiple of `hop`): frames −1 … ⌈len /
+/// hop⌉ of the window, `(rows, bands)` flat, `frame(f, row)` writing frame f of the file.
+pub fn window_frames(
+    first_sample: isize,
+    len: usize,
+    hop: usize,
+    bands: usize,
+    mut frame: impl FnMut(isize, &mut [f32]),
+    out: &mut Vec<f32>,
+) {
+    let first = first_sample.div_euclid(hop as isize) - 1;
+    let at = out.len();
+    out.resize(at + (len.div_ceil(hop) + 2) * bands, 0.0);
+    for (r, row) in out[at..].chunks_exact_mut(bands).enumerate() {
+        frame(first + r as isize, row);
+    }
+}
+
 /// Training and validation windows drawn from a corpus (or from two: `--val-dir`).
 pub struct AudioBatches<'a> {
     train: &'a Corpus,
@@ -638,8 +663,7 @@ impl<'a> AudioBatches<'a> {
         if val.mel() != train.mel() {
             return Err(Error::Config("the validation corpus must have the training corpus's features".into()));
         }
-        // A vocoder's windows start on frame boundaries: the context too is whole frames.
-        let context = hop.map_or(context, |h| context.div_ceil(h) * h);
+        let context = frame_context(context, hop);
         Ok(AudioBatches {
             train,
             train_files,
@@ -659,13 +683,15 @@ impl<'a> AudioBatches<'a> {
     /// `start` of file `i`: frames −1 … ⌈len / hop⌉ of the window, `(rows, bands)` flat.
     fn window_features(&self, corpus: &Corpus, i: usize, start: usize, out: &mut Vec<f32>) {
         let (Some(hop), Some(mel)) = (self.hop, corpus.mel()) else { return };
-        let len = self.context + self.window;
-        let first = (start as isize - self.context as isize).div_euclid(hop as isize) - 1;
-        let at = out.len();
-        out.resize(at + (len.div_ceil(hop) + 2) * mel.bands, 0.0);
-        for (r, row) in out[at..].chunks_exact_mut(mel.bands).enumerate() {
-            corpus.copy_frame(i, first + r as isize, row);
-        }
+        let first_sample = start as isize - self.context as isize;
+        window_frames(
+            first_sample,
+            self.context + self.window,
+            hop,
+            mel.bands,
+            |f, row| corpus.copy_frame(i, f, row),
+            out,
+        );
     }
 
     /// The batch of these rows, with their features (for a vocoder).

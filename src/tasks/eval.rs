@@ -10,7 +10,7 @@ use crate::audio::mel::Mel;
 use crate::audio::wav;
 use crate::core::train::nll_sum;
 use crate::data::Batch;
-use crate::data::wav_folder::{find_wav_files, window};
+use crate::data::wav_folder::{find_wav_files, frame_context, window, window_frames};
 use crate::{Error, Result};
 
 /// One file's score.
@@ -63,8 +63,7 @@ pub fn nll_of_codes(
     batch: usize,
 ) -> Result<f64> {
     let hop = model.model.cfg.local.as_ref().map(|l| l.mel.hop);
-    let rf = model.model.cfg.receptive_field();
-    let context = hop.map_or(rf, |h| rf.div_ceil(h) * h);
+    let context = frame_context(model.model.cfg.receptive_field(), hop);
     let starts: Vec<usize> = (0..codes.len()).step_by(window_len).collect();
     let batches = starts
         .chunks(batch)
@@ -73,19 +72,19 @@ pub fn nll_of_codes(
             let mut b =
                 Batch::from_rows(&tokens, &mask, label.map(|l| vec![l; chunk.len()]), &candle_core::Device::Cpu)?;
             if let (Some(hop), Some(mel)) = (hop, mel) {
-                let rows = (context + window_len).div_ceil(hop) + 2;
-                let floor = crate::audio::mel::FLOOR.ln();
-                let mut values = Vec::with_capacity(chunk.len() * rows * mel.bands);
+                let mut values = Vec::new();
                 for &s in chunk {
-                    let first = (s as isize - context as isize).div_euclid(hop as isize) - 1;
-                    for f in first..first + rows as isize {
-                        match usize::try_from(f).ok().filter(|&f| f < mel.frames) {
-                            Some(f) => values.extend_from_slice(mel.frame(f)),
-                            None => values.extend(std::iter::repeat_n(floor, mel.bands)),
-                        }
-                    }
+                    let first = s as isize - context as isize;
+                    window_frames(
+                        first,
+                        context + window_len,
+                        hop,
+                        mel.bands,
+                        |f, row| mel.copy_frame(f, row),
+                        &mut values,
+                    );
                 }
-                let shape = (chunk.len(), rows, mel.bands);
+                let shape = (chunk.len(), values.len() / (chunk.len() * mel.bands), mel.bands);
                 b.features = Some(candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu)?);
             }
             Ok(b)
