@@ -251,7 +251,7 @@ fn vocoder_configs() -> [(&'static str, Config); 2] {
     use wavegen::models::wavenet::LocalConfig;
     let plain = Config { layers_per_cycle: 8, cycles: 2, ..Config::realtime() };
     let mel = MelConfig::for_rate(16_000);
-    let local = LocalConfig::new(mel, 64, vec![-4.0; 80], vec![2.0; 80]);
+    let local = LocalConfig::new(mel, 64, 1, vec![-4.0; 80], vec![2.0; 80]);
     [("plain", plain.clone()), ("mel", Config { local: Some(local), ..plain })]
 }
 

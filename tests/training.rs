@@ -7,11 +7,12 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
+use wavegen::audio::mel::MelConfig;
 use wavegen::core::Autoregressive;
 use wavegen::core::sample::SamplerConfig;
 use wavegen::tasks::generate::{GenerateOptions, generate};
 use wavegen::tasks::run;
-use wavegen::tasks::train::{AudioModelSpec, train};
+use wavegen::tasks::train::{AudioModelSpec, VocoderOptions, train};
 use wavegen::tasks::{AudioModel, Silent};
 
 const PERIOD: usize = 20;
@@ -71,12 +72,10 @@ fn stopping_and_resuming_gives_the_same_run_as_never_stopping() {
 #[test]
 fn a_vocoder_resumes_exactly() {
     resume_is_exact(&|o| {
-        let mel = wavegen::audio::mel::MelConfig { hop: 32, n_fft: 128, bands: 20, ..MelConfig::for_rate(8000) };
-        o.condition = Some((mel, 8));
+        let mel = MelConfig { hop: 32, n_fft: 128, bands: 20, ..MelConfig::for_rate(8000) };
+        o.condition = Some(VocoderOptions { mel, channels: 8, subframes: 2 });
     });
 }
-
-use wavegen::audio::mel::MelConfig;
 
 fn resume_is_exact(adjust: &dyn Fn(&mut wavegen::tasks::train::TrainOptions)) {
     let dir = tempfile::tempdir().unwrap();
@@ -210,7 +209,8 @@ fn a_tiny_vocoder_learns_a_pitch_its_features_carry_far_better_than_without_them
         o.train.eval_every = 100;
         o.train.lr = 3e-3;
         if vocoder {
-            o.condition = Some((MelConfig { n_fft: 128, hop: 32, bands: 20, ..MelConfig::for_rate(8000) }, 16));
+            let mel = MelConfig { n_fft: 128, hop: 32, bands: 20, ..MelConfig::for_rate(8000) };
+            o.condition = Some(VocoderOptions { mel, channels: 16, subframes: 1 });
         }
         let s = train(&o, &mut Silent, &AtomicBool::new(false)).unwrap();
         s.best_val_bits_per_sample.unwrap()

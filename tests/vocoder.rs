@@ -1,6 +1,7 @@
 //! WaveNet with local conditioning (the vocoder): the fused training op against candle's own
 //! operations (logits and every gradient, with a label too), gradients against finite
 //! differences, what each sample may see (audio before it; features up to one frame ahead),
+//! each with one row per frame and with sub-frames (a learned upsampling inside the frame),
 //! and the streaming engine against the parallel pass.
 
 use std::sync::Arc;
@@ -17,7 +18,8 @@ use wavegen::rng::Rng;
 const HOP: usize = 8;
 const BANDS: usize = 6;
 
-fn vocoder_config(labels: usize) -> Config {
+/// A small vocoder; `subframes` rows per frame (dividing HOP).
+fn vocoder_config(labels: usize, subframes: usize) -> Config {
     let mel = MelConfig { sample_rate: 8000, n_fft: 32, hop: HOP, bands: BANDS, fmin: 0.0, fmax: 4000.0 };
     let mean = (0..BANDS).map(|b| -3.0 + 0.2 * b as f32).collect();
     let deviation = (0..BANDS).map(|b| 1.5 + 0.1 * b as f32).collect();
@@ -31,7 +33,7 @@ fn vocoder_config(labels: usize) -> Config {
         head_channels: 9,
         classes: 16,
         num_labels: labels,
-        local: Some(LocalConfig::new(mel, 4, mean, deviation)),
+        local: Some(LocalConfig::new(mel, 4, subframes, mean, deviation)),
     }
 }
 
@@ -62,8 +64,8 @@ fn build(cfg: &Config, dtype: DType, seed: u64) -> (WaveNet, Params) {
 
 #[test]
 fn fused_op_equals_candles_operations_with_every_gradient() {
-    for labelled in [0, 2] {
-        let cfg = vocoder_config(labelled);
+    for (labelled, subframes) in [(0, 1), (2, 1), (0, 4), (2, 2)] {
+        let cfg = vocoder_config(labelled, subframes);
         let (model, params) = build(&cfg, DType::F64, 1);
         let mut rng = Rng::new(2);
         let len = 45; // not a whole number of frames
@@ -73,7 +75,7 @@ fn fused_op_equals_candles_operations_with_every_gradient() {
         let fused = model.logits(&tokens, labels.as_ref(), Some(&feats)).unwrap();
         let reference = model.reference_logits(&tokens, labels.as_ref(), Some(&feats)).unwrap();
         let diff = (&fused - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!(diff < 1e-12, "labels {labelled}: logits differ by {diff:e}");
+        assert!(diff < 1e-12, "labels {labelled}, {subframes} sub-frames: logits differ by {diff:e}");
         let probe = Tensor::from_vec(
             (0..fused.elem_count()).map(|_| rng.normal()).collect::<Vec<f64>>(),
             fused.shape().clone(),
@@ -90,7 +92,7 @@ fn fused_op_equals_candles_operations_with_every_gradient() {
             let b = g_ref.get(&var).cloned().unwrap_or_else(zeros).flatten_all().unwrap();
             let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-9);
             let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale;
-            assert!(err < 1e-10, "labels {labelled}: gradient of {name} differs by {err:e} (relative)");
+            assert!(err < 1e-10, "labels {labelled}, {subframes} sub-frames: gradient of {name} differs by {err:e}");
             seen_local += usize::from(name.contains("local") || name.starts_with("frames"));
         }
         assert_eq!(seen_local, 6 + 2, "every layer's projection and the frame network");
@@ -99,7 +101,7 @@ fn fused_op_equals_candles_operations_with_every_gradient() {
 
 #[test]
 fn gradients_match_finite_differences_at_batch_two() {
-    let cfg = vocoder_config(2);
+    let cfg = vocoder_config(2, 2);
     let (model, params) = build(&cfg, DType::F64, 3);
     let mut rng = Rng::new(4);
     let len = 30;
@@ -128,7 +130,13 @@ fn same_up_to(a: &[Vec<f64>], b: &[Vec<f64>], t: usize) -> bool {
 
 #[test]
 fn each_sample_sees_the_audio_before_it_and_the_features_one_frame_ahead() {
-    let cfg = vocoder_config(0);
+    for subframes in [1, 4] {
+        sees_one_frame_ahead(subframes);
+    }
+}
+
+fn sees_one_frame_ahead(subframes: usize) {
+    let cfg = vocoder_config(0, subframes);
     let (model, _) = build(&cfg, DType::F64, 5);
     let mut rng = Rng::new(6);
     let len = 40;
@@ -149,20 +157,24 @@ fn each_sample_sees_the_audio_before_it_and_the_features_one_frame_ahead() {
             row.iter_mut().for_each(|x| *x += 1.0 + rng.uniform());
         }
         let later = logits_of(&model, &tokens, &Tensor::new(f, &Device::Cpu).unwrap());
-        assert!(same_up_to(&base, &later, t), "position {t} sees frames after {}", frame + 1);
+        assert!(same_up_to(&base, &later, t), "{subframes} sub-frames: position {t} sees frames after {}", frame + 1);
         // … and the look-ahead frame ⌊t/hop⌋ + 1 is seen.
         assert!(frame + 2 < rows);
         let mut f = feats.to_vec3::<f64>().unwrap();
         f[0][frame + 2].iter_mut().for_each(|x| *x += 1.0);
         let ahead = logits_of(&model, &tokens, &Tensor::new(f, &Device::Cpu).unwrap());
         let moved = base[t].iter().zip(&ahead[t]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        assert!(moved > 1e-6, "position {t} does not see frame {} (moved {moved:e})", frame + 1);
+        assert!(
+            moved > 1e-6,
+            "{subframes} sub-frames: position {t} does not see frame {} (moved {moved:e})",
+            frame + 1
+        );
     }
 }
 
 #[test]
 fn a_vocoder_refuses_to_run_without_features_and_others_refuse_features() {
-    let (vocoder, _) = build(&vocoder_config(0), DType::F32, 7);
+    let (vocoder, _) = build(&vocoder_config(0, 1), DType::F32, 7);
     let tokens = Tensor::zeros((1, 16), DType::U32, &Device::Cpu).unwrap();
     let e = vocoder.forward(&tokens, None).unwrap_err().to_string();
     assert!(e.contains("vocoder") && e.contains("features"), "{e}");
@@ -171,15 +183,20 @@ fn a_vocoder_refuses_to_run_without_features_and_others_refuse_features() {
     let e = vocoder.logits(&tokens, None, Some(&short)).unwrap_err().to_string();
     assert!(e.contains("frames"), "{e}");
     let plain =
-        WaveNet::new(&Config { local: None, ..vocoder_config(0) }, Params::new(1).var_builder(DType::F32)).unwrap();
+        WaveNet::new(&Config { local: None, ..vocoder_config(0, 1) }, Params::new(1).var_builder(DType::F32)).unwrap();
+    let bad = LocalConfig { subframes: 3, ..vocoder_config(0, 1).local.unwrap() }; // 3 does not divide 8
+    let e = WaveNet::new(&Config { local: Some(bad), ..vocoder_config(0, 1) }, Params::new(1).var_builder(DType::F32))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sub-frames"), "{e}");
     let feats = features(1, 16, DType::F32, &mut Rng::new(1));
     assert!(plain.logits(&tokens, None, Some(&feats)).unwrap_err().to_string().contains("not a vocoder"));
 }
 
 #[test]
 fn engine_logits_equal_the_parallel_pass() {
-    for labelled in [0, 2] {
-        let cfg = vocoder_config(labelled);
+    for (labelled, subframes) in [(0, 1), (2, 1), (0, 4), (2, 8)] {
+        let cfg = vocoder_config(labelled, subframes);
         let (model, _) = build(&cfg, DType::F32, 8);
         let mut rng = Rng::new(9);
         // The features of a whole input; the engine primes `lead` steps before its first sample,
@@ -227,7 +244,11 @@ fn engine_logits_equal_the_parallel_pass() {
                     worst = worst.max(got.iter().zip(&full[r][t]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max));
                 }
             }
-            assert!(worst <= 1e-4, "labels {labelled}, {}: engine and parallel pass differ by {worst}", kernels.name);
+            assert!(
+                worst <= 1e-4,
+                "labels {labelled}, {subframes} sub-frames, {}: engine and parallel pass differ by {worst}",
+                kernels.name
+            );
         }
     }
 }

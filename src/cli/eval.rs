@@ -73,7 +73,7 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             println!("model           Wavenet({})", format!("{shown:?}").replace(", local: None", ""));
             let mel = &local.mel;
             println!(
-                "vocoder         {} mel bands {}–{} Hz, FFT {}, hop {} ({:.1} ms) at {} Hz; frame network of {} channels",
+                "vocoder         {} mel bands {}–{} Hz, FFT {}, hop {} ({:.1} ms) at {} Hz; frame network of {} channels{}",
                 mel.bands,
                 mel.fmin,
                 mel.fmax,
@@ -81,7 +81,11 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                 mel.hop,
                 1000.0 * mel.hop as f64 / mel.sample_rate as f64,
                 mel.sample_rate,
-                local.channels
+                local.channels,
+                match local.subframes {
+                    1 => String::new(),
+                    k => format!(", {k} rows per frame ({} samples each)", local.samples_per_row()),
+                }
             );
         }
         model => println!("model           {model:?}"),

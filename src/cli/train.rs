@@ -156,6 +156,11 @@ pub struct TrainArgs {
     /// With --condition mel: channels of the frame network that reads three frames at a time.
     #[arg(long, default_value_t = 64, requires = "condition")]
     cond_channels: usize,
+    /// With --condition mel: rows the frame network gives each frame, a learned upsampling by
+    /// this factor before each row is repeated over its hop / K samples (must divide --hop).
+    /// 1 repeats one row over the whole hop.
+    #[arg(long, default_value_t = 1, requires = "condition")]
+    subframes: usize,
     /// Model sample rate in Hz (files are resampled to it).
     #[arg(long, default_value_t = 16000)]
     sample_rate: u32,
@@ -280,7 +285,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
                         fmax: a.fmax,
                     },
                 )?;
-                Some((mel, a.cond_channels))
+                Some(wavegen::tasks::train::VocoderOptions { mel, channels: a.cond_channels, subframes: a.subframes })
             }
         },
         audio: AudioSettings { sample_rate: a.sample_rate, trim_db: a.trim_db, ..AudioSettings::default() },

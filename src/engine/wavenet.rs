@@ -29,7 +29,7 @@ struct Layer {
 
 /// A vocoder's frame network, laid out for the kernels.
 struct FrameWeights {
-    /// `(3·M, R)`, frames f − 1, f, f + 1 stacked.
+    /// `(3·M, K·R)`, frames f − 1, f, f + 1 stacked, to K rows (sub-frames) of R.
     conv: Vec<f32>,
     bias: Vec<f32>,
     mean: Vec<f32>,
@@ -37,31 +37,37 @@ struct FrameWeights {
     /// Every layer's projection side by side, `(R, L·2G)`.
     projections: Vec<f32>,
     hop: usize,
+    subframes: usize,
 }
 
 /// What a vocoder adds to each layer's pre-activation, per frame of one input: computed once
-/// per frame, read by every sample of the frame. Each layer's dilated-convolution bias is
-/// folded in, so a step starts each pre-activation from its row.
+/// per frame (K rows, one per sub-frame), read by every sample of the sub-frame. Each layer's
+/// dilated-convolution bias is folded in, so a step starts each pre-activation from its row.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
-    /// Frames −1 … F (F + 2 rows of L·2G): row f + 1 is frame f.
+    /// Frames −1 … F, K rows of L·2G each: row (f + 1)·K + k is sub-frame k of frame f.
     rows: Vec<f32>,
-    /// The row of a frame surrounded by silence (the features' floor), for positions before
-    /// and after the input, as in training windows.
+    /// The K rows of a frame surrounded by silence (the features' floor), for positions
+    /// before and after the input, as in training windows.
     silence: Vec<f32>,
     width: usize,
-    hop: usize,
+    subframes: usize,
+    /// Samples per row: the hop over K.
+    samples_per_row: usize,
     /// Frames of the input.
     pub frames: usize,
 }
 
 impl Conditioning {
-    /// The row of frame `frame` (−1 … F; any other: silence).
-    fn row(&self, frame: isize) -> &[f32] {
-        match usize::try_from(frame + 1).ok().filter(|&r| r < self.frames + 2) {
-            Some(r) => &self.rows[r * self.width..(r + 1) * self.width],
-            None => &self.silence,
-        }
+    /// The row of sub-frame `index` counted from the input's start (frames −1 … F; any
+    /// other: the silent frame's).
+    fn row(&self, index: isize) -> &[f32] {
+        let k = self.subframes as isize;
+        let r = match usize::try_from(index + k).ok().filter(|&r| r < (self.frames + 2) * self.subframes) {
+            Some(r) => r,
+            None => return &self.silence[index.rem_euclid(k) as usize * self.width..][..self.width],
+        };
+        &self.rows[r * self.width..(r + 1) * self.width]
     }
 }
 
@@ -158,6 +164,7 @@ impl Engine {
                         deviation: net.cfg.deviation.clone(),
                         projections,
                         hop: net.cfg.mel.hop,
+                        subframes: net.cfg.subframes,
                     })
                 }
             },
@@ -195,7 +202,8 @@ impl Engine {
                 features.len()
             )));
         }
-        let (r, width) = (fw.bias.len(), fw.projections.len() / fw.bias.len());
+        let kr = fw.bias.len(); // K·R: the frame network's outputs per frame
+        let (r, width) = (kr / fw.subframes, fw.projections.len() * fw.subframes / kr);
         let floor = crate::audio::mel::FLOOR.ln();
         // Standardised frames −2 … F + 1 (the frame network reads one frame either side).
         let padded: Vec<f32> = (-2..frames as isize + 2)
@@ -207,10 +215,12 @@ impl Engine {
             })
             .collect();
         let mm = self.kernels.matmul_acc;
-        let project = |stacked: &[f32], rows: usize| {
-            let mut hidden: Vec<f32> = (0..rows).flat_map(|_| fw.bias.iter().copied()).collect();
-            mm(&mut hidden, stacked, &fw.conv, rows, 3 * m, r);
+        // `frames` stacked inputs to K rows each: (frames, K·R) is (frames·K, R).
+        let project = |stacked: &[f32], frames: usize| {
+            let mut hidden: Vec<f32> = (0..frames).flat_map(|_| fw.bias.iter().copied()).collect();
+            mm(&mut hidden, stacked, &fw.conv, frames, 3 * m, kr);
             hidden.iter_mut().for_each(|h| *h = h.tanh());
+            let rows = frames * fw.subframes;
             let mut out = vec![0f32; rows * width];
             mm(&mut out, &hidden, &fw.projections, rows, r, width);
             out
@@ -228,7 +238,8 @@ impl Engine {
             rows: with_biases(project(&stacked, frames + 2)),
             silence: with_biases(project(&silence_in, 1)),
             width,
-            hop: fw.hop,
+            subframes: fw.subframes,
+            samples_per_row: fw.hop / fw.subframes,
             frames,
         })
     }
@@ -313,9 +324,10 @@ impl Engine {
             None => s.x.fill(0.0),
         }
         s.skip.fill(0.0);
-        // A vocoder's frame: the sample's position in its input (negative in the lead-in) over the hop.
-        let hop = s.local.first().map_or(1, |l| l.hop) as isize;
-        let frame = (s.position as isize - s.lead as isize).div_euclid(hop);
+        // A vocoder's row: the sample's position in its input (negative in the lead-in) over
+        // the samples per row.
+        let per_row = s.local.first().map_or(1, |l| l.samples_per_row) as isize;
+        let row = (s.position as isize - s.lead as isize).div_euclid(per_row);
         for (li, layer) in self.layers.iter().enumerate() {
             let d = layer.dilation;
             let slots = (k - 1) * d;
@@ -324,7 +336,7 @@ impl Engine {
             // The bias; a vocoder's row holds it and this layer's projection of the frame.
             for (r, pre) in s.pre.chunks_exact_mut(2 * g).enumerate() {
                 match s.local.get(r) {
-                    Some(local) => pre.copy_from_slice(&local.row(frame)[li * 2 * g..(li + 1) * 2 * g]),
+                    Some(local) => pre.copy_from_slice(&local.row(row)[li * 2 * g..(li + 1) * 2 * g]),
                     None => pre.copy_from_slice(&layer.dilated_bias),
                 }
             }

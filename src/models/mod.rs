@@ -147,6 +147,9 @@ macro_rules! registry {
         }
 
         /// Any model of the core.
+        // Variants differ in size (WaveNet's handles are the most), but a process holds one or
+        // two models: boxing them would only add an indirection.
+        #[allow(clippy::large_enum_variant)]
         #[derive(Debug, Clone)]
         pub enum Model {
             $($(#[doc = $doc])+ $variant($model),)+

@@ -20,7 +20,7 @@
 //! | `layers.{i}.skip.weight` / `.bias` | `(G, S)` / `(S,)` | |
 //! | `head.0.weight` / `.bias` | `(S, H)` / `(H,)` | |
 //! | `head.1.weight` / `.bias` | `(H, 256)` / `(256,)` | |
-//! | `frames.weight` / `.bias` | `(3·M, R)` / `(R,)` | only as a vocoder: the frame network |
+//! | `frames.weight` / `.bias` | `(3·M, K·R)` / `(K·R,)` | only as a vocoder: the frame network |
 //! | `layers.{i}.local.weight` | `(R, 2G)` | only as a vocoder: `V_f y`, `V_g y` per frame |
 //!
 //! The input is shifted right by one position (zeros first), so the logits at t see x_<t.
@@ -32,6 +32,9 @@
 //! layer adds its projection `V y_f` to the pre-activation of every sample of frame f, the
 //! samples `f·hop … (f+1)·hop − 1`: the upsampling is a repeat after the frame-rate
 //! convolution, so the projection is computed once per frame, in training as in the engine.
+//! With `K` sub-frames the frame network gives each frame K rows of R channels instead (a
+//! learned upsampling by K, like a transposed convolution of stride K over three frames), row
+//! k for the samples `f·hop + k·hop/K …`, and the repeat covers hop/K samples.
 //! Sample t therefore sees the features up to frame ⌊t / hop⌋ + 1 (one frame of look-ahead;
 //! that frame's analysis window reaches n_fft/2 samples past its centre), and the audio before
 //! t only.
@@ -83,6 +86,10 @@ pub struct LocalConfig {
     pub mel: MelConfig,
     /// Channels of the frame network (`R`).
     pub channels: usize,
+    /// Rows the frame network gives each frame (`K`, dividing the hop): 1 repeats one row over
+    /// the frame's samples; more is a learned upsampling by K before the repeat.
+    #[serde(default = "one_subframe")]
+    pub subframes: usize,
     /// Each band's mean over the training features.
     pub mean: Vec<f32>,
     /// Each band's standard deviation over the training features (the network reads
@@ -90,17 +97,32 @@ pub struct LocalConfig {
     pub deviation: Vec<f32>,
 }
 
+fn one_subframe() -> usize {
+    1
+}
+
 impl LocalConfig {
-    /// Conditioning on `mel` features through `channels` frame channels, standardised with
-    /// `mean` and `deviation` per band.
-    pub fn new(mel: MelConfig, channels: usize, mean: Vec<f32>, deviation: Vec<f32>) -> Self {
-        LocalConfig { mel, channels, mean, deviation }
+    /// Conditioning on `mel` features through `channels` frame channels and `subframes` rows
+    /// per frame, standardised with `mean` and `deviation` per band.
+    pub fn new(mel: MelConfig, channels: usize, subframes: usize, mean: Vec<f32>, deviation: Vec<f32>) -> Self {
+        LocalConfig { mel, channels, subframes, mean, deviation }
+    }
+
+    /// Samples per row of the frame network's output: the hop over the sub-frames.
+    pub fn samples_per_row(&self) -> usize {
+        self.mel.hop / self.subframes
     }
 
     fn validate(&self) -> Result<()> {
         use super::within;
         self.mel.validate()?;
         within("vocoder --cond-channels", self.channels, 1, 4096)?;
+        if self.subframes == 0 || !self.mel.hop.is_multiple_of(self.subframes) {
+            return Err(Error::Config(format!(
+                "vocoder: {} sub-frames do not divide the hop of {} samples",
+                self.subframes, self.mel.hop
+            )));
+        }
         let bands = self.mel.bands;
         if self.mean.len() != bands || self.deviation.len() != bands {
             return Err(Error::Config(format!(
@@ -330,7 +352,7 @@ fn check_labels(conditioned: bool, labels: Option<&Tensor>) -> Result<()> {
 pub struct FrameNet {
     /// Its settings.
     pub cfg: LocalConfig,
-    /// Three frames, `f − 1, f, f + 1`, stacked `(3·M, R)`.
+    /// Three frames, `f − 1, f, f + 1`, stacked, to K rows of R: `(3·M, K·R)`.
     pub conv: ChannelLinear,
     mean: Tensor,
     inverse_deviation: Tensor,
@@ -343,14 +365,14 @@ impl FrameNet {
         let inverse: Vec<f32> = cfg.deviation.iter().map(|d| 1.0 / d).collect();
         Ok(FrameNet {
             cfg: cfg.clone(),
-            conv: ChannelLinear::new(3 * bands, cfg.channels, 1.0, vb)?,
+            conv: ChannelLinear::new(3 * bands, cfg.subframes * cfg.channels, 1.0, vb)?,
             mean: Tensor::from_slice(&cfg.mean, bands, &dev)?,
             inverse_deviation: Tensor::from_vec(inverse, bands, &dev)?,
         })
     }
 
     /// From features `(B, F + 2, M)` (frames −1 … F of each sequence) to the frame network's
-    /// output `(B, F, R)`.
+    /// output `(B, F·K, R)`: K rows per frame.
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
         let (b, rows, m) = features.dims3()?;
         if m != self.cfg.mel.bands || rows < 3 {
@@ -369,7 +391,7 @@ impl FrameNet {
         // Plain 2-D products on contiguous operands (candle's batched CPU products on
         // transposed views have wrong gradients; see the notes).
         let h = stacked.reshape((b * f, 3 * m))?.matmul(&self.conv.weight)?.broadcast_add(&self.conv.bias)?.tanh()?;
-        Ok(h.reshape((b, f, self.cfg.channels))?)
+        Ok(h.reshape((b, f * self.cfg.subframes, self.cfg.channels))?)
     }
 }
 
@@ -456,7 +478,7 @@ impl WaveNet {
         let (_b, t) = tokens.dims2()?;
         let x = self.embed.forward(tokens)?; // (B, T, C)
         let mut x = x.pad_with_zeros(1, 1, 0)?.narrow(1, 0, t)?.contiguous()?; // shifted: position t holds x_{t−1}
-        // The frame network's output repeated to the samples: position t reads frame ⌊t / hop⌋.
+        // The frame network's output repeated to the samples: position t reads row ⌊t / (hop/K)⌋.
         let per_sample = match self.frame_outputs(features, t)? {
             Some((y, hop)) => {
                 let frame_of: Vec<u32> = (0..t).map(|i| (i / hop) as u32).collect();
@@ -486,7 +508,8 @@ impl WaveNet {
         self.head(&skip.expect("invariant: validated to have at least one layer"))
     }
 
-    /// The frame network's output `(B, F, R)` for sequences of `len` samples, and the hop; `None`
+    /// The frame network's output `(B, F·K, R)` for sequences of `len` samples, and the samples
+    /// each of its rows covers; `None`
     /// for a model without local conditioning. Fails unless features are given exactly when
     /// the model is a vocoder, with enough frames for `len` samples.
     fn frame_outputs(&self, features: Option<&Tensor>, len: usize) -> Result<Option<(Tensor, usize)>> {
@@ -498,22 +521,20 @@ impl WaveNet {
             (None, Some(_)) => Err(Error::Config("this model takes no mel features (it is not a vocoder)".into())),
             (Some(net), Some(f)) => {
                 let hop = net.cfg.mel.hop;
-                let y = net.forward(f)?;
-                let needed = len.div_ceil(hop);
-                if y.dim(1)? < needed {
+                let (given, needed) = (f.dim(1)?, len.div_ceil(hop));
+                if given < needed + 2 {
                     return Err(Error::Config(format!(
-                        "{} frames of features for {len} samples: a hop of {hop} needs {} (frames −1 … {needed})",
-                        y.dim(1)? + 2,
+                        "{given} frames of features for {len} samples: a hop of {hop} needs {} (frames −1 … {needed})",
                         needed + 2
                     )));
                 }
-                Ok(Some((y, hop)))
+                Ok(Some((net.forward(f)?, net.cfg.samples_per_row())))
             }
         }
     }
 
-    /// Every layer's projection of the frame network's output, side by side `(B, F, L·2G)`:
-    /// what the fused op adds per frame.
+    /// Every layer's projection of the frame network's output, side by side `(B, F·K, L·2G)`:
+    /// what the fused op adds per row (sub-frame).
     fn frame_projections(&self, features: Option<&Tensor>, len: usize) -> Result<Option<(Tensor, usize)>> {
         let Some((y, hop)) = self.frame_outputs(features, len)? else { return Ok(None) };
         let (b, f, r) = y.dims3()?;

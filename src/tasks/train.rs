@@ -18,6 +18,18 @@ use crate::models::wavenet::{self, LocalConfig};
 use crate::models::{ModelConfig, Settings};
 use crate::{Error, Result};
 
+/// A vocoder's conditioning: the features and the frame network that reads them.
+#[derive(Debug, Clone)]
+pub struct VocoderOptions {
+    /// The log-mel analysis of the audio.
+    pub mel: MelConfig,
+    /// Channels of the frame network.
+    pub channels: usize,
+    /// Rows the frame network gives each frame (dividing the hop): 1 repeats one row over the
+    /// hop; K is a learned upsampling by K before the repeat.
+    pub subframes: usize,
+}
+
 /// Everything `wavegen train` needs.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
@@ -36,9 +48,9 @@ pub struct TrainOptions {
     pub model: AudioModelSpec,
     /// Condition on first-level subfolder names.
     pub labels: bool,
-    /// Train a vocoder: condition a WaveNet on these log-mel features of its audio, through a
-    /// frame network of this many channels (ignored when resuming).
-    pub condition: Option<(MelConfig, usize)>,
+    /// Train a vocoder: condition a WaveNet on log-mel features of its audio (ignored when
+    /// resuming).
+    pub condition: Option<VocoderOptions>,
     /// Audio preprocessing (ignored when resuming).
     pub audio: AudioSettings,
     /// Optimisation settings (on resume only `max_steps` and `max_minutes` are taken from here).
@@ -198,7 +210,7 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     let mel = match (existing, &manifest.model) {
         (true, ModelConfig::Wavenet(cfg)) => cfg.local.as_ref().map(|l| l.mel.clone()),
         (true, _) => None,
-        (false, _) => opts.condition.as_ref().map(|(mel, _)| mel.clone()),
+        (false, _) => opts.condition.as_ref().map(|v| v.mel.clone()),
     };
     if mel.is_some() && !matches!(opts.model, AudioModelSpec::Wavenet(_)) && !existing {
         return Err(Error::Config("--condition mel conditions a WaveNet (a vocoder); use --model wavenet".into()));
@@ -235,12 +247,15 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     }
     if !existing {
         manifest.model = opts.model.config(audio.window)?;
-        if let (Some((mel, channels)), ModelConfig::Wavenet(cfg)) = (&opts.condition, &mut manifest.model) {
+        if let (Some(VocoderOptions { mel, channels, subframes }), ModelConfig::Wavenet(cfg)) =
+            (&opts.condition, &mut manifest.model)
+        {
             let (mean, deviation) =
                 train_corpus.feature_statistics(&train_files).expect("invariant: opened with features");
-            cfg.local = Some(LocalConfig::new(mel.clone(), *channels, mean, deviation));
+            cfg.local = Some(LocalConfig::new(mel.clone(), *channels, *subframes, mean, deviation));
             reporter.note(&format!(
-                "vocoder: {} mel bands, FFT {}, hop {} ({:.1} ms), {}–{} Hz; frame network of {channels} channels",
+                "vocoder: {} mel bands, FFT {}, hop {} ({:.1} ms), {}–{} Hz; frame network of {channels} channels, \
+                 {subframes} row(s) per frame",
                 mel.bands,
                 mel.n_fft,
                 mel.hop,
