@@ -245,14 +245,19 @@ fn setup() -> Criterion {
 }
 
 /// The music vocoder's config (16 kHz, 80 mel bands, hop 256, 16 layers of the real-time
-/// widths, a frame network of 64 channels) and the same WaveNet without the conditioning.
-fn vocoder_configs() -> [(&'static str, Config); 2] {
+/// widths, a frame network of 64 channels), the same with 8 sub-frames (rows of 32 samples),
+/// and the same WaveNet without the conditioning.
+fn vocoder_configs() -> [(&'static str, Config); 3] {
     use wavegen::audio::mel::MelConfig;
     use wavegen::models::wavenet::LocalConfig;
     let plain = Config { layers_per_cycle: 8, cycles: 2, ..Config::realtime() };
     let mel = MelConfig::for_rate(16_000);
-    let local = LocalConfig::new(mel, 64, 1, vec![-4.0; 80], vec![2.0; 80]);
-    [("plain", plain.clone()), ("mel", Config { local: Some(local), ..plain })]
+    let local = |subframes| Some(LocalConfig::new(mel.clone(), 64, subframes, vec![-4.0; 80], vec![2.0; 80]));
+    [
+        ("plain", plain.clone()),
+        ("mel", Config { local: local(1), ..plain.clone() }),
+        ("mel_8_subframes", Config { local: local(8), ..plain }),
+    ]
 }
 
 /// What the conditioning costs. Generation: one stream on one thread, 4,096 samples, the
