@@ -8,11 +8,13 @@
 //!   the STFT power spectra (the [`MelConfig`]'s FFT and hop), each floored 80 dB below the
 //!   original's loudest bin; the mean over frames.
 //! - **Mel-cepstral distortion** (dB): per frame `(10 / ln 10) · √(2 Σ_{d=1}^{D} (c_d − ĉ_d)²)`
-//!   (Kubichek 1993), where `c_d = (1/M) Σ_m ln X_m cos(π d (m + ½) / M)` is the mel cepstrum
+//!   (Kubichek 1993), where `c_d = (2/M) Σ_m ln X_m cos(π d (m + ½) / M)` is the mel cepstrum
 //!   of the M-band mel *amplitude* spectrum `X` (the log-mel features of `audio::mel`), scaled as
-//!   a cepstrum is (`ln X_m = c_0 + 2 Σ_d c_d cos(π d (m + ½) / M)`, SPTK's convention), so that
-//!   a difference `a·cos(π d (m + ½) / M)` in `ln X` measures `(10 / ln 10) · a / √2` dB whatever
-//!   the number of bands. Each band is floored 80 dB below the signal's loudest band (without
+//!   SPTK's mel cepstrum is (`ln X_m = c_0 + Σ_d c_d cos(π d (m + ½) / M)`: one-sided, the
+//!   convention of the `mcep` coefficients most published MCDs use; checked with pysptk 1.0.1,
+//!   whose `mgc2sp` of a lone c_d = a gives ln|H(ω)| = a·cos(dω)), so that a difference
+//!   `a·cos(π d (m + ½) / M)` in `ln X` measures `(10 / ln 10) · √2 · a` dB whatever the number
+//!   of bands. Each band is floored 80 dB below the signal's loudest band (without
 //!   it, bands with no energy at all dominate: a tone plus faint noise measured over 100 dB);
 //!   D = 24 (or the bands − 1 if fewer); `c_0`, the overall level, is left out, as is usual.
 //!   The mean over frames.
@@ -55,7 +57,7 @@ pub fn log_spectral_distance(reference: &[f32], test: &[f32], cfg: &MelConfig) -
 }
 
 /// Coefficients 1 … D of the cepstrum of the log spectrum `x` (see the module: the DCT-II
-/// divided by the number of bands).
+/// times 2 over the number of bands).
 fn cepstrum(x: &[f32], d: usize) -> Vec<f64> {
     let m = x.len() as f64;
     (1..=d)
@@ -65,7 +67,7 @@ fn cepstrum(x: &[f32], d: usize) -> Vec<f64> {
                 .enumerate()
                 .map(|(i, &v)| v as f64 * (std::f64::consts::PI * k as f64 * (i as f64 + 0.5) / m).cos())
                 .sum();
-            s / m
+            2.0 * s / m
         })
         .collect()
 }
@@ -134,8 +136,8 @@ mod tests {
 
     #[test]
     fn a_cosine_ripple_in_the_log_spectrum_measures_its_amplitude() {
-        // ln X differing by a·cos(π d (m + ½) / M): the distortion is (10 / ln 10) · a / √2,
-        // for any number of bands and any coefficient d ≤ D.
+        // ln X differing by a·cos(π d (m + ½) / M): c_d moves by a (SPTK's one-sided cepstrum),
+        // so the distortion is (10 / ln 10) · √2 · a, for any number of bands and any d ≤ D.
         for (bands, d, a) in [(64usize, 1usize, 0.5f64), (80, 3, 0.2), (40, 24, 1.0)] {
             let base: Vec<f32> = (0..bands).map(|m| -2.0 - 0.05 * m as f32).collect();
             let rippled: Vec<f32> = base
@@ -148,7 +150,7 @@ mod tests {
             let (c, c_hat) = (cepstrum(&base, 24), cepstrum(&rippled, 24));
             let mcd = 10.0 / std::f64::consts::LN_10
                 * (2.0 * c.iter().zip(&c_hat).map(|(x, y)| (x - y).powi(2)).sum::<f64>()).sqrt();
-            let want = 10.0 / std::f64::consts::LN_10 * a / 2f64.sqrt();
+            let want = 10.0 / std::f64::consts::LN_10 * 2f64.sqrt() * a;
             assert!((mcd - want).abs() < 1e-4 * want, "{bands} bands, d = {d}: {mcd} against {want}");
         }
     }
