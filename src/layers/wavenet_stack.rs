@@ -832,6 +832,7 @@ impl CustomOp3 for StackOp {
 
 /// Local conditioning for the op: each layer's projection of every frame, `(B, F, L·2G)` (layer
 /// l's columns l·2G .. (l+1)·2G), and the samples per frame; position t reads frame ⌊t / hop⌋.
+/// (For a vocoder with sub-frames, a "frame" here is a sub-frame: a row of the frame network.)
 #[derive(Debug, Clone, Copy)]
 pub struct FrameConditioning<'a> {
     /// The projections, `(B, F, L·2G)`.

@@ -480,9 +480,9 @@ impl WaveNet {
         let mut x = x.pad_with_zeros(1, 1, 0)?.narrow(1, 0, t)?.contiguous()?; // shifted: position t holds x_{t−1}
         // The frame network's output repeated to the samples: position t reads row ⌊t / (hop/K)⌋.
         let per_sample = match self.frame_outputs(features, t)? {
-            Some((y, hop)) => {
-                let frame_of: Vec<u32> = (0..t).map(|i| (i / hop) as u32).collect();
-                Some(y.index_select(&Tensor::new(frame_of, y.device())?, 1)?) // (B, T, R)
+            Some((y, per_row)) => {
+                let row_of: Vec<u32> = (0..t).map(|i| (i / per_row) as u32).collect();
+                Some(y.index_select(&Tensor::new(row_of, y.device())?, 1)?) // (B, T, R)
             }
             None => None,
         };
@@ -509,9 +509,8 @@ impl WaveNet {
     }
 
     /// The frame network's output `(B, F·K, R)` for sequences of `len` samples, and the samples
-    /// each of its rows covers; `None`
-    /// for a model without local conditioning. Fails unless features are given exactly when
-    /// the model is a vocoder, with enough frames for `len` samples.
+    /// each of its rows covers; `None` for a model without local conditioning. Fails unless
+    /// features are given exactly when the model is a vocoder, with enough frames for `len`.
     fn frame_outputs(&self, features: Option<&Tensor>, len: usize) -> Result<Option<(Tensor, usize)>> {
         match (&self.frames, features) {
             (None, None) => Ok(None),
@@ -536,13 +535,13 @@ impl WaveNet {
     /// Every layer's projection of the frame network's output, side by side `(B, F·K, L·2G)`:
     /// what the fused op adds per row (sub-frame).
     fn frame_projections(&self, features: Option<&Tensor>, len: usize) -> Result<Option<(Tensor, usize)>> {
-        let Some((y, hop)) = self.frame_outputs(features, len)? else { return Ok(None) };
+        let Some((y, per_row)) = self.frame_outputs(features, len)? else { return Ok(None) };
         let (b, f, r) = y.dims3()?;
         let v = Tensor::cat(
             &self.layers.iter().map(|l| l.local.clone().expect("invariant: a vocoder's layers")).collect::<Vec<_>>(),
             1,
         )?; // (R, L·2G)
-        Ok(Some((y.reshape((b * f, r))?.matmul(&v)?.reshape((b, f, v.dim(1)?))?, hop)))
+        Ok(Some((y.reshape((b * f, r))?.matmul(&v)?.reshape((b, f, v.dim(1)?))?, per_row)))
     }
 
     /// The logits `(B, T, V)` of `tokens (B, T)`, with the labels `(B,)` and the features
@@ -551,7 +550,7 @@ impl WaveNet {
     pub fn logits(&self, tokens: &Tensor, labels: Option<&Tensor>, features: Option<&Tensor>) -> Result<Tensor> {
         check_labels(self.cfg.num_labels > 0, labels)?;
         let projections = self.frame_projections(features, tokens.dim(1)?)?;
-        let frames = projections.as_ref().map(|(p, hop)| FrameConditioning { projections: p, hop: *hop });
+        let frames = projections.as_ref().map(|(p, per_row)| FrameConditioning { projections: p, hop: *per_row });
         wavenet_logits(&self.layout, &self.packed()?, tokens, labels, frames, self.precision)
     }
 
@@ -640,7 +639,7 @@ impl Autoregressive for WaveNet {
         let labels = batch.labels.as_ref();
         check_labels(self.cfg.num_labels > 0, labels)?;
         let projections = self.frame_projections(batch.features.as_ref(), batch.tokens.dim(1)?)?;
-        let frames = projections.as_ref().map(|(p, hop)| FrameConditioning { projections: p, hop: *hop });
+        let frames = projections.as_ref().map(|(p, per_row)| FrameConditioning { projections: p, hop: *per_row });
         wavenet_nll(&self.layout, &self.packed()?, &batch.tokens, labels, frames, self.precision)
     }
 
