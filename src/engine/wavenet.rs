@@ -45,11 +45,10 @@ struct FrameWeights {
 /// dilated-convolution bias is folded in, so a step starts each pre-activation from its row.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
-    /// Frames −1 … F, K rows of L·2G each: row (f + 1)·K + k is sub-frame k of frame f.
+    /// Frames −1 … F, K rows of L·2G each (row (f + 1)·K + k is sub-frame k of frame f), then
+    /// the K rows of a frame surrounded by silence (the features' floor), for positions before
+    /// and after the input, as in training windows.
     rows: Vec<f32>,
-    /// The K rows of a frame surrounded by silence (the features' floor), for positions
-    /// before and after the input, as in training windows.
-    silence: Vec<f32>,
     width: usize,
     subframes: usize,
     /// Samples per row: the hop over K.
@@ -59,15 +58,15 @@ pub struct Conditioning {
 }
 
 impl Conditioning {
-    /// The row of sub-frame `index` counted from the input's start (frames −1 … F; any
-    /// other: the silent frame's).
-    fn row(&self, index: isize) -> &[f32] {
-        let k = self.subframes as isize;
-        let r = match usize::try_from(index + k).ok().filter(|&r| r < (self.frames + 2) * self.subframes) {
-            Some(r) => r,
-            None => return &self.silence[index.rem_euclid(k) as usize * self.width..][..self.width],
-        };
-        &self.rows[r * self.width..(r + 1) * self.width]
+    /// Where in `rows` the row of sub-frame `index` starts, counting from the input's start
+    /// (frames −1 … F; any other: the silent frame's).
+    fn row_start(&self, index: isize) -> usize {
+        let (k, inside) = (self.subframes as isize, (self.frames + 2) * self.subframes);
+        let r = usize::try_from(index + k)
+            .ok()
+            .filter(|&r| r < inside)
+            .unwrap_or_else(|| inside + index.rem_euclid(k) as usize);
+        r * self.width
     }
 }
 
@@ -97,6 +96,8 @@ pub struct Streams {
     /// A vocoder's conditioning of each stream (empty otherwise), the steps taken, and how
     /// many of them came before the input's first sample (the lead-in).
     local: Vec<Arc<Conditioning>>,
+    /// Where each stream's row of this step starts in its conditioning.
+    row_starts: Vec<usize>,
     position: usize,
     lead: usize,
     x: Vec<f32>,
@@ -234,9 +235,10 @@ impl Engine {
             rows.chunks_exact_mut(width).for_each(|row| row.iter_mut().zip(&biases).for_each(|(x, b)| *x += b));
             rows
         };
+        let mut rows = project(&stacked, frames + 2);
+        rows.extend(project(&silence_in, 1));
         Ok(Conditioning {
-            rows: with_biases(project(&stacked, frames + 2)),
-            silence: with_biases(project(&silence_in, 1)),
+            rows: with_biases(rows),
             width,
             subframes: fw.subframes,
             samples_per_row: fw.hop / fw.subframes,
@@ -297,6 +299,7 @@ impl Engine {
             rings: self.layers.iter().map(|l| vec![0.0; (k - 1) * l.dilation * n * c]).collect(),
             heads: vec![0; self.layers.len()],
             cond,
+            row_starts: vec![0; local.len()],
             local,
             position: 0,
             lead,
@@ -324,10 +327,13 @@ impl Engine {
             None => s.x.fill(0.0),
         }
         s.skip.fill(0.0);
-        // A vocoder's row: the sample's position in its input (negative in the lead-in) over
-        // the samples per row.
+        // A vocoder's row, found once per step: the sample's position in its input (negative
+        // in the lead-in) over the samples per row.
         let per_row = s.local.first().map_or(1, |l| l.samples_per_row) as isize;
         let row = (s.position as isize - s.lead as isize).div_euclid(per_row);
+        for (start, local) in s.row_starts.iter_mut().zip(&s.local) {
+            *start = local.row_start(row);
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             let d = layer.dilation;
             let slots = (k - 1) * d;
@@ -336,7 +342,7 @@ impl Engine {
             // The bias; a vocoder's row holds it and this layer's projection of the frame.
             for (r, pre) in s.pre.chunks_exact_mut(2 * g).enumerate() {
                 match s.local.get(r) {
-                    Some(local) => pre.copy_from_slice(&local.row(row)[li * 2 * g..(li + 1) * 2 * g]),
+                    Some(local) => pre.copy_from_slice(&local.rows[s.row_starts[r] + li * 2 * g..][..2 * g]),
                     None => pre.copy_from_slice(&layer.dilated_bias),
                 }
             }
