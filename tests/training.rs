@@ -77,6 +77,13 @@ fn a_vocoder_resumes_exactly() {
     });
 }
 
+/// The same with an average of the weights: the checkpoint holds the average, the optimizer's
+/// state the raw weights, and both continue exactly.
+#[test]
+fn a_run_that_averages_its_weights_resumes_exactly() {
+    resume_is_exact(&|o| o.train.adamw.average_decay = 0.9);
+}
+
 fn resume_is_exact(adjust: &dyn Fn(&mut wavegen::tasks::train::TrainOptions)) {
     let dir = tempfile::tempdir().unwrap();
     let data = common::periodic_folder(dir.path(), 4, PERIOD, 8000, 0.3);

@@ -131,6 +131,11 @@ struct TrainArgs {
     /// hardly shrunk [default: plain L1].
     #[arg(long)]
     l1_log_scale: Option<f64>,
+    /// Keep a moving average of the weights with this decay per step (0.999: about the last
+    /// 1,000 steps); validation and the saved model use the average (Polyak averaging). With
+    /// --resume, turns it on or changes it [default: no averaging].
+    #[arg(long)]
+    average: Option<f64>,
     /// Seed of the weights and the data order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -360,6 +365,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         seed: a.seed,
         dynamic: a.dynamic,
         precision: a.precision.map(Into::into),
+        average_decay: a.average,
     };
     let stop = super::stop_flag()?;
     let mut bars = Bars::new(0, a.json);

@@ -245,7 +245,7 @@ fn check_step(path: &Path, meta: &HashMap<String, String>, expected: u64) -> Res
 pub fn save<M: Record>(dir: &Path, manifest: &M, params: &Params, opt: Option<&AdamW>) -> Result<()> {
     let mut files = vec![(MODEL_FILE, safetensors_bytes(&params.tensors(), metadata(manifest))?)];
     if let Some(opt) = opt {
-        files.push((OPTIMIZER_FILE, safetensors_bytes(&opt.state_tensors(), metadata(manifest))?));
+        files.push((OPTIMIZER_FILE, safetensors_bytes(&opt.state_tensors()?, metadata(manifest))?));
     }
     commit(dir, manifest, &files)
 }

@@ -1,7 +1,9 @@
-//! AdamW (Loshchilov & Hutter, 2019) with global-norm gradient clipping. Written here rather
-//! than taken from candle-nn because exact resume needs the moment estimates saved and loaded,
-//! and candle's `AdamW` keeps them private.
+//! AdamW (Loshchilov & Hutter, 2019) with global-norm gradient clipping, and optionally an
+//! average of the weights it visits (Polyak averaging, as an exponential moving average).
+//! Written here rather than taken from candle-nn because exact resume needs the moment
+//! estimates saved and loaded, and candle's `AdamW` keeps them private.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
@@ -37,6 +39,12 @@ pub struct AdamWConfig {
     pub l1_log_scale: f64,
     /// Gradients are scaled down so their global L2 norm is at most this (0: no clipping).
     pub grad_clip: f64,
+    /// When positive, the optimizer also keeps an exponential moving average of the weights
+    /// with this decay per step (0.999 averages over about the last thousand steps): the
+    /// average of a noisy descent generalises better than its last point. The trainer
+    /// evaluates and saves the average; it trains the raw weights.
+    #[serde(default)]
+    pub average_decay: f64,
 }
 
 impl Default for AdamWConfig {
@@ -50,6 +58,7 @@ impl Default for AdamWConfig {
             l1: 0.0,
             l1_log_scale: 0.0,
             grad_clip: 1.0,
+            average_decay: 0.0,
         }
     }
 }
@@ -59,6 +68,9 @@ struct Slot {
     var: Var,
     m: Tensor,
     v: Tensor,
+    /// The average of the weights, when averaging (a `Var` so that it can trade places with
+    /// `var` without copying through a `&mut`).
+    average: Option<Var>,
 }
 
 /// The optimizer and its state.
@@ -67,6 +79,9 @@ pub struct AdamW {
     slots: Vec<Slot>,
     /// Updates taken so far (for the bias correction).
     pub t: u64,
+    /// Whether the parameters hold the average now (inside [`AdamW::averaged`]) and the slots'
+    /// `average` the raw weights.
+    swapped: Cell<bool>,
 }
 
 impl AdamW {
@@ -78,14 +93,42 @@ impl AdamW {
             .map(|(name, var)| {
                 let m = var.zeros_like()?;
                 let v = var.zeros_like()?;
-                Ok(Slot { name, var, m, v })
+                let average =
+                    if cfg.average_decay > 0.0 { Some(Var::from_tensor(&var.as_tensor().copy()?)?) } else { None };
+                Ok(Slot { name, var, m, v, average })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { cfg, slots, t: 0 })
+        Ok(AdamW { cfg, slots, t: 0, swapped: Cell::new(false) })
+    }
+
+    /// `f()` with the parameters holding the average of the weights, when averaging (then the
+    /// raw weights again, also if `f` fails); just `f()` otherwise. For evaluating and saving.
+    pub fn averaged<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        if self.cfg.average_decay <= 0.0 || self.swapped.get() {
+            return f();
+        }
+        self.swap()?;
+        let result = f();
+        self.swap()?;
+        result
+    }
+
+    /// Trades the parameters and their averages (bit for bit: both are plain copies).
+    fn swap(&self) -> Result<()> {
+        for s in &self.slots {
+            if let Some(average) = &s.average {
+                let raw = s.var.as_tensor().copy()?;
+                s.var.set(average.as_tensor())?;
+                average.set(&raw)?;
+            }
+        }
+        self.swapped.set(!self.swapped.get());
+        Ok(())
     }
 
     /// One update with learning rate `lr`; returns the gradient norm before clipping.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<f64> {
+        assert!(!self.swapped.get(), "invariant: no step while the parameters hold the average");
         let mut sq = 0.0;
         for s in &self.slots {
             if let Some(g) = grads.get(&s.var) {
@@ -121,20 +164,38 @@ impl AdamW {
             let next = ((s.var.as_tensor() * decay)? - (update * lr)?)?;
             s.var.set(&next)?;
         }
+        let d = c.average_decay;
+        for s in &self.slots {
+            if let Some(average) = &s.average {
+                average.set(&((average.as_tensor() * d)? + (s.var.as_tensor() * (1.0 - d))?)?)?;
+            }
+        }
         Ok(norm)
     }
 
-    /// The moment estimates as named tensors (`m.NAME`, `v.NAME`), for the checkpoint.
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.slots
-            .iter()
-            .flat_map(|s| [(format!("m.{}", s.name), s.m.clone()), (format!("v.{}", s.name), s.v.clone())])
-            .collect()
+    /// The optimizer's state as named tensors, for the checkpoint: the moment estimates
+    /// (`m.NAME`, `v.NAME`) and, when averaging, the raw weights (`w.NAME`), because the
+    /// checkpoint's weights file holds their average (see [`AdamW::averaged`]).
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut tensors = vec![];
+        for s in &self.slots {
+            tensors.push((format!("m.{}", s.name), s.m.clone()));
+            tensors.push((format!("v.{}", s.name), s.v.clone()));
+            if let Some(average) = &s.average {
+                let raw = if self.swapped.get() { average.as_tensor() } else { s.var.as_tensor() };
+                // A copy: the swap back writes into this storage.
+                tensors.push((format!("w.{}", s.name), raw.copy()?));
+            }
+        }
+        Ok(tensors)
     }
 
-    /// Restores the moments saved by [`AdamW::state_tensors`]; `None` if any is missing or
-    /// has the wrong shape.
+    /// Restores the state saved by [`AdamW::state_tensors`], the parameters holding the
+    /// checkpoint's weights; `None` if a moment is missing or has the wrong shape. A checkpoint
+    /// saved while averaging holds the average as its weights and the raw weights as `w.NAME`,
+    /// which training continues; a new average starts at the checkpoint's weights.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> Option<()> {
+        assert!(!self.swapped.get(), "invariant: loaded outside `averaged`");
         for s in &mut self.slots {
             let m = tensors.get(&format!("m.{}", s.name))?;
             let v = tensors.get(&format!("v.{}", s.name))?;
@@ -143,6 +204,16 @@ impl AdamW {
             }
             s.m = m.to_dtype(s.var.dtype()).ok()?;
             s.v = v.to_dtype(s.var.dtype()).ok()?;
+            if let Some(average) = &s.average {
+                average.set(s.var.as_tensor()).ok()?;
+            }
+            // The raw weights continue training (also when averaging has been turned off).
+            if let Some(raw) = tensors.get(&format!("w.{}", s.name)) {
+                if raw.shape() != s.var.shape() {
+                    return None;
+                }
+                s.var.set(&raw.to_dtype(s.var.dtype()).ok()?).ok()?;
+            }
         }
         self.t = t;
         Some(())
@@ -173,6 +244,48 @@ mod tests {
         let (w, b) = (w.flatten_all()?.to_vec1::<f32>()?[0], b.to_vec1::<f32>()?[0]);
         assert!((w - 2.0).abs() < 0.02, "matrix at {w}, want 6/(2+1) = 2");
         assert!((b - 3.0).abs() < 0.02, "bias at {b}, want 3");
+        Ok(())
+    }
+
+    /// The average follows a_t = d·a_{t−1} + (1 − d)·w_t from the starting weights; `averaged`
+    /// puts it in the parameters and restores the raw weights bit for bit; the saved state
+    /// (the average as the weights, the raw weights as `w.NAME`) restores both.
+    #[test]
+    fn the_average_of_the_weights_is_kept_swapped_in_and_restored() -> Result<()> {
+        let params = Params::new(0);
+        let w = params.var_builder(DType::F32).get_with_hints((1, 2), "w", candle_nn::Init::Const(0.5))?;
+        let cfg = AdamWConfig { average_decay: 0.9, grad_clip: 0.0, ..AdamWConfig::default() };
+        let mut opt = AdamW::new(&params, cfg.clone())?;
+        let mut want = vec![0.5f64; 2];
+        let target = Tensor::new(&[[1f32, -1.0]], &Device::Cpu)?;
+        for _ in 0..20 {
+            let loss = (&w - &target)?.sqr()?.sum_all()?;
+            opt.step(&loss.backward()?, 0.05)?;
+            for (a, x) in want.iter_mut().zip(w.flatten_all()?.to_vec1::<f32>()?) {
+                *a = 0.9 * *a + 0.1 * x as f64;
+            }
+        }
+        let raw = w.flatten_all()?.to_vec1::<f32>()?;
+        let average = opt.averaged(|| Ok(w.flatten_all()?.to_vec1::<f32>()?))?;
+        for (a, b) in average.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "average {a}, by hand {b}");
+        }
+        assert_ne!(average, raw, "the average lags the raw weights");
+        assert_eq!(w.flatten_all()?.to_vec1::<f32>()?, raw, "raw weights back after `averaged`");
+
+        // A checkpoint: the weights file gets the average, the optimizer's state the raw weights.
+        // (copies: `params.tensors()` shares the storage that the swap back overwrites)
+        let copies = || params.tensors().into_iter().map(|(n, t)| Ok((n, t.copy()?))).collect::<Result<Vec<_>>>();
+        let (weights, state) = opt.averaged(|| Ok((copies()?, opt.state_tensors()?)))?;
+        let state: HashMap<String, Tensor> = state.into_iter().collect();
+        assert_eq!(state["w.w"].flatten_all()?.to_vec1::<f32>()?, raw);
+        let restored = Params::new(1);
+        let w2 = restored.var_builder(DType::F32).get_with_hints((1, 2), "w", candle_nn::Init::Const(0.0))?;
+        restored.assign(&weights.into_iter().collect(), std::path::Path::new("test"))?;
+        let mut opt2 = AdamW::new(&restored, cfg)?;
+        opt2.load_state(&state, opt.t).expect("matching state");
+        assert_eq!(w2.flatten_all()?.to_vec1::<f32>()?, raw, "training continues from the raw weights");
+        assert_eq!(opt2.averaged(|| Ok(w2.flatten_all()?.to_vec1::<f32>()?))?, average);
         Ok(())
     }
 

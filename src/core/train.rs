@@ -106,6 +106,10 @@ impl TrainConfig {
                 self.lr, self.min_lr
             )));
         }
+        let d = self.adamw.average_decay;
+        if !(0.0..1.0).contains(&d) {
+            return Err(Error::Config(format!("--average must be in [0, 1) (0: no averaging), got {d}")));
+        }
         if self.eval_every == 0 || self.checkpoint_every == 0 {
             return Err(Error::Config("--eval-every and --checkpoint-every must be at least 1".into()));
         }
@@ -294,7 +298,9 @@ pub fn evaluate<M: Autoregressive + Sync>(model: &M, batches: &[Batch]) -> Resul
 }
 
 /// Trains `model` (whose parameters `opt` updates) until a stop condition holds. `save` writes
-/// a checkpoint of the current state; `stop` is raised from outside (Ctrl-C).
+/// a checkpoint of the current state; `stop` is raised from outside (Ctrl-C). When the
+/// optimizer averages the weights, validation and `save` see the average in the parameters
+/// (the weights a checkpoint keeps), and the raw weights are in the optimizer's state.
 #[allow(clippy::too_many_arguments)] // each is a different collaborator; a struct would only rename them
 pub fn train<M: Autoregressive + Sync>(
     model: &mut M,
@@ -343,20 +349,21 @@ pub fn train<M: Autoregressive + Sync>(
         let tokens_per_second = (state.tokens_seen - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         observe(Event::Step { step: state.step, loss, lr, grad_norm, tokens_per_second });
         // evaluate, checkpoint
+        // (with the average of the weights in place, when the optimizer keeps one)
         if state.step.is_multiple_of(cfg.eval_every) {
-            log_eval(model, &val, state, lr, &mut loss_sum, &mut loss_steps, observe)?;
+            opt.averaged(|| log_eval(model, &val, state, lr, &mut loss_sum, &mut loss_steps, observe))?;
             evaluated_at = Some(state.step);
         }
         if state.step.is_multiple_of(cfg.checkpoint_every) {
-            save(state, opt)?;
+            opt.averaged(|| save(state, opt))?;
             observe(Event::Saved { step: state.step });
         }
     };
     // A final evaluation and checkpoint, unless this very step already had them.
     if evaluated_at != Some(state.step) && loss_steps > 0 {
-        log_eval(model, &val, state, lr, &mut loss_sum, &mut loss_steps, observe)?;
+        opt.averaged(|| log_eval(model, &val, state, lr, &mut loss_sum, &mut loss_steps, observe))?;
     }
-    save(state, opt)?;
+    opt.averaged(|| save(state, opt))?;
     observe(Event::Saved { step: state.step });
     Ok(why)
 }

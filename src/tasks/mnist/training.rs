@@ -38,6 +38,9 @@ pub struct MnistTrainOptions {
     /// Precision of the products of a model that has a choice (PixelCNN): for a new run,
     /// [`crate::layers::matmul::fastest_precision`] unless given; on resume, a change.
     pub precision: Option<Precision>,
+    /// Decay of the moving average of the weights that is validated and kept (see
+    /// [`AdamWConfig::average_decay`]): for a new run, none unless given; on resume, a change.
+    pub average_decay: Option<f64>,
 }
 
 /// What a training run did.
@@ -74,6 +77,11 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
             if let Some(p) = opts.precision.filter(|&p| p != m.train.precision && m.model.has_precision()) {
                 reporter.note(&format!("precision: {p} (the run had {})", m.train.precision));
                 m.train.precision = p;
+            }
+            if let Some(d) = opts.average_decay.filter(|&d| d != m.train.adamw.average_decay) {
+                let had = std::mem::replace(&mut m.train.adamw.average_decay, d);
+                m.train.validate()?;
+                reporter.note(&format!("weights averaged with decay {d} (the run had {had})"));
             }
             m
         }
@@ -179,6 +187,7 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
             l2: opts.l2,
             l1: opts.l1,
             l1_log_scale: opts.l1_log_scale,
+            average_decay: opts.average_decay.unwrap_or(0.0),
             ..AdamWConfig::default()
         },
         eval_every: 1,
