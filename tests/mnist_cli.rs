@@ -169,6 +169,14 @@ fn train_eval_sample_complete_score(data: &str, epochs: &str, test_images: u64) 
     let mut resumed = again.to_vec();
     resumed.push("--resume");
     ok(&wavegen(&resumed));
+    // A resume can turn on weight averaging; the checkpoint then holds the average, and says so.
+    resumed.extend(["--average", "0.99"]);
+    ok(&wavegen(&resumed));
+    let info = ok(&wavegen(&["info", c]));
+    assert!(info.contains("moving average, decay 0.99"), "{info}");
+    *resumed.last_mut().unwrap() = "1";
+    let refused = error_line(&wavegen(&resumed));
+    assert!(refused.contains("--average must be in [0, 1)"), "{refused}");
 }
 
 #[test]

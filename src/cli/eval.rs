@@ -110,6 +110,9 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         println!("data            {} MNIST from {}", images.dataset, images.data_dir.display());
     }
     println!("trained         {} steps, {:.0} s, {} positions", m.state.step, m.state.seconds, m.state.tokens_seen);
+    if m.train.adamw.average_decay > 0.0 {
+        println!("weights         moving average, decay {} per step", m.train.adamw.average_decay);
+    }
     let unit = if m.audio.is_some() { "sample" } else { "pixel" };
     match i.last_val_bits_per_sample {
         Some(b) => println!("validation NLL  {b:.4} bits/{unit} (last evaluation)"),
