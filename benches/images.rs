@@ -208,6 +208,7 @@ fn cached_sampling(c: &mut Criterion) {
     let n = 64;
     let models = [
         ("gated-pixelcnn-64x12", ModelConfig::GatedPixelCnn(pixelcnn_64x12())),
+        ("pixelcnn-64x12", ModelConfig::PixelCnn(pixelcnn_64x12())),
         (
             "transformer-128x4",
             ModelConfig::image("transformer", PIXELS, &wavegen::models::Settings::default()).unwrap(),
