@@ -61,6 +61,7 @@ fn image_batch(n: usize) -> Batch {
         labels: None,
         values: None,
         features: None,
+        dropout: None,
     }
 }
 

@@ -163,7 +163,7 @@ fn training_batch(cfg: &Config, batch: usize, window: usize, seed: u64) -> waveg
     let tokens = Tensor::from_vec(tokens, (batch, len), &Device::Cpu).unwrap();
     let mask: Vec<f32> = (0..batch * len).map(|i| if i % len >= cfg.receptive_field() { 1.0 } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, (batch, len), &Device::Cpu).unwrap();
-    wavegen::data::Batch { tokens, mask, labels: None, values: None, features: None }
+    wavegen::data::Batch { tokens, mask, labels: None, values: None, features: None, dropout: None }
 }
 
 /// Target samples per second of one training step (forward, backward, clipping, AdamW) at

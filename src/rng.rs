@@ -14,7 +14,14 @@ pub struct Rng {
 
 fn splitmix64(x: &mut u64) -> u64 {
     *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *x;
+    hash64(*x)
+}
+
+/// SplitMix64's finaliser: a stateless 64-bit mix, for random draws indexed by position
+/// (dropout masks) rather than taken from a stream.
+#[inline(always)]
+pub fn hash64(x: u64) -> u64 {
+    let mut z = x;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

@@ -177,6 +177,46 @@ fn train_eval_sample_complete_score(data: &str, epochs: &str, test_images: u64) 
     *resumed.last_mut().unwrap() = "1";
     let refused = error_line(&wavegen(&resumed));
     assert!(refused.contains("--average must be in [0, 1)"), "{refused}");
+    // FVSBN has no dropout: asking for it is an error, not a silent no-op.
+    let mut dropped = again.to_vec();
+    dropped.extend(["--resume", "--dropout", "0.2"]);
+    let refused = error_line(&wavegen(&dropped));
+    assert!(refused.contains("no dropout"), "{refused}");
+}
+
+/// PixelCNN and Gated PixelCNN train with dropout, which the checkpoint records and a resume
+/// can change; a rate outside [0, 1) is refused.
+#[test]
+fn pixelcnns_train_with_dropout() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in ["pixelcnn", "gated-pixelcnn"] {
+        let out = dir.path().join(model);
+        let c = out.to_str().unwrap();
+        let mut args = vec!["mnist", "train", "--model", model, "--out", c, "--channels", "4", "--layers", "2"];
+        args.extend(["--head", "8", "--batch-size", "8", "--epochs", "1", "--minutes", "0.02", "--dropout"]);
+        ok(&wavegen(&[&args[..], &["0.3"]].concat()));
+        let info = ok(&wavegen(&["info", c]));
+        assert!(info.contains("dropout         0.3 while training"), "{info}");
+        let resumed = wavegen(&[&args[..], &["0.1", "--resume"]].concat());
+        let note = String::from_utf8_lossy(&resumed.stderr).to_string();
+        assert!(note.contains("dropout 0.1 (the run had 0.3)"), "{note}");
+        ok(&resumed);
+        let nll: serde_json::Value =
+            serde_json::from_str(&ok(&wavegen(&["mnist", "eval", "--checkpoint", c, "--json"]))).unwrap();
+        assert!(nll["nll_nats"].as_f64().unwrap().is_finite());
+    }
+    let bad = dir.path().join("bad");
+    let line = error_line(&wavegen(&[
+        "mnist",
+        "train",
+        "--model",
+        "pixelcnn",
+        "--out",
+        bad.to_str().unwrap(),
+        "--dropout",
+        "1",
+    ]));
+    assert!(line.contains("--dropout must be in [0, 1)"), "{line}");
 }
 
 #[test]

@@ -176,7 +176,7 @@ fn gradients_match_finite_differences_at_batch_two() {
             .map(|&t| (t as f64 + rng.uniform()) / v)
             .collect();
         let values = Some(Tensor::from_vec(values, (2, len), &Device::Cpu).unwrap());
-        let batch = Batch { tokens, mask, labels: labels_for(&model, 2), values, features: None };
+        let batch = Batch { tokens, mask, labels: labels_for(&model, 2), values, features: None, dropout: None };
         model.select_connectivity(model.connectivities() - 1);
         let (at, err) = check::gradient_check(&model, &params, &batch, 4, &mut rng).unwrap();
         assert!(err < 1e-5, "{name}: relative gradient error {err:e} at {at}");
@@ -194,7 +194,8 @@ fn hand_written_backward_passes_equal_candles_autograd_at_batch_three() {
             let tokens = check::random_tokens(3, len, model.vocab_size(), &mut rng).unwrap();
             let mask: Vec<f32> = (0..3 * len).map(|i| if i % len < 5 { 0.0 } else { 1.0 }).collect();
             let mask = Tensor::from_vec(mask, (3, len), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-            let batch = Batch { tokens, mask, labels: labels_for(&model, 3), values: None, features: None };
+            let batch =
+                Batch { tokens, mask, labels: labels_for(&model, 3), values: None, features: None, dropout: None };
             let Some((logits, at, err)) = check::fused_vs_reference(&model, &params, &batch).unwrap() else { continue };
             let tolerance = if dtype == DType::F64 { 1e-10 } else { 1e-4 };
             assert!(logits < tolerance, "{name} ({dtype:?}): logits differ by {logits:e}");
@@ -218,7 +219,7 @@ fn bf16_products_give_the_f32_loss_and_gradients_within_bfloat16_rounding() {
         let tokens = check::random_tokens(3, 300, model.cfg.classes, &mut rng).unwrap();
         let mask = Tensor::ones((3, 300), DType::F32, &Device::Cpu).unwrap();
         let labels = (model.cfg.num_labels > 0).then(|| Tensor::new(&[0u32, 1, 0], &Device::Cpu).unwrap());
-        let batch = Batch { tokens, mask, labels, values: None, features: None };
+        let batch = Batch { tokens, mask, labels, values: None, features: None, dropout: None };
         let bf16 = model.clone().with_precision(Precision::Bf16);
         let exact = wavegen::core::masked_nll(&model, &batch).unwrap();
         let rounded = match wavegen::core::masked_nll(&bf16, &batch) {
@@ -331,6 +332,41 @@ fn every_model_learns_a_toy_distribution_to_its_known_nll() {
         assert!(per_sequence >= best - 1e-3, "{name}: {per_sequence} nats is below the entropy {best}");
         assert!(per_sequence < best + 0.1, "{name}: learned only {per_sequence} nats per sequence, best is {best}");
     }
+}
+
+/// Dropout, for the models that have it: the masks come from the step, so a run split in two
+/// (its state carried over, as a resume does) ends with the same weights as one run, and they
+/// differ from those of a run without dropout. A model without dropout refuses a rate.
+#[test]
+fn dropout_is_drawn_from_the_step_and_refused_by_models_without_it() {
+    let run = |cfg: &ModelConfig, dropout: f64, split: bool| -> wavegen::Result<Vec<Vec<f32>>> {
+        let (mut model, params) = build(cfg, DType::F32, 11);
+        let mut data = FourPatterns::new(length(cfg, 12));
+        let mut opt = AdamW::new(&params, AdamWConfig::default())?;
+        let mut tc =
+            TrainConfig { max_steps: 30, lr: 0.05, decay_steps: 30, eval_every: 10, dropout, ..Default::default() };
+        let mut state = TrainState::new(1);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        for end in if split { vec![13, 30] } else { vec![30] } {
+            tc.max_steps = end;
+            train::train(&mut model, &mut opt, &mut data, &tc, &mut state, &mut |_, _| Ok(()), &mut |_| {}, &stop)?;
+        }
+        params.named().iter().map(|(_, v)| Ok(v.flatten_all()?.to_vec1::<f32>()?)).collect()
+    };
+    let mut with_dropout = 0;
+    for (name, cfg) in ModelConfig::examples() {
+        let (model, _) = build(&cfg, DType::F32, 11);
+        if !model.has_dropout() {
+            let refused = run(&cfg, 0.3, false).unwrap_err().to_string();
+            assert!(refused.contains("no dropout"), "{name}: {refused}");
+            continue;
+        }
+        with_dropout += 1;
+        let whole = run(&cfg, 0.3, false).unwrap();
+        assert_eq!(whole, run(&cfg, 0.3, true).unwrap(), "{name}: a split run drew other masks");
+        assert_ne!(whole, run(&cfg, 0.0, false).unwrap(), "{name}: dropout changed nothing");
+    }
+    assert!(with_dropout >= 2, "PixelCNN and Gated PixelCNN have dropout");
 }
 
 /// The pixels whose change moves the logits of pixel `target` of a `height × width` image.

@@ -114,6 +114,7 @@ fn gradients_match_finite_differences_at_batch_two() {
         labels: labels(&cfg, 2),
         values: None,
         features: Some(features(2, len, DType::F64, &mut rng)),
+        dropout: None,
     };
     let (at, err) = check::gradient_check(&model, &params, &batch, 4, &mut rng).unwrap();
     assert!(err < 1e-5, "relative gradient error {err:e} at {at}");

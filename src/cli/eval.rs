@@ -113,6 +113,9 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     if m.train.adamw.average_decay > 0.0 {
         println!("weights         moving average, decay {} per step", m.train.adamw.average_decay);
     }
+    if m.train.dropout > 0.0 {
+        println!("dropout         {} while training", m.train.dropout);
+    }
     let unit = if m.audio.is_some() { "sample" } else { "pixel" };
     match i.last_val_bits_per_sample {
         Some(b) => println!("validation NLL  {b:.4} bits/{unit} (last evaluation)"),

@@ -136,6 +136,11 @@ struct TrainArgs {
     /// --resume, turns it on or changes it [default: no averaging].
     #[arg(long)]
     average: Option<f64>,
+    /// PixelCNN, Gated PixelCNN: drop each unit of a residual block's inner layer with this
+    /// probability while training (0.1–0.5 against overfitting; never when evaluating or
+    /// sampling). With --resume, turns it on or changes it [default: 0].
+    #[arg(long)]
+    dropout: Option<f64>,
     /// Seed of the weights and the data order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -366,6 +371,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         dynamic: a.dynamic,
         precision: a.precision.map(Into::into),
         average_decay: a.average,
+        dropout: a.dropout,
     };
     let stop = super::stop_flag()?;
     let mut bars = Bars::new(0, a.json);

@@ -243,6 +243,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         eval_every: a.eval_every.unwrap_or(every),
         checkpoint_every: a.checkpoint_every.unwrap_or(every),
         precision: a.precision.map_or_else(wavegen::layers::matmul::fastest_precision, Precision::from),
+        dropout: 0.0,
     };
     let opts = TrainOptions {
         // On resume the checkpoint knows its folder; a DIR given then replaces it.

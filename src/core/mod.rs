@@ -78,6 +78,12 @@ pub trait Autoregressive {
     /// `ordering` use. Part of the model's value, not hidden state: a clone keeps its own.
     fn select_connectivity(&mut self, _k: usize) {}
 
+    /// Whether the model drops units while training (a batch's `dropout`); a model without
+    /// dropout ignores it, and the trainer refuses a dropout rate for it.
+    fn has_dropout(&self) -> bool {
+        false
+    }
+
     /// The NLL in nats of every position of `batch`, `(B, T)`, unmasked. By default the
     /// categorical NLL of the tokens under [`Autoregressive::forward`]; a model of real values
     /// (RNADE) scores `batch.values` with its density instead.

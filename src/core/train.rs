@@ -13,6 +13,7 @@ use candle_core::backprop::GradStore;
 
 use super::{Autoregressive, masked_nll_sum};
 use crate::data::{Batch, BatchSource};
+use crate::layers::dropout::Dropout;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -62,6 +63,9 @@ pub struct TrainConfig {
     /// Precision of the products in the forward and backward passes.
     #[serde(default)]
     pub precision: Precision,
+    /// Probability of dropping a unit while training, for models that have dropout (0: none).
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl Default for TrainConfig {
@@ -77,6 +81,7 @@ impl Default for TrainConfig {
             eval_every: 250,
             checkpoint_every: 250,
             precision: Precision::F32,
+            dropout: 0.0,
         }
     }
 }
@@ -105,6 +110,9 @@ impl TrainConfig {
                 "need 0 ≤ min-lr ≤ lr and lr > 0 (lr {}, min-lr {})",
                 self.lr, self.min_lr
             )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Config(format!("--dropout must be in [0, 1), got {}", self.dropout)));
         }
         let d = self.adamw.average_decay;
         if !(0.0..1.0).contains(&d) {
@@ -313,6 +321,9 @@ pub fn train<M: Autoregressive + Sync>(
     stop: &AtomicBool,
 ) -> Result<Stop> {
     cfg.validate()?;
+    if cfg.dropout > 0.0 && !model.has_dropout() {
+        return Err(Error::Config("this model has no dropout: leave out --dropout".into()));
+    }
     let val = data.val_batches()?;
     let started = Instant::now();
     let seconds_before = state.seconds;
@@ -334,7 +345,12 @@ pub fn train<M: Autoregressive + Sync>(
         lr = cfg.lr_at(state.step);
         // forward, backward (models with several connectivities take them in turn)
         model.select_connectivity((state.step % model.connectivities() as u64) as usize);
-        let batch = data.train_batch(&mut state.rng)?;
+        let mut batch = data.train_batch(&mut state.rng)?;
+        if cfg.dropout > 0.0 {
+            // Each step's masks from its number: a resumed run draws the same ones.
+            let seed = crate::rng::hash64(state.step ^ 0x6472_6f70_6f75_7400);
+            batch.dropout = Some(Dropout { rate: cfg.dropout, seed, first: 0 });
+        }
         let (loss, grads) = loss_and_grads(&*model, &batch, rayon::current_num_threads())?;
         if !loss.is_finite() {
             return Err(Error::Config(format!("the loss became {loss} at step {}: lower --lr", state.step + 1)));

@@ -4,6 +4,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::Result;
+use crate::layers::dropout::Dropout;
 use crate::rng::Rng;
 
 pub mod mnist;
@@ -25,6 +26,9 @@ pub struct Batch {
     /// Log-mel features for a vocoder, `(B, ⌈T / hop⌉ + 2, M)` f32: frames −1 … ⌈T / hop⌉ of
     /// each sequence, position t belonging to frame ⌊t / hop⌋.
     pub features: Option<Tensor>,
+    /// This training step's dropout, for models that have it; `None` (never drop) when
+    /// evaluating.
+    pub dropout: Option<Dropout>,
 }
 
 impl Batch {
@@ -37,6 +41,7 @@ impl Batch {
             labels: self.labels.as_ref().map(part).transpose()?,
             values: self.values.as_ref().map(part).transpose()?,
             features: self.features.as_ref().map(part).transpose()?,
+            dropout: self.dropout.map(|d| d.from_sequence(start)),
         })
     }
 
@@ -56,6 +61,7 @@ impl Batch {
             labels: labels.map(|l| Tensor::from_vec(l, b, device)).transpose()?,
             values: None,
             features: None,
+            dropout: None,
         })
     }
 

@@ -7,9 +7,11 @@
 //!   reads the vertical stack one image row up);
 //! - `v' = gate(v_pre)`, `h' = b_r + gate(h_pre) · W_r`, plus `h` after the first layer.
 //!
-//! The head is ReLU, 1×1, ReLU, 1×1 of the last `h'`.
+//! The head is ReLU, 1×1, ReLU, 1×1 of the last `h'`. With dropout, `gate(h_pre)` is dropped
+//! before `W_r` reads it (the residual block's inner units, as PixelCNN++ places it).
 
 use super::conv_stack::{ConvAt, ConvShape, Head, HeadActs, Network, Placer, Rows, Value, biased};
+use super::dropout::Dropout;
 use super::matmul::Products;
 
 /// The network: per layer the vertical, horizontal, link and residual convolutions, then the
@@ -20,6 +22,7 @@ pub struct GatedStack {
     head: Head,
     padding: (usize, usize),
     len: usize,
+    dropout: Option<Dropout>,
 }
 
 impl GatedStack {
@@ -29,7 +32,12 @@ impl GatedStack {
         let mut placer = Placer::default();
         let layers = layers.iter().map(|convs| convs.each_ref().map(|c| placer.place(c))).collect();
         let head = Head::place(&mut placer, head);
-        GatedStack { layers, head, padding, len: placer.len }
+        GatedStack { layers, head, padding, len: placer.len, dropout: None }
+    }
+
+    /// The same network, training with `dropout`.
+    pub fn with_dropout(&self, dropout: Dropout) -> Self {
+        GatedStack { dropout: Some(dropout), ..self.clone() }
     }
 
     fn channels_c(&self) -> usize {
@@ -86,6 +94,9 @@ impl Network for GatedStack {
             T::gate(&v_pre, &mut v_out, c);
             let mut gated_h = vec![T::default(); rows.count() * c];
             T::gate(&h_pre, &mut gated_h, c);
+            if let Some(d) = &self.dropout {
+                d.apply(&mut gated_h, i, rows.shape().1 * c);
+            }
             let mut h_out = residual.forward::<T, P>(p, &gated_h, rows);
             if i > 0 {
                 T::accumulate(&mut h_out, h_in);
@@ -119,6 +130,9 @@ impl Network for GatedStack {
             residual.grads::<T, P>(&mut dp, &a.gated_h, &mut dh, rows);
             let mut d_gated = vec![T::default(); n * c];
             residual.input_grads::<T, P>(&mut d_gated, &dh, p, rows);
+            if let Some(d) = &self.dropout {
+                d.apply(&mut d_gated, i, rows.shape().1 * c);
+            }
             let mut dh_pre = vec![T::default(); n * two_c];
             T::gate_grad(&a.h_pre, &d_gated, &mut dh_pre, c);
             drop(d_gated);

@@ -3,9 +3,11 @@
 //!
 //! On the padded layout of `layers::shifted` (every sum is zero at padding rows): `h = b +
 //! conv_A(x)`, then per block `h += expand(relu(conv_B(relu(reduce(relu(h))))))` (1×1 from 2C
-//! to C, the masked convolution, 1×1 back to 2C), then the head: ReLU, 1×1, ReLU, 1×1.
+//! to C, the masked convolution, 1×1 back to 2C), then the head: ReLU, 1×1, ReLU, 1×1. With
+//! dropout, the masked convolution's ReLU is dropped before `expand` reads it.
 
 use super::conv_stack::{ConvAt, ConvShape, Head, HeadActs, Network, Placer, Rows, Value, add_bias, relu, relu_grad};
+use super::dropout::Dropout;
 use super::matmul::Products;
 
 /// The network: the first convolution, per block its reduce, masked and expand convolutions,
@@ -17,6 +19,7 @@ pub struct MaskedStack {
     head: Head,
     padding: (usize, usize),
     len: usize,
+    dropout: Option<Dropout>,
 }
 
 impl MaskedStack {
@@ -27,7 +30,12 @@ impl MaskedStack {
         let input = placer.place(input);
         let blocks = blocks.iter().map(|convs| convs.each_ref().map(|c| placer.place(c))).collect();
         let head = Head::place(&mut placer, head);
-        MaskedStack { input, blocks, head, padding, len: placer.len }
+        MaskedStack { input, blocks, head, padding, len: placer.len, dropout: None }
+    }
+
+    /// The same network, training with `dropout`.
+    pub fn with_dropout(&self, dropout: Dropout) -> Self {
+        MaskedStack { dropout: Some(dropout), ..self.clone() }
     }
 }
 
@@ -62,10 +70,13 @@ impl Network for MaskedStack {
     fn forward<T: Value, P: Products<T>>(&self, p: &[T], x: &[T], rows: Rows) -> (Vec<T>, Activations<T>) {
         let mut h = self.input.forward::<T, P>(p, x, rows);
         let mut blocks = Vec::with_capacity(self.blocks.len());
-        for [reduce, masked, expand] in &self.blocks {
+        for (i, [reduce, masked, expand]) in self.blocks.iter().enumerate() {
             let relu_h = relu(&h);
             let reduced = relu(&reduce.forward::<T, P>(p, &relu_h, rows));
-            let masked_out = relu(&masked.forward::<T, P>(p, &reduced, rows));
+            let mut masked_out = relu(&masked.forward::<T, P>(p, &reduced, rows));
+            if let Some(d) = &self.dropout {
+                d.apply(&mut masked_out, i, rows.shape().1 * masked.c_out);
+            }
             // h += expand(·): the sum of zero-padded sums stays zero at the padding.
             expand.accumulate::<T, P>(&mut h, p, &masked_out, rows);
             add_bias(&mut h, expand.bias(p));
@@ -87,11 +98,15 @@ impl Network for MaskedStack {
         let n = rows.count();
         let mut dp = vec![T::default(); p.len()];
         let mut dh = self.head.backward::<T, P>(&mut dp, p, &acts.head, dlogits, rows);
-        for ([reduce, masked, expand], a) in self.blocks.iter().zip(&acts.blocks).rev() {
+        for (i, ([reduce, masked, expand], a)) in self.blocks.iter().zip(&acts.blocks).enumerate().rev() {
             // h += expand(masked): dh flows on unchanged, and into the block.
             expand.grads::<T, P>(&mut dp, &a.masked, &mut dh, rows);
             let mut d_masked = vec![T::default(); n * expand.c_in];
             expand.input_grads::<T, P>(&mut d_masked, &dh, p, rows);
+            if let Some(d) = &self.dropout {
+                d.apply(&mut d_masked, i, rows.shape().1 * masked.c_out);
+            }
+            // (A dropped unit is 0 in `a.masked`, so its gradient stays 0 here too.)
             relu_grad(&mut d_masked, &a.masked);
             masked.grads::<T, P>(&mut dp, &a.reduced, &mut d_masked, rows);
             let mut d_reduced = vec![T::default(); n * masked.c_in];

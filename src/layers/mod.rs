@@ -12,6 +12,7 @@ use crate::Result;
 
 pub mod attention;
 pub mod conv_stack;
+pub mod dropout;
 pub mod gated;
 pub mod gated_stack;
 pub mod masked_stack;

@@ -309,6 +309,10 @@ macro_rules! registry {
                 dispatch!(self, [$($variant),+], m => m.forward_reference(tokens, labels))
             }
 
+            fn has_dropout(&self) -> bool {
+                dispatch!(self, [$($variant),+], m => m.has_dropout())
+            }
+
             fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
                 dispatch!(self, [$($variant),+], m => m.position_nll(batch))
             }

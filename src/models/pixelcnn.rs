@@ -40,9 +40,12 @@ use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::{MAX_HIDDEN, Registered, Settings, within};
-use crate::core::Autoregressive;
 use crate::core::train::Precision;
+use crate::core::{Autoregressive, token_nll};
+use crate::data::Batch;
 use crate::layers::conv_stack::{ConvShape, conv_stack};
+#[cfg(test)]
+use crate::layers::dropout::Dropout;
 use crate::layers::gated_stack::GatedStack;
 use crate::layers::masked_stack::MaskedStack;
 use crate::layers::matmul::{Exact, Mat, Products};
@@ -241,6 +244,17 @@ fn flat_weights<'a>(convs: impl Iterator<Item = &'a Conv>) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 0)?)
 }
 
+/// `x (B, slots, C)` times layer `layer`'s dropout mask, as the fused networks draw it: the
+/// separate formulation of their dropout, for the tests.
+#[cfg(test)]
+fn dropped(x: Tensor, dropout: Option<Dropout>, layer: usize) -> Result<Tensor> {
+    let Some(d) = dropout else { return Ok(x) };
+    let (_b, slots, c) = x.dims3()?;
+    let mut mask = vec![1f64; x.elem_count()];
+    d.apply(&mut mask, layer, slots * c);
+    Ok((&x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
+}
+
 /// The output head: ReLU, 1×1, ReLU, 1×1.
 #[derive(Debug, Clone)]
 struct Head {
@@ -341,13 +355,15 @@ impl PixelCnn {
     /// The logits over the padded layout as separate operations per convolution: the
     /// formulation [`MaskedStack`] fuses, kept for the tests.
     #[cfg(test)]
-    fn forward_separate(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_separate(&self, x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
         let plain = self.grid.options(self.precision);
         let relu = Options { relu_input: true, ..plain };
         let mut h = self.input.forward(x, plain)?; // (B, slots, 2C)
-        for [reduce, conv, expand] in &self.blocks {
+        for (l, [reduce, conv, expand]) in self.blocks.iter().enumerate() {
             let y = reduce.forward(&h, relu)?;
-            h = (&h + expand.forward(&conv.forward(&y, relu)?, relu)?)?;
+            // Dropping before `expand`'s ReLU is dropping after it: the mask is ≥ 0.
+            let z = dropped(conv.forward(&y, relu)?, dropout, l)?;
+            h = (&h + expand.forward(&z, relu)?)?;
         }
         self.head.forward(&h, plain)
     }
@@ -356,6 +372,13 @@ impl PixelCnn {
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
         self
+    }
+
+    /// The logits of every pixel through `stack` (the model's network, or it with dropout).
+    fn logits(&self, stack: &MaskedStack, tokens: &Tensor) -> Result<Tensor> {
+        let x = self.grid.values(tokens, self.cfg.classes, self.input.weight.dtype())?;
+        let logits = conv_stack(stack, &x, &self.flat_weights()?, self.precision)?;
+        self.grid.pixels_of(&logits, tokens.dim(1)?)
     }
 }
 
@@ -394,7 +417,7 @@ impl GatedPixelCnn {
     /// The logits over the padded layout as separate operations per convolution and gate: the
     /// formulation [`GatedStack`] fuses, kept for the tests.
     #[cfg(test)]
-    fn forward_separate(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_separate(&self, x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
         use crate::layers::gated_unit;
         let p = self.grid.options(self.precision);
         // The padding is zero in every pre-activation, so also after the gates (tanh 0 = 0).
@@ -403,7 +426,7 @@ impl GatedPixelCnn {
             let v_pre = layer.vertical.forward(&v, p)?; // (B, slots, 2C)
             let h_pre = (layer.horizontal.forward(&h, p)? + layer.link.forward(&v_pre, p)?)?;
             v = gated_unit(&v_pre)?;
-            let out = layer.residual.forward(&gated_unit(&h_pre)?, p)?;
+            let out = layer.residual.forward(&dropped(gated_unit(&h_pre)?, dropout, l)?, p)?;
             h = if l == 0 { out } else { (out + h)? };
         }
         self.head.forward(&h, p)
@@ -413,6 +436,13 @@ impl GatedPixelCnn {
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
         self
+    }
+
+    /// The logits of every pixel through `stack` (the model's network, or it with dropout).
+    fn logits(&self, stack: &GatedStack, tokens: &Tensor) -> Result<Tensor> {
+        let x = self.grid.values(tokens, self.cfg.classes, self.head.out.weight.dtype())?;
+        let logits = conv_stack(stack, &x, &self.flat_weights()?, self.precision)?;
+        self.grid.pixels_of(&logits, tokens.dim(1)?)
     }
 
     /// How far the logit of a pixel reaches: `(rows above, columns to either side)`; within
@@ -547,9 +577,19 @@ impl Autoregressive for PixelCnn {
     }
 
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
-        let x = self.grid.values(tokens, self.cfg.classes, self.input.weight.dtype())?;
-        let logits = conv_stack(&self.stack, &x, &self.flat_weights()?, self.precision)?;
-        self.grid.pixels_of(&logits, tokens.dim(1)?)
+        self.logits(&self.stack, tokens)
+    }
+
+    fn has_dropout(&self) -> bool {
+        true
+    }
+
+    fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
+        let logits = match batch.dropout {
+            Some(d) => self.logits(&self.stack.with_dropout(d), &batch.tokens)?,
+            None => self.forward(&batch.tokens, None)?,
+        };
+        token_nll(&logits, &batch.tokens)
     }
 
     fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<cached::State> {
@@ -577,9 +617,19 @@ impl Autoregressive for GatedPixelCnn {
     }
 
     fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
-        let x = self.grid.values(tokens, self.cfg.classes, self.head.out.weight.dtype())?;
-        let logits = conv_stack(&self.stack, &x, &self.flat_weights()?, self.precision)?;
-        self.grid.pixels_of(&logits, tokens.dim(1)?)
+        self.logits(&self.stack, tokens)
+    }
+
+    fn has_dropout(&self) -> bool {
+        true
+    }
+
+    fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
+        let logits = match batch.dropout {
+            Some(d) => self.logits(&self.stack.with_dropout(d), &batch.tokens)?,
+            None => self.forward(&batch.tokens, None)?,
+        };
+        token_nll(&logits, &batch.tokens)
     }
 
     fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<cached::State> {
@@ -836,8 +886,8 @@ mod tests {
     /// Both models, run fused and as separate operations.
     trait Fused: Sized {
         fn build(cfg: &Config, vb: VarBuilder) -> Self;
-        fn fused(&self, x: &Tensor, precision: Precision) -> Tensor;
-        fn separate(&self, x: &Tensor, precision: Precision) -> Tensor;
+        fn fused(&self, x: &Tensor, precision: Precision, dropout: Option<Dropout>) -> Tensor;
+        fn separate(&self, x: &Tensor, precision: Precision, dropout: Option<Dropout>) -> Tensor;
         fn grid(&self) -> Grid;
     }
 
@@ -847,11 +897,15 @@ mod tests {
                 fn build(cfg: &Config, vb: VarBuilder) -> Self {
                     <$model>::new(cfg, vb).unwrap()
                 }
-                fn fused(&self, x: &Tensor, precision: Precision) -> Tensor {
-                    conv_stack(&self.stack, x, &self.flat_weights().unwrap(), precision).unwrap()
+                fn fused(&self, x: &Tensor, precision: Precision, dropout: Option<Dropout>) -> Tensor {
+                    let stack = match dropout {
+                        Some(d) => self.stack.with_dropout(d),
+                        None => self.stack.clone(),
+                    };
+                    conv_stack(&stack, x, &self.flat_weights().unwrap(), precision).unwrap()
                 }
-                fn separate(&self, x: &Tensor, precision: Precision) -> Tensor {
-                    self.clone().with_precision(precision).forward_separate(x).unwrap()
+                fn separate(&self, x: &Tensor, precision: Precision, dropout: Option<Dropout>) -> Tensor {
+                    self.clone().with_precision(precision).forward_separate(x, dropout).unwrap()
                 }
                 fn grid(&self) -> Grid {
                     self.grid
@@ -876,10 +930,17 @@ mod tests {
 
     /// The fused network's logits and every weight's gradient against the separate operations',
     /// within `tolerance` of their scale.
-    fn fused_equals_separate<M: Fused>(cfg: &Config, dtype: DType, precision: Precision, tolerance: f64) {
+    fn fused_equals_separate<M: Fused>(
+        cfg: &Config,
+        dtype: DType,
+        precision: Precision,
+        dropout: Option<Dropout>,
+        tolerance: f64,
+    ) {
         let (model, params, x) = model_and_images::<M>(cfg, dtype);
         let mut rng = Rng::new(9);
-        assert_agree(&params, &model.fused(&x, precision), &model.separate(&x, precision), tolerance, &mut rng);
+        let (fused, separate) = (model.fused(&x, precision, dropout), model.separate(&x, precision, dropout));
+        assert_agree(&params, &fused, &separate, tolerance, &mut rng);
     }
 
     /// A 5×4 image of three classes, a first kernel wider than the image: the fused networks
@@ -888,8 +949,26 @@ mod tests {
     fn fused_networks_equal_separate_operations() {
         let cfg =
             Config { classes: 3, height: 5, width: 4, channels: 3, layers: 2, first_kernel: 5, kernel: 3, head: 4 };
-        fused_equals_separate::<GatedPixelCnn>(&cfg, DType::F64, Precision::F32, 1e-12);
-        fused_equals_separate::<PixelCnn>(&cfg, DType::F64, Precision::F32, 1e-12);
+        fused_equals_separate::<GatedPixelCnn>(&cfg, DType::F64, Precision::F32, None, 1e-12);
+        fused_equals_separate::<PixelCnn>(&cfg, DType::F64, Precision::F32, None, 1e-12);
+    }
+
+    /// With dropout the fused networks drop the units the mask names, in the forward pass and
+    /// in the backward: the same as multiplying by the mask in separate operations, values and
+    /// gradients. A shard that starts at a later image draws that image's mask.
+    #[test]
+    fn fused_networks_with_dropout_equal_separate_operations_times_the_mask() {
+        let cfg =
+            Config { classes: 3, height: 5, width: 4, channels: 3, layers: 2, first_kernel: 5, kernel: 3, head: 4 };
+        for d in [Dropout { rate: 0.3, seed: 11, first: 0 }, Dropout { rate: 0.5, seed: 12, first: 5 }] {
+            fused_equals_separate::<GatedPixelCnn>(&cfg, DType::F64, Precision::F32, Some(d), 1e-12);
+            fused_equals_separate::<PixelCnn>(&cfg, DType::F64, Precision::F32, Some(d), 1e-12);
+        }
+        // And it does drop: the logits differ from those without dropout.
+        let (model, _params, x) = model_and_images::<GatedPixelCnn>(&cfg, DType::F64);
+        let d = Dropout { rate: 0.3, seed: 11, first: 0 };
+        let diff = (model.fused(&x, Precision::F32, Some(d)) - model.fused(&x, Precision::F32, None)).unwrap();
+        assert!(diff.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() > 1e-3);
     }
 
     /// In bf16 on the AMX unit the fused networks make the same products as the separate
@@ -902,7 +981,7 @@ mod tests {
         }
         let cfg =
             Config { classes: 2, height: 6, width: 6, channels: 16, layers: 3, first_kernel: 5, kernel: 3, head: 32 };
-        fused_equals_separate::<GatedPixelCnn>(&cfg, DType::F32, Precision::Bf16, 1e-3);
-        fused_equals_separate::<PixelCnn>(&cfg, DType::F32, Precision::Bf16, 1e-3);
+        fused_equals_separate::<GatedPixelCnn>(&cfg, DType::F32, Precision::Bf16, None, 1e-3);
+        fused_equals_separate::<PixelCnn>(&cfg, DType::F32, Precision::Bf16, None, 1e-3);
     }
 }

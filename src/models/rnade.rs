@@ -262,6 +262,7 @@ mod tests {
             labels: None,
             values: Some(values),
             features: None,
+            dropout: None,
         };
         let density_nll = model.position_nll(&batch).unwrap().to_vec2::<f64>().unwrap();
         let level_nll = token_nll(&log_p, &tokens).unwrap().to_vec2::<f64>().unwrap();

@@ -78,6 +78,7 @@ pub fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
             eval_every: 20,
             checkpoint_every: 20,
             precision: Default::default(),
+            dropout: 0.0,
         },
         window: Some(128),
         batch_size: Some(4),

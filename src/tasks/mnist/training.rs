@@ -41,6 +41,9 @@ pub struct MnistTrainOptions {
     /// Decay of the moving average of the weights that is validated and kept (see
     /// [`AdamWConfig::average_decay`]): for a new run, none unless given; on resume, a change.
     pub average_decay: Option<f64>,
+    /// Dropout while training (see [`TrainConfig::dropout`]): for a new run, none unless given;
+    /// on resume, a change.
+    pub dropout: Option<f64>,
 }
 
 /// What a training run did.
@@ -82,6 +85,11 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
                 let had = std::mem::replace(&mut m.train.adamw.average_decay, d);
                 m.train.validate()?;
                 reporter.note(&format!("weights averaged with decay {d} (the run had {had})"));
+            }
+            if let Some(p) = opts.dropout.filter(|&p| p != m.train.dropout) {
+                let had = std::mem::replace(&mut m.train.dropout, p);
+                m.train.validate()?;
+                reporter.note(&format!("dropout {p} (the run had {had})"));
             }
             m
         }
@@ -197,6 +205,7 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
             None if opts.model.has_precision() => crate::layers::matmul::fastest_precision(),
             None => Precision::F32,
         },
+        dropout: opts.dropout.unwrap_or(0.0),
     };
     train.validate()?;
     Ok(Manifest {
