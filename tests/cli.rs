@@ -23,10 +23,15 @@ fn train_info_generate_eval_with_json() {
     assert_clear_error(&wavegen(&["train", d, "--out", c, "--preset", "tiny"], &cache), "--resume");
     let r = json(&wavegen(&["train", d, "--out", c, "--resume", "--steps", "60", "--json"], &cache));
     assert_eq!(r["steps"], 60);
+    // A resume can turn on weight averaging (the checkpoint then holds the average).
+    let r =
+        json(&wavegen(&["train", d, "--out", c, "--resume", "--steps", "70", "--average", "0.9", "--json"], &cache));
+    assert_eq!(r["steps"], 70);
 
     let i = json(&wavegen(&["info", c, "--json"], &cache));
     assert_eq!(i["receptive_field_samples"], 16);
-    assert_eq!(i["manifest"]["state"]["step"], 60);
+    assert_eq!(i["manifest"]["state"]["step"], 70);
+    assert_eq!(i["manifest"]["train"]["adamw"]["average_decay"], 0.9);
     assert!(i["parameters"].as_u64().unwrap() > 1000);
 
     let wav = dir.path().join("g.wav");

@@ -115,6 +115,11 @@ pub struct TrainArgs {
     /// AMX-BF16, else f32; with --resume, the run's].
     #[arg(long, value_enum)]
     precision: Option<PrecisionArg>,
+    /// Keep a moving average of the weights with this decay per step (0.999: about the last
+    /// 1,000 steps); validation and the saved model use the average (Polyak averaging). With
+    /// --resume, turns it on or changes it [default: no averaging].
+    #[arg(long)]
+    average: Option<f64>,
     /// Fraction of the files held out for validation (chosen from the file names).
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
@@ -239,7 +244,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         min_lr: a.lr / 20.0,
         warmup_steps: (steps / 50).clamp(1, 200),
         decay_steps: a.decay_steps.unwrap_or(steps),
-        adamw: AdamWConfig::default(),
+        adamw: AdamWConfig { average_decay: a.average.unwrap_or(0.0), ..AdamWConfig::default() },
         eval_every: a.eval_every.unwrap_or(every),
         checkpoint_every: a.checkpoint_every.unwrap_or(every),
         precision: a.precision.map_or_else(wavegen::layers::matmul::fastest_precision, Precision::from),
@@ -258,6 +263,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         resume: a.resume,
         reschedule_decay: if a.resume { a.decay_steps } else { None },
         change_precision: if a.resume { a.precision.map(Precision::from) } else { None },
+        change_average: if a.resume { a.average } else { None },
         model: if a.model == "wavenet" {
             AudioModelSpec::Wavenet(model)
         } else {

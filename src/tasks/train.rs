@@ -59,6 +59,8 @@ pub struct TrainOptions {
     pub reschedule_decay: Option<u64>,
     /// On resume: switch the precision of the products to this.
     pub change_precision: Option<Precision>,
+    /// On resume: a new decay for the moving average of the weights (0 turns it off).
+    pub change_average: Option<f64>,
     /// Target samples per training window [default: for the data, `Corpus::default_window`].
     pub window: Option<usize>,
     /// Windows per batch.
@@ -177,6 +179,10 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
         if let Some(precision) = opts.change_precision.filter(|&p| p != m.train.precision) {
             reporter.note(&format!("precision: {precision} (the run had {})", m.train.precision));
             m.train.precision = precision;
+        }
+        if let Some(d) = opts.change_average.filter(|&d| d != m.train.adamw.average_decay) {
+            reporter.note(&format!("weights averaged with decay {d} (the run had {})", m.train.adamw.average_decay));
+            m.train.adamw.average_decay = d;
         }
         m.train.validate()?;
         let Some(audio) = m.audio.as_mut() else {
