@@ -10,6 +10,7 @@ use wavegen::core::params::Params;
 use wavegen::core::sample::{self, Method, SamplerConfig};
 use wavegen::core::train::{Precision, loss_and_grads};
 use wavegen::data::Batch;
+use wavegen::layers::dropout::Dropout;
 use wavegen::layers::nade::Activation;
 use wavegen::models::{ModelConfig, fvsbn, made, nade, pixelcnn, rnn};
 use wavegen::rng::Rng;
@@ -72,11 +73,13 @@ fn train_step(model: &wavegen::models::Model, opt: &mut AdamW, batch: &Batch, th
 }
 
 /// Benchmarks training steps of `models` (name, config, precision) on batches of `batch`
-/// images, as `mnist train` runs them: one shard of the batch per rayon thread.
-fn bench_train_steps(c: &mut Criterion, batch: usize, models: Vec<(String, ModelConfig, Precision)>) {
+/// images, as `mnist train` runs them: one shard of the batch per rayon thread; with
+/// `dropout` > 0, dropping units as `--dropout` does.
+fn bench_train_steps(c: &mut Criterion, batch: usize, models: Vec<(String, ModelConfig, Precision)>, dropout: f64) {
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
-    let batch_of_images = image_batch(batch);
+    let mut batch_of_images = image_batch(batch);
+    batch_of_images.dropout = (dropout > 0.0).then_some(Dropout { rate: dropout, seed: 1, first: 0 });
     group.throughput(Throughput::Elements(batch as u64));
     let threads = rayon::current_num_threads();
     for (name, cfg, precision) in models {
@@ -90,7 +93,7 @@ fn bench_train_steps(c: &mut Criterion, batch: usize, models: Vec<(String, Model
 
 fn training(c: &mut Criterion) {
     let models = models().into_iter().map(|(name, cfg)| (name.to_string(), cfg, Precision::F32)).collect();
-    bench_train_steps(c, 100, models);
+    bench_train_steps(c, 100, models, 0.0);
 }
 
 /// NADE the naive way, for comparison: every a_i = c + Σ_{j<i} x_j W[j] recomputed as one
@@ -185,7 +188,11 @@ fn convolutional(c: &mut Criterion) {
             }
         }
     }
-    bench_train_steps(c, 64, models);
+    bench_train_steps(c, 64, models, 0.0);
+    // What dropout costs: its masks are hashed per unit, in the forward and the backward pass.
+    let precision = if wavegen::layers::matmul::amx::available() { Precision::Bf16 } else { Precision::F32 };
+    let gated = ModelConfig::GatedPixelCnn(pixelcnn_64x12());
+    bench_train_steps(c, 64, vec![(format!("gated-pixelcnn-64x12 {precision} dropout 0.2"), gated, precision)], 0.2);
 }
 
 /// The transformer (4 blocks of 128, 4 heads) at batch 16, data-parallel over the rayon
@@ -196,7 +203,7 @@ fn attention(c: &mut Criterion) {
     if wavegen::layers::matmul::amx::available() {
         models.push(("transformer-128x4 bf16".to_string(), cfg, Precision::Bf16));
     }
-    bench_train_steps(c, 16, models);
+    bench_train_steps(c, 16, models, 0.0);
 }
 
 /// Sampling 64 digits with the cached stepper against the naive way (one full parallel pass
