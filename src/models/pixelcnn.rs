@@ -561,85 +561,54 @@ fn example(classes: usize, layers: usize) -> Config {
     Config { classes, height: 4, width: 3, channels: 6, layers, first_kernel: 5, kernel: 3, head: 8 }
 }
 
-impl Autoregressive for PixelCnn {
-    type State = cached::State;
+/// The two models differ, to the core, only in their stepper's state: one macro writes both
+/// impls.
+macro_rules! autoregressive_image_model {
+    ($model:ty, $start:path) => {
+        impl Autoregressive for $model {
+            type State = cached::State;
 
-    fn vocab_size(&self) -> usize {
-        self.cfg.classes
-    }
+            fn vocab_size(&self) -> usize {
+                self.cfg.classes
+            }
 
-    fn dependency_window(&self) -> Option<usize> {
-        None
-    }
+            fn dependency_window(&self) -> Option<usize> {
+                None
+            }
 
-    fn max_context(&self) -> Option<usize> {
-        Some(self.cfg.pixels())
-    }
+            fn max_context(&self) -> Option<usize> {
+                Some(self.cfg.pixels())
+            }
 
-    fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
-        self.logits(&self.stack, tokens)
-    }
+            fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
+                self.logits(&self.stack, tokens)
+            }
 
-    fn has_dropout(&self) -> bool {
-        true
-    }
+            fn has_dropout(&self) -> bool {
+                true
+            }
 
-    fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
-        let logits = match batch.dropout {
-            Some(d) => self.logits(&self.stack.with_dropout(d), &batch.tokens)?,
-            None => self.forward(&batch.tokens, None)?,
-        };
-        token_nll(&logits, &batch.tokens)
-    }
+            fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
+                let logits = match batch.dropout {
+                    Some(d) => self.logits(&self.stack.with_dropout(d), &batch.tokens)?,
+                    None => self.forward(&batch.tokens, None)?,
+                };
+                token_nll(&logits, &batch.tokens)
+            }
 
-    fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<cached::State> {
-        cached::State::plain(self, batch)
-    }
+            fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<cached::State> {
+                $start(self, batch)
+            }
 
-    fn step(&self, state: &mut cached::State, prev: Option<&Tensor>) -> Result<Tensor> {
-        state.step(prev)
-    }
+            fn step(&self, state: &mut cached::State, prev: Option<&Tensor>) -> Result<Tensor> {
+                state.step(prev)
+            }
+        }
+    };
 }
 
-impl Autoregressive for GatedPixelCnn {
-    type State = cached::State;
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.classes
-    }
-
-    fn dependency_window(&self) -> Option<usize> {
-        None
-    }
-
-    fn max_context(&self) -> Option<usize> {
-        Some(self.cfg.pixels())
-    }
-
-    fn forward(&self, tokens: &Tensor, _labels: Option<&Tensor>) -> Result<Tensor> {
-        self.logits(&self.stack, tokens)
-    }
-
-    fn has_dropout(&self) -> bool {
-        true
-    }
-
-    fn position_nll(&self, batch: &Batch) -> Result<Tensor> {
-        let logits = match batch.dropout {
-            Some(d) => self.logits(&self.stack.with_dropout(d), &batch.tokens)?,
-            None => self.forward(&batch.tokens, None)?,
-        };
-        token_nll(&logits, &batch.tokens)
-    }
-
-    fn start(&self, batch: usize, _labels: Option<&Tensor>) -> Result<cached::State> {
-        cached::State::gated(self, batch)
-    }
-
-    fn step(&self, state: &mut cached::State, prev: Option<&Tensor>) -> Result<Tensor> {
-        state.step(prev)
-    }
-}
+autoregressive_image_model!(PixelCnn, cached::State::plain);
+autoregressive_image_model!(GatedPixelCnn, cached::State::gated);
 
 /// Cached generation: every layer's activations over the padded layout, filled in as the
 /// pixels are generated, in plain loops over f32 (a step is many small products, for which
