@@ -182,6 +182,10 @@ fn train_eval_sample_complete_score(data: &str, epochs: &str, test_images: u64) 
     dropped.extend(["--resume", "--dropout", "0.2"]);
     let refused = error_line(&wavegen(&dropped));
     assert!(refused.contains("no dropout"), "{refused}");
+    // A model kept without its training state (last/) cannot be resumed, and the error says so.
+    std::fs::remove_dir_all(Path::new(c).join("last")).unwrap();
+    let refused = error_line(&wavegen(&[&again[..], &["--resume"]].concat()));
+    assert!(refused.contains("without the state to resume"), "{refused}");
 }
 
 /// PixelCNN and Gated PixelCNN train with dropout, which the checkpoint records and a resume

@@ -67,6 +67,14 @@ pub fn model_and_optimizer<T>(
 /// or over files that are not one.
 pub fn take_for_training(out: &Path, state: &Path, resume: bool) -> Result<(WriteGuard, Option<Checkpoint>)> {
     let nothing_to_resume = || {
+        if state != out && checkpoint::exists(out) {
+            // A model shipped or kept without its training state (optimizer, step, schedule).
+            return Error::checkpoint(
+                state,
+                "is missing: the model beside it was kept without the state to resume its run; \
+                 start a new run with another --out",
+            );
+        }
         Error::checkpoint(
             state,
             "holds no committed checkpoint to resume: check the path, or drop --resume to start a new run",
