@@ -177,6 +177,11 @@ fn train_eval_sample_complete_score(data: &str, epochs: &str, test_images: u64) 
     *resumed.last_mut().unwrap() = "1";
     let refused = error_line(&wavegen(&resumed));
     assert!(refused.contains("--average must be in [0, 1)"), "{refused}");
+    // A resume can lower the peak learning rate: the schedule is rescaled, floor included.
+    let relearned = [&again[..], &["--resume", "--lr", "5e-4"]].concat();
+    ok(&wavegen(&relearned));
+    let info = ok(&wavegen(&["info", c]));
+    assert!(info.contains("learning rate 0.0005 to 0.000025"), "{info}");
     // FVSBN has no dropout: asking for it is an error, not a silent no-op.
     let mut dropped = again.to_vec();
     dropped.extend(["--resume", "--dropout", "0.2"]);

@@ -110,6 +110,10 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         println!("data            {} MNIST from {}", images.dataset, images.data_dir.display());
     }
     println!("trained         {} steps, {:.0} s, {} positions", m.state.step, m.state.seconds, m.state.tokens_seen);
+    println!(
+        "schedule        learning rate {} to {}, cosine over {} steps after {} of warm-up",
+        m.train.lr, m.train.min_lr, m.train.decay_steps, m.train.warmup_steps
+    );
     if m.train.adamw.average_decay > 0.0 {
         println!("weights         moving average, decay {} per step", m.train.adamw.average_decay);
     }

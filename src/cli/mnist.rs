@@ -112,9 +112,10 @@ struct TrainArgs {
     /// Images per batch.
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
-    /// Peak learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
+    /// Peak learning rate (AdamW; cosine decay to a twentieth of it). With --resume, changes
+    /// it: the rest of the schedule is rescaled (for a run that spiked) [default: 1e-3].
+    #[arg(long)]
+    lr: Option<f64>,
     /// Decoupled weight decay on the weight matrices.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,

@@ -32,7 +32,7 @@ mod training;
 
 pub use draw::{SampleSummary, complete, sample};
 pub use eval::{ImageScore, MnistEvalReport, Split, ensemble_log_probs, eval, log_probs, score};
-pub use training::{MnistTrainOptions, MnistTrainSummary, train};
+pub use training::{DEFAULT_LR, MnistTrainOptions, MnistTrainSummary, train};
 
 const LAST: &str = "last";
 /// Images sampled together.

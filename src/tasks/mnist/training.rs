@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Peak learning rate of a new run unless one is given.
+pub const DEFAULT_LR: f64 = 1e-3;
+
 /// Everything `wavegen mnist train` needs.
 #[derive(Debug, Clone)]
 pub struct MnistTrainOptions {
@@ -18,8 +21,9 @@ pub struct MnistTrainOptions {
     pub epochs: u64,
     /// Images per batch (ignored when resuming).
     pub batch_size: usize,
-    /// Peak learning rate (ignored when resuming).
-    pub lr: f64,
+    /// Peak learning rate: for a new run, [`DEFAULT_LR`] unless given; on resume, a change
+    /// that rescales the rest of the schedule (the floor stays at a twentieth of the peak).
+    pub lr: Option<f64>,
     /// AdamW's decoupled weight decay on matrices (ignored when resuming).
     pub weight_decay: f64,
     /// L2 penalty on the matrices, per pixel of the mean loss (ignored when resuming).
@@ -86,6 +90,12 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
                 m.train.validate()?;
                 reporter.note(&format!("weights averaged with decay {d} (the run had {had})"));
             }
+            if let Some(lr) = opts.lr.filter(|&lr| lr != m.train.lr) {
+                let had = std::mem::replace(&mut m.train.lr, lr);
+                m.train.min_lr = lr / 20.0;
+                m.train.validate()?;
+                reporter.note(&format!("peak learning rate {lr} (the run had {had})"));
+            }
             if let Some(p) = opts.dropout.filter(|&p| p != m.train.dropout) {
                 let had = std::mem::replace(&mut m.train.dropout, p);
                 m.train.validate()?;
@@ -148,10 +158,14 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     // Per-image NLL as reported: binary nats, or nats on the 8-bit scale for grey levels.
     let correction = dequantisation(model.likelihood()).unwrap_or(0.0);
     let per_image = move |nats_per_pixel: f64| nats_per_pixel * PIXELS as f64 + correction;
+    // With averaging, the training loss is the running weights' (dropout included) and
+    // validation the average's: while the average lags, the two are not comparable.
+    let (train_weights, val_weights) =
+        if train_cfg.adamw.average_decay > 0.0 { (" (running weights)", " (weight average)") } else { ("", "") };
     let mut observe = |e: Event| match e {
         Event::Step { step, .. } => reporter.progress("epoch", (step - 1) % spe + 1, spe),
         Event::Eval(entry) => reporter.note(&format!(
-            "epoch {:>5.1}  train {:.2}  validation {:.2} nats/image  ({:.0} s)",
+            "epoch {:>5.1}  train {:.2}{train_weights}  validation {:.2}{val_weights} nats/image  ({:.0} s)",
             entry.step as f64 / spe as f64,
             per_image(entry.train_nats),
             per_image(entry.val_nats),
@@ -186,8 +200,8 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
     let train = TrainConfig {
         max_steps: 0,
         max_minutes: opts.max_minutes,
-        lr: opts.lr,
-        min_lr: opts.lr / 20.0,
+        lr: opts.lr.unwrap_or(DEFAULT_LR),
+        min_lr: opts.lr.unwrap_or(DEFAULT_LR) / 20.0,
         warmup_steps: 1,
         decay_steps: 0,
         adamw: AdamWConfig {
