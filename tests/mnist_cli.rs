@@ -177,6 +177,12 @@ fn train_eval_sample_complete_score(data: &str, epochs: &str, test_images: u64) 
     *resumed.last_mut().unwrap() = "1";
     let refused = error_line(&wavegen(&resumed));
     assert!(refused.contains("--average must be in [0, 1)"), "{refused}");
+    // … and turn it off again: the raw weights are then validated and kept.
+    *resumed.last_mut().unwrap() = "0";
+    let off = wavegen(&resumed);
+    ok(&off);
+    assert!(String::from_utf8_lossy(&off.stderr).contains("weight averaging off"));
+    assert!(!ok(&wavegen(&["info", c])).contains("moving average"));
     // A resume can lower the peak learning rate: the schedule is rescaled, floor included.
     let relearned = [&again[..], &["--resume", "--lr", "5e-4"]].concat();
     ok(&wavegen(&relearned));

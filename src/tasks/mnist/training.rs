@@ -88,7 +88,10 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
             if let Some(d) = opts.average_decay.filter(|&d| d != m.train.adamw.average_decay) {
                 let had = std::mem::replace(&mut m.train.adamw.average_decay, d);
                 m.train.validate()?;
-                reporter.note(&format!("weights averaged with decay {d} (the run had {had})"));
+                reporter.note(&match d {
+                    0.0 => format!("weight averaging off: the raw weights are validated and kept (the run had {had})"),
+                    _ => format!("weights averaged with decay {d} (the run had {had})"),
+                });
             }
             if let Some(lr) = opts.lr.filter(|&lr| lr != m.train.lr) {
                 let had = std::mem::replace(&mut m.train.lr, lr);
