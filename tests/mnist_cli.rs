@@ -170,10 +170,23 @@ fn train_eval_sample_complete_score(data: &str, epochs: &str, test_images: u64) 
     resumed.push("--resume");
     ok(&wavegen(&resumed));
     // A resume can turn on weight averaging; the checkpoint then holds the average, and says so.
+    let more = (epochs.parse::<u64>().unwrap() + 1).to_string();
+    resumed[7] = &more; // --epochs past the first run's: steps to average over
     resumed.extend(["--average", "0.99"]);
     ok(&wavegen(&resumed));
     let info = ok(&wavegen(&["info", c]));
     assert!(info.contains("moving average, decay 0.99"), "{info}");
+    // The raw weights that training continues are scored from the resumable state, and differ.
+    let last = Path::new(c).join("last");
+    let scored = |dir: &str, raw: bool| {
+        let args = ["mnist", "eval", "--checkpoint", dir, "--valid", "--json", "--raw-weights"];
+        let out: serde_json::Value = serde_json::from_str(&ok(&wavegen(&args[..6 + raw as usize]))).unwrap();
+        assert_eq!(out["raw_weights"].as_bool(), Some(raw));
+        out["nll_nats"].as_f64().unwrap()
+    };
+    assert_ne!(scored(last.to_str().unwrap(), true), scored(last.to_str().unwrap(), false));
+    let refused = error_line(&wavegen(&["mnist", "eval", "--checkpoint", c, "--raw-weights"]));
+    assert!(refused.contains("resumable state"), "{refused}");
     *resumed.last_mut().unwrap() = "1";
     let refused = error_line(&wavegen(&resumed));
     assert!(refused.contains("--average must be in [0, 1)"), "{refused}");
@@ -183,6 +196,8 @@ fn train_eval_sample_complete_score(data: &str, epochs: &str, test_images: u64) 
     ok(&off);
     assert!(String::from_utf8_lossy(&off.stderr).contains("weight averaging off"));
     assert!(!ok(&wavegen(&["info", c])).contains("moving average"));
+    let refused = error_line(&wavegen(&["mnist", "eval", "--checkpoint", last.to_str().unwrap(), "--raw-weights"]));
+    assert!(refused.contains("without weight averaging"), "{refused}");
     // A resume can lower the peak learning rate: the schedule is rescaled, floor included.
     let relearned = [&again[..], &["--resume", "--lr", "5e-4"]].concat();
     ok(&wavegen(&relearned));

@@ -165,6 +165,10 @@ struct EvalArgs {
     /// Average only the first N connectivities (MADE) [default: all].
     #[arg(long)]
     masks: Option<usize>,
+    /// Score the raw weights that training continues instead of their moving average (a run
+    /// trained with --average; its resumable state, CHECKPOINT/last).
+    #[arg(long)]
+    raw_weights: bool,
     /// Datasets folder [default: $WAVEGEN_DATA or datasets/].
     #[arg(long)]
     data: Option<PathBuf>,
@@ -262,15 +266,16 @@ pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
         MnistCommand::Eval(a) => {
             let mut bars = Bars::new(0, a.json);
             let split = if a.valid { Split::Valid } else { Split::Test };
-            let r = mnist::eval(&a.checkpoint, &super::data_dir(a.data), split, a.masks, &mut bars);
+            let r = mnist::eval(&a.checkpoint, &super::data_dir(a.data), split, a.masks, a.raw_weights, &mut bars);
             bars.finish();
             let r = r?;
             if a.json {
                 super::print_json(&r)?;
             } else {
                 println!(
-                    "{} {} ({}): {:.2} nats/image (95% CI {:.2} – {:.2}), {:.4} bits/dim, {} images, {} connectivit{}",
+                    "{}{} {} ({}): {:.2} nats/image (95% CI {:.2} – {:.2}), {:.4} bits/dim, {} images, {} connectivit{}",
                     r.model,
+                    if r.raw_weights { " (raw weights)" } else { "" },
                     r.split,
                     r.scale,
                     r.nll_nats,

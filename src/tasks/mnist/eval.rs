@@ -84,6 +84,8 @@ pub struct MnistEvalReport {
     pub bits_per_dim: f64,
     /// Connectivities averaged (MADE's masks; 1 for other models).
     pub connectivities: usize,
+    /// Whether these are the raw weights of a run that averages them.
+    pub raw_weights: bool,
 }
 
 /// Which split to score.
@@ -95,15 +97,17 @@ pub enum Split {
     Test,
 }
 
-/// The test (or validation) NLL of a checkpoint.
+/// The test (or validation) NLL of a checkpoint; with `raw_weights`, of the raw weights of a
+/// run that averages them (see [`ImageModel::load_raw`]).
 pub fn eval(
     dir: &Path,
     data_dir: &Path,
     split: Split,
     masks: Option<usize>,
+    raw_weights: bool,
     reporter: &mut dyn Reporter,
 ) -> Result<MnistEvalReport> {
-    let m = ImageModel::load(dir)?;
+    let m = if raw_weights { ImageModel::load_raw(dir)? } else { ImageModel::load(dir)? };
     let (_, valid, test) = splits(dataset_of(&m.manifest), data_dir)?;
     let set = if split == Split::Test { &test } else { &valid };
     if set.n == 0 {
@@ -133,6 +137,7 @@ pub fn eval(
         ci95: [mean - 1.96 * se, mean + 1.96 * se],
         bits_per_dim: mean / PIXELS as f64 / std::f64::consts::LN_2,
         connectivities: k,
+        raw_weights,
     })
 }
 

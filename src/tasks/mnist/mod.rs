@@ -109,6 +109,23 @@ impl ImageModel {
         Ok(ImageModel { manifest, model, params })
     }
 
+    /// Loads the raw weights of a resumable checkpoint of a run that averages its weights: the
+    /// ones training continues, kept in its optimizer file beside the average that it
+    /// validates and keeps (to see what the average gains or, while the weights move fast,
+    /// costs).
+    pub fn load_raw(dir: &Path) -> Result<Self> {
+        let m = Self::load(dir)?;
+        if m.manifest.train.adamw.average_decay <= 0.0 {
+            return Err(Error::checkpoint(dir, "was trained without weight averaging: its weights are the raw ones"));
+        }
+        let mut opt = AdamW::new(&m.params, m.manifest.train.adamw.clone())?;
+        // Restoring the optimizer sets the parameters to the raw weights it carries.
+        run::open(dir)?.load_optimizer(&mut opt).map_err(|e| {
+            Error::checkpoint(dir, format!("{e}; the raw weights are kept only in a run's resumable state (its last/)"))
+        })?;
+        Ok(m)
+    }
+
     /// Images per evaluation pass: the run's training batch size (see [`log_probs`]).
     pub fn eval_chunk(&self) -> usize {
         self.manifest.images.as_ref().map_or(64, |i| i.batch_size)
