@@ -241,7 +241,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         max_steps: steps,
         max_minutes: a.minutes,
         lr: a.lr,
-        min_lr: a.lr / 20.0,
+        min_lr: a.lr * wavegen::core::train::FINAL_LR_FRACTION,
         warmup_steps: (steps / 50).clamp(1, 200),
         decay_steps: a.decay_steps.unwrap_or(steps),
         adamw: AdamWConfig { average_decay: a.average.unwrap_or(0.0), ..AdamWConfig::default() },

@@ -39,6 +39,9 @@ impl std::fmt::Display for Precision {
     }
 }
 
+/// The final learning rate as a fraction of the peak, for the commands' schedules.
+pub const FINAL_LR_FRACTION: f64 = 1.0 / 20.0;
+
 /// Settings of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {

@@ -95,7 +95,7 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
             }
             if let Some(lr) = opts.lr.filter(|&lr| lr != m.train.lr) {
                 let had = std::mem::replace(&mut m.train.lr, lr);
-                m.train.min_lr = lr / 20.0;
+                m.train.min_lr = lr * train::FINAL_LR_FRACTION;
                 m.train.validate()?;
                 reporter.note(&format!("peak learning rate {lr} (the run had {had})"));
             }
@@ -204,7 +204,7 @@ fn new_manifest(opts: &MnistTrainOptions) -> Result<Manifest> {
         max_steps: 0,
         max_minutes: opts.max_minutes,
         lr: opts.lr.unwrap_or(DEFAULT_LR),
-        min_lr: opts.lr.unwrap_or(DEFAULT_LR) / 20.0,
+        min_lr: opts.lr.unwrap_or(DEFAULT_LR) * train::FINAL_LR_FRACTION,
         warmup_steps: 1,
         decay_steps: 0,
         adamw: AdamWConfig {
