@@ -188,13 +188,15 @@ fn head_forward<T: Softmax, P: Products<T>>(qkv: &[T], s: Sizes, b: usize, h: us
     let scale = T::from_f64(1.0 / (s.dh as f64).sqrt());
     let (mut out, mut lse) = (vec![T::default(); s.t * s.dh], vec![0f64; s.t]);
     let mut p = vec![T::default(); BLOCK * s.t];
+    // Kᵀ and V prepared once; each block reads the leading keys it may see.
+    let (kt, v) = (P::prepare(k.t()), P::prepare(v));
     for (i0, rows) in s.blocks() {
         let cols = i0 + rows; // the keys these queries may see
         let p = &mut p[..rows * cols];
         p.fill(T::default());
-        P::acc(p, 0, q.row_range(i0, rows), k.row_range(0, cols).t());
+        P::acc_prepared(p, 0, q.row_range(i0, rows), &kt, cols);
         T::probabilities(p, cols, i0, scale, &mut lse[i0..cols], true);
-        P::acc(&mut out, i0 * s.dh, Mat::new(p, 0, rows, cols), v.row_range(0, cols));
+        P::acc_prepared(&mut out, i0 * s.dh, Mat::new(p, 0, rows, cols), &v, s.dh);
     }
     (out, lse)
 }
@@ -215,18 +217,19 @@ fn head_backward<T: Softmax, P: Products<T>>(
     let [mut dq, mut dk, mut dv] = [0, 1, 2].map(|_| vec![T::default(); s.t * s.dh]);
     let (mut p, mut dp) = (vec![T::default(); BLOCK * s.t], vec![T::default(); BLOCK * s.t]);
     let mut lse_block = vec![0f64; BLOCK];
+    let (kt, vt, k) = (P::prepare(k.t()), P::prepare(v.t()), P::prepare(k));
     for (i0, rows) in s.blocks() {
         let cols = i0 + rows;
         let (p, dp) = (&mut p[..rows * cols], &mut dp[..rows * cols]);
         p.fill(T::default());
-        P::acc(p, 0, q.row_range(i0, rows), k.row_range(0, cols).t());
+        P::acc_prepared(p, 0, q.row_range(i0, rows), &kt, cols);
         lse_block[..rows].copy_from_slice(&lse[i0..cols]);
         T::probabilities(p, cols, i0, scale, &mut lse_block[..rows], false);
         let d_o_block = d_o.row_range(i0, rows);
         // dv += pᵀ do; dp = do vᵀ.
         P::acc(&mut dv, 0, Mat::new(p, 0, rows, cols).t(), d_o_block);
         dp.fill(T::default());
-        P::acc(dp, 0, d_o_block, v.row_range(0, cols).t());
+        P::acc_prepared(dp, 0, d_o_block, &vt, cols);
         // ds = scale · p ⊙ (dp − Σ_c do ⊙ o), row by row (zero where p is).
         for r in 0..rows {
             let at = (b * s.t + i0 + r) * s.d() + h * s.dh;
@@ -236,7 +239,7 @@ fn head_backward<T: Softmax, P: Products<T>>(
             }
         }
         // dq = ds k; dk += dsᵀ q.
-        P::acc(&mut dq, i0 * s.dh, Mat::new(dp, 0, rows, cols), k.row_range(0, cols));
+        P::acc_prepared(&mut dq, i0 * s.dh, Mat::new(dp, 0, rows, cols), &k, s.dh);
         P::acc(&mut dk, 0, Mat::new(dp, 0, rows, cols).t(), q.row_range(i0, rows));
     }
     [dq, dk, dv]
@@ -374,6 +377,47 @@ mod tests {
             let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let d = diff(g1.get(&qkv).unwrap(), g2.get(&qkv).unwrap());
             assert!(d < 1e-11, "{b}×{t}, {heads} heads: gradients differ by {d}");
+        }
+    }
+
+    /// In bf16 on the AMX unit (keys and values packed once per head, each block reading the
+    /// keys it may see), values and gradients equal the f32 pass up to bfloat16 rounding, over
+    /// ragged blocks and head sizes off the tile sizes.
+    #[test]
+    fn bf16_products_match_f32_within_rounding() {
+        if !amx::available() {
+            eprintln!("skipped: this CPU has no AMX-BF16");
+            return;
+        }
+        let mut rng = Rng::new(6);
+        for (b, t, heads, dh) in [(2, 150, 2, 32), (1, 200, 3, 20), (1, 40, 1, 48)] {
+            let n = b * t * 3 * heads * dh;
+            let qkv = Var::from_vec(
+                (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>(),
+                (b, t, 3 * heads * dh),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let m = b * t * heads * dh;
+            let probe = Tensor::from_vec(
+                (0..m).map(|_| rng.normal() as f32).collect::<Vec<f32>>(),
+                (b, t, heads * dh),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let run = |precision| {
+                let out = causal_attention(&qkv, heads, precision).unwrap();
+                let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                (out, grads.get(&qkv).unwrap().clone())
+            };
+            let ((o32, g32), (o16, g16)) = (run(Precision::F32), run(Precision::Bf16));
+            let relative = |a: &Tensor, b: &Tensor| {
+                let norm = |x: &Tensor| x.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+                norm(&(a - b).unwrap()) / norm(b)
+            };
+            let (dv, dg) = (relative(&o16, &o32), relative(&g16, &g32));
+            assert!(dv > 0.0 && dv < 1e-2, "{b}×{t}, {heads}×{dh}: values differ by {dv:e} (relative L2)");
+            assert!(dg > 0.0 && dg < 1e-2, "{b}×{t}, {heads}×{dh}: gradients differ by {dg:e} (relative L2)");
         }
     }
 }

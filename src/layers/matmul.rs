@@ -60,6 +60,13 @@ impl<T> Mat<T> {
         Mat { ptr: unsafe { self.ptr.offset(start as isize * self.row_stride) }, rows: count, ..self }
     }
 
+    /// Columns `start .. start + count` of the view.
+    pub fn col_range(self, start: usize, count: usize) -> Self {
+        assert!(start + count <= self.cols, "invariant: the columns lie inside the view");
+        // SAFETY: the new first column lies inside the view (checked above).
+        Mat { ptr: unsafe { self.ptr.offset(start as isize * self.col_stride) }, cols: count, ..self }
+    }
+
     /// Element (i, j); `i < rows`, `j < cols`.
     #[inline(always)]
     unsafe fn at(&self, i: usize, j: usize) -> T
@@ -87,8 +94,20 @@ impl Scalar for f64 {
 
 /// One way of computing `dst[offset..] (a.rows × b.cols, row-major) += a × b`.
 pub trait Products<T> {
+    /// A right-hand operand made ready once for many products with its leading rows and
+    /// columns (attention's blocks of queries each meet the keys they may see).
+    type Prepared;
+
     /// `dst[offset..] += a × b`.
     fn acc(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>);
+
+    /// `b (k × n)` made ready for [`Products::acc_prepared`]. Its entries must be finite: a
+    /// product may multiply the rows past its depth by zeros.
+    fn prepare(b: Mat<T>) -> Self::Prepared;
+
+    /// `dst[offset..] (a.rows × n) += a × b[..a.cols, ..n]`, the leading rows and columns of
+    /// a prepared `b`.
+    fn acc_prepared(dst: &mut [T], offset: usize, a: Mat<T>, b: &Self::Prepared, n: usize);
 
     /// The same, where `a` is the previous product's `a` on this thread, unchanged since, or
     /// its first rows or columns (same memory and strides): a way that prepares its operands
@@ -135,6 +154,17 @@ pub trait Products<T> {
 pub struct Exact;
 
 impl<T: Scalar> Products<T> for Exact {
+    /// The view itself: `gemm` reads strided operands as they are.
+    type Prepared = Mat<T>;
+
+    fn prepare(b: Mat<T>) -> Mat<T> {
+        b
+    }
+
+    fn acc_prepared(dst: &mut [T], offset: usize, a: Mat<T>, b: &Mat<T>, n: usize) {
+        Self::acc(dst, offset, a, b.row_range(0, a.cols).col_range(0, n))
+    }
+
     fn acc(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>) {
         let (m, n, k) = check(dst.len(), offset, &a, &b);
         if m == 0 || n == 0 || k == 0 {
@@ -174,12 +204,28 @@ impl<T: Scalar> Products<T> for Exact {
 pub struct Bf16;
 
 impl Products<f32> for Bf16 {
+    type Prepared = amx::PackedB;
+
     fn acc(dst: &mut [f32], offset: usize, a: Mat<f32>, b: Mat<f32>) {
         let (m, n, k) = check(dst.len(), offset, &a, &b);
         if m == 0 || n == 0 || k == 0 {
             return;
         }
         amx::gemm_acc(&mut dst[offset..offset + m * n], a, b, false);
+    }
+
+    fn prepare(b: Mat<f32>) -> amx::PackedB {
+        amx::PackedB::new(b)
+    }
+
+    fn acc_prepared(dst: &mut [f32], offset: usize, a: Mat<f32>, b: &amx::PackedB, n: usize) {
+        let m = a.rows;
+        assert!(a.cols <= b.rows && n <= b.cols, "invariant: the product uses a corner of the prepared B");
+        assert!(offset + m * n <= dst.len(), "invariant: the product fits its destination");
+        if m == 0 || n == 0 || a.cols == 0 {
+            return;
+        }
+        amx::gemm_acc_prepared(&mut dst[offset..offset + m * n], a, b, n);
     }
 
     fn acc_again(dst: &mut [f32], offset: usize, a: Mat<f32>, b: Mat<f32>) {
@@ -264,6 +310,39 @@ pub mod amx {
     pub(super) fn gemm_acc(dst: &mut [f32], a: Mat<f32>, b: Mat<f32>, again: bool) {
         assert!(available(), "invariant: the AMX path runs only where amx::available() said so");
         imp::gemm_acc(dst, a, b, again)
+    }
+
+    /// A right-hand operand packed once (bf16 pairs, the B tile layout) for many products with
+    /// its leading rows and columns.
+    pub struct PackedB {
+        data: Vec<u32>,
+        /// B's rows and columns.
+        pub(super) rows: usize,
+        pub(super) cols: usize,
+        /// Pairs per packed row: the columns rounded up to a tile.
+        np: usize,
+    }
+
+    impl PackedB {
+        pub(super) fn new(b: Mat<f32>) -> Self {
+            /// The packing compiled for AVX-512 (every AMX CPU has it).
+            #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma"))]
+            unsafe fn pack(b: &Mat<f32>, out: &mut Vec<u32>) -> usize {
+                pack_b(b, out)
+            }
+            assert!(available(), "invariant: the AMX path runs only where amx::available() said so");
+            let mut data = Vec::new();
+            // SAFETY: AMX is available, so the CPU has AVX-512.
+            let np = unsafe { pack(&b, &mut data) };
+            PackedB { data, rows: b.rows, cols: b.cols, np }
+        }
+    }
+
+    /// `dst (a.rows × n) += a × b[..a.cols, ..n]`.
+    pub(super) fn gemm_acc_prepared(dst: &mut [f32], a: Mat<f32>, b: &PackedB, n: usize) {
+        assert!(available(), "invariant: the AMX path runs only where amx::available() said so");
+        assert!(a.cols <= b.rows && n <= b.cols, "invariant: a corner of B");
+        imp::gemm_acc_prepared(dst, a, &b.data, b.np, n)
     }
 
     /// See [`super::Products::conv_acc`]; at most 16 taps.
@@ -438,6 +517,24 @@ pub mod amx {
         let (k, n) = (b.rows, b.cols);
         let kq = out.len() / np;
         assert!(np >= n && 2 * kq >= k, "invariant: B fits");
+        if b.row_stride == 1 && b.col_stride != 1 {
+            // A transposed view (attention's keys, Kᵀ): column j of B is a contiguous source
+            // row; read it once and deal its pairs out to the packed rows.
+            let src = b.t();
+            out.fill(0);
+            for j in 0..n {
+                // SAFETY: j < n = src.rows, columns of the transposed view contiguous.
+                let col = unsafe { row(&src, j) };
+                let (pairs, tail) = col.split_at(k - k % 2);
+                for (q, p) in pairs.chunks_exact(2).enumerate() {
+                    out[q * np + j] = pair(p[0], p[1]);
+                }
+                if let Some(&x) = tail.first() {
+                    out[k / 2 * np + j] = pair(x, 0.0);
+                }
+            }
+            return;
+        }
         for q in 0..kq {
             let dst = &mut out[q * np..(q + 1) * np];
             dst[n..].fill(0);
@@ -604,6 +701,28 @@ pub mod amx {
                     let np = pack(&b, &mut packed.b, false);
                     let term = [(packed.a.as_ptr(), packed.b.as_ptr())];
                     run(dst, a.rows, b.cols, &term, kq, a.cols.div_ceil(TILE_DEPTH), np)
+                }
+            })
+        }
+
+        /// See [`super::gemm_acc_prepared`]; `b` holds rows of `np` pairs, at least
+        /// `round_up(a.cols, 32) / 2` of them.
+        pub fn gemm_acc_prepared(dst: &mut [f32], a: Mat<f32>, b: &[u32], np: usize, n: usize) {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            unsafe fn pack(m: &Mat<f32>, out: &mut Vec<u32>) -> usize {
+                // SAFETY: compiled for, and run on, a CPU with AVX-512.
+                unsafe { pack_a(m, out) }
+            }
+            let kt = a.cols.div_ceil(TILE_DEPTH);
+            assert!(b.len() >= kt * TILE_DEPTH / 2 * np && n <= np, "invariant: B holds every tile the loop reads");
+            PACKED.with_borrow_mut(|packed| {
+                packed.a_view = None;
+                // SAFETY: as in `gemm_acc`: A is packed here with zeros past its depth (B's rows
+                // there are finite, by `prepare`'s contract), B holds kt tiles of depth (checked)
+                // and `np ≥ round_up(n, 16)` columns.
+                unsafe {
+                    let kq = pack(&a, &mut packed.a);
+                    run(dst, a.rows, n, &[(packed.a.as_ptr(), b.as_ptr())], kq, kt, np)
                 }
             })
         }
@@ -816,7 +935,19 @@ pub mod amx {
             false
         }
 
-        pub fn gemm_acc(_: &mut [f32], _: Mat<f32>, _: Mat<f32>) {
+        pub fn gemm_acc(_: &mut [f32], _: Mat<f32>, _: Mat<f32>, _: bool) {
+            unreachable!("invariant: AMX is never available here")
+        }
+
+        pub fn gemm_acc_prepared(_: &mut [f32], _: Mat<f32>, _: &[u32], _: usize, _: usize) {
+            unreachable!("invariant: AMX is never available here")
+        }
+
+        pub fn conv_acc(_: &mut [f32], _: Mat<f32>, _: &[(isize, Mat<f32>)]) {
+            unreachable!("invariant: AMX is never available here")
+        }
+
+        pub fn conv_weight_acc(_: &mut [f32], _: Mat<f32>, _: Mat<f32>, _: &[isize]) {
             unreachable!("invariant: AMX is never available here")
         }
     }
@@ -916,6 +1047,33 @@ mod tests {
             }
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{r}×{c}×{n} {offsets:?}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// A prepared B, plain and transposed, used by products with its leading rows and columns
+    /// (ragged against the tiles), equals the product with that corner of B.
+    #[test]
+    fn prepared_corners_match_the_reference() {
+        if !amx::available() {
+            eprintln!("skipped: this CPU has no AMX-BF16");
+            return;
+        }
+        let (k, n) = (70, 45);
+        let bv = filled(k * n, 2);
+        for tb in [false, true] {
+            let b = if tb { Mat::new(&bv, 0, n, k).t() } else { Mat::new(&bv, 0, k, n) };
+            let prepared = Bf16::prepare(b);
+            for &(m, depth, cols) in &[(1, 1, 1), (16, 32, 16), (37, 45, 20), (64, 70, 45), (5, 33, 17)] {
+                let av = filled(m * depth, 1);
+                let a = Mat::new(&av, 0, m, depth);
+                let start = filled(m * cols, 3);
+                let (mut got, mut want) = (start.clone(), start);
+                Bf16::acc_prepared(&mut got, 0, a, &prepared, cols);
+                reference(&mut want, a, b.row_range(0, depth).col_range(0, cols));
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}×{depth}×{cols} ({tb}): {g} vs {w}");
+                }
             }
         }
     }
