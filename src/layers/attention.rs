@@ -193,8 +193,7 @@ fn head_forward<T: Softmax, P: Products<T>>(qkv: &[T], s: Sizes, b: usize, h: us
     for (i0, rows) in s.blocks() {
         let cols = i0 + rows; // the keys these queries may see
         let p = &mut p[..rows * cols];
-        p.fill(T::default());
-        P::acc_prepared(p, 0, q.row_range(i0, rows), &kt, cols);
+        P::set_prepared(p, 0, q.row_range(i0, rows), &kt, cols);
         T::probabilities(p, cols, i0, scale, &mut lse[i0..cols], true);
         P::acc_prepared(&mut out, i0 * s.dh, Mat::new(p, 0, rows, cols), &v, s.dh);
     }
@@ -221,15 +220,13 @@ fn head_backward<T: Softmax, P: Products<T>>(
     for (i0, rows) in s.blocks() {
         let cols = i0 + rows;
         let (p, dp) = (&mut p[..rows * cols], &mut dp[..rows * cols]);
-        p.fill(T::default());
-        P::acc_prepared(p, 0, q.row_range(i0, rows), &kt, cols);
+        P::set_prepared(p, 0, q.row_range(i0, rows), &kt, cols);
         lse_block[..rows].copy_from_slice(&lse[i0..cols]);
         T::probabilities(p, cols, i0, scale, &mut lse_block[..rows], false);
         let d_o_block = d_o.row_range(i0, rows);
         // dv += pᵀ do; dp = do vᵀ.
         P::acc(&mut dv, 0, Mat::new(p, 0, rows, cols).t(), d_o_block);
-        dp.fill(T::default());
-        P::acc_prepared(dp, 0, d_o_block, &vt, cols);
+        P::set_prepared(dp, 0, d_o_block, &vt, cols);
         // ds = scale · p ⊙ (dp − Σ_c do ⊙ o), row by row (zero where p is).
         for r in 0..rows {
             let at = (b * s.t + i0 + r) * s.d() + h * s.dh;

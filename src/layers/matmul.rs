@@ -79,7 +79,7 @@ impl<T> Mat<T> {
 }
 
 /// The number types the products run in.
-pub trait Scalar: Copy + Send + Sync + 'static {
+pub trait Scalar: Copy + Default + Send + Sync + 'static {
     /// 1, the products' α and β.
     const ONE: Self;
 }
@@ -108,6 +108,9 @@ pub trait Products<T> {
     /// `dst[offset..] (a.rows × n) += a × b[..a.cols, ..n]`, the leading rows and columns of
     /// a prepared `b`.
     fn acc_prepared(dst: &mut [T], offset: usize, a: Mat<T>, b: &Self::Prepared, n: usize);
+
+    /// The same product written over `dst[offset..]` (`=`, not `+=`): it need not be cleared.
+    fn set_prepared(dst: &mut [T], offset: usize, a: Mat<T>, b: &Self::Prepared, n: usize);
 
     /// The same, where `a` is the previous product's `a` on this thread, unchanged since, or
     /// its first rows or columns (same memory and strides): a way that prepares its operands
@@ -165,37 +168,49 @@ impl<T: Scalar> Products<T> for Exact {
         Self::acc(dst, offset, a, b.row_range(0, a.cols).col_range(0, n))
     }
 
+    fn set_prepared(dst: &mut [T], offset: usize, a: Mat<T>, b: &Mat<T>, n: usize) {
+        exact(dst, offset, a, b.row_range(0, a.cols).col_range(0, n), false)
+    }
+
     fn acc(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>) {
-        let (m, n, k) = check(dst.len(), offset, &a, &b);
-        if m == 0 || n == 0 || k == 0 {
-            return;
+        exact(dst, offset, a, b, true)
+    }
+}
+
+/// `dst[offset..] += a × b` by `gemm`, or `=` when not `accumulate`.
+fn exact<T: Scalar>(dst: &mut [T], offset: usize, a: Mat<T>, b: Mat<T>, accumulate: bool) {
+    let (m, n, k) = check(dst.len(), offset, &a, &b);
+    if m == 0 || n == 0 || k == 0 {
+        if !accumulate {
+            dst[offset..offset + m * n].fill(T::default());
         }
-        // SAFETY: the operands are views of live slices whose extents were checked on creation
-        // (`Mat::new`) and the destination range was checked above; `gemm` reads and writes only
-        // within them.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst[offset..].as_mut_ptr(),
-                1,
-                n as isize,
-                true,
-                a.ptr,
-                a.col_stride,
-                a.row_stride,
-                b.ptr,
-                b.col_stride,
-                b.row_stride,
-                T::ONE,
-                T::ONE,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        return;
+    }
+    // SAFETY: the operands are views of live slices whose extents were checked on creation
+    // (`Mat::new`) and the destination range was checked above; `gemm` reads and writes only
+    // within them.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst[offset..].as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.ptr,
+            a.col_stride,
+            a.row_stride,
+            b.ptr,
+            b.col_stride,
+            b.row_stride,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -219,13 +234,11 @@ impl Products<f32> for Bf16 {
     }
 
     fn acc_prepared(dst: &mut [f32], offset: usize, a: Mat<f32>, b: &amx::PackedB, n: usize) {
-        let m = a.rows;
-        assert!(a.cols <= b.rows && n <= b.cols, "invariant: the product uses a corner of the prepared B");
-        assert!(offset + m * n <= dst.len(), "invariant: the product fits its destination");
-        if m == 0 || n == 0 || a.cols == 0 {
-            return;
-        }
-        amx::gemm_acc_prepared(&mut dst[offset..offset + m * n], a, b, n);
+        prepared(dst, offset, a, b, n, false)
+    }
+
+    fn set_prepared(dst: &mut [f32], offset: usize, a: Mat<f32>, b: &amx::PackedB, n: usize) {
+        prepared(dst, offset, a, b, n, true)
     }
 
     fn acc_again(dst: &mut [f32], offset: usize, a: Mat<f32>, b: Mat<f32>) {
@@ -264,6 +277,21 @@ impl Products<f32> for Bf16 {
         }
         amx::conv_weight_acc(&mut dst[offset..offset + offsets.len() * c * n], x, dy, offsets);
     }
+}
+
+/// [`Bf16`]'s products with a prepared B: `+=`, or `=` with `overwrite`.
+fn prepared(dst: &mut [f32], offset: usize, a: Mat<f32>, b: &amx::PackedB, n: usize, overwrite: bool) {
+    let m = a.rows;
+    assert!(a.cols <= b.rows && n <= b.cols, "invariant: the product uses a corner of the prepared B");
+    assert!(offset + m * n <= dst.len(), "invariant: the product fits its destination");
+    let dst = &mut dst[offset..offset + m * n];
+    if m == 0 || n == 0 || a.cols == 0 {
+        if overwrite {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    amx::gemm_acc_prepared(dst, a, b, n, overwrite);
 }
 
 fn check<T>(dst_len: usize, offset: usize, a: &Mat<T>, b: &Mat<T>) -> (usize, usize, usize) {
@@ -338,11 +366,11 @@ pub mod amx {
         }
     }
 
-    /// `dst (a.rows × n) += a × b[..a.cols, ..n]`.
-    pub(super) fn gemm_acc_prepared(dst: &mut [f32], a: Mat<f32>, b: &PackedB, n: usize) {
+    /// `dst (a.rows × n) += a × b[..a.cols, ..n]`, or `=` with `overwrite`.
+    pub(super) fn gemm_acc_prepared(dst: &mut [f32], a: Mat<f32>, b: &PackedB, n: usize, overwrite: bool) {
         assert!(available(), "invariant: the AMX path runs only where amx::available() said so");
         assert!(a.cols <= b.rows && n <= b.cols, "invariant: a corner of B");
-        imp::gemm_acc_prepared(dst, a, &b.data, b.np, n)
+        imp::gemm_acc_prepared(dst, a, &b.data, b.np, n, overwrite)
     }
 
     /// See [`super::Products::conv_acc`]; at most 16 taps.
@@ -647,6 +675,18 @@ pub mod amx {
             }
         }
 
+        unsafe fn zero_c(t: usize) {
+            // SAFETY (caller): the tile configuration is loaded.
+            unsafe {
+                match t {
+                    0 => asm!("tilezero tmm0", options(nostack, nomem)),
+                    1 => asm!("tilezero tmm1", options(nostack, nomem)),
+                    2 => asm!("tilezero tmm2", options(nostack, nomem)),
+                    _ => asm!("tilezero tmm3", options(nostack, nomem)),
+                }
+            }
+        }
+
         unsafe fn store_c(t: usize, c: &CTile) {
             // SAFETY (caller): `c.ptr` holds 16 rows of 16 f32 at `c.stride` bytes.
             unsafe {
@@ -700,14 +740,14 @@ pub mod amx {
                     };
                     let np = pack(&b, &mut packed.b, false);
                     let term = [(packed.a.as_ptr(), packed.b.as_ptr())];
-                    run(dst, a.rows, b.cols, &term, kq, a.cols.div_ceil(TILE_DEPTH), np)
+                    run(dst, a.rows, b.cols, &term, kq, a.cols.div_ceil(TILE_DEPTH), np, false)
                 }
             })
         }
 
         /// See [`super::gemm_acc_prepared`]; `b` holds rows of `np` pairs, at least
         /// `round_up(a.cols, 32) / 2` of them.
-        pub fn gemm_acc_prepared(dst: &mut [f32], a: Mat<f32>, b: &[u32], np: usize, n: usize) {
+        pub fn gemm_acc_prepared(dst: &mut [f32], a: Mat<f32>, b: &[u32], np: usize, n: usize, overwrite: bool) {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
             unsafe fn pack(m: &Mat<f32>, out: &mut Vec<u32>) -> usize {
                 // SAFETY: compiled for, and run on, a CPU with AVX-512.
@@ -722,7 +762,7 @@ pub mod amx {
                 // and `np ≥ round_up(n, 16)` columns.
                 unsafe {
                     let kq = pack(&a, &mut packed.a);
-                    run(dst, a.rows, n, &[(packed.a.as_ptr(), b.as_ptr())], kq, kt, np)
+                    run(dst, a.rows, n, &[(packed.a.as_ptr(), b.as_ptr())], kq, kt, np, overwrite)
                 }
             })
         }
@@ -760,7 +800,7 @@ pub mod amx {
                         let a_row = (front as isize + o) as usize;
                         terms[i] = (packed.a.as_ptr().add(a_row * kq), packed.b.as_ptr().add(i * kq * np));
                     }
-                    run(dst, m, n, &terms[..taps.len()], kq, k.div_ceil(TILE_DEPTH), np)
+                    run(dst, m, n, &terms[..taps.len()], kq, k.div_ceil(TILE_DEPTH), np, false)
                 }
             })
         }
@@ -806,7 +846,9 @@ pub mod amx {
                     // SAFETY: as in `gemm_acc`: tap k's A rows hold `kq − start ≥ kt · 16` pairs
                     // (zeros outside x), B's rows past dy are zero, and dst holds every tap's
                     // C × N block.
-                    unsafe { run(&mut dst[k * c * n..(k + 1) * c * n], c, n, &[(a, packed.b.as_ptr())], kq, kt, np) };
+                    unsafe {
+                        run(&mut dst[k * c * n..(k + 1) * c * n], c, n, &[(a, packed.b.as_ptr())], kq, kt, np, false)
+                    };
                 }
             })
         }
@@ -850,7 +892,9 @@ pub mod amx {
         /// of [`DEPTH_CHUNK`] tiles, and within a chunk every block of A rows meets every block
         /// of B columns before the next: the chunk's A rows stay in L1 while the B columns
         /// (weights, or a chunk of a gradient) stay in L2, rather than A being streamed from
-        /// memory once per pair of B columns.
+        /// memory once per pair of B columns. With `overwrite`, `dst = Σ A B`: the first chunk's
+        /// C tiles start from zero instead of from `dst`, which need not be cleared.
+        #[allow(clippy::too_many_arguments)]
         unsafe fn run(
             dst: &mut [f32],
             m: usize,
@@ -859,6 +903,7 @@ pub mod amx {
             kq: usize,
             kt: usize,
             np: usize,
+            overwrite: bool,
         ) {
             let (mt, nt) = (m.div_ceil(TILE_ROWS), n.div_ceil(TILE_ROWS));
             let (a_stride, b_stride, d_stride) = (kq * 4, np * 4, n * 4);
@@ -870,6 +915,7 @@ pub mod amx {
                     (0..mt).step_by(2).flat_map(move |ib| (0..nt).step_by(2).map(move |jb| (ib, jb, k0)))
                 }) {
                     {
+                        let fresh = overwrite && k0 == 0;
                         let (two_i, two_j) = (ib + 1 < mt, jb + 1 < nt);
                         let mut tiles: [Option<CTile>; 4] = [None, None, None, None];
                         for (t, (scr, slot)) in scratch.iter_mut().zip(tiles.iter_mut()).enumerate() {
@@ -883,12 +929,18 @@ pub mod amx {
                                 CTile { ptr: dst.as_mut_ptr().add(r0 * n + c0), stride: d_stride, partial: None }
                             } else {
                                 scr.fill(0.0);
-                                for r in 0..rows {
-                                    scr[r * 16..r * 16 + cols].copy_from_slice(&dst[(r0 + r) * n + c0..][..cols]);
+                                if !fresh {
+                                    for r in 0..rows {
+                                        scr[r * 16..r * 16 + cols].copy_from_slice(&dst[(r0 + r) * n + c0..][..cols]);
+                                    }
                                 }
                                 CTile { ptr: scr.as_mut_ptr(), stride: 64, partial: Some((r0, c0, rows, cols)) }
                             };
-                            load_c(t, &tile);
+                            if fresh {
+                                zero_c(t)
+                            } else {
+                                load_c(t, &tile)
+                            }
                             *slot = Some(tile);
                         }
                         let depth = k0..(k0 + DEPTH_CHUNK).min(kt);
@@ -939,7 +991,7 @@ pub mod amx {
             unreachable!("invariant: AMX is never available here")
         }
 
-        pub fn gemm_acc_prepared(_: &mut [f32], _: Mat<f32>, _: &[u32], _: usize, _: usize) {
+        pub fn gemm_acc_prepared(_: &mut [f32], _: Mat<f32>, _: &[u32], _: usize, _: usize, _: bool) {
             unreachable!("invariant: AMX is never available here")
         }
 
@@ -1052,27 +1104,38 @@ mod tests {
     }
 
     /// A prepared B, plain and transposed, used by products with its leading rows and columns
-    /// (ragged against the tiles), equals the product with that corner of B.
+    /// (ragged against the tiles), equals the product with that corner of B, added to the
+    /// destination or written over it.
     #[test]
     fn prepared_corners_match_the_reference() {
         if !amx::available() {
             eprintln!("skipped: this CPU has no AMX-BF16");
             return;
         }
-        let (k, n) = (70, 45);
-        let bv = filled(k * n, 2);
-        for tb in [false, true] {
+        // The second B is deeper than one chunk of the tile loop.
+        let shapes: [(usize, usize, &[(usize, usize, usize)]); 2] = [
+            (70, 45, &[(1, 1, 1), (16, 32, 16), (37, 45, 20), (64, 70, 45), (5, 33, 17)]),
+            (2100, 20, &[(37, 2100, 20), (20, 2081, 3)]),
+        ];
+        for (tb, &(k, n, corners)) in [false, true].into_iter().flat_map(|tb| shapes.iter().map(move |s| (tb, s))) {
+            let bv = filled(k * n, 2);
             let b = if tb { Mat::new(&bv, 0, n, k).t() } else { Mat::new(&bv, 0, k, n) };
             let prepared = Bf16::prepare(b);
-            for &(m, depth, cols) in &[(1, 1, 1), (16, 32, 16), (37, 45, 20), (64, 70, 45), (5, 33, 17)] {
+            for &(m, depth, cols) in corners {
                 let av = filled(m * depth, 1);
                 let a = Mat::new(&av, 0, m, depth);
                 let start = filled(m * cols, 3);
                 let (mut got, mut want) = (start.clone(), start);
                 Bf16::acc_prepared(&mut got, 0, a, &prepared, cols);
                 reference(&mut want, a, b.row_range(0, depth).col_range(0, cols));
-                for (g, w) in got.iter().zip(&want) {
+                // Written over (`=`): whatever the destination held is gone.
+                let mut set = filled(m * cols, 8);
+                Bf16::set_prepared(&mut set, 0, a, &prepared, cols);
+                let mut from_zero = vec![0.0; m * cols];
+                reference(&mut from_zero, a, b.row_range(0, depth).col_range(0, cols));
+                for ((g, w), (s, z)) in got.iter().zip(&want).zip(set.iter().zip(&from_zero)) {
                     assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}×{depth}×{cols} ({tb}): {g} vs {w}");
+                    assert!((s - z).abs() <= 1e-4 * (1.0 + z.abs()), "{m}×{depth}×{cols} ({tb}), set: {s} vs {z}");
                 }
             }
         }
