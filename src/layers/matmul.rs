@@ -1112,8 +1112,10 @@ mod tests {
             eprintln!("skipped: this CPU has no AMX-BF16");
             return;
         }
-        // The second B is deeper than one chunk of the tile loop.
-        let shapes: [(usize, usize, &[(usize, usize, usize)]); 2] = [
+        // (B's rows, B's columns, corners as (A's rows, depth, columns)); the second B is
+        // deeper than one chunk of the tile loop.
+        type Corners = &'static [(usize, usize, usize)];
+        let shapes: [(usize, usize, Corners); 2] = [
             (70, 45, &[(1, 1, 1), (16, 32, 16), (37, 45, 20), (64, 70, 45), (5, 33, 17)]),
             (2100, 20, &[(37, 2100, 20), (20, 2081, 3)]),
         ];
