@@ -35,9 +35,9 @@ pub use error::{Error, Result};
 /// size. And one heap for every thread: a second thread's arena grows in heaps of at most 64
 /// MiB, so glibc maps a larger block there whatever the settings, and unmaps it on free. The
 /// trainer's shard threads (new ones each step) did exactly that with the transformer's 80 MB
-/// MLP activations at batch 100: 78,000 page faults a second, and 0.23 steps/s against 0.32
-/// with the one heap (session 19, `strace` and `perf stat` on the running trainer). Runs once
-/// however often it is called (`core::train` calls it too, for library users).
+/// MLP activations at batch 100: 78,000 page faults a second, and 0.23 steps/s against
+/// 0.29–0.32 with the one heap (session 19, `strace` and `perf stat` on the running trainer).
+/// Runs once however often it is called (`core::train` calls it too, for library users).
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
