@@ -353,15 +353,10 @@ pub mod amx {
 
     impl PackedB {
         pub(super) fn new(b: Mat<f32>) -> Self {
-            /// The packing compiled for AVX-512 (every AMX CPU has it).
-            #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma"))]
-            unsafe fn pack(b: &Mat<f32>, out: &mut Vec<u32>) -> usize {
-                pack_b(b, out)
-            }
             assert!(available(), "invariant: the AMX path runs only where amx::available() said so");
             let mut data = Vec::new();
             // SAFETY: AMX is available, so the CPU has AVX-512.
-            let np = unsafe { pack(&b, &mut data) };
+            let np = unsafe { pack_b_avx512(&b, &mut data) };
             PackedB { data, rows: b.rows, cols: b.cols, np }
         }
     }
@@ -539,6 +534,34 @@ pub mod amx {
         np
     }
 
+    /// [`pack_a`] compiled for AVX-512 (every AMX CPU has it), so that its loops vectorise.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, BW and VL.
+    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma"))]
+    pub(super) unsafe fn pack_a_avx512(a: &Mat<f32>, out: &mut Vec<u32>) -> usize {
+        // SAFETY (caller): AVX-512.
+        unsafe { pack_a(a, out) }
+    }
+
+    /// [`pack_b`] compiled for AVX-512; see [`pack_a_avx512`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, BW and VL.
+    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma"))]
+    pub(super) unsafe fn pack_b_avx512(b: &Mat<f32>, out: &mut Vec<u32>) -> usize {
+        pack_b(b, out)
+    }
+
+    /// [`pack_b_rows`] compiled for AVX-512; see [`pack_a_avx512`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, BW and VL.
+    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma"))]
+    pub(super) unsafe fn pack_b_rows_avx512(b: &Mat<f32>, out: &mut [u32], np: usize) {
+        pack_b_rows(b, out, np)
+    }
+
     /// B packed into `out` (rows of `np` pairs; as many rows as `out` holds, zero past B).
     #[inline(always)]
     pub(super) fn pack_b_rows(b: &Mat<f32>, out: &mut [u32], np: usize) {
@@ -579,7 +602,8 @@ pub mod amx {
                     dst.iter_mut().zip(r0).for_each(|(o, &x)| *o = pair(x, 0.0));
                 }
             } else {
-                // A transposed view (small: the weights); element by element.
+                // Neither rows nor columns contiguous (no product of the ops makes such a view):
+                // element by element.
                 for (j, o) in dst[..n].iter_mut().enumerate() {
                     // SAFETY: indices inside the view.
                     *o = unsafe { pair(b.at(k0, j), if k1 < k { b.at(k1, j) } else { 0.0 }) };
@@ -594,7 +618,9 @@ pub mod amx {
         use std::cell::RefCell;
 
         use super::super::Mat;
-        use super::{TILE_DEPTH, TILE_ROWS, pack_a, pack_a_rows, pack_b, pack_b_rows, round_up};
+        use super::{
+            TILE_DEPTH, TILE_ROWS, pack_a_avx512, pack_a_rows, pack_b_avx512, pack_b_rows, pack_b_rows_avx512, round_up,
+        };
 
         /// AMX-TILE and AMX-BF16 in CPUID, then the kernel's permission for the tile data.
         pub fn enable() -> bool {
@@ -708,12 +734,6 @@ pub mod amx {
         }
 
         pub fn gemm_acc(dst: &mut [f32], a: Mat<f32>, b: Mat<f32>, again: bool) {
-            /// The packing compiled for AVX-512 (every AMX CPU has it).
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-            unsafe fn pack(m: &Mat<f32>, out: &mut Vec<u32>, as_a: bool) -> usize {
-                // SAFETY: compiled for, and run on, a CPU with AVX-512.
-                if as_a { unsafe { pack_a(m, out) } } else { pack_b(m, out) }
-            }
             PACKED.with_borrow_mut(|packed| {
                 // SAFETY: AMX was enabled (the caller checked `available`), so the CPU has
                 // AVX-512; the packed operands hold whole tiles for every index the loops reach
@@ -733,12 +753,12 @@ pub mod amx {
                         }
                         _ => {
                             assert!(!again, "invariant: acc_again follows a product of the same A");
-                            let kq = pack(&a, &mut packed.a, true);
+                            let kq = pack_a_avx512(&a, &mut packed.a);
                             packed.a_view = Some((a.ptr as usize, a.rows, a.cols, a.row_stride, a.col_stride, kq));
                             kq
                         }
                     };
-                    let np = pack(&b, &mut packed.b, false);
+                    let np = pack_b_avx512(&b, &mut packed.b);
                     let term = [(packed.a.as_ptr(), packed.b.as_ptr())];
                     run(dst, a.rows, b.cols, &term, kq, a.cols.div_ceil(TILE_DEPTH), np, false)
                 }
@@ -748,11 +768,6 @@ pub mod amx {
         /// See [`super::gemm_acc_prepared`]; `b` holds rows of `np` pairs, at least
         /// `round_up(a.cols, 32) / 2` of them.
         pub fn gemm_acc_prepared(dst: &mut [f32], a: Mat<f32>, b: &[u32], np: usize, n: usize, overwrite: bool) {
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-            unsafe fn pack(m: &Mat<f32>, out: &mut Vec<u32>) -> usize {
-                // SAFETY: compiled for, and run on, a CPU with AVX-512.
-                unsafe { pack_a(m, out) }
-            }
             let kt = a.cols.div_ceil(TILE_DEPTH);
             assert!(b.len() >= kt * TILE_DEPTH / 2 * np && n <= np, "invariant: B holds every tile the loop reads");
             PACKED.with_borrow_mut(|packed| {
@@ -761,7 +776,7 @@ pub mod amx {
                 // there are finite, by `prepare`'s contract), B holds kt tiles of depth (checked)
                 // and `np ≥ round_up(n, 16)` columns.
                 unsafe {
-                    let kq = pack(&a, &mut packed.a);
+                    let kq = pack_a_avx512(&a, &mut packed.a);
                     run(dst, a.rows, n, &[(packed.a.as_ptr(), b.as_ptr())], kq, kt, np, overwrite)
                 }
             })
@@ -825,14 +840,9 @@ pub mod amx {
             let kq = taps.iter().map(|&(_, o)| start(o)).max().unwrap_or(0) + kqb;
             PACKED.with_borrow_mut(|packed| {
                 packed.a_view = None;
-                /// The packing compiled for AVX-512 (every AMX CPU has it).
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-                fn pack_b(b: &Mat<f32>, out: &mut [u32], np: usize) {
-                    pack_b_rows(b, out, np)
-                }
                 packed.b.resize(packed.b.len().max(kqb * np), 0);
                 // SAFETY: AVX-512 (every AMX CPU has it).
-                unsafe { pack_b(&dy, &mut packed.b[..kqb * np], np) };
+                unsafe { pack_b_rows_avx512(&dy, &mut packed.b[..kqb * np], np) };
                 packed.a.resize(packed.a.len().max(2 * mp * kq), 0);
                 let (even, odd) = packed.a[..2 * mp * kq].split_at_mut(mp * kq);
                 for (phase, out) in [even, odd].into_iter().enumerate() {
