@@ -119,8 +119,10 @@ impl Network for GatedStack {
         let (n, c) = (rows.count(), self.channels_c());
         let mut dp = vec![T::default(); p.len()];
         let mut dh = self.head.backward::<T, P>(&mut dp, p, &acts.head, dlogits, rows);
-        // The last layer's vertical output feeds nothing.
+        // The last layer's vertical output feeds nothing. The other buffers are reused from
+        // layer to layer, each written over, never cleared.
         let mut dv = vec![T::default(); n * c];
+        let (mut d_gated, mut dh_pre, mut dv_pre) = (vec![T::default(); n * c], Vec::new(), Vec::new());
         for (i, [vertical, horizontal, link, residual]) in self.layers.iter().enumerate().rev() {
             let a = &acts.layers[i];
             let (v_in, h_in) =
@@ -128,18 +130,16 @@ impl Network for GatedStack {
             let two_c = vertical.c_out;
             // h' = residual(gated_h) + h: the residual's gradients; dh itself flows on to h.
             residual.grads::<T, P>(&mut dp, &a.gated_h, &mut dh, rows);
-            let mut d_gated = vec![T::default(); n * c];
-            residual.input_grads::<T, P>(&mut d_gated, &dh, p, rows);
+            residual.set_input_grads::<T, P>(&mut d_gated, &dh, p, rows);
             if let Some(d) = &self.dropout {
                 d.apply(&mut d_gated, i, rows.shape().1 * c);
             }
-            let mut dh_pre = vec![T::default(); n * two_c];
+            dh_pre.resize(n * two_c, T::default());
             T::gate_grad(&a.h_pre, &d_gated, &mut dh_pre, c);
-            drop(d_gated);
             // h_pre = horizontal(h) + link(v_pre).
             horizontal.grads::<T, P>(&mut dp, h_in, &mut dh_pre, rows);
             link.grads::<T, P>(&mut dp, &a.v_pre, &mut dh_pre, rows);
-            let mut dv_pre = vec![T::default(); n * two_c];
+            dv_pre.resize(n * two_c, T::default());
             T::gate_grad(&a.v_pre, &dv, &mut dv_pre, c);
             link.input_grads::<T, P>(&mut dv_pre, &dh_pre, p, rows);
             vertical.grads::<T, P>(&mut dp, v_in, &mut dv_pre, rows);
@@ -148,8 +148,7 @@ impl Network for GatedStack {
             }
             // Into the previous layer's outputs: dh keeps the residual path's share.
             horizontal.input_grads::<T, P>(&mut dh, &dh_pre, p, rows);
-            dv.fill(T::default());
-            vertical.input_grads::<T, P>(&mut dv, &dv_pre, p, rows);
+            vertical.set_input_grads::<T, P>(&mut dv, &dv_pre, p, rows);
         }
         dp
     }

@@ -137,6 +137,17 @@ pub trait Products<T> {
         }
     }
 
+    /// The same convolution written over `dst[offset..]` (`=`, not `+=`: it need not be
+    /// cleared). Every row of the range is written, taps reaching it or not.
+    fn conv_set(dst: &mut [T], offset: usize, x: Mat<T>, taps: &[(isize, Mat<T>)])
+    where
+        T: Default + Copy,
+    {
+        let n = taps.first().map_or(0, |(_, w)| w.cols);
+        dst[offset..offset + x.rows * n].fill(T::default());
+        Self::conv_acc(dst, offset, x, taps)
+    }
+
     /// The weight gradients of such a convolution over one sequence: for each tap k,
     /// `dst[offset + k·C·N ..] (C × N) += Σ_r x[r + o_k]ᵀ dy[r]` over the rows r of `dy (R × N)`
     /// whose `r + o_k` is a row of `x (R × C)`. A way may prepare `x` and `dy` once for all taps.
@@ -250,15 +261,11 @@ impl Products<f32> for Bf16 {
     }
 
     fn conv_acc(dst: &mut [f32], offset: usize, x: Mat<f32>, taps: &[(isize, Mat<f32>)]) {
-        let Some(&(_, w0)) = taps.first() else { return };
-        let (m, n) = (x.rows, w0.cols);
-        for (_, w) in taps {
-            check(dst.len(), offset, &x, w);
-        }
-        if m == 0 || n == 0 || x.cols == 0 {
-            return;
-        }
-        amx::conv_acc(&mut dst[offset..offset + m * n], x, taps);
+        tile_conv(dst, offset, x, taps, false)
+    }
+
+    fn conv_set(dst: &mut [f32], offset: usize, x: Mat<f32>, taps: &[(isize, Mat<f32>)]) {
+        tile_conv(dst, offset, x, taps, true)
     }
 
     fn conv_weight_acc(dst: &mut [f32], offset: usize, x: Mat<f32>, dy: Mat<f32>, offsets: &[isize]) {
@@ -277,6 +284,23 @@ impl Products<f32> for Bf16 {
         }
         amx::conv_weight_acc(&mut dst[offset..offset + offsets.len() * c * n], x, dy, offsets);
     }
+}
+
+/// [`Bf16`]'s convolutions: `+=`, or `=` with `overwrite`.
+fn tile_conv(dst: &mut [f32], offset: usize, x: Mat<f32>, taps: &[(isize, Mat<f32>)], overwrite: bool) {
+    let Some(&(_, w0)) = taps.first() else { return };
+    let (m, n) = (x.rows, w0.cols);
+    for (_, w) in taps {
+        check(dst.len(), offset, &x, w);
+    }
+    let dst = &mut dst[offset..offset + m * n];
+    if m == 0 || n == 0 || x.cols == 0 {
+        if overwrite {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    amx::conv_acc(dst, x, taps, overwrite);
 }
 
 /// [`Bf16`]'s products with a prepared B: `+=`, or `=` with `overwrite`.
@@ -368,11 +392,11 @@ pub mod amx {
         imp::gemm_acc_prepared(dst, a, &b.data, b.np, n, overwrite)
     }
 
-    /// See [`super::Products::conv_acc`]; at most 16 taps.
-    pub(super) fn conv_acc(dst: &mut [f32], x: Mat<f32>, taps: &[(isize, Mat<f32>)]) {
+    /// See [`super::Products::conv_acc`] (`=` with `overwrite`); at most 16 taps.
+    pub(super) fn conv_acc(dst: &mut [f32], x: Mat<f32>, taps: &[(isize, Mat<f32>)], overwrite: bool) {
         assert!(available(), "invariant: the AMX path runs only where amx::available() said so");
         assert!(taps.len() <= 16, "invariant: at most 16 taps (the kernel width limit)");
-        imp::conv_acc(dst, x, taps)
+        imp::conv_acc(dst, x, taps, overwrite)
     }
 
     /// See [`super::Products::conv_weight_acc`]; `x` and `dy` with contiguous rows.
@@ -784,8 +808,9 @@ pub mod amx {
 
         /// See [`super::conv_acc`]: `x` is packed once, with zero rows before and after it as far
         /// as the taps reach, and each tap's A tiles are the same packed rows moved by its
-        /// offset; every C tile is loaded and stored once for all the taps.
-        pub fn conv_acc(dst: &mut [f32], x: Mat<f32>, taps: &[(isize, Mat<f32>)]) {
+        /// offset; every C tile is loaded (or, with `overwrite`, zeroed) and stored once for all
+        /// the taps.
+        pub fn conv_acc(dst: &mut [f32], x: Mat<f32>, taps: &[(isize, Mat<f32>)], overwrite: bool) {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
             unsafe fn pack(x: &Mat<f32>, taps: &[(isize, Mat<f32>)], packed: &mut Packed, front: usize, back: usize) {
                 let (kq, np) = (round_up(x.cols, TILE_DEPTH) / 2, round_up(taps[0].1.cols, TILE_ROWS));
@@ -815,7 +840,7 @@ pub mod amx {
                         let a_row = (front as isize + o) as usize;
                         terms[i] = (packed.a.as_ptr().add(a_row * kq), packed.b.as_ptr().add(i * kq * np));
                     }
-                    run(dst, m, n, &terms[..taps.len()], kq, k.div_ceil(TILE_DEPTH), np, false)
+                    run(dst, m, n, &terms[..taps.len()], kq, k.div_ceil(TILE_DEPTH), np, overwrite)
                 }
             })
         }
@@ -1005,7 +1030,7 @@ pub mod amx {
             unreachable!("invariant: AMX is never available here")
         }
 
-        pub fn conv_acc(_: &mut [f32], _: Mat<f32>, _: &[(isize, Mat<f32>)]) {
+        pub fn conv_acc(_: &mut [f32], _: Mat<f32>, _: &[(isize, Mat<f32>)], _: bool) {
             unreachable!("invariant: AMX is never available here")
         }
 
@@ -1062,17 +1087,29 @@ mod tests {
             let ws: Vec<Vec<f32>> = (0..offsets.len()).map(|i| filled(k * n, 5 + i as u32)).collect();
             let taps: Vec<(isize, Mat<f32>)> =
                 offsets.iter().zip(&ws).map(|(&o, w)| (o, Mat::new(w, 0, k, n))).collect();
-            let start = filled(m * n, 9);
-            let (mut got, mut want) = (start.clone(), start);
-            Bf16::conv_acc(&mut got, 0, x, &taps);
-            for &(o, w) in &taps {
-                for t in 0..m {
-                    let Some(src) = t.checked_add_signed(o).filter(|&s| s < m) else { continue };
-                    reference(&mut want[t * n..(t + 1) * n], x.row_range(src, 1), w);
+            // `+=` onto a start, and `=` over garbage (which must not show through).
+            for overwrite in [false, true] {
+                let start = filled(m * n, 9);
+                let (mut got, mut want) = (start.clone(), start);
+                if overwrite {
+                    got.fill(f32::NAN);
+                    want.fill(0.0);
+                    Bf16::conv_set(&mut got, 0, x, &taps);
+                } else {
+                    Bf16::conv_acc(&mut got, 0, x, &taps);
                 }
-            }
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}×{k}×{n} {offsets:?}: {g} vs {w}");
+                for &(o, w) in &taps {
+                    for t in 0..m {
+                        let Some(src) = t.checked_add_signed(o).filter(|&s| s < m) else { continue };
+                        reference(&mut want[t * n..(t + 1) * n], x.row_range(src, 1), w);
+                    }
+                }
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{m}×{k}×{n} {offsets:?} overwrite {overwrite}: {g} vs {w}"
+                    );
+                }
             }
         }
     }

@@ -107,19 +107,24 @@ pub(super) struct Dims {
 /// The AMX unit sums at most this many taps in one pass.
 const TAPS_PER_PASS: usize = 16;
 
-/// `y[g] += Σ_k x[g, · + o_k] · w_k` for every sequence, `w_k` the views `taps`; `x` and `y`
-/// have `x_cols` and `y_cols` columns.
-pub(super) fn conv<T: Scalar, P: Products<T>>(
+/// `y[g] += Σ_k x[g, · + o_k] · w_k` for every sequence, `w_k` the views `taps`, or `=` with
+/// `overwrite` (then `y` need not be cleared); `x` and `y` have `x_cols` and `y_cols` columns.
+pub(super) fn conv<T: Scalar + Default, P: Products<T>>(
     y: &mut [T],
     x: &[T],
     d: Dims,
     (x_cols, y_cols): (usize, usize),
     taps: &[(isize, Mat<T>)],
+    overwrite: bool,
 ) {
     for g in 0..d.g {
         let xs = Mat::new(x, g * d.r * x_cols, d.r, x_cols);
-        for pass in taps.chunks(TAPS_PER_PASS) {
-            P::conv_acc(y, g * d.r * y_cols, xs, pass);
+        for (i, pass) in taps.chunks(TAPS_PER_PASS).enumerate() {
+            if overwrite && i == 0 {
+                P::conv_set(y, g * d.r * y_cols, xs, pass);
+            } else {
+                P::conv_acc(y, g * d.r * y_cols, xs, pass);
+            }
         }
     }
 }
@@ -178,7 +183,8 @@ pub(super) fn weight_grads<T: Float, P: Products<T>>(
 }
 
 /// `dx[g, r + o_k] += dy[g, r] · w_kᵀ` for every tap k, `w` the weights `(K, C, N)` at `w_at`:
-/// the input gradient of the same convolution (the sum with negated offsets and transposed taps).
+/// the input gradient of the same convolution (the sum with negated offsets and transposed
+/// taps). With `overwrite`, `=`: `dx` need not be cleared.
 pub(super) fn input_grads<T: Float, P: Products<T>>(
     dx: &mut [T],
     dy: &[T],
@@ -186,10 +192,11 @@ pub(super) fn input_grads<T: Float, P: Products<T>>(
     w_at: usize,
     d: Dims,
     offsets: &[isize],
+    overwrite: bool,
 ) {
     let back: Vec<_> =
         offsets.iter().enumerate().map(|(k, &o)| (-o, Mat::new(w, w_at + k * d.c * d.n, d.c, d.n).t())).collect();
-    conv::<T, P>(dx, dy, d, (d.n, d.c), &back);
+    conv::<T, P>(dx, dy, d, (d.n, d.c), &back, overwrite);
 }
 
 fn forward<T: Float, P: Products<T>>(
@@ -205,7 +212,7 @@ fn forward<T: Float, P: Products<T>>(
         y.extend_from_slice(b);
     }
     let taps: Vec<_> = offsets.iter().enumerate().map(|(k, &o)| (o, Mat::new(w, k * d.c * d.n, d.c, d.n))).collect();
-    conv::<T, P>(&mut y, &input(x, options), d, (d.c, d.n), &taps);
+    conv::<T, P>(&mut y, &input(x, options), d, (d.c, d.n), &taps, false);
     zero_padding(&mut y, d, d.n, options);
     y
 }
@@ -231,7 +238,7 @@ fn backward<T: Float, P: Products<T>>(
     let mut db = vec![T::default(); d.n];
     bias_grads(&mut db, dy);
     let mut dx = vec![T::default(); x.len()];
-    input_grads::<T, P>(&mut dx, dy, w, 0, d, offsets);
+    input_grads::<T, P>(&mut dx, dy, w, 0, d, offsets, false);
     if options.relu_input {
         dx.iter_mut().zip(x).for_each(|(g, &v)| {
             if v <= T::default() {

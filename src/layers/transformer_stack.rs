@@ -11,7 +11,7 @@
 //! ([`ConvAt`]), so their weights are laid out `(in, out)` as `layers::ChannelLinear`'s.
 
 use super::attention::{self, Sizes};
-use super::conv_stack::{ConvAt, Network, Placer, Rows, Value, add_bias, relu, relu_grad};
+use super::conv_stack::{ConvAt, Network, Placer, Rows, Value, add_bias, into_relu, relu_grad};
 use super::matmul::Products;
 use super::norm;
 
@@ -166,9 +166,7 @@ impl Network for TransformerStack {
             block.out.accumulate::<T, P>(&mut h, p, &att, rows);
             add_bias(&mut h, block.out.bias(p));
             let normed2 = block.norm2.forward(p, &h);
-            let pre = block.mlp_in.forward::<T, P>(p, &normed2, rows);
-            let hidden = relu(&pre);
-            drop(pre);
+            let hidden = into_relu(block.mlp_in.forward::<T, P>(p, &normed2, rows));
             let h_mid = h.clone();
             block.mlp_out.accumulate::<T, P>(&mut h, p, &hidden, rows);
             add_bias(&mut h, block.mlp_out.bias(p));
@@ -197,26 +195,27 @@ impl Network for TransformerStack {
         self.output.input_grads::<T, P>(&mut d_normed, &dy, p, rows);
         let mut dh = vec![T::default(); n * d];
         self.norm.backward(&mut dp, &mut dh, p, &acts.h, &d_normed);
+        // Gradients are written over these (`set_input_grads`) block after block, not added
+        // to freshly cleared ones. `d_in` holds, in turn, the gradients of norm2's output, of
+        // the attention's and of norm1's output.
+        let mut d_hidden = Vec::new();
+        let mut d_in = vec![T::default(); n * d];
         for (block, a) in self.blocks.iter().zip(&acts.blocks).rev() {
             // h = h_mid + mlp1(relu(mlp0(norm2(h_mid)))): dh flows on, and into the MLP.
             block.mlp_out.grads::<T, P>(&mut dp, &a.hidden, &mut dh, rows);
-            let mut d_hidden = vec![T::default(); n * block.mlp_out.c_in];
-            block.mlp_out.input_grads::<T, P>(&mut d_hidden, &dh, p, rows);
+            d_hidden.resize(n * block.mlp_out.c_in, T::default());
+            block.mlp_out.set_input_grads::<T, P>(&mut d_hidden, &dh, p, rows);
             relu_grad(&mut d_hidden, &a.hidden);
             block.mlp_in.grads::<T, P>(&mut dp, &a.normed2, &mut d_hidden, rows);
-            let mut d_normed2 = vec![T::default(); n * d];
-            block.mlp_in.input_grads::<T, P>(&mut d_normed2, &d_hidden, p, rows);
-            drop(d_hidden);
-            block.norm2.backward(&mut dp, &mut dh, p, &a.h_mid, &d_normed2);
+            block.mlp_in.set_input_grads::<T, P>(&mut d_in, &d_hidden, p, rows);
+            block.norm2.backward(&mut dp, &mut dh, p, &a.h_mid, &d_in);
             // h_mid = h + out(attention(qkv(norm1(h)))).
             block.out.grads::<T, P>(&mut dp, &a.att, &mut dh, rows);
-            let mut d_att = vec![T::default(); n * d];
-            block.out.input_grads::<T, P>(&mut d_att, &dh, p, rows);
-            let mut d_qkv = attention::backward::<T, P>(&a.qkv, &a.att, &d_att, &a.lse, sizes);
+            block.out.set_input_grads::<T, P>(&mut d_in, &dh, p, rows);
+            let mut d_qkv = attention::backward::<T, P>(&a.qkv, &a.att, &d_in, &a.lse, sizes);
             block.qkv.grads::<T, P>(&mut dp, &a.normed1, &mut d_qkv, rows);
-            let mut d_normed1 = vec![T::default(); n * d];
-            block.qkv.input_grads::<T, P>(&mut d_normed1, &d_qkv, p, rows);
-            block.norm1.backward(&mut dp, &mut dh, p, &a.h, &d_normed1);
+            block.qkv.set_input_grads::<T, P>(&mut d_in, &d_qkv, p, rows);
+            block.norm1.backward(&mut dp, &mut dh, p, &a.h, &d_in);
         }
         for (r, g) in dh.chunks_exact(d).enumerate() {
             let (token, position) = self.token_and_position(x, r, t);
