@@ -64,24 +64,14 @@ fn train_eval_sample_complete_score(data: &str, epochs: &str, test_images: u64) 
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("fvsbn");
     let c = ckpt.to_str().unwrap();
-    // A few seconds of FVSBN: far from converged, but already far better than uniform pixels.
+    // 100 steps of FVSBN (a few seconds; a step count, not a time, so that a busy machine
+    // trains the same): far from converged, but already far better than uniform pixels.
     let t: serde_json::Value = serde_json::from_str(&ok(&wavegen(&[
-        "mnist",
-        "train",
-        "--model",
-        "fvsbn",
-        "--out",
-        c,
-        "--epochs",
-        epochs,
-        "--minutes",
-        "0.05",
-        "--lr",
-        "3e-3",
+        "mnist", "train", "--model", "fvsbn", "--out", c, "--epochs", epochs, "--steps", "100", "--lr", "3e-3",
         "--json",
     ])))
     .unwrap();
-    assert_eq!(t["model"], "fvsbn");
+    assert_eq!((t["model"].as_str(), t["stopped"].as_str()), (Some("fvsbn"), Some("Steps")));
     assert!(
         ckpt.join("current/model.safetensors").is_file() && ckpt.join("last/current/optimizer.safetensors").is_file()
     );
@@ -265,11 +255,11 @@ fn dynamic_binarization_and_rnade(data: &str) {
     let dir = tempfile::tempdir().unwrap();
     for (model, extra, scale, low, high) in [
         // Dynamically binarized grey MNIST: worse than uniform pixels (543 nats) is a failure.
-        ("fvsbn", vec!["--dynamic", "--lr", "3e-3", "--minutes", "0.05"], "binary", 60.0, 543.0),
+        ("fvsbn", vec!["--dynamic", "--lr", "3e-3", "--steps", "100"], "binary", 60.0, 543.0),
         // RNADE on dequantised grey levels: below 8 bits per pixel on the 8-bit scale.
         (
             "rnade",
-            vec!["--hidden", "20", "--components", "3", "--lr", "3e-3", "--minutes", "0.2"],
+            vec!["--hidden", "20", "--components", "3", "--lr", "3e-3", "--steps", "300"],
             "8-bit (dequantised)",
             0.0,
             784.0 * 256f64.ln(),
@@ -295,6 +285,11 @@ fn bad_input_gives_clear_errors() {
     let line =
         error_line(&wavegen(&["mnist", "train", "--model", "nade", "--out", "/tmp/x", "--data", "/nonexistent"]));
     assert!(line.contains("binarized_mnist") && line.contains("WAVEGEN_DATA"), "{line}");
+    // No steps to take: refused before anything is written.
+    let out = dir.path().join("no-steps");
+    let line =
+        error_line(&wavegen(&["mnist", "train", "--model", "fvsbn", "--steps", "0", "--out", out.to_str().unwrap()]));
+    assert!(line.contains("--steps must be at least 1") && !out.exists(), "{line}");
     // An audio checkpoint is not an image model.
     let line = error_line(&wavegen(&["mnist", "eval", "--checkpoint", "checkpoints/fsdd"]));
     assert!(line.contains("not an image model"), "{line}");

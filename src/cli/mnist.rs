@@ -109,6 +109,10 @@ struct TrainArgs {
     /// Stop after this many minutes (the best model so far is kept).
     #[arg(long)]
     minutes: Option<f64>,
+    /// Stop after this many optimisation steps in all (a step is one batch; the learning-rate
+    /// schedule still spans --epochs). For short, repeatable runs.
+    #[arg(long)]
+    steps: Option<u64>,
     /// Images per batch.
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
@@ -374,6 +378,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         l1: a.l1,
         l1_log_scale: a.l1_log_scale.unwrap_or(0.0),
         max_minutes: a.minutes,
+        max_steps: a.steps,
         seed: a.seed,
         dynamic: a.dynamic,
         precision: a.precision.map(Into::into),

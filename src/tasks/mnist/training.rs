@@ -34,6 +34,8 @@ pub struct MnistTrainOptions {
     pub l1_log_scale: f64,
     /// Stop after this many minutes of this run.
     pub max_minutes: Option<f64>,
+    /// Stop at this step (counted over all runs), before the schedule's end.
+    pub max_steps: Option<u64>,
     /// Seed of the weights and of the data order.
     pub seed: u64,
     /// Binary models: train on grey-level MNIST binarized afresh in every batch (dynamic
@@ -73,6 +75,9 @@ pub struct MnistTrainSummary {
 pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool) -> Result<MnistTrainSummary> {
     if opts.epochs > MAX_EPOCHS {
         return Err(Error::Config(format!("--epochs is {}; it must be at most {MAX_EPOCHS}", opts.epochs)));
+    }
+    if opts.max_steps == Some(0) {
+        return Err(Error::Config("--steps must be at least 1".into()));
     }
     let last = opts.out.join(LAST);
     let (_guard, resumed) = run::take_for_training(&opts.out, &last, opts.resume)?;
@@ -118,8 +123,8 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
         manifest.train.warmup_steps = images.steps_per_epoch.min(opts.epochs * images.steps_per_epoch / 10).max(1);
     }
     let images = manifest.images.clone().ok_or_else(|| Error::checkpoint(&last, "not an image model"))?;
-    manifest.train.max_steps = opts.epochs * images.steps_per_epoch;
-    manifest.train.decay_steps = manifest.train.max_steps;
+    manifest.train.decay_steps = opts.epochs * images.steps_per_epoch;
+    manifest.train.max_steps = opts.max_steps.map_or(manifest.train.decay_steps, |s| s.min(manifest.train.decay_steps));
     manifest.train.max_minutes = opts.max_minutes;
 
     let (mut model, params, mut opt) = run::model_and_optimizer(&manifest, resumed.as_ref(), |m, vb| {
