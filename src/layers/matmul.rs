@@ -626,8 +626,7 @@ pub mod amx {
                     dst.iter_mut().zip(r0).for_each(|(o, &x)| *o = pair(x, 0.0));
                 }
             } else {
-                // Neither rows nor columns contiguous (no product of the ops makes such a view):
-                // element by element.
+                // Neither rows nor columns contiguous: element by element.
                 for (j, o) in dst[..n].iter_mut().enumerate() {
                     // SAFETY: indices inside the view.
                     *o = unsafe { pair(b.at(k0, j), if k1 < k { b.at(k1, j) } else { 0.0 }) };
