@@ -414,3 +414,30 @@ fn gated_pixelcnn_sees_every_earlier_pixel_within_reach() {
     let (r, c) = (row - 2, col + 3); // two rows up, three right: within reach, in the blind spot
     assert!(within(r * cfg.width + c) && !seen.contains(&(r * cfg.width + c)), "PixelCNN's blind spot");
 }
+
+/// PixelCNN's blind spot has the shape `--first-kernel`'s help gives: with a first kernel of
+/// radius r and L blocks of 3×3, the row d above is seen up to r + min(d − 1, L) pixels to the
+/// right, and r + L to the left, up to r + L rows; the current row r + L pixels back.
+#[test]
+fn pixelcnn_sees_the_row_above_as_far_right_as_its_first_kernel() {
+    use wavegen::models::pixelcnn::Config;
+    for first_kernel in [3, 5, 7] {
+        let cfg =
+            Config { classes: 2, height: 10, width: 15, channels: 8, layers: 2, first_kernel, kernel: 3, head: 8 };
+        let (r, layers) = (first_kernel / 2, cfg.layers);
+        let (row, col) = (8, 5);
+        let target = row * cfg.width + col;
+        let expected: Vec<usize> = (0..target)
+            .filter(|&p| {
+                let (d, c) = (row - p / cfg.width, p % cfg.width);
+                let right = if d == 0 { 0 } else { r + (d - 1).min(layers) };
+                d <= r + layers && col - c.min(col) <= r + layers && c.saturating_sub(col) <= right
+            })
+            .collect();
+        let (plain, params) = build(&ModelConfig::PixelCnn(cfg.clone()), DType::F32, 13);
+        for (_, var) in params.named() {
+            var.set(&(var.as_tensor() + 0.1).unwrap()).unwrap();
+        }
+        assert_eq!(influencers(&plain, cfg.height, cfg.width, target), expected, "first kernel {first_kernel}");
+    }
+}

@@ -79,6 +79,11 @@ struct TrainArgs {
     /// PixelCNN, Gated PixelCNN: hidden units of the 1×1 output head [default: 256].
     #[arg(long)]
     head: Option<usize>,
+    /// PixelCNN, Gated PixelCNN: side of the first layer's kernel, odd [default: 7]. PixelCNN sees
+    /// (first-kernel − 1)/2 pixels to the right in the row above and one more per row further up,
+    /// however deep: a wider first kernel shrinks its blind spot at little cost.
+    #[arg(long)]
+    first_kernel: Option<usize>,
     /// PixelCNN, Gated PixelCNN, transformer: precision of the training products, f32 or bf16 (bfloat16
     /// products summed in f32, on the AMX unit) [default: bf16 where the CPU has AMX].
     #[arg(long, value_enum)]
@@ -357,6 +362,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         heads: a.heads,
         channels: a.channels,
         head: a.head,
+        first_kernel: a.first_kernel,
         components: a.components,
         masks: a.masks,
         orderings: a.orderings,

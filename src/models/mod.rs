@@ -104,6 +104,8 @@ pub struct Settings {
     pub channels: Option<usize>,
     /// Hidden units of the output head (PixelCNN).
     pub head: Option<usize>,
+    /// Side of the first (mask A) layer's kernel (PixelCNN).
+    pub first_kernel: Option<usize>,
     /// RNADE's Gaussian components per pixel.
     pub components: Option<usize>,
     /// MADE's number of connectivities.

@@ -88,8 +88,9 @@ impl Config {
         within(&format!("{name} --channels"), self.channels, 1, MAX_HIDDEN)?;
         within(&format!("{name} --layers"), self.layers, 0, 256)?;
         within(&format!("{name} --head"), self.head, 1, MAX_HIDDEN)?;
-        for (what, k) in [("first kernel", self.first_kernel), ("kernel", self.kernel)] {
-            within(&format!("{name} {what}"), k, 1, 31)?;
+        // A 1×1 mask-A kernel has no taps: the first layer would see nothing.
+        for (what, k, least) in [("--first-kernel", self.first_kernel, 3), ("kernel", self.kernel, 1)] {
+            within(&format!("{name} {what}"), k, least, 31)?;
             if k % 2 == 0 {
                 return Err(Error::Config(format!("the {name}'s {what} is {k}; it must be odd")));
             }
@@ -548,7 +549,7 @@ fn image_config(pixels: usize, s: &Settings, layers: usize, channels: usize) -> 
         width: side,
         channels: s.channels.unwrap_or(channels),
         layers: s.layers.map_or(layers, |l| l.saturating_sub(1)),
-        first_kernel: 7,
+        first_kernel: s.first_kernel.unwrap_or(7),
         kernel: 3,
         head: s.head.unwrap_or(256),
     })
