@@ -845,8 +845,9 @@ pub mod amx {
         }
 
         /// See [`super::conv_weight_acc`]. `dy` is packed once (B: its rows in pairs), and `xᵀ`
-        /// twice (A: rows of channels, pairs of x rows along the depth), once for even and once
-        /// for odd offsets, with zero rows around x as far as the taps reach: tap k's A then
+        /// once per parity of the offsets (A: rows of channels, pairs of x rows along the depth;
+        /// a 1×1 convolution's one offset needs one copy, a wider kernel's both), with zero rows
+        /// around x as far as the taps reach: tap k's A then
         /// starts `(o_k + front − phase) / 2` pairs into its copy, and the rows of x outside the
         /// sequence are zeros there.
         pub fn conv_weight_acc(dst: &mut [f32], x: Mat<f32>, dy: Mat<f32>, offsets: &[isize]) {
@@ -870,6 +871,9 @@ pub mod amx {
                 packed.a.resize(packed.a.len().max(2 * mp * kq), 0);
                 let (even, odd) = packed.a[..2 * mp * kq].split_at_mut(mp * kq);
                 for (phase, out) in [even, odd].into_iter().enumerate() {
+                    if !taps.iter().any(|&(_, o)| o.rem_euclid(2) as usize == phase) {
+                        continue;
+                    }
                     // Pair q holds x rows 2q + phase − front and the next.
                     // SAFETY: AVX-512 (every AMX CPU has it).
                     unsafe { pack_transposed(&x, phase as isize - front as isize, out, kq) };
@@ -1122,8 +1126,8 @@ mod tests {
         }
     }
 
-    /// The weight gradients of a convolution: taps of both parities before and after, reaching
-    /// past the ends, ragged sizes, offset destinations.
+    /// The weight gradients of a convolution: taps of both parities or of one, before and
+    /// after, reaching past the ends, ragged sizes, offset destinations.
     #[test]
     fn tile_weight_gradients_match_the_reference() {
         if !amx::available() {
@@ -1135,6 +1139,8 @@ mod tests {
             (37, 45, 20, vec![-70, -31, -1, 0, 3, 36]),
             (100, 64, 32, vec![0, 8, 99, 150, -33, -2, 1]),
             (2100, 16, 20, vec![-1, 0, 2]), // deeper than one chunk of the tile loop
+            (64, 48, 32, vec![0]),          // a 1×1 convolution: only the even copy is packed
+            (45, 24, 40, vec![-3, 5]),      // odd offsets only
         ];
         // Forward, then back: each case also meets the packing buffers the others left.
         for &(r, c, n, ref offsets) in cases.iter().chain(cases.iter().rev()) {
