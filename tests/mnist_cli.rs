@@ -290,6 +290,15 @@ fn bad_input_gives_clear_errors() {
     let line =
         error_line(&wavegen(&["mnist", "train", "--model", "fvsbn", "--steps", "0", "--out", out.to_str().unwrap()]));
     assert!(line.contains("--steps must be at least 1") && !out.exists(), "{line}");
+    // A bad model setting is named before the dataset is looked for (there is none here).
+    let out = dir.path().join("even-kernel");
+    let o = out.to_str().unwrap();
+    for (kernel, says) in [("4", "must be odd"), ("1", "must be from 3 to 31")] {
+        let args =
+            ["mnist", "train", "--model", "pixelcnn", "--first-kernel", kernel, "--out", o, "--data", "/nonexistent"];
+        let line = error_line(&wavegen(&args));
+        assert!(line.contains("--first-kernel") && line.contains(says) && !out.exists(), "{line}");
+    }
     // An audio checkpoint is not an image model.
     let line = error_line(&wavegen(&["mnist", "eval", "--checkpoint", "checkpoints/fsdd"]));
     assert!(line.contains("not an image model"), "{line}");

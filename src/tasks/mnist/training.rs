@@ -79,6 +79,10 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     if opts.max_steps == Some(0) {
         return Err(Error::Config("--steps must be at least 1".into()));
     }
+    if !opts.resume {
+        // Settings first: a bad one is reported before the dataset is read.
+        opts.model.validate()?;
+    }
     let last = opts.out.join(LAST);
     let (_guard, resumed) = run::take_for_training(&opts.out, &last, opts.resume)?;
     let existing = resumed.is_some();
