@@ -847,9 +847,8 @@ pub mod amx {
         /// See [`super::conv_weight_acc`]. `dy` is packed once (B: its rows in pairs), and `xᵀ`
         /// once per parity of the offsets (A: rows of channels, pairs of x rows along the depth;
         /// a 1×1 convolution's one offset needs one copy, a wider kernel's both), with zero rows
-        /// around x as far as the taps reach: tap k's A then
-        /// starts `(o_k + front − phase) / 2` pairs into its copy, and the rows of x outside the
-        /// sequence are zeros there.
+        /// around x as far as the taps reach: tap k's A then starts `(o_k + front − phase) / 2`
+        /// pairs into its copy, and the rows of x outside the sequence are zeros there.
         pub fn conv_weight_acc(dst: &mut [f32], x: Mat<f32>, dy: Mat<f32>, offsets: &[isize]) {
             let (r, c, n) = (x.rows, x.cols, dy.cols);
             let taps: Vec<(usize, isize)> =

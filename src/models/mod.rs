@@ -104,7 +104,7 @@ pub struct Settings {
     pub channels: Option<usize>,
     /// Hidden units of the output head (PixelCNN).
     pub head: Option<usize>,
-    /// Side of the first (mask A) layer's kernel (PixelCNN).
+    /// Side of the first layer's kernel (PixelCNN's mask A, Gated PixelCNN's first layer).
     pub first_kernel: Option<usize>,
     /// RNADE's Gaussian components per pixel.
     pub components: Option<usize>,
