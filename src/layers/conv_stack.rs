@@ -85,6 +85,28 @@ impl Rows {
     pub fn pad<T: Float>(&self, y: &mut [T], cols: usize) {
         zero_padding_rows(y, self.r, cols, Some(self.padding));
     }
+
+    /// The same sequences laid out with `padding` (`(period, valid)`, the same number of
+    /// periods per sequence): the rows of a network whose later layers need less padding than
+    /// its first.
+    pub fn with_padding(&self, padding: (usize, usize)) -> Rows {
+        Rows { g: self.g, r: self.r / self.padding.0 * padding.0, padding }
+    }
+
+    /// `x` (`cols` wide, on these rows) on the rows `to`: each period's first `min(valid)` rows
+    /// copied, the rest zero. `x` itself when the layouts are the same.
+    pub fn relaid<T: Float>(&self, x: Vec<T>, to: Rows, cols: usize) -> Vec<T> {
+        if self.padding == to.padding {
+            return x;
+        }
+        let (from_period, to_period) = (self.padding.0 * cols, to.padding.0 * cols);
+        let valid = self.padding.1.min(to.padding.1) * cols;
+        let mut y = vec![T::default(); to.count() * cols];
+        for (src, dst) in x.chunks_exact(from_period).zip(y.chunks_exact_mut(to_period)) {
+            dst[..valid].copy_from_slice(&src[..valid]);
+        }
+        y
+    }
 }
 
 impl ConvAt {
@@ -328,13 +350,20 @@ pub trait Network: Clone + Send + Sync + 'static {
     /// Channels of the input and of the output.
     fn channels(&self) -> (usize, usize);
 
-    /// The padding rows, as [`Rows`] says.
+    /// The padding rows of the input, as [`Rows`] says.
     fn padding(&self) -> (usize, usize);
 
-    /// The output `(G·R × C_out)` for the input `x (G·R × C_in)`, and what the backward keeps.
+    /// The padding rows of the output (the same periods per sequence as the input's).
+    fn output_padding(&self) -> (usize, usize) {
+        self.padding()
+    }
+
+    /// The output `(G·R' × C_out)` (on the output's rows) for the input `x (G·R × C_in)` (on
+    /// `rows`), and what the backward keeps.
     fn forward<T: Value, P: Products<T>>(&self, p: &[T], x: &[T], rows: Rows) -> (Vec<T>, Self::Kept<T>);
 
-    /// The gradient of the flat weights from that of the output (the input's is not needed).
+    /// The gradient of the flat weights from that of the output (the input's is not needed);
+    /// `rows` are the input's.
     fn backward<T: Value, P: Products<T>>(
         &self,
         p: &[T],
@@ -422,7 +451,8 @@ impl<N: Network> StackOp<N> {
         let (x, p) = (super::contiguous_slice(x, xl, "conv stack")?, super::contiguous_slice(p, pl, "conv stack")?);
         let (y, kept) = T::forward(self, p, x, rows);
         *self.kept.lock().expect("invariant: not poisoned") = Some(kept);
-        Ok((y, Shape::from((rows.g, rows.r, self.net.channels().1))))
+        let out = rows.with_padding(self.net.output_padding());
+        Ok((y, Shape::from((out.g, out.r, self.net.channels().1))))
     }
 
     fn grad<T: Run>(&self, x: &Tensor, p: &Tensor, dy: &Tensor, kept: &Kept<N>) -> candle_core::Result<Tensor> {

@@ -5,6 +5,11 @@
 //! conv_A(x)`, then per block `h += expand(relu(conv_B(relu(reduce(relu(h))))))` (1×1 from 2C
 //! to C, the masked convolution, 1×1 back to 2C), then the head: ReLU, 1×1, ReLU, 1×1. With
 //! dropout, the masked convolution's ReLU is dropped before `expand` reads it.
+//!
+//! The first convolution's output is relaid onto narrower rows for the blocks and the head: a
+//! wide first kernel needs as many padding columns as its radius, the 3×3 blocks one, and
+//! every padding row is computed like a pixel (a 15×15 first layer on 28-pixel rows would
+//! make every later layer 35/29 as costly).
 
 use super::conv_stack::{
     ConvAt, ConvShape, Head, HeadActs, Network, Placer, Rows, Value, add_bias, into_relu, relu, relu_grad,
@@ -20,19 +25,28 @@ pub struct MaskedStack {
     blocks: Vec<[ConvAt; 3]>,
     head: Head,
     padding: (usize, usize),
+    block_padding: (usize, usize),
     len: usize,
     dropout: Option<Dropout>,
 }
 
 impl MaskedStack {
     /// The network of `input`, `blocks` ([reduce, masked, expand] each) and `head` ([hidden,
-    /// out]), on rows whose padding is `(period, valid)`.
-    pub fn new(input: &ConvShape, blocks: &[[ConvShape; 3]], head: &[ConvShape; 2], padding: (usize, usize)) -> Self {
+    /// out]): the input on rows whose padding is `padding` (`(period, valid)`), the blocks, the
+    /// head and the output on rows padded as `block_padding` says (the offsets of each
+    /// convolution given for its rows).
+    pub fn new(
+        input: &ConvShape,
+        blocks: &[[ConvShape; 3]],
+        head: &[ConvShape; 2],
+        padding: (usize, usize),
+        block_padding: (usize, usize),
+    ) -> Self {
         let mut placer = Placer::default();
         let input = placer.place(input);
         let blocks = blocks.iter().map(|convs| convs.each_ref().map(|c| placer.place(c))).collect();
         let head = Head::place(&mut placer, head);
-        MaskedStack { input, blocks, head, padding, len: placer.len, dropout: None }
+        MaskedStack { input, blocks, head, padding, block_padding, len: placer.len, dropout: None }
     }
 
     /// The same network, training with `dropout`.
@@ -69,8 +83,13 @@ impl Network for MaskedStack {
         self.padding
     }
 
-    fn forward<T: Value, P: Products<T>>(&self, p: &[T], x: &[T], rows: Rows) -> (Vec<T>, Activations<T>) {
-        let mut h = self.input.forward::<T, P>(p, x, rows);
+    fn output_padding(&self) -> (usize, usize) {
+        self.block_padding
+    }
+
+    fn forward<T: Value, P: Products<T>>(&self, p: &[T], x: &[T], input_rows: Rows) -> (Vec<T>, Activations<T>) {
+        let rows = input_rows.with_padding(self.block_padding);
+        let mut h = input_rows.relaid(self.input.forward::<T, P>(p, x, input_rows), rows, self.input.c_out);
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for (i, [reduce, masked, expand]) in self.blocks.iter().enumerate() {
             let relu_h = relu(&h);
@@ -95,8 +114,9 @@ impl Network for MaskedStack {
         x: &[T],
         acts: &Activations<T>,
         dlogits: &[T],
-        rows: Rows,
+        input_rows: Rows,
     ) -> Vec<T> {
+        let rows = input_rows.with_padding(self.block_padding);
         let n = rows.count();
         let mut dp = vec![T::default(); p.len()];
         let mut dh = self.head.backward::<T, P>(&mut dp, p, &acts.head, dlogits, rows);
@@ -122,7 +142,8 @@ impl Network for MaskedStack {
             reduce.set_input_grads::<T, P>(&mut d_h, &d_reduced, p, rows);
             T::accumulate_relu_grad(&mut dh, &d_h, &a.h);
         }
-        self.input.grads::<T, P>(&mut dp, x, &mut dh, rows);
+        let mut dh = rows.relaid(dh, input_rows, self.input.c_out);
+        self.input.grads::<T, P>(&mut dp, x, &mut dh, input_rows);
         dp
     }
 }

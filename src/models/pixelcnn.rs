@@ -5,7 +5,8 @@
 //! Both are stacks of masked convolutions over the image, in raster order. Each convolution is
 //! a sum of shifted matrix products (`layers::shifted`): the image is laid out row after row
 //! with `pad` zero columns after each row, so that a tap at (dy, dx) is the row `dy·stride +
-//! dx` away and a horizontal shift never wraps onto a pixel. A mask is the choice of taps:
+//! dx` away and a horizontal shift never wraps onto a pixel (PixelCNN's wide first layer has its
+//! own, wider layout; its blocks run on rows padded for theirs). A mask is the choice of taps:
 //!
 //! - mask A (the first layer): the rows above and the pixels to the left;
 //! - mask B (after it): the same and the pixel itself;
@@ -98,9 +99,9 @@ impl Config {
         Ok(())
     }
 
-    fn grid(&self) -> Grid {
-        let pad = self.first_kernel.max(self.kernel) / 2;
-        Grid { height: self.height, width: self.width, stride: self.width + pad }
+    /// The layout for `k × k` kernels: as many padding columns as their radius.
+    fn grid(&self, k: usize) -> Grid {
+        Grid { height: self.height, width: self.width, stride: self.width + k / 2 }
     }
 }
 
@@ -156,6 +157,14 @@ impl Grid {
         let ones: Vec<f32> = (0..self.slots()).map(|s| if s % self.stride < self.width { 1.0 } else { 0.0 }).collect();
         let ones = Tensor::from_vec(ones, (1, self.slots(), 1), tokens.device())?.to_dtype(dtype)?;
         Ok(Tensor::cat(&[x.reshape((b, self.slots(), 1))?, ones.broadcast_as((b, self.slots(), 1))?], 2)?)
+    }
+
+    /// `x (B, slots, C)` in this layout → the same pixels in the layout `to`, zero padding.
+    #[cfg(test)]
+    fn relaid(&self, x: &Tensor, to: Grid) -> Result<Tensor> {
+        let (b, _, c) = x.dims3()?;
+        let x = x.reshape((b, self.height, self.stride, c))?.narrow(2, 0, self.width)?;
+        Ok(x.pad_with_zeros(2, 0, to.stride - to.width)?.reshape((b, to.slots(), c))?)
     }
 
     /// Logits in the padded layout `(B, slots, V)` → the first `len` pixels' `(B, len, V)`.
@@ -291,6 +300,9 @@ impl Head {
 pub struct PixelCnn {
     /// Hyper-parameters.
     pub cfg: Config,
+    /// The first layer's layout (as wide as its kernel needs).
+    input_grid: Grid,
+    /// The blocks' and the head's layout (as wide as the blocks' kernels need).
     grid: Grid,
     input: Conv,
     blocks: Vec<[Conv; 3]>,
@@ -325,7 +337,7 @@ impl PixelCnn {
     /// Loads or creates the weights under `vb`.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         <Self as Registered>::weights(cfg)?;
-        let (grid, c) = (cfg.grid(), cfg.channels);
+        let (input_grid, grid, c) = (cfg.grid(cfg.first_kernel), cfg.grid(cfg.kernel), cfg.channels);
         let b_taps = masked_taps(cfg.kernel, true);
         let blocks = (0..cfg.layers)
             .map(|l| {
@@ -339,12 +351,13 @@ impl PixelCnn {
                 ])
             })
             .collect::<Result<Vec<_>>>()?;
-        let input = Conv::new(&grid, &masked_taps(cfg.first_kernel, false), INPUTS, 2 * c, vb.pp("input"))?;
+        let input = Conv::new(&input_grid, &masked_taps(cfg.first_kernel, false), INPUTS, 2 * c, vb.pp("input"))?;
         let head = Head::new(&grid, 2 * c, cfg, vb)?;
         let block_shapes =
             blocks.iter().map(|[r, m, e]| Ok([r.shape()?, m.shape()?, e.shape()?])).collect::<Result<Vec<_>>>()?;
-        let stack = MaskedStack::new(&input.shape()?, &block_shapes, &head.shapes()?, grid.padding());
-        Ok(PixelCnn { cfg: cfg.clone(), grid, input, blocks, head, precision: Precision::F32, stack })
+        let stack =
+            MaskedStack::new(&input.shape()?, &block_shapes, &head.shapes()?, input_grid.padding(), grid.padding());
+        Ok(PixelCnn { cfg: cfg.clone(), input_grid, grid, input, blocks, head, precision: Precision::F32, stack })
     }
 
     /// Every weight, in the order of [`MaskedStack`].
@@ -359,7 +372,8 @@ impl PixelCnn {
     fn forward_separate(&self, x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
         let plain = self.grid.options(self.precision);
         let relu = Options { relu_input: true, ..plain };
-        let mut h = self.input.forward(x, plain)?; // (B, slots, 2C)
+        let h = self.input.forward(x, self.input_grid.options(self.precision))?; // (B, input slots, 2C)
+        let mut h = self.input_grid.relaid(&h, self.grid)?; // (B, slots, 2C)
         for (l, [reduce, conv, expand]) in self.blocks.iter().enumerate() {
             let y = reduce.forward(&h, relu)?;
             // Dropping before `expand`'s ReLU is dropping after it: the mask is ≥ 0.
@@ -375,9 +389,15 @@ impl PixelCnn {
         self
     }
 
+    /// The input's layout.
+    #[cfg(test)]
+    fn input_grid(&self) -> Grid {
+        self.input_grid
+    }
+
     /// The logits of every pixel through `stack` (the model's network, or it with dropout).
     fn logits(&self, stack: &MaskedStack, tokens: &Tensor) -> Result<Tensor> {
-        let x = self.grid.values(tokens, self.cfg.classes, self.input.weight.dtype())?;
+        let x = self.input_grid.values(tokens, self.cfg.classes, self.input.weight.dtype())?;
         let logits = conv_stack(stack, &x, &self.flat_weights()?, self.precision)?;
         self.grid.pixels_of(&logits, tokens.dim(1)?)
     }
@@ -387,7 +407,7 @@ impl GatedPixelCnn {
     /// Loads or creates the weights under `vb`.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         <Self as Registered>::weights(cfg)?;
-        let (grid, c) = (cfg.grid(), cfg.channels);
+        let (grid, c) = (cfg.grid(cfg.first_kernel.max(cfg.kernel)), cfg.channels);
         let layers = (0..=cfg.layers)
             .map(|l| {
                 let vb = vb.pp(format!("layers.{l}"));
@@ -437,6 +457,12 @@ impl GatedPixelCnn {
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
         self
+    }
+
+    /// The input's layout (that of every layer).
+    #[cfg(test)]
+    fn input_grid(&self) -> Grid {
+        self.grid
     }
 
     /// The logits of every pixel through `stack` (the model's network, or it with dropout).
@@ -708,13 +734,25 @@ pub mod cached {
     }
 
     enum Net {
-        Plain { input: Weights, blocks: Vec<[Weights; 3]>, maps: Vec<Map> },
-        Gated { layers: Vec<[Weights; 4]>, vertical: Vec<Map>, link: Vec<Map>, horizontal: Vec<Map> },
+        /// `grid`: the blocks' layout (the pixels' is the state's).
+        Plain {
+            input: Weights,
+            blocks: Vec<[Weights; 3]>,
+            maps: Vec<Map>,
+            grid: Grid,
+        },
+        Gated {
+            layers: Vec<[Weights; 4]>,
+            vertical: Vec<Map>,
+            link: Vec<Map>,
+            horizontal: Vec<Map>,
+        },
     }
 
     /// The stepper state of a PixelCNN or Gated PixelCNN: the generated pixels, every layer's
     /// activations so far, and the next pixel's index.
     pub struct State {
+        /// The pixels' layout.
         grid: Grid,
         classes: usize,
         dtype: DType,
@@ -747,8 +785,9 @@ pub mod cached {
             let (grid, slot) = (self.grid, self.grid.slot(self.next));
             let at: Vec<_> = (0..self.batch).map(|b| (b, slot)).collect();
             let top = match &mut self.net {
-                Net::Plain { input, blocks, maps } => {
+                Net::Plain { input, blocks, maps, grid: blocks_grid } => {
                     let mut h = input.at(&self.pixels, &at);
+                    let at: Vec<_> = (0..self.batch).map(|b| (b, blocks_grid.slot(self.next))).collect();
                     for (l, [reduce, conv, expand]) in blocks.iter().enumerate() {
                         let mut x = h.clone();
                         relu(&mut x);
@@ -827,8 +866,8 @@ pub mod cached {
         pub(super) fn plain(m: &PixelCnn, batch: usize) -> Result<State> {
             let blocks = m.blocks.iter().map(|[a, b, c]| convs([a, b, c])).collect::<Result<Vec<_>>>()?;
             let maps = (0..blocks.len()).map(|_| Map::new(batch, m.grid.slots(), m.cfg.channels)).collect();
-            let net = Net::Plain { input: Weights::of(&m.input)?, blocks, maps };
-            State::with(m.grid, &m.cfg, &m.head, batch, net)
+            let net = Net::Plain { input: Weights::of(&m.input)?, blocks, maps, grid: m.grid };
+            State::with(m.input_grid, &m.cfg, &m.head, batch, net)
         }
 
         pub(super) fn gated(m: &GatedPixelCnn, batch: usize) -> Result<State> {
@@ -858,7 +897,8 @@ mod tests {
         fn build(cfg: &Config, vb: VarBuilder) -> Self;
         fn fused(&self, x: &Tensor, precision: Precision, dropout: Option<Dropout>) -> Tensor;
         fn separate(&self, x: &Tensor, precision: Precision, dropout: Option<Dropout>) -> Tensor;
-        fn grid(&self) -> Grid;
+        /// The input's layout.
+        fn input_grid(&self) -> Grid;
     }
 
     macro_rules! fused {
@@ -877,8 +917,8 @@ mod tests {
                 fn separate(&self, x: &Tensor, precision: Precision, dropout: Option<Dropout>) -> Tensor {
                     self.clone().with_precision(precision).forward_separate(x, dropout).unwrap()
                 }
-                fn grid(&self) -> Grid {
-                    self.grid
+                fn input_grid(&self) -> Grid {
+                    <$model>::input_grid(self)
                 }
             }
         )*};
@@ -894,7 +934,7 @@ mod tests {
         perturb(&params, dtype, &mut rng);
         let tokens: Vec<u32> = (0..3 * cfg.pixels()).map(|_| rng.below(cfg.classes) as u32).collect();
         let tokens = Tensor::from_vec(tokens, (3, cfg.pixels()), &Device::Cpu).unwrap();
-        let x = model.grid().values(&tokens, cfg.classes, dtype).unwrap();
+        let x = model.input_grid().values(&tokens, cfg.classes, dtype).unwrap();
         (model, params, x)
     }
 
