@@ -39,6 +39,19 @@ impl std::fmt::Display for Precision {
     }
 }
 
+impl Precision {
+    /// How the products run here, for the logs: bf16 needs AMX, and falls back to exact f32
+    /// on a CPU without it.
+    pub fn products_here(self) -> String {
+        match self {
+            Precision::Bf16 if !crate::layers::matmul::amx::available() => {
+                "f32 products (bf16 asked for; this CPU has no AMX)".to_string()
+            }
+            p => format!("{p} products"),
+        }
+    }
+}
+
 /// The final learning rate as a fraction of the peak, for the commands' schedules.
 pub const FINAL_LR_FRACTION: f64 = 1.0 / 20.0;
 

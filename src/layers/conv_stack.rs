@@ -523,3 +523,28 @@ pub fn conv_stack<N: Network>(net: &N, x: &Tensor, params: &Tensor, precision: P
     let op = StackOp { net: net.clone(), bf16, kept: Mutex::new(None) };
     Ok(x.contiguous()?.apply_op2(&params.contiguous()?, op)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Relaying keeps every pixel where its row and column say and zeroes the rest; back again
+    /// it is the identity on zero-padded rows.
+    #[test]
+    fn relaid_rows_keep_the_pixels_and_zero_the_padding() {
+        // 2 images of 3 rows of 4 pixels, 2 channels: 7 slots per row, then 5.
+        let wide = Rows { g: 2, r: 3 * 7, padding: (7, 4) };
+        let narrow = wide.with_padding((5, 4));
+        assert_eq!(narrow.shape(), (2, 3 * 5));
+        let mut x: Vec<f64> = (0..wide.count() * 2).map(|i| i as f64 + 1.0).collect();
+        wide.pad(&mut x, 2);
+        let y = wide.relaid(x.clone(), narrow, 2);
+        assert_eq!(y.len(), narrow.count() * 2);
+        for (i, pixel) in y.chunks_exact(2).enumerate() {
+            let (image, row, col) = (i / 15, i % 15 / 5, i % 5);
+            let expected = if col < 4 { &x[((image * 3 + row) * 7 + col) * 2..][..2] } else { &[0.0, 0.0][..] };
+            assert_eq!(pixel, expected, "slot {i}");
+        }
+        assert_eq!(narrow.relaid(y, wide, 2), x);
+    }
+}

@@ -308,12 +308,12 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     let receptive_field = model.dependency_window().unwrap_or(0);
     match manifest.model.wavenet() {
         Some(cfg) => reporter.note(&format!(
-            "WaveNet: {} layers, {} parameters, receptive field {} samples ({:.0} ms), {} products",
+            "WaveNet: {} layers, {} parameters, receptive field {} samples ({:.0} ms), {}",
             cfg.layers(),
             params.count(),
             receptive_field,
             1000.0 * receptive_field as f64 / audio.settings.sample_rate as f64,
-            manifest.train.precision
+            manifest.train.precision.products_here()
         )),
         None => reporter.note(&format!(
             "{}: {} parameters, reading each window of {} samples from its start",

@@ -137,8 +137,11 @@ pub fn train(opts: &MnistTrainOptions, reporter: &mut dyn Reporter, stop: &Atomi
     if resumed.is_none() {
         init_output_bias(&params, &train_set)?;
     }
-    let precision =
-        if manifest.model.has_precision() { format!(", {} products", manifest.train.precision) } else { String::new() };
+    let precision = if manifest.model.has_precision() {
+        format!(", {}", manifest.train.precision.products_here())
+    } else {
+        String::new()
+    };
     reporter.note(&format!(
         "{}: {} parameters{precision}; {} training and {} validation images; {} steps of {} images per epoch",
         manifest.model.name(),
