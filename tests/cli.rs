@@ -27,6 +27,8 @@ fn train_info_generate_eval_with_json() {
     let r =
         json(&wavegen(&["train", d, "--out", c, "--resume", "--steps", "70", "--average", "0.9", "--json"], &cache));
     assert_eq!(r["steps"], 70);
+    // A run that has reached its end says how to go on, and leaves the checkpoint as it was.
+    assert_clear_error(&wavegen(&["train", "--out", c, "--resume"], &cache), "--steps");
 
     let i = json(&wavegen(&["info", c, "--json"], &cache));
     assert_eq!(i["receptive_field_samples"], 16);

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use wavegen::audio::mel::MelConfig;
 use wavegen::core::Autoregressive;
 use wavegen::core::sample::SamplerConfig;
+use wavegen::core::train::{Event, Stop};
 use wavegen::tasks::generate::{GenerateOptions, generate};
 use wavegen::tasks::run;
 use wavegen::tasks::train::{AudioModelSpec, VocoderOptions, train};
@@ -96,15 +97,17 @@ fn resume_is_exact(adjust: &dyn Fn(&mut wavegen::tasks::train::TrainOptions)) {
     // One run of N + M steps.
     let whole = dir.path().join("whole");
     train(&options(&whole, n + m), &mut Silent, &AtomicBool::new(false)).unwrap();
-    // N steps (with the same schedule), then a resume to N + M.
+    // The same run stopped after N steps (as Ctrl-C stops it), then resumed: with no step count
+    // given, a resume trains to the run's own end.
     let split = dir.path().join("split");
-    let mut first = options(&split, n);
-    first.train.decay_steps = n + m;
-    train(&first, &mut Silent, &AtomicBool::new(false)).unwrap();
-    let mut second = options(&split, n + m);
+    let stop = AtomicBool::new(false);
+    let mut stop_at_n = StopAt { step: n, stop: &stop };
+    let stopped = train(&options(&split, n + m), &mut stop_at_n, &stop).unwrap();
+    assert_eq!((stopped.steps, stopped.stopped), (n, Stop::Interrupted));
+    let mut second = options(&split, 1); // max_steps is ignored on resume ...
     second.resume = true;
     if let AudioModelSpec::Wavenet(cfg) = &mut second.model {
-        cfg.residual_channels = 99; // ignored on resume: the checkpoint's config wins
+        cfg.residual_channels = 99; // ... as is the config: the checkpoint's wins
     }
     train(&second, &mut Silent, &AtomicBool::new(false)).unwrap();
 
@@ -136,6 +139,22 @@ fn resume_is_exact(adjust: &dyn Fn(&mut wavegen::tasks::train::TrainOptions)) {
     assert_eq!(local(&whole), local(&split), "the same conditioning (or none)");
 }
 
+/// A reporter that raises the stop flag after a given step, as Ctrl-C would.
+struct StopAt<'a> {
+    step: u64,
+    stop: &'a AtomicBool,
+}
+
+impl wavegen::tasks::Reporter for StopAt<'_> {
+    fn note(&mut self, _: &str) {}
+    fn progress(&mut self, _: &str, _: u64, _: u64) {}
+    fn train_event(&mut self, event: &Event) {
+        if matches!(event, Event::Step { step, .. } if *step == self.step) {
+            self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 /// `--precision bf16`: learns the periodic signal as f32 does, is recorded in the checkpoint
 /// and kept on resume, and is deterministic (two runs with the same seed give the same weights).
 /// Where the CPU has no AMX-BF16 the run is refused with an error that says so.
@@ -149,6 +168,7 @@ fn bf16_training_learns_resumes_and_repeats() {
         opts.train.precision = Precision::Bf16;
         opts.train.decay_steps = 200;
         opts.resume = resume;
+        opts.change_steps = resume.then_some(steps);
         train(&opts, &mut Silent, &AtomicBool::new(false))
     };
     let first = match run("a", 120, false) {

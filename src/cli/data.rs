@@ -59,7 +59,7 @@ pub fn run(a: DataArgs) -> anyhow::Result<ExitCode> {
             }
             let opts = FetchOptions { mirror: a.mirror };
             for name in &names {
-                let mut bars = Bars::new(0, false);
+                let mut bars = Bars::new(false);
                 let r = fetch::fetch(name, &data, &opts, &mut bars);
                 bars.finish();
                 let r = r?;

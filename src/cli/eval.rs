@@ -40,7 +40,7 @@ pub struct InfoArgs {
 }
 
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
-    let mut bars = Bars::new(0, a.json);
+    let mut bars = Bars::new(a.json);
     let report = eval::eval(&a.checkpoint, &a.paths, a.label.as_deref(), &mut bars);
     bars.finish();
     let report = report?;

@@ -105,7 +105,7 @@ pub fn run(a: GenerateArgs, threads: Option<usize>) -> anyhow::Result<ExitCode> 
         threads: threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         keep: false,
     };
-    let mut bars = Bars::new(0, a.json);
+    let mut bars = Bars::new(a.json);
     let summary = generate(&opts, &mut bars);
     bars.finish();
     let s = summary?;

@@ -273,7 +273,7 @@ pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
     match a.command {
         MnistCommand::Train(a) => train(*a),
         MnistCommand::Eval(a) => {
-            let mut bars = Bars::new(0, a.json);
+            let mut bars = Bars::new(a.json);
             let split = if a.valid { Split::Valid } else { Split::Test };
             let r = mnist::eval(&a.checkpoint, &super::data_dir(a.data), split, a.masks, a.raw_weights, &mut bars);
             bars.finish();
@@ -299,7 +299,7 @@ pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         MnistCommand::Sample(a) => {
-            let mut bars = Bars::new(0, a.json);
+            let mut bars = Bars::new(a.json);
             let method = match a.method {
                 SampleMethod::Cached => Method::Cached,
                 SampleMethod::Naive => Method::Naive,
@@ -315,7 +315,7 @@ pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         MnistCommand::Complete(a) => {
-            let mut bars = Bars::new(0, false);
+            let mut bars = Bars::new(false);
             let data = super::data_dir(a.data);
             let r = mnist::complete(&a.checkpoint, &data, a.n, a.per_digit, a.seed, &a.out, &mut bars);
             bars.finish();
@@ -334,7 +334,7 @@ pub fn run(a: MnistArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         MnistCommand::Score(a) => {
-            let mut bars = Bars::new(0, false);
+            let mut bars = Bars::new(false);
             let r = mnist::score(&a.checkpoint, &super::data_dir(a.data), a.images.as_deref(), &mut bars);
             bars.finish();
             let mut csv = String::from("index,nll_nats\n");
@@ -392,7 +392,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         dropout: a.dropout,
     };
     let stop = super::stop_flag()?;
-    let mut bars = Bars::new(0, a.json);
+    let mut bars = Bars::new(a.json);
     let summary = mnist::train(&opts, &mut bars, stop);
     bars.finish();
     let s = summary?;

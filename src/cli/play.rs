@@ -75,7 +75,7 @@ pub fn run(a: PlayArgs) -> anyhow::Result<ExitCode> {
         exact: a.exact,
         vocode: a.vocode,
     };
-    let mut bars = Bars::new(0, a.json);
+    let mut bars = Bars::new(a.json);
     let summary = play(&opts, &mut bars, stop);
     bars.finish();
     let s = summary?;

@@ -8,7 +8,6 @@ use wavegen::tasks::Reporter;
 pub struct Bars {
     bar: Option<(String, ProgressBar)>,
     train_bar: Option<ProgressBar>,
-    total_steps: u64,
     quiet: bool,
     /// When stderr is not a terminal (a run in the background, its output in a log), bars are
     /// hidden: a plain progress line is written instead, at most this often.
@@ -17,12 +16,11 @@ pub struct Bars {
 }
 
 impl Bars {
-    /// A reporter for a run of `total_steps` training steps (0 if not training). `quiet`
-    /// hides notes and bars (for `--json`).
-    pub fn new(total_steps: u64, quiet: bool) -> Self {
+    /// A reporter; `quiet` hides notes and bars (for `--json`).
+    pub fn new(quiet: bool) -> Self {
         use std::io::IsTerminal;
         let plain_every = (!std::io::stderr().is_terminal()).then(|| std::time::Duration::from_secs(60));
-        Bars { bar: None, train_bar: None, total_steps, quiet, plain_every, plain_last: None }
+        Bars { bar: None, train_bar: None, quiet, plain_every, plain_last: None }
     }
 
     /// A plain progress line for a log, if one is due: `{what} {done}/{total}`.
@@ -103,7 +101,7 @@ impl Reporter for Bars {
             return;
         }
         let bar = self.train_bar.get_or_insert_with(|| {
-            let b = ProgressBar::new(self.total_steps).with_prefix("training");
+            let b = ProgressBar::new(0).with_prefix("training");
             b.set_style(
                 ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} eta {eta}")
                     .expect("invariant: valid template")
@@ -112,7 +110,8 @@ impl Reporter for Bars {
             b
         });
         match event {
-            Event::Step { step, loss, lr, tokens_per_second, .. } => {
+            Event::Step { step, max_steps, loss, lr, tokens_per_second, .. } => {
+                bar.set_length(*max_steps);
                 bar.set_position(*step);
                 let message = format!(
                     "loss {:.3} bits  lr {lr:.1e}  {:.0} samples/s",
@@ -120,8 +119,7 @@ impl Reporter for Bars {
                     tokens_per_second
                 );
                 bar.set_message(message.clone());
-                let total = self.total_steps;
-                self.plain_progress(&format!("training {message}  step"), *step, total);
+                self.plain_progress(&format!("training {message}  step"), *step, *max_steps);
             }
             Event::Eval(e) => {
                 let line = format!(

@@ -87,7 +87,8 @@ pub struct TrainArgs {
     /// LSTM, GRU: size of each μ-law code's embedding [default: 32].
     #[arg(long)]
     embedding: Option<usize>,
-    /// Train until this many steps in total [default: 2000, tiny: 50].
+    /// Train until this many steps in total [default: 2000, tiny: 50; with --resume, the run's own
+    /// end].
     #[arg(long)]
     steps: Option<u64>,
     /// Stop after this many minutes of this run (a checkpoint is written on stopping).
@@ -261,6 +262,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         val_fraction: a.val_fraction,
         out: a.out,
         resume: a.resume,
+        change_steps: if a.resume { a.steps } else { None },
         reschedule_decay: if a.resume { a.decay_steps } else { None },
         change_precision: if a.resume { a.precision.map(Precision::from) } else { None },
         change_average: if a.resume { a.average } else { None },
@@ -304,7 +306,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         cache_dir: cache_dir(a.cache_dir),
     };
     let stop = super::stop_flag()?;
-    let mut bars = Bars::new(steps, a.json);
+    let mut bars = Bars::new(a.json);
     let summary = train(&opts, &mut bars, stop);
     bars.finish();
     let summary = summary?;

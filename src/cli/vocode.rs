@@ -63,7 +63,7 @@ pub fn run(a: VocodeArgs) -> anyhow::Result<ExitCode> {
         griffin_lim_iterations: a.griffin_lim_iterations,
         spectrograms: a.spectrograms,
     };
-    let mut bars = Bars::new(0, a.json);
+    let mut bars = Bars::new(a.json);
     let summary = vocode(&opts, &mut bars);
     bars.finish();
     let s = summary?;

@@ -199,6 +199,8 @@ pub enum Event {
     Step {
         /// Steps done.
         step: u64,
+        /// Steps the run trains for in all.
+        max_steps: u64,
         /// Its loss, nats per token.
         loss: f64,
         /// Its learning rate.
@@ -379,7 +381,7 @@ pub fn train<M: Autoregressive + Sync>(
         loss_sum += loss;
         loss_steps += 1;
         let tokens_per_second = (state.tokens_seen - tokens_before) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        observe(Event::Step { step: state.step, loss, lr, grad_norm, tokens_per_second });
+        observe(Event::Step { step: state.step, max_steps: cfg.max_steps, loss, lr, grad_norm, tokens_per_second });
         // evaluate, checkpoint
         // (with the average of the weights in place, when the optimizer keeps one)
         if state.step.is_multiple_of(cfg.eval_every) {

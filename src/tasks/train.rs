@@ -53,8 +53,10 @@ pub struct TrainOptions {
     pub condition: Option<VocoderOptions>,
     /// Audio preprocessing (ignored when resuming).
     pub audio: AudioSettings,
-    /// Optimisation settings (on resume only `max_steps` and `max_minutes` are taken from here).
+    /// Optimisation settings (on resume only `max_minutes` is taken from here).
     pub train: TrainConfig,
+    /// On resume: train until this step in total (`None`: to the run's own end).
+    pub change_steps: Option<u64>,
     /// On resume: move the end of the cosine decay here (a warm restart that extends training).
     pub reschedule_decay: Option<u64>,
     /// On resume: switch the precision of the products to this.
@@ -171,7 +173,18 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     // The run's settings: from the checkpoint when resuming, from the options otherwise.
     let (mut manifest, resumed) = if let Some(ckpt) = resumed {
         let mut m = ckpt.manifest.clone();
-        m.train.max_steps = opts.train.max_steps;
+        if let Some(steps) = opts.change_steps {
+            m.train.max_steps = steps;
+        }
+        if m.state.step >= m.train.max_steps {
+            return Err(Error::Config(format!(
+                "{} has trained {} of its {} steps: pass --steps N, more than {}, to train on",
+                opts.out.display(),
+                m.state.step,
+                m.train.max_steps,
+                m.state.step
+            )));
+        }
         m.train.max_minutes = opts.train.max_minutes;
         if let Some(decay_steps) = opts.reschedule_decay {
             m.train.decay_steps = decay_steps;

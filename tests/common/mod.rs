@@ -61,6 +61,7 @@ pub fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         val_fraction: 0.25,
         out: out.to_path_buf(),
         resume: false,
+        change_steps: None,
         reschedule_decay: None,
         change_precision: None,
         change_average: None,
