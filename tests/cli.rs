@@ -58,6 +58,25 @@ fn train_info_generate_eval_with_json() {
     assert!(e["files"][0]["bits_per_sample"].as_f64().unwrap() > 0.0);
 }
 
+/// Every shipped checkpoint opens: `info` reads its config and builds its model from its weights.
+#[test]
+fn every_shipped_checkpoint_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("checkpoints");
+    let mut opened = Vec::new();
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            let i = json(&wavegen(&["info", path.to_str().unwrap(), "--json"], &dir.path().join("cache")));
+            assert!(i["parameters"].as_u64().unwrap() > 0, "{}", path.display());
+            opened.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    for name in ["default", "fsdd", "fsdd-vocoder", "mnist-pixelcnn", "mnist-gated-pixelcnn", "mnist-transformer"] {
+        assert!(opened.iter().any(|o| o == name), "{name} is shipped");
+    }
+}
+
 #[test]
 fn bad_input_gets_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
