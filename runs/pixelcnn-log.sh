@@ -3,10 +3,7 @@
 # this session's header and the run's output without the per-step progress lines.
 d=checkpoints/mnist-pixelcnn-96
 out() { tr '\r' '\n' < "$1" | grep -av "^epoch *[0-9]*/782" | grep -v "^$"; }
-cat "$d/train.log"
-echo "# session 23: wavegen --threads 2 mnist train --model pixelcnn --out $d --resume --epochs 15 (AMD EPYC with AVX-512, no AMX: f32 products; about 1.0 step/s on both cores)"
-out runs/s23-pixelcnn-a.out
-echo "# stopped by SIGKILL after epoch 4's checkpoint, then the same with --average 0.999 (weights averaged from step 3,128)"
-out runs/s23-pixelcnn-b.out
-echo "# stopped by SIGKILL after epoch 5's checkpoint, then the same with --threads 1 (the other core trains checkpoints/fsdd-vocoder-large)"
-out runs/s23-pixelcnn.out
+grep -v "^# stopped by SIGKILL after epoch 9's checkpoint (the end of session 23)" "$d/train.log"
+echo "# stopped by SIGKILL after epoch 9's checkpoint (the end of session 23)"
+echo "# session 24: wavegen --threads 2 mnist train --model pixelcnn --out $d --resume --epochs 15 (the same machine; the averaging carried over)"
+out runs/s24-pixelcnn.out
