@@ -50,7 +50,7 @@ enum Command {
     Vocode(vocode::VocodeArgs),
     /// Print a shell completion script: `wavegen completions bash > ~/.local/share/bash-completion/completions/wavegen`.
     Completions(data::CompletionsArgs),
-    /// The image models on MNIST (FVSBN, NADE, MADE on binarized digits; RNADE on grey levels): train, eval, sample, complete, score.
+    /// The image models on MNIST (FVSBN, NADE, MADE, LSTM, GRU, transformer, PixelCNN, Gated PixelCNN on binarized digits; RNADE on grey levels): train, eval, sample, complete, score, compact.
     Mnist(mnist::MnistArgs),
 }
 

@@ -173,17 +173,19 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     // The run's settings: from the checkpoint when resuming, from the options otherwise.
     let (mut manifest, resumed) = if let Some(ckpt) = resumed {
         let mut m = ckpt.manifest.clone();
-        if let Some(steps) = opts.change_steps {
-            m.train.max_steps = steps;
-        }
-        if m.state.step >= m.train.max_steps {
-            return Err(Error::Config(format!(
-                "{} has trained {} of its {} steps: pass --steps N, more than {}, to train on",
-                opts.out.display(),
-                m.state.step,
-                m.train.max_steps,
-                m.state.step
-            )));
+        match opts.change_steps {
+            Some(steps) => m.train.max_steps = steps,
+            // Asked to go on with no new end, a finished run has nothing to do: say how to extend it.
+            // (An explicit end already reached is done, not an error, so resuming is idempotent.)
+            None if m.state.step >= m.train.max_steps => {
+                return Err(Error::Config(format!(
+                    "{} has trained all {} of its steps: pass --steps N, more than {}, to train on",
+                    opts.out.display(),
+                    m.train.max_steps,
+                    m.state.step
+                )));
+            }
+            None => {}
         }
         m.train.max_minutes = opts.train.max_minutes;
         if let Some(decay_steps) = opts.reschedule_decay {
