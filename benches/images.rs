@@ -1,6 +1,8 @@
 //! Image models on binarized MNIST-sized inputs (784 pixels): training images/s (forward,
 //! backward and AdamW step, batch 100) for FVSBN, NADE, MADE, the LSTM and the GRU, NADE computed the
-//! naive way for comparison, and NADE sampling with the running update. Run: `cargo bench
+//! naive way for comparison, NADE sampling with the running update, the PixelCNNs and the
+//! transformer, cached against naive sampling, and one masked convolution against candle's
+//! conv2d. Run: `cargo bench
 //! --bench images` (`RAYON_NUM_THREADS=1` for one core).
 
 use candle_core::{DType, Device, Tensor};
@@ -248,6 +250,47 @@ fn cached_sampling(c: &mut Criterion) {
     group.finish();
 }
 
+/// One masked 3×3 convolution (mask B, 64 → 64 channels, 64 images of 28 × 28), forward and
+/// forward + backward: the shifted matrix products PixelCNN uses (`layers::shifted`: 5 taps,
+/// rows of 28 + 1 slots) against candle's `conv2d` with the mask applied to its weights (all 9
+/// taps, as a dense convolution must). Run it with `RAYON_NUM_THREADS=1` to compare one core
+/// against one core (`init_process` already keeps candle's own pool to one thread).
+fn masked_conv(c: &mut Criterion) {
+    use candle_core::Var;
+    use wavegen::layers::shifted::{Options, shifted_conv};
+    let (n, side, ch) = (64, 28, 64);
+    let stride = side + 1;
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("masked_conv_3x3");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(n as u64));
+    // mask B: the row above (three taps) and the pixel to the left and the pixel itself
+    let taps: [(isize, isize); 5] = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0)];
+    let offsets: Vec<isize> = taps.iter().map(|&(dy, dx)| dy * stride as isize + dx).collect();
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, side * stride, ch), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (taps.len(), ch, ch), &dev).unwrap()).unwrap();
+    let b = Tensor::zeros(ch, DType::F32, &dev).unwrap();
+    let opts = Options { padding: Some((stride, side)), ..Options::plain() };
+    let ours = || shifted_conv(&x, &w, &b, &offsets, opts).unwrap();
+    group.bench_function("shifted products f32, forward", |bench| bench.iter(ours));
+    group.bench_function("shifted products f32, forward + backward", |bench| {
+        bench.iter(|| ours().sum_all().unwrap().backward().unwrap())
+    });
+    let mut mask = vec![0f32; 9];
+    for (dy, dx) in taps {
+        mask[((dy + 1) * 3 + dx + 1) as usize] = 1.0;
+    }
+    let mask = Tensor::from_vec(mask, (1, 1, 3, 3), &dev).unwrap();
+    let xi = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, ch, side, side), &dev).unwrap()).unwrap();
+    let wi = Var::from_tensor(&Tensor::randn(0f32, 0.1, (ch, ch, 3, 3), &dev).unwrap()).unwrap();
+    let candle = || xi.conv2d(&wi.broadcast_mul(&mask).unwrap(), 1, 1, 1, 1).unwrap();
+    group.bench_function("candle conv2d f32, forward", |bench| bench.iter(candle));
+    group.bench_function("candle conv2d f32, forward + backward", |bench| {
+        bench.iter(|| candle().sum_all().unwrap().backward().unwrap())
+    });
+    group.finish();
+}
+
 /// The process set-up `wavegen` itself runs (`wavegen::init_process`), before any benchmark.
 fn setup() -> Criterion {
     wavegen::init_process();
@@ -257,6 +300,6 @@ fn setup() -> Criterion {
 criterion_group! {
     name = benches;
     config = setup();
-    targets = training, naive_nade, sampling, convolutional, attention, cached_sampling
+    targets = training, naive_nade, sampling, convolutional, attention, cached_sampling, masked_conv
 }
 criterion_main!(benches);

@@ -1,5 +1,12 @@
 #!/bin/sh
-# checkpoints/fsdd-vocoder-large/train.log as it will read: the command, then the run's output
-# without the progress lines.
-echo "# session 23: wavegen --threads 1 train ../shared/datasets/fsdd/recordings --out checkpoints/fsdd-vocoder-large --sample-rate 8000 --preset default --condition mel --cond-channels 128 --subframes 8 --steps 40000 (AMD EPYC with AVX-512, no AMX: f32; one core, the PixelCNN-96 on the other)"
-tr '\r' '\n' < runs/s23-vocoder.out | grep -av "^training loss" | grep -v "^$"
+# checkpoints/fsdd-vocoder-large/train.log as it will read: the committed log, then this
+# session's runs without the progress lines.
+d=checkpoints/fsdd-vocoder-large
+out() { tr '\r' '\n' < "$1" | grep -av "^training loss" | grep -v "^$"; }
+cat "$d/train.log"
+echo "# session 24: wavegen --threads 1 train --out $d --resume --steps 40000 (the same machine; PixelCNN sampling on the other core)"
+out runs/s24-vocoder.out
+echo "# stopped by SIGINT to go on with both cores; the first resume ran session 23's binary without --steps, so it took 2,000 as the end and stopped at once (the bug fixed in this session; the weights were untouched):"
+out runs/s24-vocoder-b.out
+echo "# then, with this session's binary: wavegen --threads 2 train --out $d --resume --steps 40000 (two threads: not bit-identical to a one-thread run from here on)"
+out runs/s24-vocoder-c.out
