@@ -33,6 +33,7 @@ fn train_info_generate_eval_with_json() {
     let i = json(&wavegen(&["info", c, "--json"], &cache));
     assert_eq!(i["receptive_field_samples"], 16);
     assert_eq!(i["manifest"]["state"]["step"], 70);
+    assert_eq!(i["manifest"]["train"]["max_steps"], 70);
     assert_eq!(i["manifest"]["train"]["adamw"]["average_decay"], 0.9);
     assert!(i["parameters"].as_u64().unwrap() > 1000);
 
