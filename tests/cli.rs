@@ -298,6 +298,31 @@ fn mel_features_as_npy() {
 /// `vocode` from a WAV (with `--compare`) and from `.npy` features, and clear errors for what
 /// does not fit.
 #[test]
+fn speed_perturbation_is_kept_by_the_run_and_changed_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let data = common::periodic_folder(dir.path(), 3, 16, 8000, 0.3);
+    let (d, ckpt) = (data.to_str().unwrap(), dir.path().join("ckpt"));
+    let c = ckpt.to_str().unwrap();
+    let tiny = ["--preset", "tiny", "--sample-rate", "8000", "--json"];
+    let speeds =
+        |c: &str| json(&wavegen(&["info", c, "--json"], &cache))["manifest"]["audio"]["speed_perturbation"].clone();
+    let bad = wavegen(
+        &[&["train", d, "--out", c, "--steps", "2", "--speed-perturbation", "3"][..], &tiny[..]].concat(),
+        &cache,
+    );
+    assert_clear_error(&bad, "from 0.5 to 2");
+    let args = [&["train", d, "--out", c, "--steps", "4", "--speed-perturbation", "0.9,1,1.1"][..], &tiny[..]].concat();
+    assert_eq!(json(&wavegen(&args, &cache))["steps"], 4);
+    assert_eq!(speeds(c), serde_json::json!([0.9, 1.1]), "1, the files as recorded, is always trained on");
+    // A resume keeps the run's speeds, or replaces them; `1` alone turns them off.
+    json(&wavegen(&["train", "--out", c, "--resume", "--steps", "6", "--json"], &cache));
+    assert_eq!(speeds(c), serde_json::json!([0.9, 1.1]));
+    json(&wavegen(&["train", "--out", c, "--resume", "--steps", "8", "--speed-perturbation", "1", "--json"], &cache));
+    assert_eq!(speeds(c), serde_json::Value::Null);
+}
+
+#[test]
 fn a_vocoder_trains_resumes_and_vocodes_wavs_and_features() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");

@@ -167,6 +167,13 @@ pub struct TrainArgs {
     /// 1 repeats one row over the whole hop.
     #[arg(long, default_value_t = 1, requires = "condition")]
     subframes: usize,
+    /// Also train on copies of the training files played this many times faster, pitch and
+    /// tempo together (speed perturbation: `0.9,1.1` triples the data; a vocoder's features are
+    /// computed from each copy). 1 stands for the files as recorded, always trained on; the
+    /// validation files are never copied. With --resume it replaces the run's list (`1` turns
+    /// it off) [default: none; with --resume, the run's].
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    speed_perturbation: Option<Vec<f64>>,
     /// Model sample rate in Hz (files are resampled to it).
     #[arg(long, default_value_t = 16000)]
     sample_rate: u32,
@@ -266,6 +273,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
         reschedule_decay: if a.resume { a.decay_steps } else { None },
         change_precision: if a.resume { a.precision.map(Precision::from) } else { None },
         change_average: if a.resume { a.average } else { None },
+        speed_perturbation: a.speed_perturbation.map(|s| s.into_iter().filter(|&x| x != 1.0).collect()),
         model: if a.model == "wavenet" {
             AudioModelSpec::Wavenet(model)
         } else {

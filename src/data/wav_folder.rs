@@ -69,8 +69,15 @@ impl AudioSettings {
     /// The samples training codes are made of: resampled and trimmed (what a vocoder's
     /// features are computed from). `Err` holds why the file was dropped.
     pub fn prepare(&self, audio: &wav::Mono) -> std::result::Result<Vec<f32>, String> {
-        let samples =
-            resample::resample(&audio.samples, audio.sample_rate, self.sample_rate).map_err(|e| e.to_string())?;
+        self.prepare_at_speed(audio, 1.0)
+    }
+
+    /// [`AudioSettings::prepare`] of the file played `speed` times faster (its pitch and tempo
+    /// scaled together: speed perturbation, Ko et al. 2015): it is read as if it had been
+    /// recorded at `speed` times its rate, then resampled to the model's.
+    pub fn prepare_at_speed(&self, audio: &wav::Mono, speed: f64) -> std::result::Result<Vec<f32>, String> {
+        let from = (audio.sample_rate as f64 * speed).round() as u32;
+        let samples = resample::resample(&audio.samples, from, self.sample_rate).map_err(|e| e.to_string())?;
         if samples.iter().all(|&x| x == 0.0) {
             return Err("digital silence".into());
         }
@@ -161,6 +168,8 @@ pub struct Corpus {
     pub files: Vec<CorpusFile>,
     /// What was kept and dropped.
     pub report: ScanReport,
+    /// How much faster than recorded its audio plays (1 but for a speed-perturbed copy).
+    pub speed: f64,
     codes: Mmap,
     features: Option<Features>,
 }
@@ -284,6 +293,21 @@ impl Corpus {
         cache_dir: &Path,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        Self::open_at_speed(root, settings, mel, 1.0, cache_dir, progress)
+    }
+
+    /// [`Corpus::open_with_features`] of the folder's files played `speed` times faster (see
+    /// [`AudioSettings::prepare_at_speed`]): codes and features both made from the changed audio,
+    /// so a vocoder trained on the copy learns the same mapping at other pitches and tempi.
+    pub fn open_at_speed(
+        root: &Path,
+        settings: &AudioSettings,
+        mel: Option<&MelConfig>,
+        speed: f64,
+        cache_dir: &Path,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        check_speed(speed)?;
         let found = find_wav_files(root)?;
         if found.files.is_empty() {
             return Err(Error::NoAudio {
@@ -300,7 +324,7 @@ impl Corpus {
                 )));
             }
         }
-        let fingerprint = fingerprint(root, &found.files, settings)?;
+        let fingerprint = fingerprint(root, &found.files, settings, speed)?;
         let stem = cache_dir.join(format!("corpus-{fingerprint:016x}"));
         let (index_path, codes_path) = (stem.with_extension("json"), stem.with_extension("codes"));
         // The features' file is named after the codes' fingerprint and the analysis settings.
@@ -312,7 +336,7 @@ impl Corpus {
         let index = match cached {
             Some(index) => index,
             None => {
-                let (index, codes, features) = build(&found, settings, mel, fingerprint, progress);
+                let (index, codes, features) = build(&found, settings, mel, speed, fingerprint, progress);
                 crate::fsutil::write_bytes_atomically(&codes_path, &codes)?;
                 if let Some(path) = &mel_path {
                     crate::fsutil::write_bytes_atomically(path, &features)?;
@@ -368,7 +392,7 @@ impl Corpus {
             }
             _ => None,
         };
-        Ok(Corpus { root: root.into(), files: index.files, report: index.report, codes, features })
+        Ok(Corpus { root: root.into(), files: index.files, report: index.report, speed, codes, features })
     }
 
     /// The analysis of the features, if the corpus has them.
@@ -451,9 +475,27 @@ impl Corpus {
     }
 }
 
-fn fingerprint(root: &Path, files: &[(String, PathBuf)], settings: &AudioSettings) -> Result<u64> {
+/// The speeds a corpus may be played at: from half to twice as fast.
+pub const SPEEDS: std::ops::RangeInclusive<f64> = 0.5..=2.0;
+
+fn check_speed(speed: f64) -> Result<()> {
+    if !SPEEDS.contains(&speed) {
+        return Err(Error::Config(format!(
+            "speed {speed}: a speed perturbation must be from {} to {} (1 is the audio as recorded)",
+            SPEEDS.start(),
+            SPEEDS.end()
+        )));
+    }
+    Ok(())
+}
+
+fn fingerprint(root: &Path, files: &[(String, PathBuf)], settings: &AudioSettings, speed: f64) -> Result<u64> {
     const CACHE_FORMAT: u32 = 2;
     let mut key = format!("v{CACHE_FORMAT} {:?} {}\n", settings, mulaw::MU);
+    if speed != 1.0 {
+        // (Only then, so that the caches made before speed perturbation stay valid.)
+        key.push_str(&format!("speed {speed}\n"));
+    }
     key.push_str(&root.canonicalize().unwrap_or_else(|_| root.to_path_buf()).to_string_lossy());
     for (name, path) in files {
         // A file that vanished since the walk is decoded (and dropped) like any unreadable one.
@@ -481,6 +523,7 @@ fn build(
     found: &WavFiles,
     settings: &AudioSettings,
     mel: Option<&MelConfig>,
+    speed: f64,
     fingerprint: u64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> (CacheIndex, Vec<u8>, Vec<u8>) {
@@ -493,8 +536,8 @@ fn build(
     for (i, (name, path)) in found.files.iter().enumerate() {
         progress(i, total);
         let prepared = wav::read_mono(path).map_err(|e| e.to_string()).and_then(|audio| {
-            let samples = settings.prepare(&audio)?;
-            Ok((samples, audio.seconds()))
+            let samples = settings.prepare_at_speed(&audio, speed)?;
+            Ok((samples, audio.seconds() / speed))
         });
         match prepared {
             Ok((samples, seconds_in)) => {
@@ -605,10 +648,11 @@ pub fn window_frames(
     }
 }
 
-/// Training and validation windows drawn from a corpus (or from two: `--val-dir`).
+/// Training and validation windows drawn from a corpus (or from two: `--val-dir`), the training
+/// windows also from speed-perturbed copies of the training files.
 pub struct AudioBatches<'a> {
-    train: &'a Corpus,
-    train_files: Vec<usize>,
+    /// Every training file, as (corpus, index in it): the training files, then their copies.
+    train: Vec<(&'a Corpus, usize)>,
     /// Cumulative lengths of the training files, for drawing a file in proportion to its length.
     cumulative: Vec<usize>,
     val: &'a Corpus,
@@ -621,7 +665,8 @@ pub struct AudioBatches<'a> {
     pub batch_size: usize,
     /// At most this many validation windows, spread evenly over the validation files.
     pub max_val_windows: usize,
-    /// The label index of each file of `train` and `val`, when the model is conditioned.
+    /// The label index of each entry of `train` and of each file of `val`, when the model is
+    /// conditioned.
     labels: Option<(Vec<u32>, Vec<u32>)>,
     /// For a vocoder (a corpus with features): the samples per frame. Windows then start on a
     /// frame boundary and carry their frames.
@@ -629,11 +674,14 @@ pub struct AudioBatches<'a> {
 }
 
 impl<'a> AudioBatches<'a> {
-    /// Batches of `batch_size` windows of `context + window` codes.
+    /// Batches of `batch_size` windows of `context + window` codes. Training windows are drawn
+    /// from the files `train_files` of `train` and from the files of the same names in each of
+    /// `copies` (the training folder at other speeds; never the validation files).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         train: &'a Corpus,
         train_files: Vec<usize>,
+        copies: &[&'a Corpus],
         val: &'a Corpus,
         val_files: Vec<usize>,
         context: usize,
@@ -642,17 +690,33 @@ impl<'a> AudioBatches<'a> {
         max_val_windows: usize,
         label_names: Option<&[String]>,
     ) -> Result<Self> {
+        let mut entries: Vec<(&Corpus, usize)> = train_files.iter().map(|&i| (train, i)).collect();
+        for &copy in copies {
+            if copy.mel() != train.mel() {
+                return Err(Error::Config("a speed-perturbed copy must have the training corpus's features".into()));
+            }
+            let index: std::collections::HashMap<&str, usize> =
+                copy.files.iter().enumerate().map(|(i, f)| (f.name.as_str(), i)).collect();
+            // A file the copy dropped (too short once sped up) is simply not drawn from it.
+            entries.extend(
+                train_files.iter().filter_map(|&i| index.get(train.files[i].name.as_str())).map(|&i| (copy, i)),
+            );
+        }
         let mut total = 0;
-        let cumulative = train_files
+        let cumulative = entries
             .iter()
-            .map(|&i| {
-                total += train.files[i].len;
+            .map(|&(c, i)| {
+                total += c.files[i].len;
                 total
             })
             .collect();
         let labels = match label_names {
             None => None,
-            Some(names) => Some((label_indices(train, names)?, label_indices(val, names)?)),
+            Some(names) => {
+                let of_entries =
+                    entries.iter().map(|&(c, i)| label_index(&c.files[i], names)).collect::<Result<Vec<u32>>>()?;
+                Some((of_entries, label_indices(val, names)?))
+            }
         };
         let hop = train.mel().map(|m| m.hop);
         if let Some(hop) = hop.filter(|&h| !window.is_multiple_of(h)) {
@@ -665,8 +729,7 @@ impl<'a> AudioBatches<'a> {
         }
         let context = frame_context(context, hop);
         Ok(AudioBatches {
-            train,
-            train_files,
+            train: entries,
             cumulative,
             val,
             val_files,
@@ -703,7 +766,7 @@ impl<'a> AudioBatches<'a> {
         feats: Vec<f32>,
     ) -> Result<Batch> {
         let mut batch = Batch::from_rows(tokens, mask, labels, &Device::Cpu)?;
-        if let Some(bands) = self.train.mel().map(|m| m.bands).filter(|_| self.hop.is_some()) {
+        if let Some(bands) = self.val.mel().map(|m| m.bands).filter(|_| self.hop.is_some()) {
             let rows = feats.len() / (bands * tokens.len().max(1));
             batch.features = Some(candle_core::Tensor::from_vec(feats, (tokens.len(), rows, bands), &Device::Cpu)?);
         }
@@ -725,21 +788,22 @@ impl<'a> AudioBatches<'a> {
 }
 
 fn label_indices(corpus: &Corpus, names: &[String]) -> Result<Vec<u32>> {
-    corpus
-        .files
+    corpus.files.iter().map(|f| label_index(f, names)).collect()
+}
+
+/// The index in `names` of the file's label.
+fn label_index(f: &CorpusFile, names: &[String]) -> Result<u32> {
+    let label = f.label().ok_or_else(|| {
+        Error::Config(format!(
+            "{}: not in a subfolder, so it has no label (conditioning needs one subfolder per label)",
+            f.name
+        ))
+    })?;
+    names
         .iter()
-        .map(|f| {
-            let label = f.label().ok_or_else(|| {
-                Error::Config(format!(
-                    "{}: not in a subfolder, so it has no label (conditioning needs one subfolder per label)",
-                    f.name
-                ))
-            })?;
-            names.iter().position(|n| n == label).map(|i| i as u32).ok_or_else(|| {
-                Error::Config(format!("{}: label {label:?} is not one of the model's labels {names:?}", f.name))
-            })
-        })
-        .collect()
+        .position(|n| n == label)
+        .map(|i| i as u32)
+        .ok_or_else(|| Error::Config(format!("{}: label {label:?} is not one of the model's labels {names:?}", f.name)))
 }
 
 impl BatchSource for AudioBatches<'_> {
@@ -749,16 +813,15 @@ impl BatchSource for AudioBatches<'_> {
         for _ in 0..self.batch_size {
             let pos = rng.below(total);
             let k = self.cumulative.partition_point(|&c| c <= pos);
-            let file = self.train_files[k];
-            let len = self.train.files[file].len;
-            let start = draw_start(len, self.window, rng);
+            let (corpus, file) = self.train[k];
+            let start = draw_start(corpus.files[file].len, self.window, rng);
             let start = self.hop.map_or(start, |h| start / h * h); // a vocoder's: on a frame boundary
-            let (t, m) = window(self.train.codes(file), start, self.context, self.window);
+            let (t, m) = window(corpus.codes(file), start, self.context, self.window);
             tokens.push(t);
             mask.push(m);
-            self.window_features(self.train, file, start, &mut feats);
+            self.window_features(corpus, file, start, &mut feats);
             if let Some((train_labels, _)) = &self.labels {
-                labels.push(train_labels[file]);
+                labels.push(train_labels[k]);
             }
         }
         self.batch(&tokens, &mask, self.labels.as_ref().map(|_| labels), feats)
@@ -797,6 +860,67 @@ mod tests {
         assert_eq!(window_for(vec![16000 * 90, 16000 * 120]), 8192);
         assert_eq!(window_for(vec![200, 300, 90]), 1024);
         assert_eq!(window_for(vec![]), 1024);
+    }
+
+    /// Sign changes per sample: twice the frequency of a tone, over the rate.
+    fn crossings_per_sample(x: &[f32]) -> f64 {
+        x.windows(2).filter(|w| (w[0] < 0.0) != (w[1] < 0.0)).count() as f64 / x.len() as f64
+    }
+
+    #[test]
+    fn speed_perturbed_copies_scale_pitch_and_length_and_add_only_training_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("tones");
+        std::fs::create_dir(&data).unwrap();
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 8000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        for (i, freq) in [200.0f64, 300.0, 400.0, 500.0].into_iter().enumerate() {
+            let mut w = hound::WavWriter::create(data.join(format!("t{i}.wav")), spec).unwrap();
+            for n in 0..4000 {
+                w.write_sample((16000.0 * (std::f64::consts::TAU * freq * n as f64 / 8000.0).sin()) as i16).unwrap();
+            }
+            w.finalize().unwrap();
+        }
+        let settings = AudioSettings { sample_rate: 8000, ..AudioSettings::default() };
+        let cache = dir.path().join("cache");
+        let mut decoded = 0;
+        let mut open = |speed| {
+            Corpus::open_at_speed(&data, &settings, None, speed, &cache, &mut |done, _| decoded += done.min(1)).unwrap()
+        };
+        let (plain, fast, slow) = (open(1.0), open(1.25), open(0.8));
+        let (plain_again, fast_again) = (open(1.0), open(1.25));
+        assert_eq!(decoded, 3 * 4, "each speed decoded once, then read from its own cache");
+        assert_eq!((plain_again.codes(2), fast_again.codes(2)), (plain.codes(2), fast.codes(2)));
+        assert_ne!(plain.codes(2), fast.codes(2));
+        assert!(Corpus::open_at_speed(&data, &settings, None, 3.0, &cache, &mut |_, _| {}).is_err());
+
+        for (copy, speed) in [(&fast, 1.25), (&slow, 0.8)] {
+            for i in 0..4 {
+                let (a, b) = (plain.files[i].len as f64, copy.files[i].len as f64);
+                assert!((b - a / speed).abs() <= 2.0, "speed {speed}, file {i}: {b} samples from {a}");
+                let pitch = crossings_per_sample(&mulaw::decode_all(copy.codes(i)))
+                    / crossings_per_sample(&mulaw::decode_all(plain.codes(i)));
+                assert!((pitch / speed - 1.0).abs() < 0.02, "speed {speed}, file {i}: pitch × {pitch}");
+            }
+        }
+
+        // File 1 is held out: the copies add the other three, and nothing of file 1.
+        let batches =
+            AudioBatches::new(&plain, vec![0, 2, 3], &[&fast, &slow], &plain, vec![1], 0, 256, 4, 8, None).unwrap();
+        let mut drawn: Vec<(String, f64)> =
+            batches.train.iter().map(|&(c, i)| (c.files[i].name.clone(), c.speed)).collect();
+        drawn.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let want: Vec<(String, f64)> =
+            ["t0.wav", "t2.wav", "t3.wav"].iter().flat_map(|n| [0.8, 1.0, 1.25].map(|s| (n.to_string(), s))).collect();
+        assert_eq!(drawn, want);
+        assert_eq!(
+            *batches.cumulative.last().unwrap(),
+            batches.train.iter().map(|&(c, i)| c.files[i].len).sum::<usize>()
+        );
     }
 
     #[test]

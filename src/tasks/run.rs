@@ -126,6 +126,10 @@ pub struct AudioData {
     pub batch_size: usize,
     /// Validation windows evaluated during training.
     pub max_val_windows: usize,
+    /// Speeds at which copies of the training files are trained on too (speed perturbation);
+    /// empty: the files as recorded only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub speed_perturbation: Vec<f64>,
 }
 
 /// Which image data a model was trained on.
@@ -227,6 +231,14 @@ impl AudioData {
         within("--val-windows", self.max_val_windows, 1, 1_000_000)?;
         if !(0.0..1.0).contains(&self.val_fraction) {
             return Err(Error::Config(format!("--val-fraction must be in [0, 1), got {}", self.val_fraction)));
+        }
+        use crate::data::wav_folder::SPEEDS;
+        if let Some(s) = self.speed_perturbation.iter().find(|s| !SPEEDS.contains(s) || **s == 1.0) {
+            return Err(Error::Config(format!(
+                "--speed-perturbation {s}: each speed must be from {} to {} and not 1 (the files as recorded are always trained on)",
+                SPEEDS.start(),
+                SPEEDS.end()
+            )));
         }
         let Some(cfg) = model.wavenet() else {
             return self.validate_sequence_model(model);

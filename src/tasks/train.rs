@@ -63,6 +63,9 @@ pub struct TrainOptions {
     pub change_precision: Option<Precision>,
     /// On resume: a new decay for the moving average of the weights (0 turns it off).
     pub change_average: Option<f64>,
+    /// Speeds at which copies of the training files are trained on too (`None`: none for a new
+    /// run, the checkpoint's on resume; on resume an empty list turns them off).
+    pub speed_perturbation: Option<Vec<f64>>,
     /// Target samples per training window [default: for the data, `Corpus::default_window`].
     pub window: Option<usize>,
     /// Windows per batch.
@@ -152,6 +155,28 @@ fn open_corpus(
     Ok(corpus)
 }
 
+/// The training folder played `speed` times faster (see [`Corpus::open_at_speed`]).
+fn open_copy(
+    dir: &Path,
+    settings: &AudioSettings,
+    mel: Option<&MelConfig>,
+    speed: f64,
+    cache: &Path,
+    reporter: &mut dyn Reporter,
+) -> Result<Corpus> {
+    let what = format!("speed {speed}");
+    let corpus = Corpus::open_at_speed(dir, settings, mel, speed, cache, &mut |done, total| {
+        reporter.progress(&what, done as u64, total as u64)
+    })?;
+    reporter.note(&format!(
+        "{} at speed {speed}: {} files, {:.1} s of audio",
+        dir.display(),
+        corpus.files.len(),
+        corpus.report.kept_seconds
+    ));
+    Ok(corpus)
+}
+
 fn indices_of(corpus: &Corpus, names: &[String]) -> Result<Vec<usize>> {
     names
         .iter()
@@ -203,6 +228,10 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
         let Some(audio) = m.audio.as_mut() else {
             return Err(Error::checkpoint(&opts.out, "not an audio checkpoint: resume it with `wavegen mnist train`"));
         };
+        if let Some(speeds) = opts.speed_perturbation.as_ref().filter(|&s| s != &audio.speed_perturbation) {
+            reporter.note(&format!("speed perturbation: {speeds:?} (the run had {:?})", audio.speed_perturbation));
+            audio.speed_perturbation = speeds.clone();
+        }
         match &opts.data_dir {
             Some(dir) if !same_folder(dir, &audio.train_dir) => {
                 reporter.note(&format!(
@@ -251,6 +280,13 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
         split(&train_corpus, val_corpus.as_ref(), audio.val_fraction)?
     };
     let val = val_corpus.as_ref().unwrap_or(&train_corpus);
+    // Copies of the training folder at other speeds (the validation files are left out of them
+    // by name, in `AudioBatches`).
+    let copies = audio
+        .speed_perturbation
+        .iter()
+        .map(|&speed| open_copy(&audio.train_dir, &audio.settings, mel.as_ref(), speed, &opts.cache_dir, reporter))
+        .collect::<Result<Vec<Corpus>>>()?;
     let mut audio = audio;
     audio.train_files = train_files.iter().map(|&i| train_corpus.files[i].name.clone()).collect();
     audio.val_files = val_files.iter().map(|&i| val.files[i].name.clone()).collect();
@@ -341,6 +377,7 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     let mut batches = AudioBatches::new(
         &train_corpus,
         train_files,
+        &copies.iter().collect::<Vec<_>>(),
         val,
         val_files,
         receptive_field,
@@ -409,6 +446,7 @@ fn new_manifest(opts: &TrainOptions) -> Result<Manifest> {
             window: opts.window.unwrap_or(SAMPLES_PER_STEP),
             batch_size: opts.batch_size.unwrap_or(1),
             max_val_windows: opts.max_val_windows,
+            speed_perturbation: opts.speed_perturbation.clone().unwrap_or_default(),
         }),
         images: None,
         train: opts.train.clone(),

@@ -65,6 +65,7 @@ pub fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
         reschedule_decay: None,
         change_precision: None,
         change_average: None,
+        speed_perturbation: None,
         model: wavegen::tasks::train::AudioModelSpec::Wavenet(wavenet::Config::tiny()),
         labels: false,
         condition: None,
