@@ -57,6 +57,12 @@ fn train_info_generate_eval_with_json() {
     assert_eq!(e["files"].as_array().unwrap().len(), 4, "one file plus the three of the folder");
     assert!(e["bits_per_sample"].as_f64().unwrap() > 0.0);
     assert!(e["files"][0]["bits_per_sample"].as_f64().unwrap() > 0.0);
+    // The samples by level add up to all of them, and so do their bits.
+    let levels = e["by_level"].as_array().unwrap();
+    let count = |l: &serde_json::Value| l["samples"].as_f64().unwrap();
+    assert_eq!(levels.iter().map(count).sum::<f64>(), e["samples"].as_f64().unwrap());
+    let bits: f64 = levels.iter().map(|l| count(l) * l["bits_per_sample"].as_f64().unwrap_or(0.0)).sum();
+    assert!((bits / e["samples"].as_f64().unwrap() - e["bits_per_sample"].as_f64().unwrap()).abs() < 1e-4);
 }
 
 /// Every shipped checkpoint opens: `info` reads its config and builds its model from its weights.

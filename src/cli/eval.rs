@@ -51,6 +51,19 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
             println!("{:.4}\t{}\t{}", f.bits_per_sample, f.samples, f.path.display());
         }
         println!("{:.4}\t{}\ttotal (bits/sample, samples)", report.bits_per_sample, report.samples);
+        for l in &report.by_level {
+            let range = match l.to_db {
+                Some(to) => format!("{} to {to} dB", l.above_db),
+                None => format!("below {} dB", l.above_db),
+            };
+            let bits = l.bits_per_sample.map_or("-".into(), |b| format!("{b:.4}"));
+            println!(
+                "{bits}\t{}\tin {}-ms blocks {range} from their file's loudest ({:.0}% of samples)",
+                l.samples,
+                wavegen::tasks::eval::LEVEL_BLOCK_MS,
+                100.0 * l.share
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
