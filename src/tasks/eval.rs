@@ -169,6 +169,7 @@ pub fn eval(
     let window_len = model.audio().window;
     let (mut scores, mut total_nats, mut total_samples) = (Vec::new(), 0.0, 0);
     let mut by_level = [(0.0f64, 0usize); LEVEL_RANGES.len()];
+    let level_block = (settings.sample_rate as usize * LEVEL_BLOCK_MS / 1000).max(1);
     for (i, path) in files.iter().enumerate() {
         reporter.progress("scoring", i as u64, files.len() as u64);
         let audio = wav::read_mono(path)?;
@@ -181,8 +182,7 @@ pub fn eval(
             None => None,
         };
         let each = nll_of_each_code(&model, &codes, mel.as_ref(), label, window_len, 8)?;
-        let block = (settings.sample_rate as usize * LEVEL_BLOCK_MS / 1000).max(1);
-        for (&nll, db) in each.iter().zip(sample_levels(&samples, block)) {
+        for (&nll, db) in each.iter().zip(sample_levels(&samples, level_block)) {
             let range = &mut by_level[level_range(db)];
             range.0 += nll as f64;
             range.1 += 1;

@@ -232,13 +232,14 @@ impl AudioData {
         if !(0.0..1.0).contains(&self.val_fraction) {
             return Err(Error::Config(format!("--val-fraction must be in [0, 1), got {}", self.val_fraction)));
         }
-        use crate::data::wav_folder::SPEEDS;
-        if let Some(s) = self.speed_perturbation.iter().find(|s| !SPEEDS.contains(s) || **s == 1.0) {
-            return Err(Error::Config(format!(
-                "--speed-perturbation {s}: each speed must be from {} to {} and not 1 (the files as recorded are always trained on)",
-                SPEEDS.start(),
-                SPEEDS.end()
-            )));
+        for &speed in &self.speed_perturbation {
+            crate::data::wav_folder::check_speed(speed)?;
+            if speed == 1.0 {
+                return Err(Error::Config(
+                    "--speed-perturbation 1: the files as recorded are always trained on; list only other speeds"
+                        .into(),
+                ));
+            }
         }
         let Some(cfg) = model.wavenet() else {
             return self.validate_sequence_model(model);
