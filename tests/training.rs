@@ -74,7 +74,7 @@ fn stopping_and_resuming_gives_the_same_run_as_never_stopping() {
 fn a_vocoder_resumes_exactly() {
     resume_is_exact(&|o| {
         let mel = MelConfig { hop: 32, n_fft: 128, bands: 20, ..MelConfig::for_rate(8000) };
-        o.condition = Some(VocoderOptions { mel, channels: 8, subframes: 2 });
+        o.condition = Some(VocoderOptions { mel, channels: 8, subframes: 2, context: 2, hidden: 6 });
     });
 }
 
@@ -237,7 +237,7 @@ fn a_tiny_vocoder_learns_a_pitch_its_features_carry_far_better_than_without_them
         o.train.lr = 3e-3;
         if vocoder {
             let mel = MelConfig { n_fft: 128, hop: 32, bands: 20, ..MelConfig::for_rate(8000) };
-            o.condition = Some(VocoderOptions { mel, channels: 16, subframes: 1 });
+            o.condition = Some(VocoderOptions { mel, channels: 16, subframes: 1, context: 1, hidden: 0 });
         }
         let s = train(&o, &mut Silent, &AtomicBool::new(false)).unwrap();
         s.best_val_bits_per_sample.unwrap()

@@ -1,8 +1,9 @@
 //! WaveNet with local conditioning (the vocoder): the fused training op against candle's own
 //! operations (logits and every gradient, with a label too), gradients against finite
-//! differences, what each sample may see (audio before it; features up to one frame ahead),
-//! each with one row per frame and with sub-frames (a learned upsampling inside the frame),
-//! and the streaming engine against the parallel pass (≤ 1e-4 exact, ≤ 1e-3 with its fast
+//! differences, what each sample may see (audio before it; features up to c frames ahead, c
+//! the frame network's context), each with one row per frame and with sub-frames (a learned
+//! upsampling inside the frame), with a frame network of one layer and of two, and the
+//! streaming engine against the parallel pass (≤ 1e-4 exact, ≤ 1e-3 with its fast
 //! tanh and exp; the same argmax).
 
 use std::sync::Arc;
@@ -18,6 +19,33 @@ use wavegen::rng::Rng;
 
 const HOP: usize = 8;
 const BANDS: usize = 6;
+
+/// The frame network: rows per frame (dividing HOP), frames read on either side, hidden
+/// channels (0: one layer).
+#[derive(Debug, Clone, Copy)]
+struct Frames {
+    subframes: usize,
+    context: usize,
+    hidden: usize,
+}
+
+/// The frame networks the tests run through: the default shape, sub-frames, wider context, a
+/// hidden layer.
+const SHAPES: [Frames; 5] = [
+    Frames { subframes: 1, context: 1, hidden: 0 },
+    Frames { subframes: 4, context: 1, hidden: 0 },
+    Frames { subframes: 2, context: 1, hidden: 0 },
+    Frames { subframes: 2, context: 2, hidden: 5 },
+    Frames { subframes: 8, context: 3, hidden: 0 },
+];
+
+/// A small vocoder with the frame network `frames`.
+fn vocoder(labels: usize, frames: Frames) -> Config {
+    let mut cfg = vocoder_config(labels, frames.subframes);
+    let local = cfg.local.as_mut().unwrap();
+    (local.context, local.hidden) = (frames.context, frames.hidden);
+    cfg
+}
 
 /// A small vocoder; `subframes` rows per frame (dividing HOP).
 fn vocoder_config(labels: usize, subframes: usize) -> Config {
@@ -38,9 +66,10 @@ fn vocoder_config(labels: usize, subframes: usize) -> Config {
     }
 }
 
-/// Random log-mel-like features for `batch` sequences of `len` samples: frames −1 … ⌈len/hop⌉.
-fn features(batch: usize, len: usize, dtype: DType, rng: &mut Rng) -> Tensor {
-    let rows = len.div_ceil(HOP) + 2;
+/// Random log-mel-like features for `batch` sequences of `len` samples for a frame network
+/// that reads `context` frames either side: frames −context … ⌈len/hop⌉ − 1 + context.
+fn features(batch: usize, len: usize, context: usize, dtype: DType, rng: &mut Rng) -> Tensor {
+    let rows = len.div_ceil(HOP) + 2 * context;
     let v: Vec<f64> = (0..batch * rows * BANDS).map(|_| -3.0 + 2.0 * rng.normal()).collect();
     Tensor::from_vec(v, (batch, rows, BANDS), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }
@@ -65,18 +94,18 @@ fn build(cfg: &Config, dtype: DType, seed: u64) -> (WaveNet, Params) {
 
 #[test]
 fn fused_op_equals_candles_operations_with_every_gradient() {
-    for (labelled, subframes) in [(0, 1), (2, 1), (0, 4), (2, 2)] {
-        let cfg = vocoder_config(labelled, subframes);
+    for (labelled, shape) in [0, 2, 0, 2, 2].into_iter().zip(SHAPES) {
+        let cfg = vocoder(labelled, shape);
         let (model, params) = build(&cfg, DType::F64, 1);
         let mut rng = Rng::new(2);
         let len = 45; // not a whole number of frames
         let tokens = check::random_tokens(3, len, 16, &mut rng).unwrap();
-        let feats = features(3, len, DType::F64, &mut rng);
+        let feats = features(3, len, shape.context, DType::F64, &mut rng);
         let labels = labels(&cfg, 3);
         let fused = model.logits(&tokens, labels.as_ref(), Some(&feats)).unwrap();
         let reference = model.reference_logits(&tokens, labels.as_ref(), Some(&feats)).unwrap();
         let diff = (&fused - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!(diff < 1e-12, "labels {labelled}, {subframes} sub-frames: logits differ by {diff:e}");
+        assert!(diff < 1e-12, "labels {labelled}, {shape:?}: logits differ by {diff:e}");
         let probe = Tensor::from_vec(
             (0..fused.elem_count()).map(|_| rng.normal()).collect::<Vec<f64>>(),
             fused.shape().clone(),
@@ -93,16 +122,24 @@ fn fused_op_equals_candles_operations_with_every_gradient() {
             let b = g_ref.get(&var).cloned().unwrap_or_else(zeros).flatten_all().unwrap();
             let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-9);
             let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale;
-            assert!(err < 1e-10, "labels {labelled}, {subframes} sub-frames: gradient of {name} differs by {err:e}");
+            assert!(err < 1e-10, "labels {labelled}, {shape:?}: gradient of {name} differs by {err:e}");
             seen_local += usize::from(name.contains("local") || name.starts_with("frames"));
         }
-        assert_eq!(seen_local, 6 + 2, "every layer's projection and the frame network");
+        let frame_net = if shape.hidden > 0 { 4 } else { 2 };
+        assert_eq!(seen_local, 6 + frame_net, "every layer's projection and the frame network");
+        assert_eq!(params.count(), cfg.weights(), "{shape:?}: the parameters counted by the config");
     }
 }
 
 #[test]
 fn gradients_match_finite_differences_at_batch_two() {
-    let cfg = vocoder_config(2, 2);
+    for shape in [SHAPES[2], SHAPES[3]] {
+        gradients_match_finite_differences(shape);
+    }
+}
+
+fn gradients_match_finite_differences(shape: Frames) {
+    let cfg = vocoder(2, shape);
     let (model, params) = build(&cfg, DType::F64, 3);
     let mut rng = Rng::new(4);
     let len = 30;
@@ -113,11 +150,11 @@ fn gradients_match_finite_differences_at_batch_two() {
         mask: Tensor::from_vec(mask, (2, len), &Device::Cpu).unwrap(),
         labels: labels(&cfg, 2),
         values: None,
-        features: Some(features(2, len, DType::F64, &mut rng)),
+        features: Some(features(2, len, shape.context, DType::F64, &mut rng)),
         dropout: None,
     };
     let (at, err) = check::gradient_check(&model, &params, &batch, 4, &mut rng).unwrap();
-    assert!(err < 1e-5, "relative gradient error {err:e} at {at}");
+    assert!(err < 1e-5, "{shape:?}: relative gradient error {err:e} at {at}");
 }
 
 /// The logits of every position, `(T, V)` of sequence 0, as f64.
@@ -131,19 +168,20 @@ fn same_up_to(a: &[Vec<f64>], b: &[Vec<f64>], t: usize) -> bool {
 }
 
 #[test]
-fn each_sample_sees_the_audio_before_it_and_the_features_one_frame_ahead() {
-    for subframes in [1, 4] {
-        sees_one_frame_ahead(subframes);
+fn each_sample_sees_the_audio_before_it_and_the_features_up_to_its_look_ahead() {
+    for shape in [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[4]] {
+        sees_frames_ahead(shape);
     }
 }
 
-fn sees_one_frame_ahead(subframes: usize) {
-    let cfg = vocoder_config(0, subframes);
+fn sees_frames_ahead(shape: Frames) {
+    let cfg = vocoder(0, shape);
+    let c = shape.context;
     let (model, _) = build(&cfg, DType::F64, 5);
     let mut rng = Rng::new(6);
     let len = 40;
     let tokens = check::random_tokens(1, len, 16, &mut rng).unwrap();
-    let feats = features(1, len, DType::F64, &mut rng);
+    let feats = features(1, len, c, DType::F64, &mut rng);
     let base = logits_of(&model, &tokens, &feats);
     for t in [0, 5, 7, 8, 17, 31, 39] {
         // Audio: changing every token from t on leaves the logits of positions ≤ t alone.
@@ -151,26 +189,22 @@ fn sees_one_frame_ahead(subframes: usize) {
         changed[0][t..].iter_mut().for_each(|x| *x = (*x + 1 + rng.below(15) as u32) % 16);
         let other = logits_of(&model, &Tensor::new(changed, &Device::Cpu).unwrap(), &feats);
         assert!(same_up_to(&base, &other, t), "position {t} sees audio at or after itself");
-        // Features: frames after ⌊t/hop⌋ + 1 are invisible at t (feature row = frame + 1) …
+        // Features: frames after ⌊t/hop⌋ + c are invisible at t (feature row = frame + c) …
         let frame = t / HOP;
         let rows = feats.dim(1).unwrap();
         let mut f = feats.to_vec3::<f64>().unwrap();
-        for row in f[0].iter_mut().skip(frame + 3) {
+        for row in f[0].iter_mut().skip(frame + 2 * c + 1) {
             row.iter_mut().for_each(|x| *x += 1.0 + rng.uniform());
         }
         let later = logits_of(&model, &tokens, &Tensor::new(f, &Device::Cpu).unwrap());
-        assert!(same_up_to(&base, &later, t), "{subframes} sub-frames: position {t} sees frames after {}", frame + 1);
-        // … and the look-ahead frame ⌊t/hop⌋ + 1 is seen.
-        assert!(frame + 2 < rows);
+        assert!(same_up_to(&base, &later, t), "{shape:?}: position {t} sees frames after {}", frame + c);
+        // … and the look-ahead frame ⌊t/hop⌋ + c is seen.
+        assert!(frame + 2 * c < rows);
         let mut f = feats.to_vec3::<f64>().unwrap();
-        f[0][frame + 2].iter_mut().for_each(|x| *x += 1.0);
+        f[0][frame + 2 * c].iter_mut().for_each(|x| *x += 1.0);
         let ahead = logits_of(&model, &tokens, &Tensor::new(f, &Device::Cpu).unwrap());
         let moved = base[t].iter().zip(&ahead[t]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        assert!(
-            moved > 1e-6,
-            "{subframes} sub-frames: position {t} does not see frame {} (moved {moved:e})",
-            frame + 1
-        );
+        assert!(moved > 1e-6, "{shape:?}: position {t} does not see frame {} (moved {moved:e})", frame + c);
     }
 }
 
@@ -181,7 +215,7 @@ fn a_vocoder_refuses_to_run_without_features_and_others_refuse_features() {
     let e = vocoder.forward(&tokens, None).unwrap_err().to_string();
     assert!(e.contains("vocoder") && e.contains("features"), "{e}");
     assert!(vocoder.start(1, None).is_err());
-    let short = features(1, 8, DType::F32, &mut Rng::new(1)); // frames for 8 samples, not 16
+    let short = features(1, 8, 1, DType::F32, &mut Rng::new(1)); // frames for 8 samples, not 16
     let e = vocoder.logits(&tokens, None, Some(&short)).unwrap_err().to_string();
     assert!(e.contains("frames"), "{e}");
     let plain =
@@ -191,28 +225,31 @@ fn a_vocoder_refuses_to_run_without_features_and_others_refuse_features() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("sub-frames"), "{e}");
-    let feats = features(1, 16, DType::F32, &mut Rng::new(1));
+    let feats = features(1, 16, 1, DType::F32, &mut Rng::new(1));
     assert!(plain.logits(&tokens, None, Some(&feats)).unwrap_err().to_string().contains("not a vocoder"));
 }
 
 #[test]
 fn engine_logits_equal_the_parallel_pass() {
-    for (labelled, subframes) in [(0, 1), (2, 1), (0, 4), (2, 8)] {
-        let cfg = vocoder_config(labelled, subframes);
+    for (labelled, shape) in [0, 2, 0, 2, 2].into_iter().zip(SHAPES) {
+        let cfg = vocoder(labelled, shape);
+        let c = shape.context;
         let (model, _) = build(&cfg, DType::F32, 8);
         let mut rng = Rng::new(9);
         // The features of a whole input; the engine primes `lead` steps before its first sample,
         // which the parallel pass sees as a window starting `lead` samples before it, with frames
         // before the input at the floor (silence), as training windows do.
-        let (frames, lead) = (7, 2 * HOP);
+        // (Four frames of lead: with a context of 2 or 3 the first read some of the input, the
+        // earliest none.)
+        let (frames, lead) = (7, 4 * HOP);
         let input_len = frames * HOP;
         let mel: Vec<f32> = (0..frames * BANDS).map(|_| (-3.0 + 2.0 * rng.normal()) as f32).collect();
         let len = lead + input_len;
         let floor = wavegen::audio::mel::FLOOR.ln();
-        // Window frames −1 … ⌈len/hop⌉ relative to the window's start, i.e. input frames
-        // −lead/hop − 1 … : the floor outside the input.
-        let first = -((lead / HOP) as isize) - 1;
-        let rows = len.div_ceil(HOP) + 2;
+        // Window frames −c … ⌈len/hop⌉ − 1 + c relative to the window's start, i.e. input
+        // frames −lead/hop − c … : the floor outside the input.
+        let first = -((lead / HOP) as isize) - c as isize;
+        let rows = len.div_ceil(HOP) + 2 * c;
         let window_feats: Vec<f32> = (0..rows as isize)
             .flat_map(|i| {
                 let f = first + i;
@@ -252,7 +289,7 @@ fn engine_logits_equal_the_parallel_pass() {
             let tolerance = if exact { 1e-4 } else { 1e-3 };
             assert!(
                 worst <= tolerance && same_argmax,
-                "labels {labelled}, {subframes} sub-frames, {} exact={exact}: engine and parallel pass differ by {worst}, \
+                "labels {labelled}, {shape:?}, {} exact={exact}: engine and parallel pass differ by {worst}, \
                  same argmax {same_argmax}",
                 kernels.name
             );

@@ -86,7 +86,7 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             println!("model           Wavenet({})", format!("{shown:?}").replace(", local: None", ""));
             let mel = &local.mel;
             println!(
-                "vocoder         {} mel bands {}–{} Hz, FFT {}, hop {} ({:.1} ms) at {} Hz; frame network of {} channels{}",
+                "vocoder         {} mel bands {}–{} Hz, FFT {}, hop {} ({:.1} ms) at {} Hz; frame network of {} channels{}{}",
                 mel.bands,
                 mel.fmin,
                 mel.fmax,
@@ -98,6 +98,11 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                 match local.subframes {
                     1 => String::new(),
                     k => format!(", {k} rows per frame ({} samples each)", local.samples_per_row()),
+                },
+                match (local.context, local.hidden) {
+                    (1, 0) => String::new(),
+                    (c, 0) => format!(", reading {c} frames either side"),
+                    (c, n) => format!(", reading {c} frame(s) either side through a hidden layer of {n}"),
                 }
             );
         }

@@ -159,9 +159,18 @@ pub struct TrainArgs {
     /// With --condition mel: highest filter frequency, Hz [default: half the rate].
     #[arg(long, requires = "condition")]
     fmax: Option<f64>,
-    /// With --condition mel: channels of the frame network that reads three frames at a time.
+    /// With --condition mel: channels of the frame network's output (R per row).
     #[arg(long, default_value_t = 64, requires = "condition")]
     cond_channels: usize,
+    /// With --condition mel: frames the frame network reads on either side of each frame
+    /// (2c + 1 at a time). It is the vocoder's look-ahead: sample t sees the features up to
+    /// frame ⌊t / hop⌋ + c.
+    #[arg(long, default_value_t = 1, requires = "condition")]
+    frame_context: usize,
+    /// With --condition mel: channels of a hidden layer in the frame network (two tanh layers
+    /// instead of one); 0 for none.
+    #[arg(long, default_value_t = 0, requires = "condition")]
+    frame_hidden: usize,
     /// With --condition mel: rows the frame network gives each frame, a learned upsampling by
     /// this factor before each row is repeated over its hop / K samples (must divide --hop).
     /// 1 repeats one row over the whole hop.
@@ -302,7 +311,13 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
                         fmax: a.fmax,
                     },
                 )?;
-                Some(wavegen::tasks::train::VocoderOptions { mel, channels: a.cond_channels, subframes: a.subframes })
+                Some(wavegen::tasks::train::VocoderOptions {
+                    mel,
+                    channels: a.cond_channels,
+                    subframes: a.subframes,
+                    context: a.frame_context,
+                    hidden: a.frame_hidden,
+                })
             }
         },
         audio: AudioSettings { sample_rate: a.sample_rate, trim_db: a.trim_db, ..AudioSettings::default() },

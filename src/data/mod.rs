@@ -23,8 +23,9 @@ pub struct Batch {
     /// Real values behind the tokens, `(B, T)` f32, for models of real values (RNADE scores
     /// these; the tokens are their quantised levels).
     pub values: Option<Tensor>,
-    /// Log-mel features for a vocoder, `(B, ⌈T / hop⌉ + 2, M)` f32: frames −1 … ⌈T / hop⌉ of
-    /// each sequence, position t belonging to frame ⌊t / hop⌋.
+    /// Log-mel features for a vocoder, `(B, ⌈T / hop⌉ + 2c, M)` f32: frames −c to ⌈T / hop⌉ −
+    /// 1 + c of each sequence (c the frames its frame network reads on either side), position
+    /// t belonging to frame ⌊t / hop⌋.
     pub features: Option<Tensor>,
     /// This training step's dropout, for models that have it; `None` (never drop) when
     /// evaluating.

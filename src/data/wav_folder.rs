@@ -629,19 +629,20 @@ pub fn frame_context(receptive_field: usize, hop: Option<usize>) -> usize {
 }
 
 /// Appends a vocoder's features for a window of `len` positions whose first is sample
-/// `first_sample` of its file (negative before it; a multiple of `hop`): frames −1 … ⌈len /
-/// hop⌉ of the window, `(rows, bands)` flat, `frame(f, row)` writing frame f of the file.
+/// `first_sample` of its file (negative before it; a multiple of `hop`), for a frame network
+/// that reads `context` frames on either side: frames −context … ⌈len / hop⌉ − 1 + context of
+/// the window, `(rows, bands)` flat, `frame(f, row)` writing frame f of the file.
 pub fn window_frames(
     first_sample: isize,
     len: usize,
-    hop: usize,
+    (hop, context): (usize, usize),
     bands: usize,
     mut frame: impl FnMut(isize, &mut [f32]),
     out: &mut Vec<f32>,
 ) {
-    let first = first_sample.div_euclid(hop as isize) - 1;
+    let first = first_sample.div_euclid(hop as isize) - context as isize;
     let at = out.len();
-    out.resize(at + (len.div_ceil(hop) + 2) * bands, 0.0);
+    out.resize(at + (len.div_ceil(hop) + 2 * context) * bands, 0.0);
     for (r, row) in out[at..].chunks_exact_mut(bands).enumerate() {
         frame(first + r as isize, row);
     }
@@ -670,6 +671,9 @@ pub struct AudioBatches<'a> {
     /// For a vocoder (a corpus with features): the samples per frame. Windows then start on a
     /// frame boundary and carry their frames.
     hop: Option<usize>,
+    /// The frames a vocoder's frame network reads on either side of each frame (1 unless
+    /// [`AudioBatches::frame_context`] says otherwise).
+    frame_context: usize,
 }
 
 impl<'a> AudioBatches<'a> {
@@ -738,18 +742,25 @@ impl<'a> AudioBatches<'a> {
             max_val_windows,
             labels,
             hop,
+            frame_context: 1,
         })
     }
 
+    /// Windows that carry `c` extra frames on either side, for a frame network that reads them.
+    pub fn frame_context(self, c: usize) -> Self {
+        AudioBatches { frame_context: c, ..self }
+    }
+
     /// The features of the window of `context + window` positions whose targets start at
-    /// `start` of file `i`: frames −1 … ⌈len / hop⌉ of the window, `(rows, bands)` flat.
+    /// `start` of file `i`: frames −c … ⌈len / hop⌉ − 1 + c of the window (c the frame
+    /// context), `(rows, bands)` flat.
     fn window_features(&self, corpus: &Corpus, i: usize, start: usize, out: &mut Vec<f32>) {
         let (Some(hop), Some(mel)) = (self.hop, corpus.mel()) else { return };
         let first_sample = start as isize - self.context as isize;
         window_frames(
             first_sample,
             self.context + self.window,
-            hop,
+            (hop, self.frame_context),
             mel.bands,
             |f, row| corpus.copy_frame(i, f, row),
             out,

@@ -29,9 +29,14 @@ struct Layer {
 
 /// A vocoder's frame network, laid out for the kernels.
 struct FrameWeights {
-    /// `(3·M, K·R)`, frames f − 1, f, f + 1 stacked, to K rows (sub-frames) of R.
+    /// `((2c+1)·M, K·R)`, frames f − c … f + c stacked, to K rows (sub-frames) of R (or to the
+    /// hidden layer).
     conv: Vec<f32>,
     bias: Vec<f32>,
+    /// The hidden layer to K rows of R, `(N, K·R)`, and its bias, when there is one.
+    out: Option<(Vec<f32>, Vec<f32>)>,
+    /// Frames read on either side (c).
+    context: usize,
     mean: Vec<f32>,
     deviation: Vec<f32>,
     /// Every layer's projection side by side, `(R, L·2G)`.
@@ -45,12 +50,14 @@ struct FrameWeights {
 /// dilated-convolution bias is folded in, so a step starts each pre-activation from its row.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
-    /// Frames −1 … F, K rows of L·2G each (row (f + 1)·K + k is sub-frame k of frame f), then
-    /// the K rows of a frame surrounded by silence (the features' floor), for positions before
-    /// and after the input, as in training windows.
+    /// Frames −c … F − 1 + c (those whose frame network reads any of the input; c its
+    /// context), K rows of L·2G each (row (f + c)·K + k is sub-frame k of frame f), then the K
+    /// rows of a frame surrounded by silence (the features' floor), for positions further
+    /// before and after the input, as in training windows.
     rows: Vec<f32>,
     width: usize,
     subframes: usize,
+    context: usize,
     /// Samples per row: the hop over K.
     samples_per_row: usize,
     /// Frames of the input.
@@ -59,10 +66,11 @@ pub struct Conditioning {
 
 impl Conditioning {
     /// Where in `rows` the row of sub-frame `index` starts, counting from the input's start
-    /// (frames −1 … F; any other: the silent frame's).
+    /// (frames −c … F − 1 + c; any other: the silent frame's).
     fn row_start(&self, index: isize) -> usize {
-        let (k, inside) = (self.subframes as isize, (self.frames + 2) * self.subframes);
-        let r = usize::try_from(index + k)
+        let (k, c) = (self.subframes as isize, self.context as isize);
+        let inside = (self.frames + 2 * self.context) * self.subframes;
+        let r = usize::try_from(index + c * k)
             .ok()
             .filter(|&r| r < inside)
             .unwrap_or_else(|| inside + index.rem_euclid(k) as usize);
@@ -161,6 +169,12 @@ impl Engine {
                     Some(FrameWeights {
                         conv: flat(&net.conv.weight)?,
                         bias: flat(&net.conv.bias)?,
+                        out: net
+                            .out
+                            .as_ref()
+                            .map(|o| Ok::<_, Error>((flat(&o.weight)?, flat(&o.bias)?)))
+                            .transpose()?,
+                        context: net.cfg.context,
                         mean: net.cfg.mean.clone(),
                         deviation: net.cfg.deviation.clone(),
                         projections,
@@ -203,11 +217,14 @@ impl Engine {
                 features.len()
             )));
         }
-        let kr = fw.bias.len(); // K·R: the frame network's outputs per frame
+        let m_in = (2 * fw.context + 1) * m; // stacked inputs per frame
+        let kr = fw.out.as_ref().map_or(fw.bias.len(), |(_, b)| b.len()); // K·R: outputs per frame
         let (r, width) = (kr / fw.subframes, fw.projections.len() * fw.subframes / kr);
         let floor = crate::audio::mel::FLOOR.ln();
-        // Standardised frames −2 … F + 1 (the frame network reads one frame either side).
-        let padded: Vec<f32> = (-2..frames as isize + 2)
+        let c = fw.context as isize;
+        // Standardised frames −2c … F − 1 + 2c: frames −c … F − 1 + c are computed (any other
+        // reads only silence), each reading c frames either side.
+        let padded: Vec<f32> = (-2 * c..frames as isize + 2 * c)
             .flat_map(|f| {
                 (0..m).map(move |b| {
                     let x = if (0..frames as isize).contains(&f) { features[f as usize * m + b] } else { floor };
@@ -216,31 +233,40 @@ impl Engine {
             })
             .collect();
         let mm = self.kernels.matmul_acc;
+        let layer = |x: &[f32], w: &[f32], bias: &[f32], rows: usize, inp: usize| {
+            let mut y: Vec<f32> = (0..rows).flat_map(|_| bias.iter().copied()).collect();
+            mm(&mut y, x, w, rows, inp, bias.len());
+            y.iter_mut().for_each(|v| *v = v.tanh());
+            y
+        };
         // `frames` stacked inputs to K rows each: (frames, K·R) is (frames·K, R).
         let project = |stacked: &[f32], frames: usize| {
-            let mut hidden: Vec<f32> = (0..frames).flat_map(|_| fw.bias.iter().copied()).collect();
-            mm(&mut hidden, stacked, &fw.conv, frames, 3 * m, kr);
-            hidden.iter_mut().for_each(|h| *h = h.tanh());
+            let mut hidden = layer(stacked, &fw.conv, &fw.bias, frames, m_in);
+            if let Some((w, b)) = &fw.out {
+                hidden = layer(&hidden, w, b, frames, fw.bias.len());
+            }
             let rows = frames * fw.subframes;
             let mut out = vec![0f32; rows * width];
             mm(&mut out, &hidden, &fw.projections, rows, r, width);
             out
         };
-        // Frame f (−1 … F) reads padded rows f + 1, f + 2, f + 3: three consecutive rows are
-        // one stacked input of 3·M values.
-        let stacked: Vec<f32> = (0..frames + 2).flat_map(|i| padded[i * m..(i + 3) * m].iter().copied()).collect();
-        let silence_in: Vec<f32> = (0..3 * m).map(|i| (floor - fw.mean[i % m]) / fw.deviation[i % m]).collect();
+        // Frame f (−c … F − 1 + c) reads padded rows f + c … f + 3c: 2c + 1 consecutive rows are
+        // one stacked input.
+        let computed = frames + 2 * fw.context;
+        let stacked: Vec<f32> = (0..computed).flat_map(|i| padded[i * m..i * m + m_in].iter().copied()).collect();
+        let silence_in: Vec<f32> = (0..m_in).map(|i| (floor - fw.mean[i % m]) / fw.deviation[i % m]).collect();
         let biases: Vec<f32> = self.layers.iter().flat_map(|l| l.dilated_bias.iter().copied()).collect();
         let with_biases = |mut rows: Vec<f32>| {
             rows.chunks_exact_mut(width).for_each(|row| row.iter_mut().zip(&biases).for_each(|(x, b)| *x += b));
             rows
         };
-        let mut rows = project(&stacked, frames + 2);
+        let mut rows = project(&stacked, computed);
         rows.extend(project(&silence_in, 1));
         Ok(Conditioning {
             rows: with_biases(rows),
             width,
             subframes: fw.subframes,
+            context: fw.context,
             samples_per_row: fw.hop / fw.subframes,
             frames,
         })

@@ -20,7 +20,8 @@
 //! | `layers.{i}.skip.weight` / `.bias` | `(G, S)` / `(S,)` | |
 //! | `head.0.weight` / `.bias` | `(S, H)` / `(H,)` | |
 //! | `head.1.weight` / `.bias` | `(H, 256)` / `(256,)` | |
-//! | `frames.weight` / `.bias` | `(3·M, K·R)` / `(K·R,)` | only as a vocoder: the frame network |
+//! | `frames.weight` / `.bias` | `((2c+1)·M, K·R)` / `(K·R,)` | only as a vocoder: the frame network (`(…, N)` with a hidden layer) |
+//! | `frames.out.weight` / `.bias` | `(N, K·R)` / `(K·R,)` | only with a hidden layer of `N` channels |
 //! | `layers.{i}.local.weight` | `(R, 2G)` | only as a vocoder: `V_f y`, `V_g y` per frame |
 //!
 //! The input is shifted right by one position (zeros first), so the logits at t see x_<t.
@@ -28,16 +29,18 @@
 //! **Local conditioning** (the vocoder, section 2.5 of the paper): log-mel features `(frames,
 //! M)` at one frame per `hop` samples ([`crate::audio::mel`]). The frame network standardises
 //! each band (with the training corpus's mean and deviation, stored in [`LocalConfig`]) and
-//! reads three frames at once, y_f = tanh(W·[x_{f−1}, x_f, x_{f+1}] + b) (`R` channels); each
-//! layer adds its projection `V y_f` to the pre-activation of every sample of frame f, the
-//! samples `f·hop … (f+1)·hop − 1`: the upsampling is a repeat after the frame-rate
-//! convolution, so the projection is computed once per frame, in training as in the engine.
-//! With `K` sub-frames the frame network gives each frame K rows of R channels instead (a
-//! learned upsampling by K, like a transposed convolution of stride K over three frames), row
+//! reads 2c + 1 frames at once (c, the context, is 1 unless set): y_f = tanh(W·[x_{f−c} …
+//! x_{f+c}] + b) (`R` channels), or with a hidden layer of N channels y_f = tanh(W'·h_f + b')
+//! with h_f = tanh(W·[…] + b). Each layer adds its projection `V y_f` to the pre-activation of
+//! every sample of frame f, the samples `f·hop … (f+1)·hop − 1`: the upsampling is a repeat
+//! after the frame-rate convolution, so the projection is computed once per frame, in training
+//! as in the engine. With `K` sub-frames the frame network gives each frame K rows of R
+//! channels instead (a learned upsampling by K, like a transposed convolution of stride K over
+//! the 2c + 1 frames), row
 //! k for the samples `f·hop + k·hop/K …`, and the repeat covers hop/K samples.
-//! Sample t therefore sees the features up to frame ⌊t / hop⌋ + 1 (one frame of look-ahead;
-//! that frame's analysis window reaches n_fft/2 samples past its centre), and the audio before
-//! t only.
+//! Sample t therefore sees the features up to frame ⌊t / hop⌋ + c (c frames of look-ahead;
+//! the last one's analysis window reaches n_fft/2 samples past its centre), and the audio
+//! before t only.
 
 use std::collections::VecDeque;
 
@@ -88,8 +91,14 @@ pub struct LocalConfig {
     pub channels: usize,
     /// Rows the frame network gives each frame (`K`, dividing the hop): 1 repeats one row over
     /// the frame's samples; more is a learned upsampling by K before the repeat.
-    #[serde(default = "one_subframe")]
+    #[serde(default = "one")]
     pub subframes: usize,
+    /// Frames the frame network reads on either side of each frame (`c`): the look-ahead.
+    #[serde(default = "one")]
+    pub context: usize,
+    /// Channels of the frame network's hidden layer (`N`); 0 for none (one layer).
+    #[serde(default)]
+    pub hidden: usize,
     /// Each band's mean over the training features.
     pub mean: Vec<f32>,
     /// Each band's standard deviation over the training features (the network reads
@@ -97,15 +106,25 @@ pub struct LocalConfig {
     pub deviation: Vec<f32>,
 }
 
-fn one_subframe() -> usize {
+fn one() -> usize {
     1
 }
 
 impl LocalConfig {
     /// Conditioning on `mel` features through `channels` frame channels and `subframes` rows
-    /// per frame, standardised with `mean` and `deviation` per band.
+    /// per frame, standardised with `mean` and `deviation` per band; a frame network of one
+    /// layer reading one frame on either side.
     pub fn new(mel: MelConfig, channels: usize, subframes: usize, mean: Vec<f32>, deviation: Vec<f32>) -> Self {
-        LocalConfig { mel, channels, subframes, mean, deviation }
+        LocalConfig { mel, channels, subframes, context: 1, hidden: 0, mean, deviation }
+    }
+
+    /// Parameters of the frame network (the per-layer projections not counted).
+    pub fn frame_weights(&self) -> usize {
+        let (input, out) = ((2 * self.context + 1) * self.mel.bands, self.subframes * self.channels);
+        match self.hidden {
+            0 => input * out + out,
+            n => input * n + n + n * out + out,
+        }
     }
 
     /// Samples per row of the frame network's output: the hop over the sub-frames.
@@ -117,6 +136,8 @@ impl LocalConfig {
         use super::within;
         self.mel.validate()?;
         within("vocoder --cond-channels", self.channels, 1, 4096)?;
+        within("vocoder --frame-context", self.context, 1, 64)?;
+        within("vocoder --frame-hidden", self.hidden, 0, 4096)?;
         if self.subframes == 0 || !self.mel.hop.is_multiple_of(self.subframes) {
             return Err(Error::Config(format!(
                 "vocoder: {} sub-frames do not divide the hop of {} samples",
@@ -213,11 +234,8 @@ impl Config {
     pub fn weights(&self) -> usize {
         let (c, g, s, h) = (self.residual_channels, self.gate_channels, self.skip_channels, self.head_channels);
         let per_layer = self.kernel_width * c * 2 * g + (self.num_labels + 1) * 2 * g + g * (c + s) + c + s;
-        let local = self.local.as_ref().map_or(0, |l| {
-            let r = l.channels;
-            3 * l.mel.bands * r + r + self.layers() * r * 2 * g
-        });
-        self.classes * c + self.layers() * per_layer + s * h + h * self.classes + local
+        let local = self.local.as_ref().map_or(0, |l| l.frame_weights() + self.layers() * l.channels * 2 * g);
+        self.classes * c + self.layers() * per_layer + (s + 1) * h + (h + 1) * self.classes + local
     }
 
     /// Checks that every size is usable, within limits that keep a model (and its receptive
@@ -352,8 +370,10 @@ fn check_labels(conditioned: bool, labels: Option<&Tensor>) -> Result<()> {
 pub struct FrameNet {
     /// Its settings.
     pub cfg: LocalConfig,
-    /// Three frames, `f − 1, f, f + 1`, stacked, to K rows of R: `(3·M, K·R)`.
+    /// 2c + 1 frames, `f − c … f + c`, stacked, to K rows of R (or to the hidden layer).
     pub conv: ChannelLinear,
+    /// The hidden layer to K rows of R, when there is one.
+    pub out: Option<ChannelLinear>,
     mean: Tensor,
     inverse_deviation: Tensor,
 }
@@ -363,34 +383,43 @@ impl FrameNet {
         let bands = cfg.mel.bands;
         let dev = candle_core::Device::Cpu;
         let inverse: Vec<f32> = cfg.deviation.iter().map(|d| 1.0 / d).collect();
+        let (input, rows) = ((2 * cfg.context + 1) * bands, cfg.subframes * cfg.channels);
+        let first = if cfg.hidden > 0 { cfg.hidden } else { rows };
         Ok(FrameNet {
             cfg: cfg.clone(),
-            conv: ChannelLinear::new(3 * bands, cfg.subframes * cfg.channels, 1.0, vb)?,
+            conv: ChannelLinear::new(input, first, 1.0, vb.clone())?,
+            out: (cfg.hidden > 0).then(|| ChannelLinear::new(cfg.hidden, rows, 1.0, vb.pp("out"))).transpose()?,
             mean: Tensor::from_slice(&cfg.mean, bands, &dev)?,
             inverse_deviation: Tensor::from_vec(inverse, bands, &dev)?,
         })
     }
 
-    /// From features `(B, F + 2, M)` (frames −1 … F of each sequence) to the frame network's
-    /// output `(B, F·K, R)`: K rows per frame.
+    /// From features `(B, F + 2c, M)` (frames −c … F − 1 + c of each sequence) to the frame
+    /// network's output `(B, F·K, R)`: K rows per frame.
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
         let (b, rows, m) = features.dims3()?;
-        if m != self.cfg.mel.bands || rows < 3 {
+        let width = 2 * self.cfg.context + 1;
+        if m != self.cfg.mel.bands || rows < width {
             return Err(Error::Config(format!(
-                "features of {m} bands in {rows} frames: this vocoder reads {} bands, at least 3 frames",
+                "features of {m} bands in {rows} frames: this vocoder reads {} bands, at least {width} frames",
                 self.cfg.mel.bands
             )));
         }
-        let f = rows - 2;
+        let f = rows - (width - 1);
         let dtype = self.conv.weight.dtype();
         let x = features
             .to_dtype(dtype)?
             .broadcast_sub(&self.mean.to_dtype(dtype)?)?
             .broadcast_mul(&self.inverse_deviation.to_dtype(dtype)?)?;
-        let stacked = Tensor::cat(&[x.narrow(1, 0, f)?, x.narrow(1, 1, f)?, x.narrow(1, 2, f)?], 2)?; // (B, F, 3M)
+        let shifted = (0..width).map(|j| x.narrow(1, j, f)).collect::<candle_core::Result<Vec<_>>>()?;
+        let stacked = Tensor::cat(&shifted, 2)?; // (B, F, (2c+1)·M)
         // Plain 2-D products on contiguous operands (candle's batched CPU products on
         // transposed views have wrong gradients; see the notes).
-        let h = stacked.reshape((b * f, 3 * m))?.matmul(&self.conv.weight)?.broadcast_add(&self.conv.bias)?.tanh()?;
+        let layer = |x: &Tensor, l: &ChannelLinear| x.matmul(&l.weight)?.broadcast_add(&l.bias)?.tanh();
+        let mut h = layer(&stacked.reshape((b * f, width * m))?, &self.conv)?;
+        if let Some(out) = &self.out {
+            h = layer(&h, out)?;
+        }
         Ok(h.reshape((b, f * self.cfg.subframes, self.cfg.channels))?)
     }
 }
@@ -519,12 +548,13 @@ impl WaveNet {
             }
             (None, Some(_)) => Err(Error::Config("this model takes no mel features (it is not a vocoder)".into())),
             (Some(net), Some(f)) => {
-                let hop = net.cfg.mel.hop;
+                let (hop, c) = (net.cfg.mel.hop, net.cfg.context);
                 let (given, needed) = (f.dim(1)?, len.div_ceil(hop));
-                if given < needed + 2 {
+                if given < needed + 2 * c {
                     return Err(Error::Config(format!(
-                        "{given} frames of features for {len} samples: a hop of {hop} needs {} (frames −1 … {needed})",
-                        needed + 2
+                        "{given} frames of features for {len} samples: a hop of {hop} needs {} (frames −{c} … {})",
+                        needed + 2 * c,
+                        needed + c - 1
                     )));
                 }
                 Ok(Some((net.forward(f)?, net.cfg.samples_per_row())))
@@ -545,8 +575,8 @@ impl WaveNet {
     }
 
     /// The logits `(B, T, V)` of `tokens (B, T)`, with the labels `(B,)` and the features
-    /// `(B, ⌈T / hop⌉ + 2, M)` (frames −1 … ⌈T / hop⌉ of each sequence) the model is
-    /// conditioned on.
+    /// `(B, ⌈T / hop⌉ + 2c, M)` (frames −c … ⌈T / hop⌉ − 1 + c of each sequence, c the frame
+    /// network's context) the model is conditioned on.
     pub fn logits(&self, tokens: &Tensor, labels: Option<&Tensor>, features: Option<&Tensor>) -> Result<Tensor> {
         check_labels(self.cfg.num_labels > 0, labels)?;
         let projections = self.frame_projections(features, tokens.dim(1)?)?;

@@ -107,7 +107,9 @@ pub fn nll_of_each_code(
     window_len: usize,
     batch: usize,
 ) -> Result<Vec<f32>> {
-    let hop = model.model.cfg.local.as_ref().map(|l| l.mel.hop);
+    let local = model.model.cfg.local.as_ref();
+    let hop = local.map(|l| l.mel.hop);
+    let side_frames = local.map_or(1, |l| l.context);
     let context = frame_context(model.model.cfg.receptive_field(), hop);
     let starts: Vec<usize> = (0..codes.len()).step_by(window_len).collect();
     let batches = starts
@@ -123,7 +125,7 @@ pub fn nll_of_each_code(
                     window_frames(
                         first,
                         context + window_len,
-                        hop,
+                        (hop, side_frames),
                         mel.bands,
                         |f, row| mel.copy_frame(f, row),
                         &mut values,

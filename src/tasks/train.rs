@@ -28,6 +28,10 @@ pub struct VocoderOptions {
     /// Rows the frame network gives each frame (dividing the hop): 1 repeats one row over the
     /// hop; K is a learned upsampling by K before the repeat.
     pub subframes: usize,
+    /// Frames the frame network reads on either side of each frame (its look-ahead).
+    pub context: usize,
+    /// Channels of the frame network's hidden layer; 0 for none.
+    pub hidden: usize,
 }
 
 /// Everything `wavegen train` needs.
@@ -304,21 +308,23 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     }
     if !existing {
         manifest.model = opts.model.config(audio.window)?;
-        if let (Some(VocoderOptions { mel, channels, subframes }), ModelConfig::Wavenet(cfg)) =
+        if let (Some(VocoderOptions { mel, channels, subframes, context, hidden }), ModelConfig::Wavenet(cfg)) =
             (&opts.condition, &mut manifest.model)
         {
             let (mean, deviation) =
                 train_corpus.feature_statistics(&train_files).expect("invariant: opened with features");
-            cfg.local = Some(LocalConfig::new(mel.clone(), *channels, *subframes, mean, deviation));
+            let (channels, subframes, context, hidden) = (*channels, *subframes, *context, *hidden);
+            cfg.local = Some(LocalConfig { mel: mel.clone(), channels, subframes, context, hidden, mean, deviation });
             reporter.note(&format!(
                 "vocoder: {} mel bands, FFT {}, hop {} ({:.1} ms), {}–{} Hz; frame network of {channels} channels, \
-                 {subframes} row(s) per frame",
+                 {subframes} row(s) per frame, reading {context} frame(s) either side{}",
                 mel.bands,
                 mel.n_fft,
                 mel.hop,
                 1000.0 * mel.hop as f64 / mel.sample_rate as f64,
                 mel.fmin,
-                mel.fmax
+                mel.fmax,
+                if hidden > 0 { format!(", a hidden layer of {hidden}") } else { String::new() }
             ));
         }
     }
@@ -385,7 +391,8 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
         audio.batch_size,
         audio.max_val_windows,
         label_names,
-    )?;
+    )?
+    .frame_context(manifest.model.wavenet().and_then(|w| w.local.as_ref()).map_or(1, |l| l.context));
 
     let mut state = manifest.state.clone();
     let train_cfg = manifest.train.clone();
