@@ -337,12 +337,16 @@ fn a_vocoder_trains_resumes_and_vocodes_wavs_and_features() {
     let c = ckpt.to_str().unwrap();
     let tiny = ["--preset", "tiny", "--sample-rate", "8000", "--batch-size", "4", "--json"];
     let mel = ["--condition", "mel", "--mel-bands", "40", "--hop", "64", "--cond-channels", "8"];
-    let args = [&["train", d, "--out", c, "--steps", "30", "--window", "256"][..], &tiny[..], &mel[..]].concat();
+    // A frame network reading two frames either side through a hidden layer, everywhere below.
+    let frames = ["--frame-context", "2", "--frame-hidden", "6"];
+    let args =
+        [&["train", d, "--out", c, "--steps", "30", "--window", "256"][..], &tiny[..], &mel[..], &frames[..]].concat();
     let t = json(&wavegen(&args, &cache));
     assert_eq!(t["steps"], 30);
     let info = json(&wavegen(&["info", c, "--json"], &cache));
     let local = &info["manifest"]["model"]["local"];
     assert_eq!((local["mel"]["hop"].as_u64(), local["mel"]["bands"].as_u64()), (Some(64), Some(40)));
+    assert_eq!((local["context"].as_u64(), local["hidden"].as_u64()), (Some(2), Some(6)));
     assert_eq!(local["mean"].as_array().unwrap().len(), 40);
     assert_eq!(json(&wavegen(&["train", "--out", c, "--resume", "--steps", "32", "--json"], &cache))["steps"], 32);
 
@@ -415,6 +419,9 @@ fn a_vocoder_trains_resumes_and_vocodes_wavs_and_features() {
     let bad = dir.path().join("bad");
     let args = [&["train", d, "--out", bad.to_str().unwrap(), "--window", "200"][..], &tiny[..], &mel[..]].concat();
     assert_clear_error(&wavegen(&args, &cache), "whole frames");
+    let args =
+        [&["train", d, "--out", bad.to_str().unwrap(), "--frame-context", "0"][..], &tiny[..], &mel[..]].concat();
+    assert_clear_error(&wavegen(&args, &cache), "--frame-context");
     let args = ["train", d, "--out", bad.to_str().unwrap(), "--mel-bands", "40"];
     assert!(!wavegen(&args, &cache).status.success(), "--mel-bands needs --condition mel");
 }
