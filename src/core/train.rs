@@ -45,7 +45,7 @@ impl Precision {
     pub fn products_here(self) -> String {
         match self {
             Precision::Bf16 if !crate::layers::matmul::amx::available() => {
-                "f32 products (bf16 asked for; this CPU has no AMX)".to_string()
+                "f32 products (the run is set to bf16, which needs AMX; this CPU has none)".to_string()
             }
             p => format!("{p} products"),
         }
