@@ -132,7 +132,8 @@ impl LocalConfig {
         self.mel.hop / self.subframes
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the analysis, the frame network's sizes and the statistics.
+    pub fn validate(&self) -> Result<()> {
         use super::within;
         self.mel.validate()?;
         within("vocoder --cond-channels", self.channels, 1, 4096)?;

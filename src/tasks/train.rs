@@ -34,6 +34,20 @@ pub struct VocoderOptions {
     pub hidden: usize,
 }
 
+impl VocoderOptions {
+    /// The conditioning these options ask for, standardising with `mean` and `deviation`.
+    fn local(&self, mean: Vec<f32>, deviation: Vec<f32>) -> LocalConfig {
+        let VocoderOptions { mel, channels, subframes, context, hidden } = self.clone();
+        LocalConfig { mel, channels, subframes, context, hidden, mean, deviation }
+    }
+
+    /// Checks the frame network's settings before any audio is read.
+    fn validate(&self) -> Result<()> {
+        let bands = self.mel.bands;
+        self.local(vec![0.0; bands], vec![1.0; bands]).validate()
+    }
+}
+
 /// Everything `wavegen train` needs.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
@@ -269,6 +283,9 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     if mel.is_some() && !matches!(opts.model, AudioModelSpec::Wavenet(_)) && !existing {
         return Err(Error::Config("--condition mel conditions a WaveNet (a vocoder); use --model wavenet".into()));
     }
+    if let (false, Some(vocoder)) = (existing, &opts.condition) {
+        vocoder.validate()?;
+    }
     let train_corpus = open_corpus(&audio.train_dir, &audio.settings, mel.as_ref(), &opts.cache_dir, reporter)?;
     let val_corpus = match &audio.val_dir {
         Some(dir) => Some(open_corpus(dir, &audio.settings, mel.as_ref(), &opts.cache_dir, reporter)?),
@@ -308,13 +325,11 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
     }
     if !existing {
         manifest.model = opts.model.config(audio.window)?;
-        if let (Some(VocoderOptions { mel, channels, subframes, context, hidden }), ModelConfig::Wavenet(cfg)) =
-            (&opts.condition, &mut manifest.model)
-        {
+        if let (Some(vocoder), ModelConfig::Wavenet(cfg)) = (&opts.condition, &mut manifest.model) {
             let (mean, deviation) =
                 train_corpus.feature_statistics(&train_files).expect("invariant: opened with features");
-            let (channels, subframes, context, hidden) = (*channels, *subframes, *context, *hidden);
-            cfg.local = Some(LocalConfig { mel: mel.clone(), channels, subframes, context, hidden, mean, deviation });
+            cfg.local = Some(vocoder.local(mean, deviation));
+            let VocoderOptions { mel, channels, subframes, context, hidden } = vocoder;
             reporter.note(&format!(
                 "vocoder: {} mel bands, FFT {}, hop {} ({:.1} ms), {}–{} Hz; frame network of {channels} channels, \
                  {subframes} row(s) per frame, reading {context} frame(s) either side{}",
@@ -324,7 +339,7 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
                 1000.0 * mel.hop as f64 / mel.sample_rate as f64,
                 mel.fmin,
                 mel.fmax,
-                if hidden > 0 { format!(", a hidden layer of {hidden}") } else { String::new() }
+                if *hidden > 0 { format!(", a hidden layer of {hidden}") } else { String::new() }
             ));
         }
     }
