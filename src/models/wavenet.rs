@@ -36,8 +36,8 @@
 //! after the frame-rate convolution, so the projection is computed once per frame, in training
 //! as in the engine. With `K` sub-frames the frame network gives each frame K rows of R
 //! channels instead (a learned upsampling by K, like a transposed convolution of stride K over
-//! the 2c + 1 frames), row
-//! k for the samples `f·hop + k·hop/K …`, and the repeat covers hop/K samples.
+//! the 2c + 1 frames), row k for the samples `f·hop + k·hop/K …`, and the repeat covers hop/K
+//! samples.
 //! Sample t therefore sees the features up to frame ⌊t / hop⌋ + c (c frames of look-ahead;
 //! the last one's analysis window reaches n_fft/2 samples past its centre), and the audio
 //! before t only.
