@@ -41,17 +41,10 @@ const SHAPES: [Frames; 5] = [
 
 /// A small vocoder with the frame network `frames`.
 fn vocoder(labels: usize, frames: Frames) -> Config {
-    let mut cfg = vocoder_config(labels, frames.subframes);
-    let local = cfg.local.as_mut().unwrap();
-    (local.context, local.hidden) = (frames.context, frames.hidden);
-    cfg
-}
-
-/// A small vocoder; `subframes` rows per frame (dividing HOP).
-fn vocoder_config(labels: usize, subframes: usize) -> Config {
     let mel = MelConfig { sample_rate: 8000, n_fft: 32, hop: HOP, bands: BANDS, fmin: 0.0, fmax: 4000.0 };
     let mean = (0..BANDS).map(|b| -3.0 + 0.2 * b as f32).collect();
     let deviation = (0..BANDS).map(|b| 1.5 + 0.1 * b as f32).collect();
+    let Frames { subframes, context, hidden } = frames;
     Config {
         layers_per_cycle: 3,
         cycles: 2,
@@ -62,7 +55,7 @@ fn vocoder_config(labels: usize, subframes: usize) -> Config {
         head_channels: 9,
         classes: 16,
         num_labels: labels,
-        local: Some(LocalConfig::new(mel, 4, subframes, mean, deviation)),
+        local: Some(LocalConfig { context, hidden, ..LocalConfig::new(mel, 4, subframes, mean, deviation) }),
     }
 }
 
@@ -210,18 +203,18 @@ fn sees_frames_ahead(shape: Frames) {
 
 #[test]
 fn a_vocoder_refuses_to_run_without_features_and_others_refuse_features() {
-    let (vocoder, _) = build(&vocoder_config(0, 1), DType::F32, 7);
+    let (model, _) = build(&vocoder(0, SHAPES[0]), DType::F32, 7);
     let tokens = Tensor::zeros((1, 16), DType::U32, &Device::Cpu).unwrap();
-    let e = vocoder.forward(&tokens, None).unwrap_err().to_string();
+    let e = model.forward(&tokens, None).unwrap_err().to_string();
     assert!(e.contains("vocoder") && e.contains("features"), "{e}");
-    assert!(vocoder.start(1, None).is_err());
+    assert!(model.start(1, None).is_err());
     let short = features(1, 8, 1, DType::F32, &mut Rng::new(1)); // frames for 8 samples, not 16
-    let e = vocoder.logits(&tokens, None, Some(&short)).unwrap_err().to_string();
+    let e = model.logits(&tokens, None, Some(&short)).unwrap_err().to_string();
     assert!(e.contains("frames"), "{e}");
     let plain =
-        WaveNet::new(&Config { local: None, ..vocoder_config(0, 1) }, Params::new(1).var_builder(DType::F32)).unwrap();
-    let bad = LocalConfig { subframes: 3, ..vocoder_config(0, 1).local.unwrap() }; // 3 does not divide 8
-    let e = WaveNet::new(&Config { local: Some(bad), ..vocoder_config(0, 1) }, Params::new(1).var_builder(DType::F32))
+        WaveNet::new(&Config { local: None, ..vocoder(0, SHAPES[0]) }, Params::new(1).var_builder(DType::F32)).unwrap();
+    let bad = LocalConfig { subframes: 3, ..vocoder(0, SHAPES[0]).local.unwrap() }; // 3 does not divide 8
+    let e = WaveNet::new(&Config { local: Some(bad), ..vocoder(0, SHAPES[0]) }, Params::new(1).var_builder(DType::F32))
         .unwrap_err()
         .to_string();
     assert!(e.contains("sub-frames"), "{e}");

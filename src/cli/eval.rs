@@ -84,27 +84,7 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             let local = cfg.local.as_ref().expect("invariant: matched");
             let shown = wavegen::models::wavenet::Config { local: None, ..cfg.clone() };
             println!("model           Wavenet({})", format!("{shown:?}").replace(", local: None", ""));
-            let mel = &local.mel;
-            println!(
-                "vocoder         {} mel bands {}–{} Hz, FFT {}, hop {} ({:.1} ms) at {} Hz; frame network of {} channels{}{}",
-                mel.bands,
-                mel.fmin,
-                mel.fmax,
-                mel.n_fft,
-                mel.hop,
-                1000.0 * mel.hop as f64 / mel.sample_rate as f64,
-                mel.sample_rate,
-                local.channels,
-                match local.subframes {
-                    1 => String::new(),
-                    k => format!(", {k} rows per frame ({} samples each)", local.samples_per_row()),
-                },
-                match (local.context, local.hidden) {
-                    (1, 0) => String::new(),
-                    (c, 0) => format!(", reading {c} frames either side"),
-                    (c, n) => format!(", reading {c} frame(s) either side through a hidden layer of {n}"),
-                }
-            );
+            println!("vocoder         {}", local.describe());
         }
         model => println!("model           {model:?}"),
     }

@@ -241,13 +241,13 @@ impl Engine {
         };
         // `frames` stacked inputs to K rows each: (frames, K·R) is (frames·K, R).
         let project = |stacked: &[f32], frames: usize| {
-            let mut hidden = layer(stacked, &fw.conv, &fw.bias, frames, m_in);
+            let mut y = layer(stacked, &fw.conv, &fw.bias, frames, m_in);
             if let Some((w, b)) = &fw.out {
-                hidden = layer(&hidden, w, b, frames, fw.bias.len());
+                y = layer(&y, w, b, frames, fw.bias.len());
             }
             let rows = frames * fw.subframes;
             let mut out = vec![0f32; rows * width];
-            mm(&mut out, &hidden, &fw.projections, rows, r, width);
+            mm(&mut out, &y, &fw.projections, rows, r, width);
             out
         };
         // Frame f (−c … F − 1 + c) reads padded rows f + c … f + 3c: 2c + 1 consecutive rows are

@@ -118,13 +118,44 @@ impl LocalConfig {
         LocalConfig { mel, channels, subframes, context: 1, hidden: 0, mean, deviation }
     }
 
+    /// The frame network's inputs per frame (2c + 1 frames of M bands) and outputs (K rows of R).
+    fn frame_sizes(&self) -> (usize, usize) {
+        ((2 * self.context + 1) * self.mel.bands, self.subframes * self.channels)
+    }
+
     /// Parameters of the frame network (the per-layer projections not counted).
     pub fn frame_weights(&self) -> usize {
-        let (input, out) = ((2 * self.context + 1) * self.mel.bands, self.subframes * self.channels);
+        let (input, out) = self.frame_sizes();
         match self.hidden {
             0 => input * out + out,
             n => input * n + n + n * out + out,
         }
+    }
+
+    /// One line for logs and `wavegen info`: the analysis and the frame network.
+    pub fn describe(&self) -> String {
+        let mel = &self.mel;
+        let mut line = format!(
+            "{} mel bands {}–{} Hz, FFT {}, hop {} ({:.1} ms) at {} Hz; frame network of {} channels",
+            mel.bands,
+            mel.fmin,
+            mel.fmax,
+            mel.n_fft,
+            mel.hop,
+            1000.0 * mel.hop as f64 / mel.sample_rate as f64,
+            mel.sample_rate,
+            self.channels
+        );
+        if self.subframes > 1 {
+            line += &format!(", {} rows per frame ({} samples each)", self.subframes, self.samples_per_row());
+        }
+        if self.context > 1 {
+            line += &format!(", reading {} frames either side", self.context);
+        }
+        if self.hidden > 0 {
+            line += &format!(", a hidden layer of {}", self.hidden);
+        }
+        line
     }
 
     /// Samples per row of the frame network's output: the hop over the sub-frames.
@@ -384,7 +415,7 @@ impl FrameNet {
         let bands = cfg.mel.bands;
         let dev = candle_core::Device::Cpu;
         let inverse: Vec<f32> = cfg.deviation.iter().map(|d| 1.0 / d).collect();
-        let (input, rows) = ((2 * cfg.context + 1) * bands, cfg.subframes * cfg.channels);
+        let (input, rows) = cfg.frame_sizes();
         let first = if cfg.hidden > 0 { cfg.hidden } else { rows };
         Ok(FrameNet {
             cfg: cfg.clone(),

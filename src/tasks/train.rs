@@ -329,18 +329,7 @@ pub fn train(opts: &TrainOptions, reporter: &mut dyn Reporter, stop: &AtomicBool
             let (mean, deviation) =
                 train_corpus.feature_statistics(&train_files).expect("invariant: opened with features");
             cfg.local = Some(vocoder.local(mean, deviation));
-            let VocoderOptions { mel, channels, subframes, context, hidden } = vocoder;
-            reporter.note(&format!(
-                "vocoder: {} mel bands, FFT {}, hop {} ({:.1} ms), {}–{} Hz; frame network of {channels} channels, \
-                 {subframes} row(s) per frame, reading {context} frame(s) either side{}",
-                mel.bands,
-                mel.n_fft,
-                mel.hop,
-                1000.0 * mel.hop as f64 / mel.sample_rate as f64,
-                mel.fmin,
-                mel.fmax,
-                if *hidden > 0 { format!(", a hidden layer of {hidden}") } else { String::new() }
-            ));
+            reporter.note(&format!("vocoder: {}", cfg.local.as_ref().expect("invariant: just set").describe()));
         }
     }
     if !existing && opts.labels {
